@@ -1,0 +1,51 @@
+"""
+Overrides a script's module-level defaults, nanoGPT style. A script runs it with
+    exec(open('configurator.py').read())
+after it has set its defaults and listed their names in `config_keys`. Then
+    python train_diffusion.py config/mnist_dit.py --batch_size=64 --lr=3e-4
+executes config/mnist_dit.py in the script's globals (plain Python: it runs with your privileges, so run only
+config files you trust), then applies each --key=value, parsed with ast.literal_eval (a string default takes the
+text as it is). Every value must keep its default's type (an int is accepted for a float); an unknown key, in a
+file or on the command line, stops the run and names the nearest valid keys.
+"""
+import sys
+from ast import literal_eval
+from difflib import get_close_matches
+
+def _unknown(key):
+    near = get_close_matches(key, config_keys, n=3, cutoff=0.5)
+    return SystemExit(f"error: unknown config key '{key}'; " + (f"did you mean {' or '.join(near)}?" if near else
+                      f"valid keys: {', '.join(sorted(config_keys))}"))
+
+_defaults = {k: globals()[k] for k in config_keys}
+for _arg in sys.argv[1:]:
+    if not _arg.startswith('--'):
+        try:
+            _src = open(_arg).read()
+        except OSError as e:
+            raise SystemExit(f"error: cannot read config file {_arg} ({e.strerror}); pass a path like config/mnist_dit.py")
+        print(f"config file {_arg}")
+        _before = set(globals())
+        exec(_src)
+        for _key in set(globals()) - _before:
+            if not _key.startswith('_') and type(globals()[_key]).__name__ != 'module':
+                raise _unknown(_key)
+    else:
+        _key, _eq, _val = _arg[2:].partition('=')
+        if not _eq:
+            raise SystemExit(f"error: '{_arg}' has no value; write --{_key}=VALUE")
+        if _key not in config_keys:
+            raise _unknown(_key)
+        try:
+            globals()[_key] = _val if isinstance(_defaults[_key], str) else literal_eval(_val)
+        except (ValueError, SyntaxError):
+            globals()[_key] = _val
+for _key, _default in _defaults.items():
+    _new = globals()[_key]
+    if isinstance(_default, float) and type(_new) is int:
+        globals()[_key] = _new = float(_new)
+    if type(_new) is not type(_default):
+        raise SystemExit(f"error: {_key}={_new!r} is a {type(_new).__name__}, but {_key} takes a "
+                         f"{type(_default).__name__} (default {_default!r})")
+    if _new != _default:
+        print(f"overriding: {_key} = {_new!r}")

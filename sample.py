@@ -1,0 +1,113 @@
+"""
+Samples images from a train_diffusion.py checkpoint (EMA weights by default).
+
+    python sample.py --out_dir=out-mnist-dit                                  # out-mnist-dit/samples.png
+    python sample.py --out_dir=out-mnist-dit --class_labels=3,7 --cfg_scale=2 --save_png=True
+    torchrun --nproc_per_node=8 sample.py --out_dir=out-dit-b --num_samples=50000 --save_npz=True
+
+Sample i starts from noise seeded by (seed, i), so the images do not depend on batch size or world size; under
+torchrun each rank samples its share and rank 0 writes the files. The .npz is the ADM format the standard FID
+tools read: arr_0 uint8 (N, H, W, C), arr_1 the class labels when the model is conditional.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from model import DiT, DiTConfig, Diffusion
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # holds ckpt.pt; the samples are written here too
+use_ema = True  # the EMA weights (False: the raw weights)
+num_samples = 64
+class_labels = 'all'  # 'all' cycles through the classes; or comma-separated labels, e.g. '3' or '1,7'
+steps = 50  # DDIM steps
+eta = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
+cfg_scale = 4.0  # classifier-free guidance scale (1 = none)
+batch_size = 256  # per rank
+seed = 0
+save_png = False  # also one PNG per sample in out_dir/samples/
+save_npz = False  # also out_dir/samples.npz for FID tools
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+if device.startswith('cuda') and not torch.cuda.is_available():
+    raise SystemExit(f"error: device='{device}' but CUDA is not available here; pass --device=cpu")
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    if device.startswith('cuda'):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+else:
+    rank, world_size = 0, 1
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = torch.autocast(device_type=device_type, dtype=ptdtype, enabled=dtype != 'float32')
+
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if not os.path.exists(ckpt_path):
+    raise SystemExit(f"error: {ckpt_path} not found; pass the out_dir of a train_diffusion.py run")
+ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+model = DiT(DiTConfig(**ckpt['model_args']))
+model.load_state_dict(ckpt['ema' if use_ema else 'model'])
+model.to(device).eval()
+diffusion = Diffusion(ckpt['config']['schedule'], ckpt['config']['num_timesteps'])
+num_classes, size, channels = model.config.num_classes, model.config.image_size, model.config.in_channels
+if class_labels == 'all' or not num_classes:
+    labels = np.arange(num_samples) % num_classes if num_classes else np.full(num_samples, 0)
+else:
+    try:
+        wanted = [int(c) for c in class_labels.split(',')]
+    except ValueError:
+        wanted = [-1]
+    if not all(0 <= c < num_classes for c in wanted):
+        raise SystemExit(f"error: class_labels='{class_labels}' must be 'all' or comma-separated labels in "
+                         f"0..{num_classes - 1}")
+    labels = np.resize(wanted, num_samples)
+print(f"rank {rank}: sampling {num_samples} images from {ckpt_path} (step {ckpt['step']}, "
+      f"{'EMA' if use_ema else 'raw'} weights), {steps} DDIM steps, cfg {cfg_scale}")
+
+# round k: rank r samples the global indices k*world*B + r*B ... + B-1; all_gather puts them in order on rank 0
+images = []
+for lo in range(0, num_samples, world_size * batch_size):
+    idx = np.arange(lo + rank * batch_size, lo + (rank + 1) * batch_size)
+    z = torch.stack([torch.randn((channels, size, size), generator=torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))) for i in idx]).to(device)
+    y = torch.from_numpy(labels[idx % num_samples]).to(device)
+    with ctx:
+        x = diffusion.ddim_sample(model, z, y, steps, cfg_scale, eta, generator=torch.Generator(device).manual_seed(seed + lo + rank))
+    x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    if ddp:
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(parts, x)
+        x = torch.cat(parts)
+    images.append(x.cpu())
+    if rank == 0:
+        print(f"{min(lo + world_size * batch_size, num_samples)}/{num_samples}")
+
+if rank == 0:
+    images = torch.cat(images)[:num_samples].numpy()
+    ncol = min(num_classes, 16) if num_classes and class_labels == 'all' else math.ceil(math.sqrt(min(num_samples, 256)))
+    grid = images[:256]
+    grid = np.concatenate([grid, np.zeros((-len(grid) % ncol, *grid.shape[1:]), np.uint8)])
+    grid = grid.reshape(-1, ncol, size, size, channels).transpose(0, 2, 1, 3, 4).reshape(-1, ncol * size, channels)
+    Image.fromarray(grid.squeeze(-1)).save(os.path.join(out_dir, 'samples.png'))
+    if save_png:
+        os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
+        for i, img in enumerate(images):
+            Image.fromarray(img.squeeze(-1)).save(os.path.join(out_dir, 'samples', f'{i:06d}.png'))
+    if save_npz:
+        arrays = {'arr_0': images, 'arr_1': labels.astype(np.int64)} if num_classes else {'arr_0': images}
+        np.savez(os.path.join(out_dir, 'samples.npz'), **arrays)
+    print(f"wrote {os.path.join(out_dir, 'samples.png')}" + (", samples/*.png" if save_png else "")
+          + (", samples.npz" if save_npz else ""))
+if ddp:
+    dist.destroy_process_group()

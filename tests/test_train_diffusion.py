@@ -1,0 +1,159 @@
+"""train_diffusion.py and sample.py as a user runs them: learning on real digits, DDP, resume, logging, bad input."""
+import csv
+import glob
+import os
+import runpy
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run
+
+TINY = ['--arch=DiT-N/4', '--batch_size=16', '--log_interval=2', '--eval_interval=3', '--eval_images=32',
+        '--sample_interval=1000', '--sample_steps=2', '--ckpt_interval=1000', '--warmup_steps=2']
+
+
+def load_ckpt(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
+
+
+@pytest.mark.slow
+def test_quickstart_learns_mnist(mnist, mnist_classifier, tmp_path):
+    """The README's quickstart, as typed: conditional samples must show the digit they were asked for."""
+    out = tmp_path / 'out-mnist-dit'
+    p = run('train_diffusion.py', 'config/mnist_dit.py', f'--out_dir={out}')
+    print(p.stdout[-2000:])
+    rows = list(csv.DictReader(open(out / 'metrics.csv')))
+    train = [float(r['loss']) for r in rows if r['loss']]
+    val = [float(r['val_loss_ema']) for r in rows if r['val_loss_ema']]
+    assert train[-1] < 0.5 * train[0] and val[-1] < val[0], (train, val)
+    run('sample.py', f'--out_dir={out}', '--num_samples=200', '--save_npz=True')
+    samples = np.load(out / 'samples.npz')
+    assert samples['arr_0'].shape == (200, 28, 28, 1) and samples['arr_0'].dtype == np.uint8
+    assert (samples['arr_1'] == np.arange(200) % 10).all()
+    acc = mnist_classifier(samples['arr_0'], samples['arr_1'])
+    print(f"class accuracy of 200 conditional samples: {acc:.1%}")
+    assert acc >= 0.8
+    assert os.path.exists(out / 'samples.png') and glob.glob(str(out / 'samples_*.png'))
+
+
+def test_resume_is_bit_exact(mnist, tmp_path):
+    """6 steps straight == 3 steps, stop, resume to 6: model, EMA and optimizer state identical to the bit."""
+    run('train_diffusion.py', *TINY, f'--out_dir={tmp_path / "a"}', '--max_steps=6')
+    run('train_diffusion.py', *TINY, f'--out_dir={tmp_path / "b"}', '--max_steps=3', '--lr_decay_steps=6')
+    with open(tmp_path / 'b' / 'metrics.csv', 'a') as f:  # a row logged after the checkpoint, before a crash
+        f.write('5,0.08,9.9,,,,,,,,,\n')
+    p = run('train_diffusion.py', *TINY, f'--out_dir={tmp_path / "b"}', '--max_steps=6', '--init_from=resume')
+    assert 'resuming' in p.stdout
+    a, b = load_ckpt(tmp_path / 'a'), load_ckpt(tmp_path / 'b')
+    assert a['step'] == b['step'] == 6 and a['images_seen'] == b['images_seen'] == 96
+    for key in ('model', 'ema'):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    rows = list(csv.DictReader(open(tmp_path / 'b' / 'metrics.csv')))
+    assert [int(r['step']) for r in rows] == [2, 3, 3, 4, 6, 6]  # the row after the checkpoint is gone
+    assert [r['loss'] for r in rows if r['step'] == '6'] == [r['loss'] for r in csv.DictReader(
+        open(tmp_path / 'a' / 'metrics.csv')) if r['step'] == '6']
+
+
+def test_two_ranks_match_one(mnist, tmp_path):
+    """torchrun with 2 gloo ranks of batch B == 1 process with batch 2B == 1 process, 2 micro-steps of B."""
+    common = [*TINY, '--max_steps=3', '--batch_size=16']
+    run('torchrun', '--standalone', '--nproc_per_node=2', 'train_diffusion.py', *common, f'--out_dir={tmp_path / "ddp"}')
+    run('train_diffusion.py', *common, f'--out_dir={tmp_path / "one"}')
+    run('train_diffusion.py', *common, f'--out_dir={tmp_path / "accum"}', '--grad_accum=2')
+    ref = load_ckpt(tmp_path / 'one')
+    for other in ('ddp', 'accum'):
+        ckpt = load_ckpt(tmp_path / other)
+        assert len(ckpt['rng']) == (2 if other == 'ddp' else 1)
+        for name, w in ref['model'].items():
+            torch.testing.assert_close(ckpt['model'][name], w, rtol=1e-5, atol=1e-6, msg=f'{other}: {name}')
+    assert not torch.equal(ref['model']['linear_final.weight'], torch.zeros_like(ref['model']['linear_final.weight']))
+
+
+def test_sampling_is_the_same_on_two_ranks(mnist, tmp_path):
+    out = tmp_path / 'run'
+    run('train_diffusion.py', *TINY, f'--out_dir={out}', '--max_steps=2')
+    run('sample.py', f'--out_dir={out}', '--num_samples=10', '--steps=3', '--batch_size=4', '--save_npz=True',
+        '--class_labels=3,7', '--save_png=True')
+    one = dict(np.load(out / 'samples.npz'))
+    assert (one['arr_1'] == [3, 7] * 5).all() and len(glob.glob(str(out / 'samples' / '*.png'))) == 10
+    run('torchrun', '--standalone', '--nproc_per_node=2', 'sample.py', f'--out_dir={out}', '--num_samples=10',
+        '--steps=3', '--batch_size=3', '--save_npz=True', '--class_labels=3,7')
+    two = dict(np.load(out / 'samples.npz'))
+    assert one['arr_0'].shape == two['arr_0'].shape == (10, 28, 28, 1)
+    assert np.abs(one['arr_0'].astype(int) - two['arr_0']).max() <= 1  # float reassociation may flip a rounding
+    assert (one['arr_1'] == two['arr_1']).all()
+
+
+def test_wandb_offline_run_and_no_import_when_off(mnist, tmp_path, monkeypatch):
+    pytest.importorskip('wandb')
+    run('train_diffusion.py', *TINY, f'--out_dir={tmp_path / "w"}', '--max_steps=3', '--wandb_log=True',
+        env={'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true'})
+    runs = glob.glob(str(tmp_path / 'w' / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
+    assert len(runs) == 1, os.listdir(tmp_path / 'w')
+    assert load_ckpt(tmp_path / 'w')['wandb_id'] in runs[0]  # saved, so a resume continues the same run
+    records = open(runs[0], 'rb').read()  # protobuf records: the logged keys appear as their UTF-8 names
+    for key in ('kimg', 'loss', 'loss_unweighted', 'lr', 'grad_norm', 'ms_per_step', 'img_per_s', 'tflops',
+                'val_loss', 'val_loss_ema'):
+        assert key.encode() in records, key
+
+    # logging off: wandb is never imported (the script runs in this process to see sys.modules)
+    sys.modules.pop('wandb', None)
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, 'argv', ['train_diffusion.py', *TINY, f'--out_dir={tmp_path / "n"}', '--max_steps=1'])
+    runpy.run_path(os.path.join(REPO, 'train_diffusion.py'), run_name='__main__')
+    assert 'wandb' not in sys.modules
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--bacth_size=16'], "unknown config key 'bacth_size'; did you mean batch_size"),
+    (['--batch_size=sixteen'], "batch_size='sixteen' is a str, but batch_size takes a int"),
+    (['--lr'], "'--lr' has no value; write --lr=VALUE"),
+    (['config/no_such_config.py'], "cannot read config file config/no_such_config.py"),
+    (['--dataset=no_such_data'], "run python data/no_such_data/prepare.py first"),
+    (['--arch=DiT-N/8'], "image_size 28 is not divisible by patch_size 8"),
+    (['--arch=DiT-Q/2'], "arch='DiT-Q/2' is not one of"),
+    (['--batch_size=16', '--grad_accum=3'], "batch_size=16 is not divisible by world_size x grad_accum = 1 x 3"),
+    (['--init_from=resume'], "does not exist; use --init_from=scratch"),
+    (['--device=cuda'], "CUDA is not available here; pass --device=cpu"),
+])
+def test_bad_input_stops_with_one_clear_line(mnist, tmp_path, args, message):
+    if args == ['--device=cuda'] and torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    p = run('train_diffusion.py', *TINY, f'--out_dir={tmp_path / "out"}', '--max_steps=1', *args, check=False)
+    assert p.returncode != 0
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: ') and message in last, p.stderr[-2000:]
+    assert 'Traceback' not in p.stderr
+    assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
+
+
+def test_resuming_another_model_shape_is_refused(mnist, tmp_path):
+    run('train_diffusion.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=1')
+    before = open(tmp_path / 'ckpt.pt', 'rb').read()
+    p = run('train_diffusion.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=2', '--init_from=resume',
+            '--arch=DiT-Ti/4', check=False)
+    assert p.returncode != 0 and 'holds another model shape' in p.stderr.strip().splitlines()[-1]
+    assert open(tmp_path / 'ckpt.pt', 'rb').read() == before
+
+
+def test_labels_out_of_range_are_refused(tmp_path, monkeypatch):
+    """A dataset whose labels exceed meta.json's classes stops before training, naming the fix."""
+    data = os.path.join(REPO, 'data', 'test_bad_labels')
+    os.makedirs(data, exist_ok=True)
+    try:
+        for split in ('train', 'val'):
+            np.save(os.path.join(data, f'{split}_x.npy'), np.zeros((8, 8, 8, 1), np.uint8))
+            np.save(os.path.join(data, f'{split}_y.npy'), np.arange(8, dtype=np.int64))
+        open(os.path.join(data, 'meta.json'), 'w').write('{"image_size": 8, "channels": 1, "num_classes": 4}')
+        p = run('train_diffusion.py', '--dataset=test_bad_labels', '--arch=DiT-N/4', f'--out_dir={tmp_path}', check=False)
+        assert p.returncode != 0 and 'has labels in [0, 7] but meta.json says 4 classes' in p.stderr
+    finally:
+        for f in glob.glob(os.path.join(data, '*')):
+            os.remove(f)
+        os.rmdir(data)

@@ -1,0 +1,376 @@
+"""
+Trains a diffusion model (DiT) on a prepared image dataset: one file, top to bottom.
+
+    python data/mnist/prepare.py && python train_diffusion.py config/mnist_dit.py      # a laptop or one GPU
+    torchrun --standalone --nproc_per_node=8 train_diffusion.py config/dit_b.py        # one node, 8 GPUs
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
+             --rdzv_endpoint=$HEAD_NODE:29500 train_diffusion.py config/dit_b.py        # run on each node
+
+Objective: eps prediction on a DDPM schedule, x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Ho et al.
+2020), min-SNR-gamma weighting (Hang et al. 2023). Every random draw of a step (data indices, flips, timesteps,
+noise, label dropout) comes from a generator seeded by (seed, step) and is the same on every rank, each rank
+keeping its slice of the global batch: the run is the same for any world size or grad_accum, and a resumed
+run draws exactly what the uninterrupted one would have.
+"""
+import csv
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import DIT_PRESETS, DiT, DiTConfig, Diffusion
+
+# -----------------------------------------------------------------------------
+# defaults, overridden by config/*.py and --key=value
+# I/O
+out_dir = 'out'
+init_from = 'scratch'  # 'scratch', or 'resume' from out_dir/ckpt.pt
+log_interval = 50  # steps between log lines (the only host syncs of the loop)
+eval_interval = 500  # steps between val-loss evaluations
+eval_images = 512  # val images in each evaluation, at fixed timesteps and noise
+sample_interval = 1000  # steps between EMA sample grids (a grid is also made at the end)
+ckpt_interval = 1000  # steps between checkpoints (one is also written at the end)
+wandb_log = False
+wandb_project = 'diffusion'
+wandb_run_name = 'dit'
+# data
+dataset = 'mnist'  # reads data/<dataset>/, written by data/<dataset>/prepare.py
+hflip = False  # random horizontal flips
+class_cond = True  # condition on the dataset's labels; False trains unconditionally
+# model and diffusion
+arch = 'DiT-N/4'  # a key of model.DIT_PRESETS
+schedule = 'linear'  # 'linear' or 'cosine' alpha_bar schedule
+num_timesteps = 1000
+min_snr_gamma = 5.0  # loss weight min(snr, gamma) / snr; 0 = plain eps MSE
+class_dropout = 0.1  # probability of the null label, for classifier-free guidance
+# optimization
+batch_size = 128  # images per optimizer step, over all ranks and micro-steps
+grad_accum = 1  # micro-steps per optimizer step on each rank
+max_steps = 1000
+lr = 1e-3
+min_lr = 1e-4  # the cosine schedule's floor
+lr_schedule = 'cosine'  # after warm-up: 'cosine' to min_lr, or 'constant'
+lr_decay_steps = 0  # length of the cosine, warm-up included; 0 = max_steps (set it to stop early and resume later)
+warmup_steps = 100
+weight_decay = 0.0  # AdamW, on weights of 2 or more dimensions only
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0  # max global gradient norm; 0 = no clipping (the norm is logged either way)
+ema_decay = 0.9999  # with warm-up: min(ema_decay, (1 + step) / (10 + step))
+# sample grids during training
+sample_steps = 50  # DDIM steps
+cfg_scale = 4.0  # classifier-free guidance scale (1 = none)
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+compile = torch.cuda.is_available()  # torch.compile the model (gains nothing on CPU but compile time)
+peak_tflops = 0.0  # per-device peak for MFU; 0 = look it up for known GPUs (bf16 dense), none on CPU
+seed = 0
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: globals()[k] for k in config_keys}
+for key, value, allowed in [('init_from', init_from, ('scratch', 'resume')), ('schedule', schedule, ('linear', 'cosine')),
+                            ('lr_schedule', lr_schedule, ('cosine', 'constant')), ('arch', arch, tuple(DIT_PRESETS)),
+                            ('dtype', dtype, ('float32', 'bfloat16', 'float16'))]:
+    if value not in allowed:
+        raise SystemExit(f"error: {key}='{value}' is not one of {', '.join(allowed)}")
+# -----------------------------------------------------------------------------
+# distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
+if device.startswith('cuda') and not torch.cuda.is_available():
+    raise SystemExit(f"error: device='{device}' but CUDA is not available here; pass --device=cpu")
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if batch_size % (world_size * grad_accum):
+    raise SystemExit(f"error: batch_size={batch_size} is not divisible by world_size x grad_accum = "
+                     f"{world_size} x {grad_accum}; pick a batch_size that is a multiple of {world_size * grad_accum}")
+micro_batch = batch_size // (world_size * grad_accum)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"{world_size} rank(s) on {device_type}, {micro_batch} images per micro-step, {grad_accum} micro-step(s), "
+          f"{batch_size} per optimizer step")
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+def rng(step, stream, dev='cpu'):
+    """A generator seeded by (seed, step, stream): the same on every rank, and the same again after a resume."""
+    return torch.Generator(dev).manual_seed(int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0]))
+
+# -----------------------------------------------------------------------------
+# data: uint8 arrays (N, H, W, C) memory-mapped from data/<dataset>/
+data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+try:
+    meta = json.load(open(os.path.join(data_dir, 'meta.json')))
+    data = {s: (np.load(os.path.join(data_dir, f'{s}_x.npy'), mmap_mode='r'),
+                np.load(os.path.join(data_dir, f'{s}_y.npy'))) for s in ('train', 'val')}
+except (OSError, ValueError) as e:
+    raise SystemExit(f"error: dataset '{dataset}' is missing or unreadable in {data_dir} ({e}); "
+                     f"run python data/{dataset}/prepare.py first")
+H, W, C = meta['image_size'], meta['image_size'], meta['channels']
+num_classes = meta['num_classes'] if class_cond else 0
+for split, (x, y) in data.items():
+    if x.dtype != np.uint8 or x.shape[1:] != (H, W, C) or y.shape != (len(x),):
+        raise SystemExit(f"error: data/{dataset}/{split}_x.npy is {x.dtype} {x.shape} with {y.shape} labels, but "
+                         f"meta.json says uint8 (N, {H}, {W}, {C}) and N labels; re-run data/{dataset}/prepare.py")
+    if len(y) and (y.min() < 0 or y.max() >= meta['num_classes']):
+        raise SystemExit(f"error: data/{dataset}/{split}_y.npy has labels in [{y.min()}, {y.max()}] but meta.json says "
+                         f"{meta['num_classes']} classes; re-run data/{dataset}/prepare.py")
+
+def load_batch(split, idx, flip=None):
+    """Images idx of a split as floats in [-1, 1], NCHW, on the device; on CUDA a pinned, non-blocking copy."""
+    x, y = data[split]
+    x, y = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+    if flip is not None:
+        x = torch.where(flip[:, None, None, None], x.flip(2), x)
+    if device_type == 'cuda':
+        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1), y.to(device)
+
+def get_batch(step, micro):
+    """This rank's slice of micro-step `micro` of the global batch of `step`, drawn with replacement."""
+    g = rng(step, 0)
+    idx = np.sort(torch.randint(len(data['train'][0]), (batch_size,), generator=g).numpy())  # sorted: kinder to mmap
+    flip = torch.rand(batch_size, generator=g) < 0.5
+    sl = slice((micro * world_size + rank) * micro_batch, (micro * world_size + rank + 1) * micro_batch)
+    return load_batch('train', idx[sl], flip[sl] if hflip else None)
+
+# -----------------------------------------------------------------------------
+# model, EMA, optimizer, and the checkpoint to resume from
+model_config = DiTConfig(image_size=H, in_channels=C, num_classes=num_classes, **DIT_PRESETS[arch])
+torch.manual_seed(seed)  # the same initial weights on every rank
+try:
+    model = DiT(model_config).to(device)
+except ValueError as e:
+    raise SystemExit(f"error: {arch} on {dataset}: {e}")
+ema = DiT(model_config).to(device).requires_grad_(False).eval()
+ema.load_state_dict(model.state_dict())
+diffusion = Diffusion(schedule, num_timesteps)
+alpha_bar = diffusion.alphas_cumprod.to(device)
+null_label = model_config.num_classes
+decay, no_decay = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
+optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
+                              lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+start_step, wandb_id = 0, None
+if init_from == 'resume':
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"error: init_from='resume' but {ckpt_path} does not exist; use --init_from=scratch")
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if ckpt['model_args'] != asdict(model_config):
+        diff = {k: (v, asdict(model_config)[k]) for k, v in ckpt['model_args'].items() if v != asdict(model_config)[k]}
+        raise SystemExit(f"error: {ckpt_path} holds another model shape (checkpoint vs config: {diff}); "
+                         f"resume with the config it was trained with, or choose another out_dir")
+    model.load_state_dict(ckpt['model'])
+    ema.load_state_dict(ckpt['ema'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    start_step, wandb_id = ckpt['step'], ckpt['wandb_id']
+    rng_state = ckpt['rng'][rank] if len(ckpt['rng']) == world_size else None  # the global RNGs, for what a fork adds
+    if rng_state is not None:
+        torch.set_rng_state(rng_state['torch'].cpu())
+        if device_type == 'cuda':
+            torch.cuda.set_rng_state(rng_state['cuda'].cpu())
+        np.random.set_state(('MT19937', np.array(rng_state['numpy'][0], dtype=np.uint32), *rng_state['numpy'][1:]))
+        random.setstate((rng_state['python'][0], tuple(rng_state['python'][1]), rng_state['python'][2]))
+    del ckpt
+    if master:
+        print(f"resuming {ckpt_path} at step {start_step}")
+else:
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+params, ema_params = list(raw_model.parameters()), list(ema.parameters())
+flops_per_image = 3 * raw_model.flops_per_sample()  # forward + backward (twice the forward)
+if master:
+    print(f"{arch}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, "
+          f"{flops_per_image / 3e9:.3f} GFLOPs forward per image")
+if peak_tflops == 0 and device_type == 'cuda':  # bf16 dense tensor-core peaks
+    name = torch.cuda.get_device_name()
+    peak_tflops = next((v for k, v in {'H100': 989.4, 'H200': 989.4, 'A100': 312.0}.items() if k in name), 0.0)
+
+def get_lr(step):
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if lr_schedule == 'constant':
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, (lr_decay_steps or max_steps) - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+def diffusion_loss(net, x0, y, t, eps):
+    """Per-image loss: || eps - eps_theta(x_t, t, y) ||^2 (Ho et al. 2020, eq. 14), weighted and unweighted."""
+    a = alpha_bar[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    with ctx:
+        eps_pred = net(xt, t, y)
+    mse = (eps_pred.float() - eps).pow(2).mean(dim=(1, 2, 3))
+    snr = (a / (1 - a)).flatten()
+    weight = snr.clamp(max=min_snr_gamma) / snr if min_snr_gamma > 0 else torch.ones_like(snr)  # Hang et al. eq. 8
+    return weight * mse, mse
+
+@torch.no_grad()
+def estimate_val_loss(net):
+    """Mean loss over the first eval_images val images at timesteps spread evenly over 0..T-1 and fixed noise:
+    low variance and comparable across runs. Rank r takes every world_size-th image; the sums are all-reduced."""
+    n = min(eval_images, len(data['val'][0]))
+    t_all = torch.linspace(0, num_timesteps - 1, n, device=device).round().long()
+    eps_all = torch.randn((n, C, H, W), generator=rng(0, 2, device), device=device)
+    total = torch.zeros(2, device=device)
+    for lo in range(rank * micro_batch, n, world_size * micro_batch):
+        idx = np.arange(lo, min(lo + micro_batch, n))
+        x0, y = load_batch('val', idx)
+        y = y if class_cond else torch.full_like(y, null_label)
+        total += torch.stack([l.sum() for l in diffusion_loss(net, x0, y, t_all[idx], eps_all[idx])])
+    if ddp:
+        dist.all_reduce(total)
+    return (total / n).tolist()
+
+def save_grid(x, path, ncol=8):
+    """Images in [-1, 1], (B, C, H, W), to one PNG grid."""
+    x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+    x = torch.cat([x, x.new_zeros((-len(x) % ncol, *x.shape[1:]))])
+    B, c, h, w = x.shape
+    grid = x.view(B // ncol, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(B // ncol * h, ncol * w, c)
+    Image.fromarray(grid.squeeze(-1).numpy()).save(path)
+
+def rng_state():
+    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
+            'numpy': [np.random.get_state()[1].tolist(), *np.random.get_state()[2:]], 'python': random.getstate()}
+
+def save_checkpoint(step):
+    """All ranks gather their RNG states; the master writes out_dir/ckpt.pt atomically (temporary file, then rename)."""
+    states = [None] * world_size
+    if ddp:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if master:
+        ckpt = {'model': raw_model.state_dict(), 'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(),
+                'scaler': scaler.state_dict(), 'model_args': asdict(model_config), 'step': step,
+                'images_seen': step * batch_size, 'config': config, 'rng': states, 'wandb_id': wandb_id}
+        torch.save(ckpt, ckpt_path + '.tmp')
+        os.replace(ckpt_path + '.tmp', ckpt_path)
+        print(f"saved {ckpt_path} at step {step}")
+
+# fixed noise and labels for the sample grids: the same picture of progress at every sample_interval
+grid_z = torch.randn((64, C, H, W), generator=rng(0, 3, device), device=device)
+grid_y = torch.arange(64, device=device) % num_classes if num_classes else torch.full((64,), null_label, device=device)
+
+# -----------------------------------------------------------------------------
+# logging: stdout, out_dir/metrics.csv, and wandb
+fields = ['step', 'kimg', 'loss', 'loss_unweighted', 'lr', 'grad_norm', 'ms_per_step', 'img_per_s', 'tflops', 'mfu',
+          'val_loss', 'val_loss_ema']
+metrics_path = os.path.join(out_dir, 'metrics.csv')
+if master:
+    rows = list(csv.DictReader(open(metrics_path))) if init_from == 'resume' and os.path.exists(metrics_path) else []
+    with open(metrics_path, 'w', newline='') as f:  # on resume, drop the rows logged after the checkpoint
+        csv.DictWriter(f, fields).writeheader()
+        csv.DictWriter(f, fields).writerows(r for r in rows if int(r['step']) <= start_step)
+    if wandb_log:
+        import wandb
+        wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir,
+                               id=wandb_id, resume='allow')
+        wandb_id = wandb_run.id
+
+def log(row):
+    row = {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+    with open(metrics_path, 'a', newline='') as f:
+        csv.DictWriter(f, fields).writerow(row)
+    if wandb_log:
+        wandb.log(row, step=row['step'])
+
+# -----------------------------------------------------------------------------
+# training loop
+x0, y = get_batch(start_step, 0)  # the first batch; each later one is fetched while the current step runs
+loss_sum = torch.zeros(2, device=device)
+t_log, steps_since_log = time.time(), 0
+for step in range(start_step, max_steps):
+    for group in optimizer.param_groups:
+        group['lr'] = get_lr(step)
+    g = rng(step, 1, device)  # timesteps, noise and label dropout for the whole global batch
+    t_all = torch.randint(0, num_timesteps, (batch_size,), generator=g, device=device)
+    eps_all = torch.randn((batch_size, C, H, W), generator=g, device=device)
+    drop_all = torch.rand(batch_size, generator=g, device=device) < (class_dropout if class_cond else 1.0)
+    for micro in range(grad_accum):
+        sl = slice((micro * world_size + rank) * micro_batch, (micro * world_size + rank + 1) * micro_batch)
+        y_in = torch.where(drop_all[sl], null_label, y)
+        if ddp:  # all-reduce the gradients on the last micro-step only
+            model.require_backward_grad_sync = micro == grad_accum - 1
+        loss, mse = diffusion_loss(model, x0, y_in, t_all[sl], eps_all[sl])
+        loss = loss.mean() / grad_accum
+        if micro + 1 < grad_accum or step + 1 < max_steps:  # fetch the next batch while this step runs
+            x0, y = get_batch(step, micro + 1) if micro + 1 < grad_accum else get_batch(step + 1, 0)
+        scaler.scale(loss).backward()
+        loss_sum += torch.stack([loss.detach(), mse.detach().mean() / grad_accum])
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # EMA with warm-up
+        torch._foreach_lerp_(ema_params, params, 1 - min(ema_decay, (1 + step) / (10 + step)))
+    steps_since_log += 1
+
+    last = step + 1 == max_steps
+    if (step + 1) % log_interval == 0 or last:
+        if ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        loss_avg, mse_avg = (loss_sum / steps_since_log).tolist()  # the host sync
+        dt = (time.time() - t_log) / steps_since_log
+        img_s = batch_size / dt
+        tflops = flops_per_image * img_s / 1e12
+        mfu = tflops / (peak_tflops * world_size) if peak_tflops else float('nan')
+        if master:
+            print(f"step {step + 1}/{max_steps} | {(step + 1) * batch_size / 1e3:.1f} kimg | loss {loss_avg:.4f} "
+                  f"(unweighted {mse_avg:.4f}) | lr {get_lr(step):.2e} | grad norm {grad_norm.item():.3f} | "
+                  f"{dt * 1e3:.0f} ms/step | {img_s:.0f} img/s | {tflops:.2f} TFLOP/s | mfu {format(mfu, '.1%') if peak_tflops else 'n/a'} | "
+                  f"eta {dt * (max_steps - step - 1) / 60:.1f} min")
+            log(dict(step=step + 1, kimg=(step + 1) * batch_size / 1e3, loss=loss_avg, loss_unweighted=mse_avg,
+                     lr=get_lr(step), grad_norm=grad_norm.item(), ms_per_step=dt * 1e3, img_per_s=img_s,
+                     tflops=tflops, mfu=mfu))
+        loss_sum.zero_()
+        steps_since_log = 0
+    if (step + 1) % eval_interval == 0 or last:
+        val_loss, _ = estimate_val_loss(raw_model)
+        val_loss_ema, _ = estimate_val_loss(ema)
+        if master:
+            print(f"step {step + 1}: val loss {val_loss:.4f}, EMA {val_loss_ema:.4f}")
+            log(dict(step=step + 1, val_loss=val_loss, val_loss_ema=val_loss_ema))
+    if master and ((step + 1) % sample_interval == 0 or last):
+        with ctx:
+            x = diffusion.ddim_sample(ema, grid_z, grid_y, sample_steps, cfg_scale)
+        save_grid(x, os.path.join(out_dir, f'samples_{step + 1:07d}.png'))
+    if (step + 1) % ckpt_interval == 0 or last:
+        save_checkpoint(step + 1)
+    if (step + 1) % log_interval == 0 or last:
+        t_log = time.time()  # the evaluation, sample grid and checkpoint of a log step do not count as step time
+
+if master and wandb_log:
+    wandb.finish()
+if ddp:
+    dist.destroy_process_group()
