@@ -157,3 +157,29 @@ def test_labels_out_of_range_are_refused(tmp_path, monkeypatch):
         for f in glob.glob(os.path.join(data, '*')):
             os.remove(f)
         os.rmdir(data)
+
+
+def test_the_other_switches_run(mnist, tmp_path):
+    """Unconditional, linear schedule, plain MSE, no clipping, constant LR, flips, weight decay, a given peak."""
+    out = tmp_path / 'u'
+    run('train_diffusion.py', *TINY, f'--out_dir={out}', '--max_steps=2', '--class_cond=False', '--schedule=linear',
+        '--num_timesteps=500', '--min_snr_gamma=0', '--grad_clip=0', '--lr_schedule=constant', '--hflip=True',
+        '--weight_decay=0.01', '--beta2=0.99', '--peak_tflops=1.0', '--class_dropout=0.2')
+    row = next(csv.DictReader(open(out / 'metrics.csv')))
+    assert float(row['mfu']) == pytest.approx(float(row['tflops']), rel=1e-3)  # a 1 TFLOP/s peak
+    assert float(row['loss']) == pytest.approx(float(row['loss_unweighted']), rel=1e-5)  # no weighting
+    ckpt = load_ckpt(out)
+    assert ckpt['model_args']['num_classes'] == 0 and ckpt['config']['num_timesteps'] == 500
+    run('sample.py', f'--out_dir={out}', '--num_samples=4', '--steps=2', '--save_npz=True', '--use_ema=False', '--eta=1.0')
+    samples = np.load(out / 'samples.npz')
+    assert samples['arr_0'].shape == (4, 28, 28, 1) and 'arr_1' not in samples.files
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_mixed_precision_runs(mnist, tmp_path, dtype):
+    """Autocast in bf16, and fp16 with its GradScaler (checkpointed), on CPU: finite losses, a resumable run."""
+    run('train_diffusion.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=2', f'--dtype={dtype}')
+    p = run('train_diffusion.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=3', f'--dtype={dtype}', '--init_from=resume')
+    losses = [float(r['loss']) for r in csv.DictReader(open(tmp_path / 'metrics.csv')) if r['loss']]
+    assert len(losses) == 2 and all(np.isfinite(losses)), p.stdout
+    assert bool(load_ckpt(tmp_path)['scaler']) == (dtype == 'float16')
