@@ -5,8 +5,8 @@ Samples images from a train_diffusion.py checkpoint (EMA weights by default).
     python sample.py --out_dir=out-mnist-dit --class_labels=3,7 --cfg_scale=2 --save_png=True
     torchrun --nproc_per_node=8 sample.py --out_dir=out-dit-b --num_samples=50000 --save_npz=True
 
-Sample i starts from noise seeded by (seed, i), so the images do not depend on batch size or world size; under
-torchrun each rank samples its share and rank 0 writes the files. The .npz is the ADM format the standard FID
+Sample i starts from noise seeded by (seed, i), so (with eta=0) the images do not depend on batch size or world
+size; under torchrun each rank samples its share and rank 0 writes the files. The .npz is the ADM format the standard FID
 tools read: arr_0 uint8 (N, H, W, C), arr_1 the class labels when the model is conditional.
 """
 import math
@@ -82,8 +82,8 @@ for lo in range(0, num_samples, world_size * batch_size):
     z = torch.stack([torch.randn((channels, size, size), generator=torch.Generator().manual_seed(
         int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))) for i in idx]).to(device)
     y = torch.from_numpy(labels[idx % num_samples]).to(device)
-    with ctx:
-        x = diffusion.ddim_sample(model, z, y, steps, cfg_scale, eta, generator=torch.Generator(device).manual_seed(seed + lo + rank))
+    with ctx:  # eta > 0 adds fresh noise per step, drawn per batch: then the images depend on the batch layout
+        x = diffusion.ddim_sample(model, z, y, steps, cfg_scale, eta, torch.Generator(device).manual_seed(seed + lo + rank))
     x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     if ddp:
         parts = [torch.empty_like(x) for _ in range(world_size)]

@@ -73,6 +73,7 @@ cfg_scale = 4.0  # classifier-free guidance scale (1 = none)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 compile = torch.cuda.is_available()  # torch.compile the model (gains nothing on CPU but compile time)
+activation_checkpointing = False  # recompute each DiT block in the backward pass to save memory
 peak_tflops = 0.0  # per-device peak for MFU; 0 = look it up for known GPUs (bf16 dense), none on CPU
 seed = 0
 # -----------------------------------------------------------------------------
@@ -123,10 +124,10 @@ try:
     meta = json.load(open(os.path.join(data_dir, 'meta.json')))
     data = {s: (np.load(os.path.join(data_dir, f'{s}_x.npy'), mmap_mode='r'),
                 np.load(os.path.join(data_dir, f'{s}_y.npy'))) for s in ('train', 'val')}
-except (OSError, ValueError) as e:
-    raise SystemExit(f"error: dataset '{dataset}' is missing or unreadable in {data_dir} ({e}); "
+    H, W, C = meta['image_size'], meta['image_size'], meta['channels']
+except (OSError, ValueError, KeyError) as e:
+    raise SystemExit(f"error: dataset '{dataset}' is missing or unreadable in {data_dir} ({e!r}); "
                      f"run python data/{dataset}/prepare.py first")
-H, W, C = meta['image_size'], meta['image_size'], meta['channels']
 num_classes = meta['num_classes'] if class_cond else 0
 for split, (x, y) in data.items():
     if x.dtype != np.uint8 or x.shape[1:] != (H, W, C) or y.shape != (len(x),):
@@ -146,13 +147,17 @@ def load_batch(split, idx, flip=None):
         x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1), y.to(device)
 
+def my_slice(micro):
+    """This rank's part of the global batch in micro-step `micro`: micro-steps outside, ranks inside."""
+    lo = (micro * world_size + rank) * micro_batch
+    return slice(lo, lo + micro_batch)
+
 def get_batch(step, micro):
-    """This rank's slice of micro-step `micro` of the global batch of `step`, drawn with replacement."""
+    """This rank's images of micro-step `micro` of the global batch of `step`, drawn with replacement."""
     g = rng(step, 0)
     idx = np.sort(torch.randint(len(data['train'][0]), (batch_size,), generator=g).numpy())  # sorted: kinder to mmap
     flip = torch.rand(batch_size, generator=g) < 0.5
-    sl = slice((micro * world_size + rank) * micro_batch, (micro * world_size + rank + 1) * micro_batch)
-    return load_batch('train', idx[sl], flip[sl] if hflip else None)
+    return load_batch('train', idx[my_slice(micro)], flip[my_slice(micro)] if hflip else None)
 
 # -----------------------------------------------------------------------------
 # model, EMA, optimizer, and the checkpoint to resume from
@@ -162,6 +167,7 @@ try:
     model = DiT(model_config).to(device)
 except ValueError as e:
     raise SystemExit(f"error: {arch} on {dataset}: {e}")
+model.activation_checkpointing = activation_checkpointing
 ema = DiT(model_config).to(device).requires_grad_(False).eval()
 ema.load_state_dict(model.state_dict())
 diffusion = Diffusion(schedule, num_timesteps)
@@ -317,7 +323,7 @@ for step in range(start_step, max_steps):
     eps_all = torch.randn((batch_size, C, H, W), generator=g, device=device)
     drop_all = torch.rand(batch_size, generator=g, device=device) < (class_dropout if class_cond else 1.0)
     for micro in range(grad_accum):
-        sl = slice((micro * world_size + rank) * micro_batch, (micro * world_size + rank + 1) * micro_batch)
+        sl = my_slice(micro)
         y_in = torch.where(drop_all[sl], null_label, y)
         if ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro == grad_accum - 1
