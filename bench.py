@@ -57,7 +57,9 @@ model = DiT(DiTConfig(image_size=H, in_channels=C, num_classes=K, **DIT_PRESETS[
 model.activation_checkpointing = activation_checkpointing
 ema = DiT(model.config).to(device).requires_grad_(False)
 params, ema_params = list(model.parameters()), list(ema.parameters())
-optimizer = torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
+optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
+                              lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 alpha_bar = Diffusion(schedule, num_timesteps).alphas_cumprod.to(device)
 net = torch.compile(model) if compile else model
@@ -72,7 +74,8 @@ def train_step():
     with ctx:
         eps_pred = net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, y)
     snr = (a / (1 - a)).flatten()
-    loss = (snr.clamp(max=min_snr_gamma) / snr * (eps_pred.float() - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+    weight = snr.clamp(max=min_snr_gamma) / snr if min_snr_gamma > 0 else torch.ones_like(snr)
+    loss = (weight * (eps_pred.float() - eps).pow(2).mean(dim=(1, 2, 3))).mean()
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
