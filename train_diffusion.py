@@ -343,22 +343,22 @@ for step in range(start_step, max_steps):
     steps_since_log += 1
 
     last = step + 1 == max_steps
-    if (step + 1) % log_interval == 0 or last:
+    log_step = (step + 1) % log_interval == 0 or last
+    if log_step:
         if ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         loss_avg, mse_avg = (loss_sum / steps_since_log).tolist()  # the host sync
         dt = (time.time() - t_log) / steps_since_log
-        img_s = batch_size / dt
-        tflops = flops_per_image * img_s / 1e12
-        mfu = tflops / (peak_tflops * world_size) if peak_tflops else float('nan')
+        row = dict(step=step + 1, kimg=(step + 1) * batch_size / 1e3, loss=loss_avg, loss_unweighted=mse_avg,
+                   lr=get_lr(step), grad_norm=grad_norm.item(), ms_per_step=dt * 1e3, img_per_s=batch_size / dt)
+        row['tflops'] = flops_per_image * row['img_per_s'] / 1e12
+        row['mfu'] = row['tflops'] / (peak_tflops * world_size) if peak_tflops else float('nan')
         if master:
-            print(f"step {step + 1}/{max_steps} | {(step + 1) * batch_size / 1e3:.1f} kimg | loss {loss_avg:.4f} "
-                  f"(unweighted {mse_avg:.4f}) | lr {get_lr(step):.2e} | grad norm {grad_norm.item():.3f} | "
-                  f"{dt * 1e3:.0f} ms/step | {img_s:.0f} img/s | {tflops:.2f} TFLOP/s | mfu {format(mfu, '.1%') if peak_tflops else 'n/a'} | "
-                  f"eta {dt * (max_steps - step - 1) / 60:.1f} min")
-            log(dict(step=step + 1, kimg=(step + 1) * batch_size / 1e3, loss=loss_avg, loss_unweighted=mse_avg,
-                     lr=get_lr(step), grad_norm=grad_norm.item(), ms_per_step=dt * 1e3, img_per_s=img_s,
-                     tflops=tflops, mfu=mfu))
+            print(f"step {row['step']}/{max_steps} | {row['kimg']:.1f} kimg | loss {loss_avg:.4f} (unweighted "
+                  f"{mse_avg:.4f}) | lr {row['lr']:.2e} | grad norm {row['grad_norm']:.3f} | {dt * 1e3:.0f} ms/step | "
+                  f"{row['img_per_s']:.0f} img/s | {row['tflops']:.2f} TFLOP/s | "
+                  f"mfu {format(row['mfu'], '.1%') if peak_tflops else 'n/a'} | eta {dt * (max_steps - step - 1) / 60:.1f} min")
+            log(row)
         loss_sum.zero_()
         steps_since_log = 0
     if (step + 1) % eval_interval == 0 or last:
@@ -373,7 +373,7 @@ for step in range(start_step, max_steps):
         save_grid(x, os.path.join(out_dir, f'samples_{step + 1:07d}.png'))
     if (step + 1) % ckpt_interval == 0 or last:
         save_checkpoint(step + 1)
-    if (step + 1) % log_interval == 0 or last:
+    if log_step:
         t_log = time.time()  # the evaluation, sample grid and checkpoint of a log step do not count as step time
 
 if master and wandb_log:

@@ -63,9 +63,11 @@ def test_resume_is_bit_exact(mnist, tmp_path):
 def test_two_ranks_match_one(mnist, tmp_path):
     """torchrun with 2 gloo ranks of batch B == 1 process with batch 2B == 1 process, 2 micro-steps of B."""
     common = [*TINY, '--max_steps=3', '--batch_size=16']
-    run('torchrun', '--standalone', '--nproc_per_node=2', 'train_diffusion.py', *common, f'--out_dir={tmp_path / "ddp"}')
-    run('train_diffusion.py', *common, f'--out_dir={tmp_path / "one"}')
-    run('train_diffusion.py', *common, f'--out_dir={tmp_path / "accum"}', '--grad_accum=2')
+    one_thread = {'OMP_NUM_THREADS': '1'}  # 2 ranks on 2 cores: no thread count that changes under load
+    run('torchrun', '--standalone', '--nproc_per_node=2', 'train_diffusion.py', *common, f'--out_dir={tmp_path / "ddp"}',
+        env=one_thread)
+    run('train_diffusion.py', *common, f'--out_dir={tmp_path / "one"}', env=one_thread)
+    run('train_diffusion.py', *common, f'--out_dir={tmp_path / "accum"}', '--grad_accum=2', env=one_thread)
     ref = load_ckpt(tmp_path / 'one')
     for other in ('ddp', 'accum'):
         ckpt = load_ckpt(tmp_path / other)
@@ -93,6 +95,7 @@ def test_sampling_is_the_same_on_two_ranks(mnist, tmp_path):
 def test_wandb_offline_run_and_no_import_when_off(mnist, tmp_path, monkeypatch):
     pytest.importorskip('wandb')
     run('train_diffusion.py', *TINY, f'--out_dir={tmp_path / "w"}', '--max_steps=3', '--wandb_log=True',
+        '--wandb_project=kit-test', '--wandb_run_name=tiny',
         env={'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true'})
     runs = glob.glob(str(tmp_path / 'w' / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
     assert len(runs) == 1, os.listdir(tmp_path / 'w')
@@ -164,7 +167,8 @@ def test_the_other_switches_run(mnist, tmp_path):
     out = tmp_path / 'u'
     run('train_diffusion.py', *TINY, f'--out_dir={out}', '--max_steps=2', '--class_cond=False', '--schedule=linear',
         '--num_timesteps=500', '--min_snr_gamma=0', '--grad_clip=0', '--lr_schedule=constant', '--hflip=True',
-        '--weight_decay=0.01', '--beta2=0.99', '--peak_tflops=1.0', '--class_dropout=0.2')
+        '--weight_decay=0.01', '--beta1=0.95', '--beta2=0.99', '--peak_tflops=1.0', '--class_dropout=0.2',
+        '--activation_checkpointing=True', '--seed=1')
     row = next(csv.DictReader(open(out / 'metrics.csv')))
     assert float(row['mfu']) == pytest.approx(float(row['tflops']), rel=1e-3)  # a 1 TFLOP/s peak
     assert float(row['loss']) == pytest.approx(float(row['loss_unweighted']), rel=1e-5)  # no weighting
