@@ -19,7 +19,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from model import DIT_PRESETS, DiT, DiTConfig, Diffusion
+from model import Diffusion, bcast, create_model
 
 # -----------------------------------------------------------------------------
 _src = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_diffusion.py')).read()
@@ -53,29 +53,30 @@ K = num_classes if num_classes >= 0 else (meta.get('num_classes', 0) if class_co
 if not H or not C:
     raise SystemExit(f"error: no data/{dataset}/meta.json to take the input shape from; pass --image_size and --channels")
 
-model = DiT(DiTConfig(image_size=H, in_channels=C, num_classes=K, **DIT_PRESETS[arch])).to(device)
+model = create_model(arch, image_size=H, in_channels=C, num_classes=K).to(device)
+ema = create_model(arch, **vars(model.config)).to(device).requires_grad_(False)
 model.activation_checkpointing = activation_checkpointing
-ema = DiT(model.config).to(device).requires_grad_(False)
+if device_type == 'cuda' and arch.startswith('UNet'):
+    model = model.to(memory_format=torch.channels_last)
 params, ema_params = list(model.parameters()), list(ema.parameters())
 optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                                {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
                               lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-alpha_bar = Diffusion(schedule, num_timesteps).alphas_cumprod.to(device)
+diffusion = Diffusion(schedule, prediction_type, num_timesteps, sigma_data)
 net = torch.compile(model) if compile else model
 x0 = torch.randn(batch_size, C, H, H, device=device).clamp(-1, 1)
 y = torch.randint(0, K + 1, (batch_size,), device=device)
 
 def train_step():
-    """train_diffusion.py's step on one batch: the eps-prediction loss with min-SNR weights, clip, AdamW, EMA."""
-    t = torch.randint(0, num_timesteps, (batch_size,), device=device)
+    """train_diffusion.py's step on one batch: its objective with min-SNR weights, clip, AdamW, EMA."""
+    t = diffusion.t_from_u(torch.rand(batch_size, device=device))
     eps = torch.randn_like(x0)
-    a = alpha_bar[t].view(-1, 1, 1, 1)
+    alpha, sigma, A, B = diffusion.coefficients(t)
     with ctx:
-        eps_pred = net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, y)
-    snr = (a / (1 - a)).flatten()
-    weight = snr.clamp(max=min_snr_gamma) / snr if min_snr_gamma > 0 else torch.ones_like(snr)
-    loss = (weight * (eps_pred.float() - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+        pred = net(*diffusion.net_inputs(bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps, t), y)
+    weight = ((alpha / sigma) ** 2).clamp(max=min_snr_gamma) * (sigma / (alpha * B - sigma * A)) ** 2
+    loss = (weight.float() * (pred.float() - bcast(A, x0) * x0 - bcast(B, x0) * eps).pow(2).mean(dim=(1, 2, 3))).mean()
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))

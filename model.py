@@ -1,8 +1,9 @@
 """
-Every network of the kit, once, plus the diffusion schedule and sampler that train_diffusion.py and sample.py share.
+Every network of the kit, once, plus the diffusion schedules, prediction types and samplers that
+train_diffusion.py, sample.py and distill_consistency.py share.
 
 DiT: Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (arXiv:2212.09748).
-DDPM: Ho et al. 2020; cosine schedule: Nichol & Dhariwal 2021; DDIM: Song et al. 2021.
+UNet: Ho et al. 2020 and Dhariwal & Nichol 2021 (ADM). Diffusion: see the class's docstring.
 """
 import math
 from dataclasses import dataclass
@@ -147,49 +148,294 @@ class DiT(nn.Module):
         return c.depth * per_block + embed + final
 
 # -----------------------------------------------------------------------------
-# Diffusion: the DDPM noise schedule and its samplers. The training loss is written out in train_diffusion.py.
+# UNet: a compact ADM / DDPM++ style network for pixel-space recipes (Ho et al. 2020; Dhariwal & Nichol 2021)
+
+@dataclass
+class UNetConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    channels: int = 128  # of the first level; level i has channels * channel_mult[i] (multiples of 32: GroupNorm(32))
+    channel_mult: tuple = (1, 2, 2, 2)  # one level per entry, each but the last followed by a 2x downsampling
+    num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
+    attn_levels: tuple = (1,)  # levels (0 = full resolution) whose blocks add self-attention; the middle always has it
+    head_channels: int = 64
+    dropout: float = 0.1
+    num_classes: int = 0  # as DiTConfig: 0 = unconditional, label num_classes is the null label
+
+UNET_PRESETS = {
+    'UNet-S': dict(channels=64, channel_mult=(1, 2, 2), attn_levels=(1, 2), head_channels=32),  # 28-32 px on a CPU
+    'UNet-B': dict(channels=128, channel_mult=(1, 2, 2, 2), attn_levels=(1,)),  # DDPM's CIFAR-10 layout, ~36M
+}
+
+class UNetBlock(nn.Module):
+    """Residual block whose second GroupNorm is scaled and shifted by the time+class embedding (ADM's scale-shift
+    norm), then optionally multi-head self-attention over the pixels. Both residual branches start at zero."""
+    def __init__(self, cin, cout, emb_dim, dropout, attn, head_channels):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(32, cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * cout)
+        self.norm2, self.dropout, self.conv2 = nn.GroupNorm(32, cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.heads = cout // head_channels if attn else 0
+        if attn:
+            self.norm_attn, self.qkv, self.proj = nn.GroupNorm(32, cout), nn.Conv2d(cout, 3 * cout, 1), nn.Conv2d(cout, cout, 1)
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x, emb):
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h) * (1 + scale) + shift)))
+        x = self.skip(x) + h
+        if self.heads:
+            B, C, H, W = x.shape
+            q, k, v = self.qkv(self.norm_attn(x)).view(B, 3, self.heads, C // self.heads, H * W).transpose(3, 4).unbind(1)
+            h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
+            x = x + self.proj(h.transpose(2, 3).reshape(B, C, H, W))
+        return x
+
+class UNet(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        levels, ch, emb_dim = len(c.channel_mult), c.channels, 4 * c.channels
+        if c.image_size % 2 ** (levels - 1):
+            raise ValueError(f"image_size {c.image_size} is not divisible by 2^{levels - 1}, the UNet's "
+                             f"{levels - 1} downsamplings; pick a preset with fewer levels (or pad the images)")
+        block = lambda cin, cout, attn: UNetBlock(cin, cout, emb_dim, c.dropout, attn, c.head_channels)
+        self.t_embedder = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.y_embedder = nn.Embedding(c.num_classes + 1, emb_dim)  # last row: the null label
+        self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
+        self.down, skip_channels, cur = nn.ModuleList(), [ch], ch
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                self.down.append(block(cur, ch * mult, level in c.attn_levels))
+                cur = ch * mult
+                skip_channels.append(cur)
+            if level + 1 < levels:
+                self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
+                skip_channels.append(cur)
+        self.mid = nn.ModuleList([block(cur, cur, True), block(cur, cur, False)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for _ in range(c.num_res_blocks + 1):
+                self.up.append(block(cur + skip_channels.pop(), ch * mult, level in c.attn_levels))
+                cur = ch * mult
+            if level > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(cur, cur, 3, padding=1)))
+        self.norm_out, self.conv_out = nn.GroupNorm(32, cur), nn.Conv2d(cur, c.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # the output starts at zero
+        nn.init.zeros_(self.conv_out.bias)
+        self.activation_checkpointing = False
+        self._flops = None
+
+    def forward(self, x, t, y):
+        """As DiT.forward: x (B, C, H, W), t (B,) real-valued timesteps, y (B,) int labels."""
+        emb = self.t_embedder(timestep_embedding(t, self.config.channels)) + self.y_embedder(y)
+        run = lambda block, h: checkpoint(block, h, emb, use_reentrant=False) if self.activation_checkpointing else block(h, emb)
+        h = self.conv_in(x)
+        skips = [h]
+        for layer in self.down:
+            h = run(layer, h) if isinstance(layer, UNetBlock) else layer(h)
+            skips.append(h)
+        for layer in self.mid:
+            h = run(layer, h)
+        for layer in self.up:
+            h = run(layer, torch.cat([h, skips.pop()], dim=1)) if isinstance(layer, UNetBlock) else layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def flops_per_sample(self):
+        """Forward FLOPs for one image (a multiply-add is 2), counted once by torch's FlopCounterMode."""
+        if self._flops is None:
+            from torch.utils.flop_counter import FlopCounterMode
+            c, p, training = self.config, next(self.parameters()), self.training
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:  # in eval mode: dropout draws no random numbers
+                self.eval()(torch.zeros(1, c.in_channels, c.image_size, c.image_size, device=p.device),
+                            torch.zeros(1, device=p.device), torch.zeros(1, dtype=torch.long, device=p.device))
+            self.train(training)
+            self._flops = counter.get_total_flops()
+        return self._flops
+
+def create_model(arch, **kwargs):
+    """A network by preset name: create_model('DiT-B/4', image_size=32, in_channels=4, num_classes=1000)."""
+    if arch in DIT_PRESETS:
+        return DiT(DiTConfig(**{**DIT_PRESETS[arch], **kwargs}))
+    if arch in UNET_PRESETS:
+        return UNet(UNetConfig(**{**UNET_PRESETS[arch], **kwargs}))
+    raise ValueError(f"unknown arch '{arch}'; use one of {', '.join([*DIT_PRESETS, *UNET_PRESETS])}")
+
+ARCHS = (*DIT_PRESETS, *UNET_PRESETS)
+
+# -----------------------------------------------------------------------------
+# Diffusion: schedules, prediction types and samplers, shared by train_diffusion.py, sample.py and
+# distill_consistency.py. The training loss (timestep sampling, weighting) is written out in train_diffusion.py.
+
+SCHEDULES = ('linear', 'cosine', 'flow', 'edm')
+PREDICTIONS = ('eps', 'v', 'x0', 'flow')
+SAMPLERS = ('ddpm', 'ddim', 'euler', 'heun')
 
 class Diffusion:
-    """Discrete-time Gaussian diffusion, x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t = 0..T-1.
-    schedule 'linear': DDPM betas 1e-4..0.02 scaled to T (Ho et al. 2020); 'cosine': Nichol & Dhariwal 2021, eq. 17."""
-    def __init__(self, schedule='linear', num_timesteps=1000):
+    """Gaussian diffusion x_t = alpha_t x0 + sigma_t eps, the network's output F read as one prediction type.
+
+    schedule  time t                          alpha_t, sigma_t
+    linear    0..T-1, the DDPM index          sqrt(abar_t), sqrt(1 - abar_t), betas 1e-4..0.02 (Ho et al. 2020)
+    cosine    0..T-1                          abar from Nichol & Dhariwal 2021, eq. 17
+    flow      (0, 1)                          1 - t, t: the linear interpolant (rectified flow, SiT, SD3)
+    edm       sigma in [0.002, 80]            1, sigma; the network sees x / sqrt(sigma^2 + sigma_data^2) (Karras 2022)
+    Between integers the DDPM schedules interpolate log(sigma / alpha), so ODE samplers may use any noise level.
+
+    prediction  the network's target F = A x0 + B eps
+    eps         eps                              (Ho et al. 2020)
+    v           alpha eps - sigma x0             (Salimans & Ho 2022)
+    x0          x0; under the edm schedule EDM's preconditioned F = (x0 - c_skip x_t) / c_out (Karras 2022, eq. 7)
+    flow        eps - x0, the velocity of the flow schedule (Liu et al. 2022; Lipman et al. 2022)
+    Since x_t = alpha x0 + sigma eps, every F gives back x0 = (B x_t - sigma F) / det and eps = (alpha F - A x_t) / det,
+    det = alpha B - sigma A: one formula for every conversion, and the prediction's error is det / sigma times the x0 error.
+    """
+    sigma_min, sigma_max, rho = 0.002, 80.0, 7.0  # EDM's range and its sampling grid's curvature
+    t_eps = 1e-5  # the flow schedule stays inside (t_eps, 1 - t_eps), where every prediction type is invertible
+
+    def __init__(self, schedule='linear', prediction_type='eps', num_timesteps=1000, sigma_data=0.5):
+        if schedule not in SCHEDULES or prediction_type not in PREDICTIONS:
+            raise ValueError(f"schedule '{schedule}' / prediction_type '{prediction_type}': use one of {SCHEDULES} / {PREDICTIONS}")
+        self.schedule, self.prediction_type, self.num_timesteps, self.sigma_data = schedule, prediction_type, num_timesteps, sigma_data
         T = num_timesteps
         if schedule == 'linear':
             betas = np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=np.float64)
         elif schedule == 'cosine':
             f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2
             betas = np.clip(1 - f(np.arange(1, T + 1)) / f(np.arange(T)), 0, 0.999)
-        else:
-            raise ValueError(f"unknown schedule '{schedule}'; use 'linear' or 'cosine'")
-        self.num_timesteps = T
-        self.alphas_cumprod = torch.tensor(np.cumprod(1 - betas), dtype=torch.float32)  # alpha_bar_t
+        if schedule in ('linear', 'cosine'):
+            alpha_bar = np.cumprod(1 - betas)
+            self.log_sigma_hat = torch.from_numpy(0.5 * np.log((1 - alpha_bar) / alpha_bar))  # increasing in t
 
-    def snr(self, t):
-        """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at integer timesteps t."""
-        a = self.alphas_cumprod.to(t.device)[t]
-        return a / (1 - a)
+    def t_from_u(self, u):
+        """Noise levels u in [0, 1), as the training's timestep sampling draws them, to the schedule's time. For edm
+        u = sigma / (1 + sigma), the flow time of the same signal-to-noise ratio: a logit-normal u is a log-normal sigma."""
+        if self.schedule in ('linear', 'cosine'):
+            return (u * self.num_timesteps).floor().clamp(max=self.num_timesteps - 1)
+        if self.schedule == 'flow':
+            return u.clamp(self.t_eps, 1 - self.t_eps)
+        return (u / (1 - u)).clamp(self.sigma_min, self.sigma_max)
+
+    def alpha_sigma(self, t):
+        """alpha_t, sigma_t in float64, shaped like t."""
+        t = t.double()
+        if self.schedule == 'flow':
+            return 1 - t, t
+        if self.schedule == 'edm':
+            return torch.ones_like(t), t
+        table = self.log_sigma_hat.to(t.device)
+        i = t.floor().long().clamp(0, len(table) - 2)
+        w = t - i
+        log_sigma_hat = table[i] * (1 - w) + table[i + 1] * w
+        alpha = torch.exp(log_sigma_hat * 2).add(1).rsqrt()
+        return alpha, alpha * log_sigma_hat.exp()
+
+    def coefficients(self, t):
+        """(alpha, sigma, A, B) at times t, float64: x_t = alpha x0 + sigma eps and the target F = A x0 + B eps."""
+        alpha, sigma = self.alpha_sigma(t)
+        one, zero = torch.ones_like(alpha), torch.zeros_like(alpha)
+        if self.prediction_type == 'eps':
+            return alpha, sigma, zero, one
+        if self.prediction_type == 'v':
+            return alpha, sigma, -sigma, alpha
+        if self.prediction_type == 'flow':
+            return alpha, sigma, -one, one
+        if self.schedule == 'edm':  # F = (x0 - c_skip x_t) / c_out with c_skip = sd^2 / s^2, c_out = sigma sd / s
+            s = (sigma ** 2 + self.sigma_data ** 2).sqrt()
+            return alpha, sigma, sigma / (self.sigma_data * s), -self.sigma_data / s
+        return alpha, sigma, one, zero
+
+    def net_inputs(self, x, t):
+        """What the network sees for x_t at times t: c_in x_t and c_noise (the noise level on the DDPM index's scale,
+        which the sinusoidal time embedding is made for: t, 1000 t, or EDM's ln(sigma) / 4 times 1000)."""
+        if self.schedule == 'linear' or self.schedule == 'cosine':
+            return x, t.float()
+        if self.schedule == 'flow':
+            return x, 1000 * t.float()
+        c_in = (t.double() ** 2 + self.sigma_data ** 2).rsqrt()
+        return x * bcast(c_in, x), 250 * t.double().log().float()
+
+    def x0_eps(self, F, x, t):
+        """The x0 and eps that the output F implies for x_t = x."""
+        alpha, sigma, A, B = self.coefficients(t)
+        det = alpha * B - sigma * A
+        return bcast(B / det, x) * x - bcast(sigma / det, x) * F, bcast(alpha / det, x) * F - bcast(A / det, x) * x
 
     @torch.no_grad()
-    def ddim_sample(self, model, z, y, steps=50, cfg_scale=1.0, eta=0.0, generator=None):
-        """DDIM (Song et al. 2021, eq. 12) from noise z over `steps` evenly spaced timesteps; eta=1 is DDPM-like.
-        With cfg_scale != 1, classifier-free guidance eps_u + s (eps_c - eps_u) on every output channel."""
-        alpha_bar = self.alphas_cumprod.to(z.device)
-        ts = torch.linspace(self.num_timesteps - 1, 0, steps, device=z.device).round().long()
-        null = torch.full_like(y, model.config.num_classes)
-        x = z
-        for i, t in enumerate(ts):
-            a = alpha_bar[t]
-            a_prev = alpha_bar[ts[i + 1]] if i + 1 < steps else torch.ones((), device=z.device)
-            tt = t.expand(x.shape[0])
-            if cfg_scale == 1.0:
-                eps = model(x, tt, y)
+    def denoise(self, model, x, t, y, cfg_scale=1.0, clip_x0=False):
+        """x0 and eps estimates at one time t (a 0-d tensor) for every image of x. Classifier-free guidance
+        F_u + cfg_scale (F_c - F_u) acts on every output channel, null label = model.config.num_classes."""
+        x_in, c_noise = self.net_inputs(x, t.expand(len(x)))
+        if cfg_scale == 1.0:
+            F = model(x_in, c_noise, y)
+        else:
+            null = torch.full_like(y, model.config.num_classes)
+            F_c, F_u = model(torch.cat([x_in, x_in]), torch.cat([c_noise, c_noise]), torch.cat([y, null])).chunk(2)
+            F = F_u + cfg_scale * (F_c - F_u)
+        x0, eps = self.x0_eps(F.to(x.dtype), x, t.view(1))
+        if clip_x0:  # pixel data lives in [-1, 1]; eps follows the clipped x0
+            alpha, sigma = self.alpha_sigma(t)
+            x0 = x0.clamp(-1, 1)
+            eps = (x - alpha.item() * x0) / sigma.item()
+        return x0, eps
+
+    def grid(self, sampler, steps, shift=1.0):
+        """The sampler's times, noisiest first: t (steps,) where the network is called, and alpha, sigma (steps + 1,)
+        whose last entry is the clean end (1, 0). DDPM/DDIM on a DDPM schedule: evenly spaced integer timesteps (DDIM);
+        Euler/Heun on a DDPM schedule, and every sampler on edm: Karras et al.'s sigma/alpha spacing (rho = 7);
+        every sampler on flow: evenly spaced t, shifted by t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024)."""
+        if self.schedule == 'flow':
+            t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
+            t = (shift * t / (1 + (shift - 1) * t)).clamp(self.t_eps, 1 - self.t_eps)
+        elif self.schedule != 'edm' and sampler in ('ddpm', 'ddim'):
+            t = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=torch.float64).round()
+        else:
+            lo, hi = (self.sigma_min, self.sigma_max) if self.schedule == 'edm' else self.log_sigma_hat[[0, -1]].exp().tolist()
+            hi = min(hi, self.sigma_max)  # the cosine schedule's last step is at sigma/alpha ~ 6e3: no use starting there
+            ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+            sigma_hat = (hi ** (1 / self.rho) + ramp * (lo ** (1 / self.rho) - hi ** (1 / self.rho))) ** self.rho
+            t = sigma_hat if self.schedule == 'edm' else torch.from_numpy(np.interp(
+                sigma_hat.log().numpy(), self.log_sigma_hat.numpy(), np.arange(self.num_timesteps, dtype=np.float64)))
+        alpha, sigma = self.alpha_sigma(t)
+        return t, torch.cat([alpha, torch.ones(1, dtype=torch.float64)]), torch.cat([sigma, torch.zeros(1, dtype=torch.float64)])
+
+    @torch.no_grad()
+    def sample(self, model, z, y, sampler='ddim', steps=50, eta=0.0, cfg_scale=1.0, cfg_interval=(0.0, float('inf')),
+               shift=1.0, clip_x0=False, generator=None):
+        """Images from noise z (B, C, H, W) with labels y. cfg_interval: guidance only where lo < sigma/alpha <= hi
+        (Kynkaanniemi et al. 2024). ddpm is DDIM with eta = 1 (the posterior q(x_s | x_t, x0) sampled; Ho et al.
+        2020), ddim takes eta (Song et al. 2021, eq. 12); euler and heun integrate the probability-flow ODE (Karras
+        et al. 2022, alg. 1) in the coordinates where it is straightest: (x / alpha, sigma / alpha), or (x, t) for
+        flow. DDIM with eta = 0 is Euler in either, so they share one step and differ by their grids."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler '{sampler}'; use one of {SAMPLERS}")
+        t, alpha, sigma = (c.to(z.device) for c in self.grid(sampler, steps, shift))
+        scale = torch.ones_like(alpha) if self.schedule == 'flow' else alpha  # the ODE's state is x / scale
+        a, b = alpha / scale, sigma / scale
+        eta = 1.0 if sampler == 'ddpm' else eta
+        denoise = lambda x, i: self.denoise(model, x, t[i], y, cfg_scale if cfg_interval[0] < sigma[i] / alpha[i] <= cfg_interval[1]
+                                            else 1.0, clip_x0)
+        x = sigma[0].item() * z  # + alpha[0] x0, which is ~0: alpha[0] is 1e-5 (flow), < 0.01 (DDPM schedules), 1 / 80 sigma (edm)
+        for i in range(steps):
+            x0, eps = denoise(x, i)
+            if sampler in ('ddpm', 'ddim'):
+                var = (sigma[i] ** 2 - (alpha[i] / alpha[i + 1] * sigma[i + 1]) ** 2) * sigma[i + 1] ** 2 / sigma[i] ** 2
+                c = eta * var.clamp(min=0).sqrt()  # the posterior's standard deviation, times eta
+                x_next = alpha[i + 1] * x0 + (sigma[i + 1] ** 2 - c ** 2).clamp(min=0).sqrt() * eps
+                if c > 0:
+                    x_next = x_next + c * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             else:
-                eps_c, eps_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).chunk(2)
-                eps = eps_u + cfg_scale * (eps_c - eps_u)
-            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
-            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # the noise consistent with the clipped x0
-            sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps
-            if eta > 0 and i + 1 < steps:
-                x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+                x_next = alpha[i + 1] * x0 + sigma[i + 1] * eps  # Euler
+                if sampler == 'heun' and sigma[i + 1] > 0:  # average the ODE's slope at both ends
+                    x0_2, eps_2 = denoise(x_next, i + 1)
+                    x_next = scale[i + 1] * (x / scale[i] + (a[i + 1] - a[i]) * (x0 + x0_2) / 2 + (b[i + 1] - b[i]) * (eps + eps_2) / 2)
+            x = x_next.to(z.dtype)
         return x
+
+def bcast(c, x):
+    """Per-image coefficients c, shape (B,) or (1,), as x's dtype, broadcastable against x (B, ...)."""
+    return c.to(x.dtype).view(-1, *[1] * (x.dim() - 1))

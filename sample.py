@@ -3,10 +3,11 @@ Samples images from a train_diffusion.py checkpoint (EMA weights by default).
 
     python sample.py --out_dir=out-mnist-dit                                  # out-mnist-dit/samples.png
     python sample.py --out_dir=out-mnist-dit --class_labels=3,7 --cfg_scale=2 --save_png=True
+    python sample.py --out_dir=out-mnist-flow --sampler=heun --steps=12 --shift=2     # any sampler on any schedule
     torchrun --nproc_per_node=8 sample.py --out_dir=out-dit-b --num_samples=50000 --save_npz=True
 
-Sample i starts from noise seeded by (seed, i), so (with eta=0) the images do not depend on batch size or world
-size; under torchrun each rank samples its share and rank 0 writes the files. The .npz is the ADM format the standard FID
+Sample i starts from noise seeded by (seed, i), so (for the deterministic samplers) the images do not depend on batch
+size or world size; under torchrun each rank samples its share and rank 0 writes the files. The .npz is the ADM format the standard FID
 tools read: arr_0 uint8 (N, H, W, C), arr_1 the class labels when the model is conditional.
 """
 import math
@@ -17,16 +18,21 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from model import DiT, DiTConfig, Diffusion
+from model import SAMPLERS, Diffusion, create_model
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # holds ckpt.pt; the samples are written here too
 use_ema = True  # the EMA weights (False: the raw weights)
 num_samples = 64
 class_labels = 'all'  # 'all' cycles through the classes; or comma-separated labels, e.g. '3' or '1,7'
-steps = 50  # DDIM steps
-eta = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
-cfg_scale = 4.0  # classifier-free guidance scale (1 = none)
+sampler = 'ddim'  # 'ddpm', 'ddim', 'euler' or 'heun' (model.Diffusion.sample), on any schedule
+steps = 50  # sampling steps (heun calls the network about twice per step)
+eta = 0.0  # ddim's noise: 0 deterministic, 1 is ddpm
+cfg_scale = 4.0  # classifier-free guidance scale (1 = none), on every channel
+cfg_sigma_min = 0.0  # guidance only where cfg_sigma_min < sigma/alpha <= cfg_sigma_max (Kynkaanniemi et al. 2024)
+cfg_sigma_max = float('inf')
+shift = 1.0  # flow schedule: timestep shift of the grid (> 1: more steps at high noise)
+clip_x0 = True  # clip the x0 estimate to [-1, 1], the range of pixel data
 batch_size = 256  # per rank
 seed = 0
 save_png = False  # also one PNG per sample in out_dir/samples/
@@ -49,6 +55,8 @@ if ddp:
 else:
     rank, world_size = 0, 1
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if sampler not in SAMPLERS:
+    raise SystemExit(f"error: sampler='{sampler}' is not one of {', '.join(SAMPLERS)}")
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = torch.autocast(device_type=device_type, dtype=ptdtype, enabled=dtype != 'float32')
 
@@ -56,10 +64,14 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if not os.path.exists(ckpt_path):
     raise SystemExit(f"error: {ckpt_path} not found; pass the out_dir of a train_diffusion.py run")
 ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-model = DiT(DiTConfig(**ckpt['model_args']))
+train_config = ckpt['config']
+model = create_model(train_config['arch'], **ckpt['model_args'])
 model.load_state_dict(ckpt['ema' if use_ema else 'model'])
 model.to(device).eval()
-diffusion = Diffusion(ckpt['config']['schedule'], ckpt['config']['num_timesteps'])
+diffusion = Diffusion(train_config['schedule'], train_config['prediction_type'], train_config['num_timesteps'],
+                      train_config['sigma_data'])
+if shift != 1.0 and diffusion.schedule != 'flow':
+    raise SystemExit(f"error: shift={shift} applies to the flow schedule only; this run used '{diffusion.schedule}'")
 num_classes, size, channels = model.config.num_classes, model.config.image_size, model.config.in_channels
 if class_labels == 'all' or not num_classes:
     labels = np.arange(num_samples) % num_classes if num_classes else np.full(num_samples, 0)
@@ -73,7 +85,7 @@ else:
                          f"0..{num_classes - 1}")
     labels = np.resize(wanted, num_samples)
 print(f"rank {rank}: sampling {num_samples} images from {ckpt_path} (step {ckpt['step']}, "
-      f"{'EMA' if use_ema else 'raw'} weights), {steps} DDIM steps, cfg {cfg_scale}")
+      f"{'EMA' if use_ema else 'raw'} weights), {sampler} with {steps} steps, cfg {cfg_scale}")
 
 # round k: rank r samples the global indices k*world*B + r*B ... + B-1; all_gather puts them in order on rank 0
 images = []
@@ -82,8 +94,9 @@ for lo in range(0, num_samples, world_size * batch_size):
     z = torch.stack([torch.randn((channels, size, size), generator=torch.Generator().manual_seed(
         int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))) for i in idx]).to(device)
     y = torch.from_numpy(labels[idx % num_samples]).to(device)
-    with ctx:  # eta > 0 adds fresh noise per step, drawn per batch: then the images depend on the batch layout
-        x = diffusion.ddim_sample(model, z, y, steps, cfg_scale, eta, torch.Generator(device).manual_seed(seed + lo + rank))
+    with ctx:  # ddpm and eta > 0 add fresh noise per step, drawn per batch: then the images depend on the batch layout
+        x = diffusion.sample(model, z, y, sampler, steps, eta, cfg_scale, (cfg_sigma_min, cfg_sigma_max), shift, clip_x0,
+                             torch.Generator(device).manual_seed(seed + lo + rank))
     x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     if ddp:
         parts = [torch.empty_like(x) for _ in range(world_size)]

@@ -1,17 +1,19 @@
 """
-Trains a diffusion model (DiT) on a prepared image dataset: one file, top to bottom.
+Trains a diffusion model (DiT or UNet) on a prepared image dataset: one file, top to bottom.
 
     python data/mnist/prepare.py && python train_diffusion.py config/mnist_dit.py      # a laptop or one GPU
     torchrun --standalone --nproc_per_node=8 train_diffusion.py config/dit_b.py        # one node, 8 GPUs
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
              --rdzv_endpoint=$HEAD_NODE:29500 train_diffusion.py config/dit_b.py        # run on each node
 
-Objective: eps prediction on a DDPM schedule, x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Ho et al.
-2020), min-SNR-gamma weighting (Hang et al. 2023). Every random draw of a step (data indices, flips, timesteps,
+Objective: x_t = alpha_t x0 + sigma_t eps on a DDPM, flow or EDM schedule; the network predicts eps, v, x0 or the
+flow velocity; noise levels are drawn uniform, logit-normal or by mode sampling, and the loss is weighted uniform,
+by SNR, min-SNR-gamma or EDM's lambda (the schedules, conversions and samplers are model.Diffusion). Every random draw of a step (data indices, flips, timesteps,
 noise, label dropout) comes from a generator seeded by (seed, step) and is the same on every rank, each rank
 keeping its slice of the global batch: the run is the same for any world size or grad_accum, and a resumed
 run draws exactly what the uninterrupted one would have.
 """
+import copy
 import csv
 import json
 import math
@@ -27,7 +29,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import DIT_PRESETS, DiT, DiTConfig, Diffusion
+from model import ARCHS, PREDICTIONS, SAMPLERS, SCHEDULES, Diffusion, bcast, create_model
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by config/*.py and --key=value
@@ -47,10 +49,17 @@ dataset = 'mnist'  # reads data/<dataset>/, written by data/<dataset>/prepare.py
 hflip = False  # random horizontal flips
 class_cond = True  # condition on the dataset's labels; False trains unconditionally
 # model and diffusion
-arch = 'DiT-N/4'  # a key of model.DIT_PRESETS
-schedule = 'linear'  # 'linear' or 'cosine' alpha_bar schedule
-num_timesteps = 1000
-min_snr_gamma = 5.0  # loss weight min(snr, gamma) / snr; 0 = plain eps MSE
+arch = 'DiT-N/4'  # 'DiT-{N,Ti,S,B,L,XL}/{2,4,8}' or 'UNet-{S,B}' (model.py's presets)
+schedule = 'linear'  # 'linear' or 'cosine' (DDPM, T steps), 'flow' (x_t = (1 - t) x0 + t eps), 'edm' (x0 + sigma eps)
+prediction_type = 'eps'  # 'eps', 'v', 'x0' (with EDM's preconditioning on the edm schedule), 'flow' (eps - x0)
+num_timesteps = 1000  # T of the DDPM schedules
+sigma_data = 0.5  # the data's standard deviation in EDM's preconditioning and weighting
+timestep_sampling = 'uniform'  # noise levels u in [0, 1): 'uniform', 'logit_normal', or 'mode' (Esser et al. 2024)
+logit_mean = 0.0  # logit_normal: u = sigmoid(logit_mean + logit_std n); on edm, (-1.2, 1.2) is EDM's log-normal sigma
+logit_std = 1.0
+mode_scale = 1.29  # mode sampling's s (Esser et al. 2024, eq. 20); 0 is uniform
+loss_weighting = 'min_snr'  # 'uniform' (the prediction's own MSE), 'snr', 'min_snr', 'edm' (on the x0 error)
+min_snr_gamma = 5.0  # min_snr: the weight on the x0 error is min(snr, gamma) (Hang et al. 2023)
 class_dropout = 0.1  # probability of the null label, for classifier-free guidance
 # optimization
 batch_size = 128  # images per optimizer step, over all ranks and micro-steps
@@ -65,26 +74,37 @@ weight_decay = 0.0  # AdamW, on weights of 2 or more dimensions only
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0  # max global gradient norm; 0 = no clipping (the norm is logged either way)
-ema_decay = 0.9999  # with warm-up: min(ema_decay, (1 + step) / (10 + step))
+ema_decay = 0.9999  # per step, with warm-up: min(ema_decay, (1 + step) / (10 + step))
+ema_update_every = 1  # steps between EMA updates (each applies the decay of that many steps)
 # sample grids during training
-sample_steps = 50  # DDIM steps
+sampler = 'ddim'  # 'ddpm', 'ddim', 'euler', 'heun' (model.Diffusion.sample)
+sample_steps = 50
 cfg_scale = 4.0  # classifier-free guidance scale (1 = none)
+shift = 1.0  # flow schedule: the sampling grid's timestep shift (Esser et al. 2024; > 1 spends more steps at high noise)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 compile = torch.cuda.is_available()  # torch.compile the model (gains nothing on CPU but compile time)
-activation_checkpointing = False  # recompute each DiT block in the backward pass to save memory
+activation_checkpointing = False  # recompute each DiT / UNet block in the backward pass to save memory
 peak_tflops = 0.0  # per-device peak for MFU; 0 = look it up for known GPUs (bf16 dense), none on CPU
 seed = 0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
-for key, value, allowed in [('init_from', init_from, ('scratch', 'resume')), ('schedule', schedule, ('linear', 'cosine')),
-                            ('lr_schedule', lr_schedule, ('cosine', 'constant')), ('arch', arch, tuple(DIT_PRESETS)),
-                            ('dtype', dtype, ('float32', 'bfloat16', 'float16'))]:
-    if value not in allowed:
-        raise SystemExit(f"error: {key}='{value}' is not one of {', '.join(allowed)}")
+for key, allowed in [('init_from', ('scratch', 'resume')), ('arch', ARCHS), ('schedule', SCHEDULES),
+                     ('prediction_type', PREDICTIONS), ('timestep_sampling', ('uniform', 'logit_normal', 'mode')),
+                     ('loss_weighting', ('uniform', 'snr', 'min_snr', 'edm')), ('sampler', SAMPLERS),
+                     ('lr_schedule', ('cosine', 'constant')), ('dtype', ('float32', 'bfloat16', 'float16'))]:
+    if config[key] not in allowed:
+        raise SystemExit(f"error: {key}='{config[key]}' is not one of {', '.join(allowed)}")
+if shift != 1.0 and schedule != 'flow':
+    raise SystemExit(f"error: shift={shift} applies to the flow schedule only (schedule='{schedule}'); leave it at 1.0")
+for key, ok, rule in [('ema_update_every', ema_update_every >= 1, 'at least 1'), ('min_snr_gamma', min_snr_gamma > 0,
+                       "positive (loss_weighting='uniform' is the unweighted loss)"), ('mode_scale', -1 <= mode_scale <=
+                       2 / (math.pi - 2), 'within [-1, 1.752], where mode sampling is monotone')]:
+    if not ok:
+        raise SystemExit(f"error: {key}={config[key]} must be {rule}")
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
 if device.startswith('cuda') and not torch.cuda.is_available():
@@ -161,17 +181,17 @@ def get_batch(step, micro):
 
 # -----------------------------------------------------------------------------
 # model, EMA, optimizer, and the checkpoint to resume from
-model_config = DiTConfig(image_size=H, in_channels=C, num_classes=num_classes, **DIT_PRESETS[arch])
 torch.manual_seed(seed)  # the same initial weights on every rank
 try:
-    model = DiT(model_config).to(device)
+    model = create_model(arch, image_size=H, in_channels=C, num_classes=num_classes).to(device)
 except ValueError as e:
     raise SystemExit(f"error: {arch} on {dataset}: {e}")
+model_config = model.config
+ema = copy.deepcopy(model).requires_grad_(False).eval()
 model.activation_checkpointing = activation_checkpointing
-ema = DiT(model_config).to(device).requires_grad_(False).eval()
-ema.load_state_dict(model.state_dict())
-diffusion = Diffusion(schedule, num_timesteps)
-alpha_bar = diffusion.alphas_cumprod.to(device)
+if device_type == 'cuda' and arch.startswith('UNet'):
+    model = model.to(memory_format=torch.channels_last)  # the faster layout for convolutions on tensor cores
+diffusion = Diffusion(schedule, prediction_type, num_timesteps, sigma_data)
 null_label = model_config.num_classes
 decay, no_decay = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
@@ -228,30 +248,53 @@ def get_lr(step):
     progress = min(1.0, (step - warmup_steps) / max(1, (lr_decay_steps or max_steps) - warmup_steps))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
-def diffusion_loss(net, x0, y, t, eps):
-    """Per-image loss: || eps - eps_theta(x_t, t, y) ||^2 (Ho et al. 2020, eq. 14), weighted and unweighted."""
-    a = alpha_bar[t].view(-1, 1, 1, 1)
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+def sample_u(n, g):
+    """n noise levels u in [0, 1) drawn by timestep_sampling; diffusion.t_from_u turns them into schedule times."""
+    if timestep_sampling == 'logit_normal':  # Esser et al. 2024, eq. 19
+        return torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=g, device=g.device))
+    u = torch.rand(n, generator=g, device=g.device)
+    if timestep_sampling == 'mode':  # Esser et al. 2024, eq. 20: mass in the middle, tails kept
+        u = 1 - u - mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+    return u
+
+def loss_weight(alpha, sigma, A, B):
+    """Weight of each image's prediction MSE. A weighting is a function lambda(snr) on the x0 error (Kingma & Gao
+    2023); a prediction F = A x0 + B eps errs det / sigma times as much as x0 (det = alpha B - sigma A), so its MSE
+    gets lambda (sigma / det)^2. For eps, min_snr is min(snr, gamma) / snr and for v min(snr, gamma) / (snr + 1)
+    (Hang et al. 2023, eq. 8); edm's lambda = snr + 1 / sigma_data^2 is Karras et al.'s (sigma^2 + sd^2) / (sigma sd)^2,
+    uniform on its preconditioned x0 output; 'snr' is the plain eps MSE in any parameterisation."""
+    snr = (alpha / sigma) ** 2
+    if loss_weighting == 'uniform':
+        return torch.ones_like(snr)
+    lam = {'snr': snr, 'min_snr': snr.clamp(max=min_snr_gamma), 'edm': snr + sigma_data ** -2}[loss_weighting]
+    return lam * (sigma / (alpha * B - sigma * A)) ** 2
+
+def diffusion_loss(net, x0, y, u, eps):
+    """Per-image loss || F_theta(x_t) - F ||^2 at noise levels u, weighted and unweighted."""
+    t = diffusion.t_from_u(u)
+    alpha, sigma, A, B = diffusion.coefficients(t)  # float64
+    xt = bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
+    target = bcast(A, x0) * x0 + bcast(B, x0) * eps  # eps, v = alpha eps - sigma x0, x0 (EDM: preconditioned), eps - x0
     with ctx:
-        eps_pred = net(xt, t, y)
-    mse = (eps_pred.float() - eps).pow(2).mean(dim=(1, 2, 3))
-    snr = (a / (1 - a)).flatten()
-    weight = snr.clamp(max=min_snr_gamma) / snr if min_snr_gamma > 0 else torch.ones_like(snr)  # Hang et al. eq. 8
-    return weight * mse, mse
+        pred = net(*diffusion.net_inputs(xt, t), y)
+    mse = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+    return loss_weight(alpha, sigma, A, B).float() * mse, mse
 
 @torch.no_grad()
 def estimate_val_loss(net):
-    """Mean loss over the first eval_images val images at timesteps spread evenly over 0..T-1 and fixed noise:
+    """Mean loss over the first eval_images val images at noise levels u spread evenly over (0, 1) and fixed noise:
     low variance and comparable across runs. Rank r takes every world_size-th image; the sums are all-reduced."""
     n = min(eval_images, len(data['val'][0]))
-    t_all = torch.linspace(0, num_timesteps - 1, n, device=device).round().long()
+    u_all = (torch.arange(n, device=device) + 0.5) / n
     eps_all = torch.randn((n, C, H, W), generator=rng(0, 2, device), device=device)
     total = torch.zeros(2, device=device)
+    net.eval()  # no dropout
     for lo in range(rank * micro_batch, n, world_size * micro_batch):
         idx = np.arange(lo, min(lo + micro_batch, n))
         x0, y = load_batch('val', idx)
         y = y if class_cond else torch.full_like(y, null_label)
-        total += torch.stack([l.sum() for l in diffusion_loss(net, x0, y, t_all[idx], eps_all[idx])])
+        total += torch.stack([l.sum() for l in diffusion_loss(net, x0, y, u_all[idx], eps_all[idx])])
+    net.train(net is raw_model)  # the EMA stays in eval mode
     if ddp:
         dist.all_reduce(total)
     return (total / n).tolist()
@@ -289,8 +332,9 @@ grid_y = torch.arange(64, device=device) % num_classes if num_classes else torch
 
 # -----------------------------------------------------------------------------
 # logging: stdout, out_dir/metrics.csv, and wandb
+num_bins = 10  # loss_u<i>: the unweighted loss at noise levels u in [i / 10, (i + 1) / 10), where the model struggles
 fields = ['step', 'kimg', 'loss', 'loss_unweighted', 'lr', 'grad_norm', 'ms_per_step', 'img_per_s', 'tflops', 'mfu',
-          'val_loss', 'val_loss_ema']
+          'val_loss', 'val_loss_ema', *[f'loss_u{i}' for i in range(num_bins)]]
 metrics_path = os.path.join(out_dir, 'metrics.csv')
 if master:
     rows = list(csv.DictReader(open(metrics_path))) if init_from == 'resume' and os.path.exists(metrics_path) else []
@@ -314,12 +358,14 @@ def log(row):
 # training loop
 x0, y = get_batch(start_step, 0)  # the first batch; each later one is fetched while the current step runs
 loss_sum = torch.zeros(2, device=device)
+bin_sums = torch.zeros(2, num_bins, device=device)  # per noise-level bin: loss sum, count
+bin_losses = []  # as of the last log line
 t_log, steps_since_log = time.time(), 0
 for step in range(start_step, max_steps):
     for group in optimizer.param_groups:
         group['lr'] = get_lr(step)
-    g = rng(step, 1, device)  # timesteps, noise and label dropout for the whole global batch
-    t_all = torch.randint(0, num_timesteps, (batch_size,), generator=g, device=device)
+    g = rng(step, 1, device)  # noise levels, noise and label dropout for the whole global batch
+    u_all = sample_u(batch_size, g)
     eps_all = torch.randn((batch_size, C, H, W), generator=g, device=device)
     drop_all = torch.rand(batch_size, generator=g, device=device) < (class_dropout if class_cond else 1.0)
     for micro in range(grad_accum):
@@ -327,7 +373,9 @@ for step in range(start_step, max_steps):
         y_in = torch.where(drop_all[sl], null_label, y)
         if ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro == grad_accum - 1
-        loss, mse = diffusion_loss(model, x0, y_in, t_all[sl], eps_all[sl])
+        loss, mse = diffusion_loss(model, x0, y_in, u_all[sl], eps_all[sl])
+        bins = (u_all[sl] * num_bins).long().clamp(max=num_bins - 1)
+        bin_sums.index_add_(1, bins, torch.stack([mse.detach(), torch.ones_like(mse)]))
         loss = loss.mean() / grad_accum
         if micro + 1 < grad_accum or step + 1 < max_steps:  # fetch the next batch while this step runs
             x0, y = get_batch(step, micro + 1) if micro + 1 < grad_accum else get_batch(step + 1, 0)
@@ -338,8 +386,9 @@ for step in range(start_step, max_steps):
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():  # EMA with warm-up
-        torch._foreach_lerp_(ema_params, params, 1 - min(ema_decay, (1 + step) / (10 + step)))
+    if (step + 1) % ema_update_every == 0:
+        with torch.no_grad():  # EMA with warm-up
+            torch._foreach_lerp_(ema_params, params, 1 - min(ema_decay, (1 + step) / (10 + step)) ** ema_update_every)
     steps_since_log += 1
 
     last = step + 1 == max_steps
@@ -347,12 +396,15 @@ for step in range(start_step, max_steps):
     if log_step:
         if ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            dist.all_reduce(bin_sums)
         loss_avg, mse_avg = (loss_sum / steps_since_log).tolist()  # the host sync
+        bin_losses = (bin_sums[0] / bin_sums[1]).tolist()  # nan where a bin drew no image
         dt = (time.time() - t_log) / steps_since_log
         row = dict(step=step + 1, kimg=(step + 1) * batch_size / 1e3, loss=loss_avg, loss_unweighted=mse_avg,
                    lr=get_lr(step), grad_norm=grad_norm.item(), ms_per_step=dt * 1e3, img_per_s=batch_size / dt)
         row['tflops'] = flops_per_image * row['img_per_s'] / 1e12
         row['mfu'] = row['tflops'] / (peak_tflops * world_size) if peak_tflops else float('nan')
+        row.update({f'loss_u{i}': v for i, v in enumerate(bin_losses) if v == v})
         if master:
             print(f"step {row['step']}/{max_steps} | {row['kimg']:.1f} kimg | loss {loss_avg:.4f} (unweighted "
                   f"{mse_avg:.4f}) | lr {row['lr']:.2e} | grad norm {row['grad_norm']:.3f} | {dt * 1e3:.0f} ms/step | "
@@ -360,16 +412,19 @@ for step in range(start_step, max_steps):
                   f"mfu {format(row['mfu'], '.1%') if peak_tflops else 'n/a'} | eta {dt * (max_steps - step - 1) / 60:.1f} min")
             log(row)
         loss_sum.zero_()
+        bin_sums.zero_()
         steps_since_log = 0
     if (step + 1) % eval_interval == 0 or last:
         val_loss, _ = estimate_val_loss(raw_model)
         val_loss_ema, _ = estimate_val_loss(ema)
         if master:
-            print(f"step {step + 1}: val loss {val_loss:.4f}, EMA {val_loss_ema:.4f}")
+            print(f"step {step + 1}: val loss {val_loss:.4f}, EMA {val_loss_ema:.4f}; train loss by noise level u "
+                  f"(low to high, last log): {' '.join(f'{v:.3g}' for v in bin_losses)}")
             log(dict(step=step + 1, val_loss=val_loss, val_loss_ema=val_loss_ema))
     if master and ((step + 1) % sample_interval == 0 or last):
         with ctx:
-            x = diffusion.ddim_sample(ema, grid_z, grid_y, sample_steps, cfg_scale)
+            x = diffusion.sample(ema, grid_z, grid_y, sampler, sample_steps, cfg_scale=cfg_scale, shift=shift,
+                                 clip_x0=True, generator=rng(0, 4, device))  # pixels: x0 stays in [-1, 1]
         save_grid(x, os.path.join(out_dir, f'samples_{step + 1:07d}.png'))
     if (step + 1) % ckpt_interval == 0 or last:
         save_checkpoint(step + 1)

@@ -1,4 +1,5 @@
 """Shared fixtures: the offline MNIST subset in data/mnist, a digit classifier trained on it, and a script runner."""
+import ast
 import json
 import os
 import subprocess
@@ -23,6 +24,16 @@ def run(*args, env=None, check=True, timeout=900):
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+def script_functions(script, *names, **namespace):
+    """Top-level functions of a script, compiled on their own (the script is not run) with `namespace` as globals:
+    the inline loss math of a train script, tested as written."""
+    tree = ast.parse(open(os.path.join(REPO, script)).read())
+    nodes = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in names]
+    assert {node.name for node in nodes} == set(names), f"{script} lacks one of {names}"
+    exec(compile(ast.Module(nodes, type_ignores=[]), script, 'exec'), namespace)
+    return [namespace[name] for name in names]
 
 
 @pytest.fixture(scope='session')

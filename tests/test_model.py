@@ -1,4 +1,4 @@
-"""model.py: the DiT matches the paper's sizes and FLOPs, starts as adaLN-Zero, and the schedules match their formulas."""
+"""model.py: the DiT matches the paper's sizes and FLOPs and starts as adaLN-Zero; the UNet's shapes, init and FLOPs."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import DIT_PRESETS, DiT, DiTConfig, Diffusion
+from model import DIT_PRESETS, DiT, DiTConfig, UNet, UNetConfig, create_model
 
 
 @pytest.mark.parametrize('name, params_m, gflops', [  # Peebles & Xie 2023, Table 1 and Table 4 (Gflops = 1 per MAC)
@@ -46,41 +46,11 @@ def test_adaln_zero_init_and_shapes():
         DiT(DiTConfig(image_size=28, in_channels=1, num_classes=10, **DIT_PRESETS['DiT-N/8']))
 
 
-def test_schedules_match_their_formulas():
-    T = 1000
-    linear = Diffusion('linear', T).alphas_cumprod.double()
-    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-    torch.testing.assert_close(linear, torch.cumprod(1 - betas, 0), rtol=1e-6, atol=0)
-    cosine = Diffusion('cosine', T).alphas_cumprod.double()
-    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
-    for t in (0, 100, 500, 900):  # alpha_bar_t = f(t + 1) / f(0) while the betas are below their 0.999 clip
-        assert abs(cosine[t].item() - f(t + 1) / f(0)) < 1e-6
-    snr = Diffusion('linear', T).snr(torch.tensor([0, 999]))
-    assert snr[0] > 1e3 and snr[1] < 1e-4
-
-
-def test_ddim_with_the_exact_denoiser_recovers_the_data():
-    """If the data is a single point x*, eps(x_t, t) = (x_t - sqrt(a) x*) / sqrt(1 - a) exactly: DDIM must land on x*."""
-    diffusion = Diffusion('cosine', 1000)
-    target = torch.rand(1, 1, 4, 4) * 1.6 - 0.8
-
-    class Exact(torch.nn.Module):
-        config = DiTConfig(num_classes=0)
-
-        def forward(self, x, t, y):
-            a = diffusion.alphas_cumprod[t].view(-1, 1, 1, 1)
-            return (x - a.sqrt() * target) / (1 - a).sqrt()
-
-    z = torch.randn(8, 1, 4, 4)
-    for eta in (0.0, 1.0):
-        x = diffusion.ddim_sample(Exact(), z, torch.zeros(8, dtype=torch.long), steps=10, eta=eta)
-        torch.testing.assert_close(x, target.expand_as(x), atol=1e-4, rtol=0)
-
-
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize('arch', ['DiT-N/4', 'UNet-S'])
+def test_activation_checkpointing_gives_the_same_gradients(arch):
     torch.manual_seed(0)
-    model = DiT(DiTConfig(image_size=8, in_channels=1, num_classes=3, **DIT_PRESETS['DiT-N/4']))
-    for p in model.parameters():  # leave adaLN-Zero's zeros so that every branch carries a gradient
+    model = create_model(arch, image_size=8, in_channels=1, num_classes=3, **({'dropout': 0.0} if 'UNet' in arch else {}))
+    for p in model.parameters():  # leave the zero-initialised outputs so that every branch carries a gradient
         p.data.normal_(0, 0.1)
     x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 50, 400, 999]), torch.tensor([0, 1, 2, 3])
     grads = []
@@ -90,3 +60,32 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model(x, t, y).square().sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads)) and grads[0][0].abs().sum() > 0
+
+
+def test_unet_shapes_init_and_conditioning():
+    """UNet-B is DDPM's CIFAR-10 layout (35.7M there; ours adds scale-shift norms and the class table): the output has
+    the input's shape, starts at zero, and once trained a little depends on the label."""
+    model = create_model('UNet-B', image_size=32, in_channels=3, num_classes=10)
+    assert 36e6 < sum(p.numel() for p in model.parameters()) < 40e6
+    small = create_model('UNet-S', image_size=28, in_channels=1, num_classes=10)
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor([0.0, 500.0, 999.0])
+    out = small(x, t, torch.tensor([0, 5, 10]))
+    assert out.shape == x.shape and torch.equal(out, torch.zeros_like(out))
+    for p in small.parameters():
+        p.data.normal_(0, 0.05)
+    small.eval()
+    assert not torch.allclose(small(x, t, torch.tensor([0, 0, 0])), small(x, t, torch.tensor([1, 1, 1])))
+    with pytest.raises(ValueError, match='not divisible by 2\\^3'):
+        create_model('UNet-B', image_size=28, in_channels=1, num_classes=10)
+
+
+def test_unet_flops_count_the_convolutions():
+    """flops_per_sample counts a multiply-add as 2: a UNet without attention and with one level is conv_in, two
+    residual blocks (two 3x3 convs each), three up blocks (3x3 convs and 1x1 skips on concatenated channels), conv_out."""
+    c, H = 32, 8
+    model = UNet(UNetConfig(image_size=H, in_channels=3, channels=c, channel_mult=(1,), num_res_blocks=2, attn_levels=()))
+    conv = lambda cin, cout, k: 2 * cin * cout * k * k * H * H
+    expected = conv(3, c, 3) + 2 * 2 * conv(c, c, 3) + 2 * 2 * conv(c, c, 3)  # conv_in, down blocks, middle blocks
+    expected += 3 * (conv(2 * c, c, 3) + conv(c, c, 3) + conv(2 * c, c, 1)) + conv(c, 3, 3)  # up blocks, conv_out
+    expected += 2 * (c * 4 * c + 4 * c * 4 * c) + 7 * 2 * 4 * c * 2 * c  # time MLP, the 7 blocks' embedding projections
+    assert model.flops_per_sample() == expected

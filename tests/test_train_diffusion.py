@@ -39,13 +39,16 @@ def test_quickstart_learns_mnist(mnist, mnist_classifier, tmp_path):
     assert os.path.exists(out / 'samples.png') and glob.glob(str(out / 'samples_*.png'))
 
 
-def test_resume_is_bit_exact(mnist, tmp_path):
-    """6 steps straight == 3 steps, stop, resume to 6: model, EMA and optimizer state identical to the bit."""
-    run('train_diffusion.py', *TINY, f'--out_dir={tmp_path / "a"}', '--max_steps=6')
-    run('train_diffusion.py', *TINY, f'--out_dir={tmp_path / "b"}', '--max_steps=3', '--lr_decay_steps=6')
+@pytest.mark.parametrize('objective', [[], ['--arch=UNet-S', '--schedule=flow', '--prediction_type=flow',
+                                                '--timestep_sampling=logit_normal', '--ema_update_every=2']])
+def test_resume_is_bit_exact(mnist, tmp_path, objective):
+    """6 steps straight == 3 steps, stop, resume to 6: model, EMA and optimizer state identical to the bit. Also for
+    the UNet, whose dropout draws from the global RNG that the checkpoint restores."""
+    run('train_diffusion.py', *TINY, *objective, f'--out_dir={tmp_path / "a"}', '--max_steps=6')
+    run('train_diffusion.py', *TINY, *objective, f'--out_dir={tmp_path / "b"}', '--max_steps=3', '--lr_decay_steps=6')
     with open(tmp_path / 'b' / 'metrics.csv', 'a') as f:  # a row logged after the checkpoint, before a crash
         f.write('5,0.08,9.9,,,,,,,,,\n')
-    p = run('train_diffusion.py', *TINY, f'--out_dir={tmp_path / "b"}', '--max_steps=6', '--init_from=resume')
+    p = run('train_diffusion.py', *TINY, *objective, f'--out_dir={tmp_path / "b"}', '--max_steps=6', '--init_from=resume')
     assert 'resuming' in p.stdout
     a, b = load_ckpt(tmp_path / 'a'), load_ckpt(tmp_path / 'b')
     assert a['step'] == b['step'] == 6 and a['images_seen'] == b['images_seen'] == 96
@@ -121,6 +124,10 @@ def test_wandb_offline_run_and_no_import_when_off(mnist, tmp_path, monkeypatch):
     (['--dataset=no_such_data'], "run python data/no_such_data/prepare.py first"),
     (['--arch=DiT-N/8'], "image_size 28 is not divisible by patch_size 8"),
     (['--arch=DiT-Q/2'], "arch='DiT-Q/2' is not one of"),
+    (['--arch=UNet-B'], "image_size 28 is not divisible by 2^3, the UNet's 3 downsamplings"),
+    (['--prediction_type=score'], "prediction_type='score' is not one of eps, v, x0, flow"),
+    (['--schedule=cosine', '--shift=3'], "shift=3.0 applies to the flow schedule only"),
+    (['--min_snr_gamma=0'], "min_snr_gamma=0.0 must be positive (loss_weighting='uniform' is the unweighted loss)"),
     (['--batch_size=16', '--grad_accum=3'], "batch_size=16 is not divisible by world_size x grad_accum = 1 x 3"),
     (['--init_from=resume'], "does not exist; use --init_from=scratch"),
     (['--device=cuda'], "CUDA is not available here; pass --device=cpu"),
@@ -163,10 +170,11 @@ def test_labels_out_of_range_are_refused(tmp_path, monkeypatch):
 
 
 def test_the_other_switches_run(mnist, tmp_path):
-    """Unconditional, linear schedule, plain MSE, no clipping, constant LR, flips, weight decay, a given peak."""
+    """Unconditional, plain MSE, mode sampling, sparse EMA, DDPM grids, no clipping, constant LR, flips, weight decay..."""
     out = tmp_path / 'u'
     run('train_diffusion.py', *TINY, f'--out_dir={out}', '--max_steps=2', '--class_cond=False', '--schedule=linear',
-        '--num_timesteps=500', '--min_snr_gamma=0', '--grad_clip=0', '--lr_schedule=constant', '--hflip=True',
+        '--num_timesteps=500', '--loss_weighting=uniform', '--timestep_sampling=mode', '--mode_scale=1.0',
+        '--ema_update_every=2', '--sampler=ddpm', '--grad_clip=0', '--lr_schedule=constant', '--hflip=True',
         '--weight_decay=0.01', '--beta1=0.95', '--beta2=0.99', '--peak_tflops=1.0', '--class_dropout=0.2',
         '--activation_checkpointing=True', '--seed=1')
     row = next(csv.DictReader(open(out / 'metrics.csv')))
