@@ -98,11 +98,10 @@ for key, allowed in [('init_from', ('scratch', 'resume')), ('arch', ARCHS), ('sc
                      ('lr_schedule', ('cosine', 'constant')), ('dtype', ('float32', 'bfloat16', 'float16'))]:
     if config[key] not in allowed:
         raise SystemExit(f"error: {key}='{config[key]}' is not one of {', '.join(allowed)}")
-if shift != 1.0 and schedule != 'flow':
-    raise SystemExit(f"error: shift={shift} applies to the flow schedule only (schedule='{schedule}'); leave it at 1.0")
-for key, ok, rule in [('ema_update_every', ema_update_every >= 1, 'at least 1'), ('min_snr_gamma', min_snr_gamma > 0,
-                       "positive (loss_weighting='uniform' is the unweighted loss)"), ('mode_scale', -1 <= mode_scale <=
-                       2 / (math.pi - 2), 'within [-1, 1.752], where mode sampling is monotone')]:
+for key, ok, rule in [('ema_update_every', ema_update_every >= 1, 'at least 1'),
+                      ('min_snr_gamma', min_snr_gamma > 0, "positive (loss_weighting='uniform' is the unweighted loss)"),
+                      ('mode_scale', -1 <= mode_scale <= 2 / (math.pi - 2), 'in [-1, 1.752], where mode sampling is monotone'),
+                      ('shift', shift == 1.0 or schedule == 'flow', "1.0 unless schedule='flow', whose grid it shifts")]:
     if not ok:
         raise SystemExit(f"error: {key}={config[key]} must be {rule}")
 # -----------------------------------------------------------------------------
