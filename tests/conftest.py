@@ -29,7 +29,8 @@ def run(*args, env=None, check=True, timeout=900):
 def script_functions(script, *names, **namespace):
     """Top-level functions of a script, compiled on their own (the script is not run) with `namespace` as globals:
     the inline loss math of a train script, tested as written."""
-    tree = ast.parse(open(os.path.join(REPO, script)).read())
+    with open(os.path.join(REPO, script)) as f:
+        tree = ast.parse(f.read())
     nodes = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in names]
     assert {node.name for node in nodes} == set(names), f"{script} lacks one of {names}"
     exec(compile(ast.Module(nodes, type_ignores=[]), script, 'exec'), namespace)

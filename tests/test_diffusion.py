@@ -147,7 +147,7 @@ STEPS = {'ddpm': 200, 'ddim': 100, 'euler': 100, 'heun': 60}
 TOLERANCE = {'ddpm': 0.04, 'ddim': 0.03, 'euler': 0.03, 'heun': 0.01}  # max abs error of the covariance entries
 
 
-@pytest.mark.parametrize('schedule,prediction,sampler', itertools.product(SCHEDULES, PREDICTIONS, SAMPLERS))
+@pytest.mark.parametrize('schedule,prediction,sampler', list(itertools.product(SCHEDULES, PREDICTIONS, SAMPLERS)))
 def test_samplers_reproduce_gaussian_data(schedule, prediction, sampler):
     """Plugged in as the model, the exact denoiser of 8-dimensional Gaussian data (variances 0.03 to 0.5, correlated,
     mean -0.5 to 0.5) must give back that mean within 0.01 and covariance within TOLERANCE at STEPS steps. The noise
@@ -169,7 +169,7 @@ def test_samplers_reproduce_gaussian_data(schedule, prediction, sampler):
     assert mean_err < 0.01 and cov_err < TOLERANCE[sampler], (mean_err, cov_err)
 
 
-@pytest.mark.parametrize('schedule,sampler', itertools.product(SCHEDULES, SAMPLERS))
+@pytest.mark.parametrize('schedule,sampler', list(itertools.product(SCHEDULES, SAMPLERS)))
 def test_samplers_land_on_a_single_data_point(schedule, sampler):
     """Data that is one point x*: the exact x0 estimate is x* at every step, so every sampler ends on x* in 10 steps."""
     target = torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
