@@ -327,7 +327,9 @@ class Diffusion:
             return 1 - t, t
         if self.schedule == 'edm':
             return torch.ones_like(t), t
-        table = self.log_sigma_hat.to(t.device)
+        if self.log_sigma_hat.device != t.device:  # moved once, not copied at every call
+            self.log_sigma_hat = self.log_sigma_hat.to(t.device)
+        table = self.log_sigma_hat
         i = t.floor().long().clamp(0, len(table) - 2)
         w = t - i
         log_sigma_hat = table[i] * (1 - w) + table[i + 1] * w
@@ -352,7 +354,7 @@ class Diffusion:
     def net_inputs(self, x, t):
         """What the network sees for x_t at times t: c_in x_t and c_noise (the noise level on the DDPM index's scale,
         which the sinusoidal time embedding is made for: t, 1000 t, or EDM's ln(sigma) / 4 times 1000)."""
-        if self.schedule == 'linear' or self.schedule == 'cosine':
+        if self.schedule in ('linear', 'cosine'):
             return x, t.float()
         if self.schedule == 'flow':
             return x, 1000 * t.float()
@@ -399,7 +401,7 @@ class Diffusion:
             ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
             sigma_hat = (hi ** (1 / self.rho) + ramp * (lo ** (1 / self.rho) - hi ** (1 / self.rho))) ** self.rho
             t = sigma_hat if self.schedule == 'edm' else torch.from_numpy(np.interp(
-                sigma_hat.log().numpy(), self.log_sigma_hat.numpy(), np.arange(self.num_timesteps, dtype=np.float64)))
+                sigma_hat.log().numpy(), self.log_sigma_hat.cpu().numpy(), np.arange(self.num_timesteps, dtype=np.float64)))
         alpha, sigma = self.alpha_sigma(t)
         return t, torch.cat([alpha, torch.ones(1, dtype=torch.float64)]), torch.cat([sigma, torch.zeros(1, dtype=torch.float64)])
 
