@@ -61,7 +61,7 @@ if device_type == 'cuda' and arch.startswith('UNet'):
 params, ema_params = list(model.parameters()), list(ema.parameters())
 optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                                {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
-                              lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
+                              lr=lr, betas=(beta1, beta2), fused=True)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 diffusion = Diffusion(schedule, prediction_type, num_timesteps, sigma_data)
 net = torch.compile(model) if compile else model
@@ -69,7 +69,7 @@ x0 = torch.randn(batch_size, C, H, H, device=device).clamp(-1, 1)
 y = torch.randint(0, K + 1, (batch_size,), device=device)
 
 def train_step():
-    """train_diffusion.py's step on one batch: its objective with min-SNR weights, clip, AdamW, EMA."""
+    """train_diffusion.py's step on one batch: its objective with min-SNR weights, clip, AdamW, EMA, skip guard."""
     t = diffusion.t_from_u(torch.rand(batch_size, device=device))
     eps = torch.randn_like(x0)
     alpha, sigma, A, B = diffusion.coefficients(t)
@@ -79,12 +79,13 @@ def train_step():
     loss = (weight.float() * (pred.float() - bcast(A, x0) * x0 - bcast(B, x0) * eps).pow(2).mean(dim=(1, 2, 3))).mean()
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
+    bad = ~torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf')).isfinite()
+    optimizer.found_inf = bad.float()  # the non-finite guard: the update is skipped on the device
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        torch._foreach_lerp_(ema_params, params, 1 - ema_decay)
+        torch._foreach_lerp_(ema_params, params, (1 - ema_decay) * ~bad)
 
 print(f"{arch} on {C} x {H} x {H}, {K} classes, batch {batch_size}, {dtype}, compile={compile}, {device}")
 for _ in range(bench_warmup):

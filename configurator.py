@@ -8,7 +8,9 @@ config files you trust), then applies each --key=value, parsed with ast.literal_
 text as it is). Every value must keep its default's type (an int is accepted for a float); an unknown key, in a
 file or on the command line, stops the run and names the nearest valid keys.
 """
+import builtins
 import sys
+import traceback
 from ast import literal_eval
 from difflib import get_close_matches
 
@@ -26,7 +28,12 @@ for _arg in sys.argv[1:]:
             raise SystemExit(f"error: cannot read config file {_arg} ({e.strerror}); pass a path like config/mnist_dit.py")
         print(f"config file {_arg}")
         _before = set(globals())
-        exec(_src)
+        try:
+            exec(builtins.compile(_src, _arg, 'exec'))  # (a script may have a key named compile)
+        except Exception as e:  # the file's own error, located, without a traceback through this file
+            _line = e.lineno if isinstance(e, SyntaxError) else traceback.extract_tb(e.__traceback__)[-1].lineno
+            raise SystemExit(f"error: {_arg}, line {_line}: {type(e).__name__}: {e.msg if isinstance(e, SyntaxError) else e}"
+                             f"; a config file is Python assignments like batch_size = 64")
         for _key in set(globals()) - _before:
             if not _key.startswith('_') and type(globals()[_key]).__name__ != 'module':
                 raise _unknown(_key)

@@ -12,6 +12,7 @@ tools read: arr_0 uint8 (N, H, W, C), arr_1 the class labels when the model is c
 """
 import math
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -63,7 +64,12 @@ ctx = torch.autocast(device_type=device_type, dtype=ptdtype, enabled=dtype != 'f
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if not os.path.exists(ckpt_path):
     raise SystemExit(f"error: {ckpt_path} not found; pass the out_dir of a train_diffusion.py run")
-ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+try:  # weights_only: tensors and plain types, nothing in the file can run code
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+except Exception as e:
+    why = 'it holds objects other than tensors and plain types' if isinstance(e, pickle.UnpicklingError) else \
+        str(e).splitlines()[0][:200]
+    raise SystemExit(f"error: cannot load {ckpt_path} ({why}); pass the out_dir of a train_diffusion.py run")
 train_config = ckpt['config']
 model = create_model(train_config['arch'], **ckpt['model_args'])
 model.load_state_dict(ckpt['ema' if use_ema else 'model'])
@@ -87,10 +93,12 @@ else:
 print(f"rank {rank}: sampling {num_samples} images from {ckpt_path} (step {ckpt['step']}, "
       f"{'EMA' if use_ema else 'raw'} weights), {sampler} with {steps} steps, cfg {cfg_scale}")
 
-# round k: rank r samples the global indices k*world*B + r*B ... + B-1; all_gather puts them in order on rank 0
+# a round from index lo: rank r samples lo + r*n ... lo + r*n + n-1, n <= batch_size the same on every rank (the last
+# round is smaller); all_gather puts them in order on rank 0
 images = []
 for lo in range(0, num_samples, world_size * batch_size):
-    idx = np.arange(lo + rank * batch_size, lo + (rank + 1) * batch_size)
+    n = min(batch_size, math.ceil((num_samples - lo) / world_size))
+    idx = np.arange(lo + rank * n, lo + (rank + 1) * n)
     z = torch.stack([torch.randn((channels, size, size), generator=torch.Generator().manual_seed(
         int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))) for i in idx]).to(device)
     y = torch.from_numpy(labels[idx % num_samples]).to(device)
@@ -104,7 +112,7 @@ for lo in range(0, num_samples, world_size * batch_size):
         x = torch.cat(parts)
     images.append(x.cpu())
     if rank == 0:
-        print(f"{min(lo + world_size * batch_size, num_samples)}/{num_samples}")
+        print(f"{min(lo + world_size * n, num_samples)}/{num_samples}")
 
 if rank == 0:
     images = torch.cat(images)[:num_samples].numpy()

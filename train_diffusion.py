@@ -12,13 +12,23 @@ by SNR, min-SNR-gamma or EDM's lambda (the schedules, conversions and samplers a
 noise, label dropout) comes from a generator seeded by (seed, step) and is the same on every rank, each rank
 keeping its slice of the global batch: the run is the same for any world size or grad_accum, and a resumed
 run draws exactly what the uninterrupted one would have.
+
+A run survives being killed at any moment: checkpoints are written to a temporary file and renamed over the last
+one, and the default init_from='auto' resumes from out_dir when it holds one, so re-running the same command (by
+hand, by a scheduler, or by torchrun --max-restarts) continues bit-exactly. SIGTERM or SIGUSR1 (SLURM's warning)
+and max_minutes make it finish the step, save and exit 0. An update whose gradient norm is not finite is skipped.
 """
 import copy
 import csv
+import glob
 import json
 import math
 import os
+import pickle
 import random
+import shutil
+import signal
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -35,7 +45,9 @@ from model import ARCHS, PREDICTIONS, SAMPLERS, SCHEDULES, Diffusion, bcast, cre
 # defaults, overridden by config/*.py and --key=value
 # I/O
 out_dir = 'out'
-init_from = 'scratch'  # 'scratch', or 'resume' from out_dir/ckpt.pt
+init_from = 'auto'  # 'auto': 'resume' if out_dir holds ckpt.pt, else 'scratch' (which never overwrites a checkpoint)
+keep_last = 0  # also keep the newest keep_last checkpoints as out_dir/ckpt_<step>.pt (hard links: no extra space)
+max_minutes = 0.0  # finish the step, save and exit 0 after this much wall time (leave room for a save); 0 = no limit
 log_interval = 50  # steps between log lines (the only host syncs of the loop)
 eval_interval = 500  # steps between val-loss evaluations
 eval_images = 512  # val images in each evaluation, at fixed timesteps and noise
@@ -45,7 +57,7 @@ wandb_log = False
 wandb_project = 'diffusion'
 wandb_run_name = 'dit'
 # data
-dataset = 'mnist'  # reads data/<dataset>/, written by data/<dataset>/prepare.py
+dataset = 'mnist'  # reads data/<dataset>/ (or a path), written by data/<dataset>/prepare.py
 hflip = False  # random horizontal flips
 class_cond = True  # condition on the dataset's labels; False trains unconditionally
 # model and diffusion
@@ -74,6 +86,7 @@ weight_decay = 0.0  # AdamW, on weights of 2 or more dimensions only
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0  # max global gradient norm; 0 = no clipping (the norm is logged either way)
+max_nonfinite = 20  # updates with a non-finite gradient norm are skipped; this many in a row stop the run
 ema_decay = 0.9999  # per step, with warm-up: min(ema_decay, (1 + step) / (10 + step))
 ema_update_every = 1  # steps between EMA updates (each applies the decay of that many steps)
 # sample grids during training
@@ -92,13 +105,20 @@ seed = 0
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
-for key, allowed in [('init_from', ('scratch', 'resume')), ('arch', ARCHS), ('schedule', SCHEDULES),
+for key, allowed in [('init_from', ('auto', 'scratch', 'resume')), ('arch', ARCHS), ('schedule', SCHEDULES),
                      ('prediction_type', PREDICTIONS), ('timestep_sampling', ('uniform', 'logit_normal', 'mode')),
                      ('loss_weighting', ('uniform', 'snr', 'min_snr', 'edm')), ('sampler', SAMPLERS),
                      ('lr_schedule', ('cosine', 'constant')), ('dtype', ('float32', 'bfloat16', 'float16'))]:
     if config[key] not in allowed:
         raise SystemExit(f"error: {key}='{config[key]}' is not one of {', '.join(allowed)}")
-for key, ok, rule in [('ema_update_every', ema_update_every >= 1, 'at least 1'),
+for key in ('batch_size', 'grad_accum', 'max_steps', 'log_interval', 'eval_interval', 'eval_images', 'sample_interval',
+            'ckpt_interval', 'sample_steps', 'num_timesteps', 'ema_update_every', 'max_nonfinite'):
+    if config[key] < 1:
+        raise SystemExit(f"error: {key}={config[key]} must be at least 1")
+for key, ok, rule in [('lr', lr > 0, 'positive'), ('ema_decay', 0 <= ema_decay < 1, 'in [0, 1)'),
+                      ('class_dropout', 0 <= class_dropout < 1, 'in [0, 1)'), ('keep_last', keep_last >= 0, 'at least 0'),
+                      ('max_minutes', max_minutes >= 0, 'at least 0 (0 = no limit)'),
+                      ('grad_clip', grad_clip >= 0, 'at least 0 (0 = no clipping)'),
                       ('min_snr_gamma', min_snr_gamma > 0, "positive (loss_weighting='uniform' is the unweighted loss)"),
                       ('mode_scale', -1 <= mode_scale <= 2 / (math.pi - 2), 'in [-1, 1.752], where mode sampling is monotone'),
                       ('shift', shift == 1.0 or schedule == 'flow', "1.0 unless schedule='flow', whose grid it shifts")]:
@@ -106,6 +126,7 @@ for key, ok, rule in [('ema_update_every', ema_update_every >= 1, 'at least 1'),
         raise SystemExit(f"error: {key}={config[key]} must be {rule}")
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
+t_start = time.time()
 if device.startswith('cuda') and not torch.cuda.is_available():
     raise SystemExit(f"error: device='{device}' but CUDA is not available here; pass --device=cpu")
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -115,6 +136,10 @@ if ddp:
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    stop_group = dist.new_group(backend='gloo')  # for the per-step "stop now?" vote, on the host: no GPU sync
+    if rank == 0 and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+        print("warning: with the store torchrun shares by default, a restarted group can fail to reconnect "
+              "(pytorch/pytorch#167288); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
@@ -123,8 +148,18 @@ if batch_size % (world_size * grad_accum):
     raise SystemExit(f"error: batch_size={batch_size} is not divisible by world_size x grad_accum = "
                      f"{world_size} x {grad_accum}; pick a batch_size that is a multiple of {world_size * grad_accum}")
 micro_batch = batch_size // (world_size * grad_accum)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'auto':
+    init_from = 'resume' if os.path.exists(ckpt_path) else 'scratch'
+elif init_from == 'scratch' and os.path.exists(ckpt_path):
+    raise SystemExit(f"error: {ckpt_path} exists and init_from='scratch' would overwrite it; continue that run with "
+                     f"--init_from=auto, or start this one in another --out_dir")
 if master:
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # better to find out now than at the first checkpoint
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to out_dir='{out_dir}' ({e.strerror}); pass an --out_dir you can write to")
     print(f"{world_size} rank(s) on {device_type}, {micro_batch} images per micro-step, {grad_accum} micro-step(s), "
           f"{batch_size} per optimizer step")
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -138,23 +173,26 @@ def rng(step, stream, dev='cpu'):
 
 # -----------------------------------------------------------------------------
 # data: uint8 arrays (N, H, W, C) memory-mapped from data/<dataset>/
-data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)  # (a path stays itself)
+prepare = f"python data/{dataset}/prepare.py" if os.path.basename(dataset) == dataset else "its prepare.py"
 try:
     meta = json.load(open(os.path.join(data_dir, 'meta.json')))
     data = {s: (np.load(os.path.join(data_dir, f'{s}_x.npy'), mmap_mode='r'),
                 np.load(os.path.join(data_dir, f'{s}_y.npy'))) for s in ('train', 'val')}
-    H, W, C = meta['image_size'], meta['image_size'], meta['channels']
+    H, W, C, K = meta['image_size'], meta['image_size'], meta['channels'], meta['num_classes']
 except (OSError, ValueError, KeyError) as e:
-    raise SystemExit(f"error: dataset '{dataset}' is missing or unreadable in {data_dir} ({e!r}); "
-                     f"run python data/{dataset}/prepare.py first")
-num_classes = meta['num_classes'] if class_cond else 0
+    raise SystemExit(f"error: dataset '{dataset}' is missing or unreadable in {data_dir} ({e!r}); run {prepare} first")
+num_classes = K if class_cond else 0
 for split, (x, y) in data.items():
-    if x.dtype != np.uint8 or x.shape[1:] != (H, W, C) or y.shape != (len(x),):
-        raise SystemExit(f"error: data/{dataset}/{split}_x.npy is {x.dtype} {x.shape} with {y.shape} labels, but "
-                         f"meta.json says uint8 (N, {H}, {W}, {C}) and N labels; re-run data/{dataset}/prepare.py")
-    if len(y) and (y.min() < 0 or y.max() >= meta['num_classes']):
-        raise SystemExit(f"error: data/{dataset}/{split}_y.npy has labels in [{y.min()}, {y.max()}] but meta.json says "
-                         f"{meta['num_classes']} classes; re-run data/{dataset}/prepare.py")
+    where = os.path.join(data_dir, split)
+    if x.dtype != np.uint8 or x.shape[1:] != (H, W, C) or y.shape != (len(x),) or y.dtype.kind not in 'iu':
+        raise SystemExit(f"error: {where}_x.npy is {x.dtype} {x.shape} with {y.dtype} {y.shape} labels, but meta.json "
+                         f"says uint8 (N, {H}, {W}, {C}) and N integer labels; re-run {prepare}")
+    if len(x) == 0:
+        raise SystemExit(f"error: {where}_x.npy holds no images; re-run {prepare}")
+    if y.min() < 0 or y.max() >= K:
+        raise SystemExit(f"error: {where}_y.npy has labels in [{y.min()}, {y.max()}] but meta.json says {K} classes; "
+                         f"re-run {prepare}")
 
 def load_batch(split, idx, flip=None):
     """Images idx of a split as floats in [-1, 1], NCHW, on the device; on CUDA a pinned, non-blocking copy."""
@@ -194,14 +232,19 @@ diffusion = Diffusion(schedule, prediction_type, num_timesteps, sigma_data)
 null_label = model_config.num_classes
 decay, no_decay = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
-                              lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda')
+                              lr=lr, betas=(beta1, beta2), fused=True)  # fused: also skips updates on the device
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-start_step, wandb_id = 0, None
+start_step, saved_step, wandb_id = 0, None, None
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         raise SystemExit(f"error: init_from='resume' but {ckpt_path} does not exist; use --init_from=scratch")
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    try:  # weights_only: tensors and plain types, nothing in the file can run code
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    except Exception as e:
+        why = 'it holds objects other than tensors and plain types' if isinstance(e, pickle.UnpicklingError) else \
+            str(e).splitlines()[0][:200]
+        raise SystemExit(f"error: cannot load {ckpt_path} ({why}); restore a checkpoint this script wrote (keep_last "
+                         f"keeps ckpt_<step>.pt copies), or start in another --out_dir")
     if ckpt['model_args'] != asdict(model_config):
         diff = {k: (v, asdict(model_config)[k]) for k, v in ckpt['model_args'].items() if v != asdict(model_config)[k]}
         raise SystemExit(f"error: {ckpt_path} holds another model shape (checkpoint vs config: {diff}); "
@@ -211,6 +254,8 @@ if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
     start_step, wandb_id = ckpt['step'], ckpt['wandb_id']
+    saved_step = start_step
+    changed = [f"{k} {v!r} -> {config[k]!r}" for k, v in ckpt['config'].items() if config.get(k, v) != v]
     rng_state = ckpt['rng'][rank] if len(ckpt['rng']) == world_size else None  # the global RNGs, for what a fork adds
     if rng_state is not None:
         torch.set_rng_state(rng_state['torch'].cpu())
@@ -220,7 +265,7 @@ if init_from == 'resume':
         random.setstate((rng_state['python'][0], tuple(rng_state['python'][1]), rng_state['python'][2]))
     del ckpt
     if master:
-        print(f"resuming {ckpt_path} at step {start_step}")
+        print(f"resuming {ckpt_path} at step {start_step}" + (f"; changed since: {', '.join(changed)}" if changed else ''))
 else:
     torch.manual_seed(seed + rank)
     np.random.seed(seed + rank)
@@ -310,8 +355,17 @@ def rng_state():
     return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
             'numpy': [np.random.get_state()[1].tolist(), *np.random.get_state()[2:]], 'python': random.getstate()}
 
+def last_good():
+    return f"{ckpt_path} (step {saved_step}) is intact" if saved_step else f"no checkpoint was written to {out_dir}"
+
 def save_checkpoint(step):
-    """All ranks gather their RNG states; the master writes out_dir/ckpt.pt atomically (temporary file, then rename)."""
+    """All ranks gather their RNG states; the master writes out_dir/ckpt.pt atomically: a temporary file, flushed to
+    disk, then renamed over the previous checkpoint, which stays whole until that moment. Non-finite weights are
+    never saved."""
+    global saved_step
+    if not torch.stack([p.isfinite().all() for p in params + ema_params]).all():  # the same on every rank
+        raise SystemExit(f"error: the weights are not finite at step {step}, so they are not saved; {last_good()}: "
+                         f"resume it with a lower lr, grad_clip or dtype='float32'")
     states = [None] * world_size
     if ddp:
         dist.all_gather_object(states, rng_state())
@@ -321,9 +375,25 @@ def save_checkpoint(step):
         ckpt = {'model': raw_model.state_dict(), 'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(),
                 'scaler': scaler.state_dict(), 'model_args': asdict(model_config), 'step': step,
                 'images_seen': step * batch_size, 'config': config, 'rng': states, 'wandb_id': wandb_id}
-        torch.save(ckpt, ckpt_path + '.tmp')
-        os.replace(ckpt_path + '.tmp', ckpt_path)
+        try:
+            with open(ckpt_path + '.tmp', 'wb') as f:
+                torch.save(ckpt, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(ckpt_path + '.tmp', ckpt_path)
+        except (OSError, RuntimeError) as e:  # a full disk surfaces from torch.save as a RuntimeError
+            os.remove(ckpt_path + '.tmp')
+            why, free = e.strerror if isinstance(e, OSError) else 'torch.save could not write it', shutil.disk_usage(out_dir).free
+            raise SystemExit(f"error: writing {ckpt_path} failed at step {step} ({why}; {free / 2**30:.1f} GiB free); "
+                             f"{last_good()}: make room and re-run the same command")
+        if keep_last:
+            kept = os.path.join(out_dir, f'ckpt_{step:07d}.pt')
+            if not os.path.exists(kept):
+                os.link(ckpt_path, kept)  # a second name for the same file
+            for old in sorted(glob.glob(os.path.join(out_dir, 'ckpt_[0-9]*.pt')))[:-keep_last]:
+                os.remove(old)
         print(f"saved {ckpt_path} at step {step}")
+    saved_step = step
 
 # fixed noise and labels for the sample grids: the same picture of progress at every sample_interval
 grid_z = torch.randn((64, C, H, W), generator=rng(0, 3, device), device=device)
@@ -332,14 +402,15 @@ grid_y = torch.arange(64, device=device) % num_classes if num_classes else torch
 # -----------------------------------------------------------------------------
 # logging: stdout, out_dir/metrics.csv, and wandb
 num_bins = 10  # loss_u<i>: the unweighted loss at noise levels u in [i / 10, (i + 1) / 10), where the model struggles
-fields = ['step', 'kimg', 'loss', 'loss_unweighted', 'lr', 'grad_norm', 'ms_per_step', 'img_per_s', 'tflops', 'mfu',
-          'val_loss', 'val_loss_ema', *[f'loss_u{i}' for i in range(num_bins)]]
+fields = ['step', 'kimg', 'loss', 'loss_unweighted', 'lr', 'grad_norm', 'skipped', 'ms_per_step', 'img_per_s', 'tflops',
+          'mfu', 'val_loss', 'val_loss_ema', *[f'loss_u{i}' for i in range(num_bins)]]
 metrics_path = os.path.join(out_dir, 'metrics.csv')
 if master:
     rows = list(csv.DictReader(open(metrics_path))) if init_from == 'resume' and os.path.exists(metrics_path) else []
-    with open(metrics_path, 'w', newline='') as f:  # on resume, drop the rows logged after the checkpoint
-        csv.DictWriter(f, fields).writeheader()
-        csv.DictWriter(f, fields).writerows(r for r in rows if int(r['step']) <= start_step)
+    with open(metrics_path + '.tmp', 'w', newline='') as f:  # on resume, drop the rows logged after the checkpoint
+        csv.DictWriter(f, fields).writeheader()  # (and a row cut short by a crash)
+        csv.DictWriter(f, fields).writerows(r for r in rows if None not in r.values() and int(r['step']) <= start_step)
+    os.replace(metrics_path + '.tmp', metrics_path)
     if wandb_log:
         import wandb
         wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir,
@@ -355,10 +426,21 @@ def log(row):
 
 # -----------------------------------------------------------------------------
 # training loop
+stop_signal = 0
+
+def request_stop(signum, frame):  # SIGTERM (a scheduler, torchrun) or SIGUSR1 (SLURM's --signal warning)
+    global stop_signal
+    stop_signal = signum  # the loop finishes its step, saves and exits
+
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, request_stop)
+if master and start_step >= max_steps:
+    print(f"{ckpt_path} is at step {start_step} of max_steps={max_steps}: nothing to do (raise max_steps to go on)")
 x0, y = get_batch(start_step, 0)  # the first batch; each later one is fetched while the current step runs
-loss_sum = torch.zeros(2, device=device)
+loss_sum = torch.zeros(2, device=device)  # loss, unweighted loss, summed over the steps since the last log line
 bin_sums = torch.zeros(2, num_bins, device=device)  # per noise-level bin: loss sum, count
 bin_losses = []  # as of the last log line
+skipped, streak, worst_streak = (torch.zeros((), device=device) for _ in range(3))  # non-finite updates skipped
 t_log, steps_since_log = time.time(), 0
 for step in range(start_step, max_steps):
     for group in optimizer.param_groups:
@@ -367,6 +449,7 @@ for step in range(start_step, max_steps):
     u_all = sample_u(batch_size, g)
     eps_all = torch.randn((batch_size, C, H, W), generator=g, device=device)
     drop_all = torch.rand(batch_size, generator=g, device=device) < (class_dropout if class_cond else 1.0)
+    step_sums, step_bins = torch.zeros(2, device=device), torch.zeros(2, num_bins, device=device)
     for micro in range(grad_accum):
         sl = my_slice(micro)
         y_in = torch.where(drop_all[sl], null_label, y)
@@ -374,33 +457,47 @@ for step in range(start_step, max_steps):
             model.require_backward_grad_sync = micro == grad_accum - 1
         loss, mse = diffusion_loss(model, x0, y_in, u_all[sl], eps_all[sl])
         bins = (u_all[sl] * num_bins).long().clamp(max=num_bins - 1)
-        bin_sums.index_add_(1, bins, torch.stack([mse.detach(), torch.ones_like(mse)]))
+        step_bins.index_add_(1, bins, torch.stack([mse.detach(), torch.ones_like(mse)]))
         loss = loss.mean() / grad_accum
         if micro + 1 < grad_accum or step + 1 < max_steps:  # fetch the next batch while this step runs
             x0, y = get_batch(step, micro + 1) if micro + 1 < grad_accum else get_batch(step + 1, 0)
         scaler.scale(loss).backward()
-        loss_sum += torch.stack([loss.detach(), mse.detach().mean() / grad_accum])
+        step_sums += torch.stack([loss.detach(), mse.detach().mean() / grad_accum])
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
-    scaler.step(optimizer)
+    bad = ~grad_norm.isfinite()  # a non-finite loss makes it so too; all-reduced gradients: the same on every rank
+    optimizer.found_inf = bad.float()  # fused AdamW then skips the update on the device, with no host sync
+    scaler.step(optimizer)  # (float16: the scaler sets found_inf itself, from the same gradients)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     if (step + 1) % ema_update_every == 0:
-        with torch.no_grad():  # EMA with warm-up
-            torch._foreach_lerp_(ema_params, params, 1 - min(ema_decay, (1 + step) / (10 + step)) ** ema_update_every)
+        with torch.no_grad():  # EMA with warm-up; a skipped update leaves it alone too
+            weight = (1 - min(ema_decay, (1 + step) / (10 + step)) ** ema_update_every) * ~bad
+            torch._foreach_lerp_(ema_params, params, weight)
+    loss_sum += torch.where(bad, 0, step_sums)
+    bin_sums += torch.where(bad, 0, step_bins)
+    skipped += bad
+    streak = (streak + 1) * bad
+    worst_streak = torch.maximum(worst_streak, streak)
     steps_since_log += 1
 
     last = step + 1 == max_steps
-    log_step = (step + 1) % log_interval == 0 or last
+    stop = torch.tensor([stop_signal, max_minutes > 0 and time.time() - t_start > 60 * max_minutes])
+    if ddp:  # every rank stops at the same step: a vote on the host, over gloo, that does not wait for the GPU
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=stop_group)
+    stop = signal.Signals(int(stop[0])).name if stop[0] else f'max_minutes={max_minutes}' if stop[1] else None
+    log_step = (step + 1) % log_interval == 0 or last or stop
     if log_step:
         if ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             dist.all_reduce(bin_sums)
-        loss_avg, mse_avg = (loss_sum / steps_since_log).tolist()  # the host sync
+        n_skipped = int(skipped.item())  # the host sync
+        loss_avg, mse_avg = (loss_sum / (steps_since_log - n_skipped)).tolist()  # nan if every step was skipped
         bin_losses = (bin_sums[0] / bin_sums[1]).tolist()  # nan where a bin drew no image
         dt = (time.time() - t_log) / steps_since_log
         row = dict(step=step + 1, kimg=(step + 1) * batch_size / 1e3, loss=loss_avg, loss_unweighted=mse_avg,
-                   lr=get_lr(step), grad_norm=grad_norm.item(), ms_per_step=dt * 1e3, img_per_s=batch_size / dt)
+                   lr=get_lr(step), grad_norm=grad_norm.item(), skipped=n_skipped, ms_per_step=dt * 1e3,
+                   img_per_s=batch_size / dt)
         row['tflops'] = flops_per_image * row['img_per_s'] / 1e12
         row['mfu'] = row['tflops'] / (peak_tflops * world_size) if peak_tflops else float('nan')
         row.update({f'loss_u{i}': v for i, v in enumerate(bin_losses) if v == v})
@@ -408,10 +505,15 @@ for step in range(start_step, max_steps):
             print(f"step {row['step']}/{max_steps} | {row['kimg']:.1f} kimg | loss {loss_avg:.4f} (unweighted "
                   f"{mse_avg:.4f}) | lr {row['lr']:.2e} | grad norm {row['grad_norm']:.3f} | {dt * 1e3:.0f} ms/step | "
                   f"{row['img_per_s']:.0f} img/s | {row['tflops']:.2f} TFLOP/s | "
-                  f"mfu {format(row['mfu'], '.1%') if peak_tflops else 'n/a'} | eta {dt * (max_steps - step - 1) / 60:.1f} min")
+                  f"mfu {format(row['mfu'], '.1%') if peak_tflops else 'n/a'} | eta {dt * (max_steps - step - 1) / 60:.1f} min"
+                  + (f" | {n_skipped} non-finite update(s) skipped" if n_skipped else ''))
             log(row)
-        loss_sum.zero_()
-        bin_sums.zero_()
+        if worst_streak.item() >= max_nonfinite:
+            raise SystemExit(f"error: {int(worst_streak.item())} updates in a row had a non-finite gradient norm and were "
+                             f"skipped (max_nonfinite={max_nonfinite}) by step {step + 1}; {last_good()}: resume it with "
+                             f"a lower lr, grad_clip or dtype='float32'")
+        for t in (loss_sum, bin_sums, skipped, worst_streak):
+            t.zero_()
         steps_since_log = 0
     if (step + 1) % eval_interval == 0 or last:
         val_loss, _ = estimate_val_loss(raw_model)
@@ -425,8 +527,12 @@ for step in range(start_step, max_steps):
             x = diffusion.sample(ema, grid_z, grid_y, sampler, sample_steps, cfg_scale=cfg_scale, shift=shift,
                                  clip_x0=True, generator=rng(0, 4, device))  # pixels: x0 stays in [-1, 1]
         save_grid(x, os.path.join(out_dir, f'samples_{step + 1:07d}.png'))
-    if (step + 1) % ckpt_interval == 0 or last:
+    if (step + 1) % ckpt_interval == 0 or last or stop:
         save_checkpoint(step + 1)
+    if stop and not last:
+        if master:
+            print(f"stopped at step {step + 1} of {max_steps} ({stop}); the same command continues the run")
+        break
     if log_step:
         t_log = time.time()  # the evaluation, sample grid and checkpoint of a log step do not count as step time
 

@@ -15,12 +15,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(REPO, 'data', 'mnist')
 
 
-def run(*args, env=None, check=True, timeout=900):
-    """Runs `python *args` (or a torchrun line when args[0] is 'torchrun') from the repository root."""
+def run(*args, env=None, check=True, timeout=900, **kwargs):
+    """Runs `python *args` (or a torchrun line when args[0] is 'torchrun') from the repository root; kwargs go to
+    subprocess.run."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', *args[1:]] if args[0] == 'torchrun' else [sys.executable, *args]
     full_env = {**os.environ, 'WANDB_MODE': 'disabled', 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2'),
                 **(env or {})}
-    p = subprocess.run([str(a) for a in cmd], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([str(a) for a in cmd], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+                       **kwargs)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

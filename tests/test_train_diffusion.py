@@ -1,4 +1,4 @@
-"""train_diffusion.py and sample.py as a user runs them: learning on real digits, DDP, resume, logging, bad input."""
+"""train_diffusion.py and sample.py as a user runs them: learning on real digits, DDP, resume, sampling, logging."""
 import csv
 import glob
 import os
@@ -57,16 +57,16 @@ def test_other_objectives_learn_mnist(mnist, mnist_classifier, tmp_path, objecti
     assert train_and_read(tmp_path / 'out', args, sample_args, mnist_classifier) >= 0.8
 
 
-@pytest.mark.parametrize('objective', [[], ['--arch=UNet-S', '--schedule=flow', '--prediction_type=flow',
-                                                '--timestep_sampling=logit_normal', '--ema_update_every=2',
-                                                '--batch_size=8', '--eval_images=16']])
-def test_resume_is_bit_exact(mnist, tmp_path, objective):
-    """6 steps straight == 3 steps, stop, resume to 6: model, EMA and optimizer state identical to the bit. Also for
-    the UNet, whose dropout draws from the global RNG that the checkpoint restores."""
+def test_unet_resume_is_bit_exact(mnist, tmp_path):
+    """6 steps straight == 3 steps, stop, resume to 6: model, EMA and optimizer state identical to the bit, for the
+    UNet, whose dropout draws from the global RNG that the checkpoint restores (tests/test_robustness.py kills and
+    resumes the DiT)."""
+    objective = ['--arch=UNet-S', '--schedule=flow', '--prediction_type=flow', '--timestep_sampling=logit_normal',
+                 '--ema_update_every=2', '--batch_size=8', '--eval_images=16']
     run('train_diffusion.py', *TINY, *objective, f'--out_dir={tmp_path / "a"}', '--max_steps=6')
     run('train_diffusion.py', *TINY, *objective, f'--out_dir={tmp_path / "b"}', '--max_steps=3', '--lr_decay_steps=6')
     with open(tmp_path / 'b' / 'metrics.csv', 'a') as f:  # a row logged after the checkpoint, before a crash
-        f.write('5,0.08,9.9,,,,,,,,,\n')
+        f.write('5,0.08,9.9' + ',' * 20 + '\n')  # all 23 columns
     p = run('train_diffusion.py', *TINY, *objective, f'--out_dir={tmp_path / "b"}', '--max_steps=6', '--init_from=resume')
     assert 'resuming' in p.stdout
     a, b = load_ckpt(tmp_path / 'a'), load_ckpt(tmp_path / 'b')
@@ -142,59 +142,6 @@ def test_wandb_offline_run_and_no_import_when_off(mnist, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, 'argv', ['train_diffusion.py', *TINY, f'--out_dir={tmp_path / "n"}', '--max_steps=1'])
     runpy.run_path(os.path.join(REPO, 'train_diffusion.py'), run_name='__main__')
     assert 'wandb' not in sys.modules
-
-
-@pytest.mark.parametrize('args, message', [
-    (['--bacth_size=16'], "unknown config key 'bacth_size'; did you mean batch_size"),
-    (['--batch_size=sixteen'], "batch_size='sixteen' is a str, but batch_size takes a int"),
-    (['--lr'], "'--lr' has no value; write --lr=VALUE"),
-    (['config/no_such_config.py'], "cannot read config file config/no_such_config.py"),
-    (['--dataset=no_such_data'], "run python data/no_such_data/prepare.py first"),
-    (['--arch=DiT-N/8'], "image_size 28 is not divisible by patch_size 8"),
-    (['--arch=DiT-Q/2'], "arch='DiT-Q/2' is not one of"),
-    (['--arch=UNet-B'], "image_size 28 is not divisible by 2^3, the UNet's 3 downsamplings"),
-    (['--prediction_type=score'], "prediction_type='score' is not one of eps, v, x0, flow"),
-    (['--schedule=cosine', '--shift=3'], "shift=3.0 must be 1.0 unless schedule='flow'"),
-    (['--min_snr_gamma=0'], "min_snr_gamma=0.0 must be positive (loss_weighting='uniform' is the unweighted loss)"),
-    (['--batch_size=16', '--grad_accum=3'], "batch_size=16 is not divisible by world_size x grad_accum = 1 x 3"),
-    (['--init_from=resume'], "does not exist; use --init_from=scratch"),
-    (['--device=cuda'], "CUDA is not available here; pass --device=cpu"),
-])
-def test_bad_input_stops_with_one_clear_line(mnist, tmp_path, args, message):
-    if args == ['--device=cuda'] and torch.cuda.is_available():
-        pytest.skip('this machine has CUDA')
-    p = run('train_diffusion.py', *TINY, f'--out_dir={tmp_path / "out"}', '--max_steps=1', *args, check=False)
-    assert p.returncode != 0
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith('error: ') and message in last, p.stderr[-2000:]
-    assert 'Traceback' not in p.stderr
-    assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
-
-
-def test_resuming_another_model_shape_is_refused(mnist, tmp_path):
-    run('train_diffusion.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=1')
-    before = open(tmp_path / 'ckpt.pt', 'rb').read()
-    p = run('train_diffusion.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=2', '--init_from=resume',
-            '--arch=DiT-Ti/4', check=False)
-    assert p.returncode != 0 and 'holds another model shape' in p.stderr.strip().splitlines()[-1]
-    assert open(tmp_path / 'ckpt.pt', 'rb').read() == before
-
-
-def test_labels_out_of_range_are_refused(tmp_path, monkeypatch):
-    """A dataset whose labels exceed meta.json's classes stops before training, naming the fix."""
-    data = os.path.join(REPO, 'data', 'test_bad_labels')
-    os.makedirs(data, exist_ok=True)
-    try:
-        for split in ('train', 'val'):
-            np.save(os.path.join(data, f'{split}_x.npy'), np.zeros((8, 8, 8, 1), np.uint8))
-            np.save(os.path.join(data, f'{split}_y.npy'), np.arange(8, dtype=np.int64))
-        open(os.path.join(data, 'meta.json'), 'w').write('{"image_size": 8, "channels": 1, "num_classes": 4}')
-        p = run('train_diffusion.py', '--dataset=test_bad_labels', '--arch=DiT-N/4', f'--out_dir={tmp_path}', check=False)
-        assert p.returncode != 0 and 'has labels in [0, 7] but meta.json says 4 classes' in p.stderr
-    finally:
-        for f in glob.glob(os.path.join(data, '*')):
-            os.remove(f)
-        os.rmdir(data)
 
 
 def test_the_other_switches_run(mnist, tmp_path):

@@ -1,0 +1,63 @@
+"""
+Runs a script with faults injected, for tests/test_robustness.py:
+
+    python tests/faults.py train_diffusion.py --max_steps=10 ...
+
+FAULT_SLOW_SAVE=1      every torch.save writes the first half of its bytes, prints 'mid-save' and hangs, so that a
+                       test can kill the process in the middle of writing a checkpoint
+FAULT_NAN_STEPS=3,4    the network's output is NaN in those training forwards (counted from 0 in this process)
+FAULT_NAN_WEIGHTS=3    in that training forward the network's first weight is set to NaN, and stays so
+The script runs in this process (runpy), so it imports the patched torch.save and model.create_model.
+"""
+import io
+import os
+import runpy
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model  # noqa: E402
+
+if os.environ.get('FAULT_SLOW_SAVE'):
+    _save = torch.save
+
+    def slow_save(obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        _save(obj, buf, *args, **kwargs)
+        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        f.flush()
+        print('mid-save', flush=True)
+        time.sleep(600)
+
+    torch.save = slow_save
+
+nan_steps = {int(s) for s in os.environ.get('FAULT_NAN_STEPS', '').split(',') if s}
+nan_weights = int(os.environ.get('FAULT_NAN_WEIGHTS', -1))
+_create_model = model.create_model
+
+
+def create_model(*args, **kwargs):
+    net = _create_model(*args, **kwargs)
+    calls = []
+
+    def count(module, inputs):  # the EMA copy (eval mode) and evaluations pass through untouched
+        if module.training:
+            calls.append(None)
+            if len(calls) - 1 == nan_weights:
+                with torch.no_grad():
+                    next(module.parameters()).fill_(float('nan'))
+
+    def output(module, inputs, out):
+        if module.training and len(calls) - 1 in nan_steps:
+            return out * float('nan')
+
+    net.register_forward_pre_hook(count)
+    net.register_forward_hook(output)
+    return net
+
+
+model.create_model = create_model
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')

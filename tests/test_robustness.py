@@ -1,0 +1,362 @@
+"""Never lose a run: SIGKILL anywhere then resume, preemption signals, torchrun restarts, non-finite updates,
+untrusted checkpoints, and bad input that stops with one clear line and leaves the previous run as it was."""
+import csv
+import os
+import pickle
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run
+
+# 30 steps of a tiny DiT, a log line per step, a checkpoint every 3, evaluations and sample grids on the way
+BASE = ['--arch=DiT-N/4', '--batch_size=16', '--log_interval=1', '--eval_interval=6', '--eval_images=32',
+        '--sample_interval=12', '--sample_steps=2', '--ckpt_interval=3', '--warmup_steps=2', '--max_steps=30']
+ENV = {**os.environ, 'WANDB_MODE': 'disabled', 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '2'}
+
+
+LAUNCHED = []
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    yield
+    while LAUNCHED:
+        p = LAUNCHED.pop()
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)  # the process and, for torchrun, its workers
+            p.communicate()
+
+
+def launch(out, *args, faults=None, torchrun=False):
+    """Starts train_diffusion.py (through tests/faults.py when `faults` sets FAULT_* variables) with its output piped.
+    torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with the store torchrun shares by default, a restarted
+    worker can read a peer's address from the failed round and never connect (pytorch/pytorch#167288)."""
+    prefix = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--max-restarts=1'] if torchrun \
+        else ['tests/faults.py'] if faults else []
+    env = {**ENV, **(faults or {}), **({'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'} if torchrun else {})}
+    LAUNCHED.append(subprocess.Popen([sys.executable, *prefix, 'train_diffusion.py', *BASE, *args, f'--out_dir={out}'],
+                                     cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True))
+    return LAUNCHED[-1]
+
+
+def read_until(p, pattern):
+    """Reads the process's output up to the first line matching `pattern`; returns (match, all lines read)."""
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if m := re.search(pattern, line):
+            return m, ''.join(lines)
+    p.wait()
+    raise AssertionError(f"exited {p.returncode} before printing {pattern!r}:\n{''.join(lines)[-3000:]}")
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_same_state(a, b):
+    """Model, EMA, optimizer and RNG states identical to the bit."""
+    assert a['step'] == b['step'] and a['images_seen'] == b['images_seen']
+    for key in ('model', 'ema'):
+        for name, w in a[key].items():
+            assert torch.equal(w, b[key][name]), (a['step'], key, name)
+    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), a['step']
+    assert [torch.equal(ra['torch'], rb['torch']) for ra, rb in zip(a['rng'], b['rng'])] == [True] * len(a['rng'])
+
+
+def curve(out):
+    """metrics.csv without its timing columns: every loss, norm and learning rate, step by step."""
+    timing = {'ms_per_step', 'img_per_s', 'tflops', 'mfu'}
+    return [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader(open(out / 'metrics.csv'))]
+
+
+def snapshot(out):
+    return {f: open(os.path.join(out, f), 'rb').read() for f in sorted(os.listdir(out))} if os.path.isdir(out) else {}
+
+
+@pytest.fixture(scope='module')
+def reference(mnist, tmp_path_factory):
+    """The uninterrupted run, keeping every checkpoint (ckpt_<step>.pt) to compare the interrupted ones against."""
+    out = tmp_path_factory.mktemp('reference')
+    run('train_diffusion.py', *BASE, f'--out_dir={out}', '--keep_last=100')
+    assert sorted(os.listdir(out)).count('ckpt.pt') == 1 and len([f for f in os.listdir(out) if f.startswith('ckpt_')]) == 10
+    return out
+
+
+def test_sigkill_anywhere_then_resume_is_bit_exact(reference, tmp_path):
+    """10 SIGKILLs at random moments of one run, 3 of them halfway through writing a checkpoint. After each, ckpt.pt is
+    whole and bit-identical to the uninterrupted run's checkpoint of its step, and the same command resumes from it;
+    the final state and the whole loss curve, pieced together from 11 processes, equal the uninterrupted run's
+    (which also shows that a fixed seed gives one loss curve)."""
+    out, rnd, resumed = tmp_path / 'run', random.Random(0), []
+    for trial in range(10):
+        mid_save = trial in (2, 5, 8)
+        p = launch(out, faults={'FAULT_SLOW_SAVE': '1'} if mid_save else None)
+        m, _ = read_until(p, r'^(resuming .* at step (\d+)|DiT-N/4: )')  # (resuming comes first)
+        start = int(m[2]) if m[2] else 0
+        resumed.append(start)
+        if mid_save:
+            read_until(p, r'^mid-save')
+        else:
+            read_until(p, rf'^step {min(start + rnd.randint(2, 8), 29)}/')
+            p.stdout.readline() if rnd.random() < 0.5 else None  # a little later, somewhere in the step
+        p.kill()
+        p.communicate()
+        assert p.returncode == -signal.SIGKILL
+        assert os.path.exists(out / 'ckpt.pt.tmp') or not mid_save  # it died inside a checkpoint write
+        if os.path.exists(out / 'ckpt.pt'):
+            ckpt = load(out / 'ckpt.pt')
+            assert_same_state(ckpt, load(reference / f"ckpt_{ckpt['step']:07d}.pt"))
+    assert resumed[0] == 0 and max(resumed) >= 12, resumed
+    p = run('train_diffusion.py', *BASE, f'--out_dir={out}')
+    assert 'resuming' in p.stdout
+    assert_same_state(load(out / 'ckpt.pt'), load(reference / 'ckpt.pt'))
+    assert curve(out) == curve(reference)
+    print('resumed from steps', resumed)
+
+
+def test_sigterm_sigusr1_and_max_minutes_stop_cleanly(reference, tmp_path):
+    """SIGTERM and SIGUSR1 finish the step, save and exit 0; so does max_minutes. Re-running the command resumes, and
+    the run ends bit-identical to the uninterrupted one."""
+    out = tmp_path / 'run'
+    for sig, at in [(signal.SIGTERM, 5), (signal.SIGUSR1, 14)]:
+        p = launch(out)
+        read_until(p, rf'^step {at}/')
+        p.send_signal(sig)
+        rest = p.communicate(timeout=120)[0]
+        assert p.returncode == 0, rest
+        m = re.search(rf'stopped at step (\d+) of 30 \({sig.name}\); the same command continues the run', rest)
+        assert m and load(out / 'ckpt.pt')['step'] == int(m[1]) >= at, rest
+    p = run('train_diffusion.py', *BASE, f'--out_dir={out}', '--max_minutes=0.001')  # 0.06 s: out after a step
+    m = re.search(r'stopped at step (\d+) of 30 \(max_minutes=0.001\)', p.stdout)
+    assert m and load(out / 'ckpt.pt')['step'] == int(m[1]) < 30, p.stdout[-2000:]
+    run('train_diffusion.py', *BASE, f'--out_dir={out}')
+    assert_same_state(load(out / 'ckpt.pt'), load(reference / 'ckpt.pt'))
+    assert curve(out) == curve(reference)
+
+
+def children(pid):
+    """The processes whose parent is pid (Linux /proc)."""
+    kids = []
+    for entry in os.listdir('/proc'):
+        try:
+            if entry.isdigit() and int(open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+        except OSError:
+            pass
+    return kids
+
+
+def test_torchrun_restarts_a_killed_worker_and_sigterm_stops_the_group(mnist, tmp_path):
+    """Under torchrun --max-restarts=1, SIGKILL one of two workers: torchrun restarts the group, which resumes from
+    the last checkpoint by itself. Then SIGTERM to torchrun (what SLURM sends at preemption): it passes the signal to
+    the workers, which finish the step, save and exit. Re-running torchrun ends bit-identical to a 2-rank run that
+    nothing interrupted."""
+    short = ['--max_steps=12']
+    p = launch(tmp_path / 'ref', *short, torchrun=True)
+    assert p.wait() == 0, p.stdout.read()[-3000:]
+    out = tmp_path / 'run'
+    p = launch(out, *short, torchrun=True)
+    read_until(p, r'saved .* at step 3$')
+    workers = children(p.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    m, _ = read_until(p, r'^resuming .* at step (\d+)')
+    read_until(p, rf'^step {int(m[1]) + 2}/')
+    p.send_signal(signal.SIGTERM)
+    rest = p.communicate(timeout=120)[0]
+    stop = re.search(r'stopped at step (\d+) of 12 \(SIGTERM\)', rest)
+    assert stop and load(out / 'ckpt.pt')['step'] == int(stop[1]), rest[-3000:]
+    p = launch(out, *short, torchrun=True)
+    assert p.wait() == 0
+    assert_same_state(load(out / 'ckpt.pt'), load(tmp_path / 'ref' / 'ckpt.pt'))
+    assert len(load(out / 'ckpt.pt')['rng']) == 2
+
+
+def faulty_run(out, faults, *args):
+    return subprocess.run([sys.executable, 'tests/faults.py', 'train_diffusion.py', *BASE, *args, f'--out_dir={out}'],
+                          cwd=REPO, env={**ENV, **faults}, capture_output=True, text=True, timeout=300)
+
+
+def test_a_nonfinite_update_is_skipped_and_counted(mnist, tmp_path):
+    """A NaN in the network's output at one step: that update is skipped (weights, EMA and AdamW's moments and step
+    count stay as they were), the log counts it, and training goes on."""
+    p = faulty_run(tmp_path, {'FAULT_NAN_STEPS': '4'}, '--max_steps=6', '--ckpt_interval=1', '--keep_last=10')
+    assert p.returncode == 0 and '1 non-finite update(s) skipped' in p.stdout, p.stderr[-2000:]
+    before, after = load(tmp_path / 'ckpt_0000004.pt'), load(tmp_path / 'ckpt_0000005.pt')
+    for key in ('model', 'ema'):
+        assert all(torch.equal(w, after[key][name]) for name, w in before[key].items()), key
+    for sa, sb in zip(before['optimizer']['state'].values(), after['optimizer']['state'].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    later = load(tmp_path / 'ckpt_0000006.pt')  # the next step updates again
+    assert not torch.equal(later['model']['linear_final.weight'], after['model']['linear_final.weight'])
+    rows = {r['step']: r for r in csv.DictReader(open(tmp_path / 'metrics.csv')) if r['loss']}
+    assert [rows[s]['skipped'] for s in '456'] == ['0', '1', '0'] and rows['5']['loss'] == 'nan'
+    assert np.isfinite(float(rows['6']['loss']))
+
+
+def test_nonfinite_updates_in_a_row_stop_the_run(mnist, tmp_path):
+    p = faulty_run(tmp_path, {'FAULT_NAN_STEPS': '4,5,6,7,8,9'}, '--ckpt_interval=1', '--max_nonfinite=3')
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: 3 updates in a row had a non-finite gradient norm and were skipped (max_nonfinite=3) by step 7; "
+        f"{tmp_path / 'ckpt.pt'} (step 6) is intact: resume it with a lower lr, grad_clip or dtype='float32'")
+    ckpt = load(tmp_path / 'ckpt.pt')
+    assert ckpt['step'] == 6 and all(w.isfinite().all() for w in ckpt['model'].values())
+
+
+def test_nonfinite_weights_are_never_saved(mnist, tmp_path):
+    """Weights that turn NaN (here by a fault, in step 5) stop the run at the next checkpoint without writing it."""
+    p = faulty_run(tmp_path, {'FAULT_NAN_WEIGHTS': '4'}, '--ckpt_interval=2')
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: the weights are not finite at step 6, so they are not saved; {tmp_path / 'ckpt.pt'} (step 4) is "
+        f"intact: resume it with a lower lr, grad_clip or dtype='float32'")
+    assert load(tmp_path / 'ckpt.pt')['step'] == 4 and not os.path.exists(tmp_path / 'ckpt.pt.tmp')
+
+
+class Payload:
+    def __reduce__(self):  # unpickling this would run: touch <marker>
+        return os.system, (f'touch {Payload.marker}',)
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_it(mnist, tmp_path):
+    """Checkpoints are loaded with weights_only=True: a pickle that would run a shell command is refused unrun,
+    by train_diffusion.py (resuming) and by sample.py."""
+    Payload.marker = tmp_path / 'pwned'
+    out = tmp_path / 'out'
+    os.makedirs(out)
+    torch.save({'model': Payload(), 'step': 1}, out / 'ckpt.pt')
+    with open(out / 'ckpt.pt', 'rb') as f:
+        assert b'system' in f.read()  # the payload is in the file
+    for script in ('train_diffusion.py', 'sample.py'):
+        p = run(script, *(BASE if script == 'train_diffusion.py' else []), f'--out_dir={out}', check=False)
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode != 0 and last.startswith(f"error: cannot load {out / 'ckpt.pt'} (it holds objects other "
+                                                     f"than tensors and plain types)"), p.stderr[-2000:]
+        assert not os.path.exists(Payload.marker)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(out / 'ckpt.pt', weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad input: each case stops with one line naming the fix, exits non-zero, and leaves out_dir as it was
+
+@pytest.fixture(scope='module')
+def prior(mnist, tmp_path_factory):
+    """A finished 2-step run: the out_dir every bad-input case is pointed at, which must come out unchanged."""
+    out = tmp_path_factory.mktemp('prior')
+    run('train_diffusion.py', *BASE, '--max_steps=2', f'--out_dir={out}')
+    return out
+
+
+def config_file(text):
+    def setup(tmp, out):
+        (tmp / 'c.py').write_text(text)
+        return [str(tmp / 'c.py')]
+    return setup
+
+
+def dataset(x=np.zeros((16, 8, 8, 1), np.uint8), y=np.arange(16) % 4, meta='{"image_size": 8, "channels": 1, '
+            '"num_classes": 4}', truncate=None):
+    """A small dataset in the prepared format with one thing wrong, passed by path."""
+    def setup(tmp, out):
+        d = tmp / 'data'
+        os.makedirs(d)
+        for split in ('train', 'val'):
+            np.save(d / f'{split}_x.npy', x)
+            np.save(d / f'{split}_y.npy', y)
+        (d / 'meta.json').write_text(meta)
+        if truncate:
+            os.truncate(d / truncate, os.path.getsize(d / truncate) // 2)
+        return [f'--dataset={d}']
+    return setup
+
+
+def corrupt_checkpoint(tmp, out):
+    os.truncate(out / 'ckpt.pt', 1000)
+    return []
+
+
+def out_dir_under_a_file(tmp, out):
+    (tmp / 'file').write_text('')
+    return [f'--out_dir={tmp / "file" / "out"}']
+
+
+def empty_out_dir(tmp, out):
+    shutil.rmtree(out)
+    return ['--init_from=resume']
+
+
+BAD_INPUT = [  # (case, args or setup(tmp, out) -> args, what the one line says); README's table lists them
+    ('mistyped key', ['--bacth_size=16'], "unknown config key 'bacth_size'; did you mean batch_size?"),
+    ('mistyped key in a config file', config_file('batchsize = 8\n'), "unknown config key 'batchsize'; did you mean batch_size"),
+    ('wrong value type', ['--batch_size=sixteen'], "batch_size='sixteen' is a str, but batch_size takes a int"),
+    ('key without a value', ['--lr'], "'--lr' has no value; write --lr=VALUE"),
+    ('missing config file', ['config/no_such_config.py'], "cannot read config file config/no_such_config.py"),
+    ('config file syntax', config_file('batch_size = = 3\n'), "c.py, line 1: SyntaxError: invalid syntax; a config file is Python assignments"),
+    ('config file error', config_file('lr = 1e-3 * batchsize\n'), "c.py, line 1: NameError: name 'batchsize' is not defined"),
+    ('unknown choice', ['--prediction_type=score'], "prediction_type='score' is not one of eps, v, x0, flow"),
+    ('unknown arch', ['--arch=DiT-Q/2'], "arch='DiT-Q/2' is not one of"),
+    ('count out of range', ['--batch_size=0'], "batch_size=0 must be at least 1"),
+    ('rate out of range', ['--ema_decay=1.0'], "ema_decay=1.0 must be in [0, 1)"),
+    ('shift off the flow schedule', ['--schedule=cosine', '--shift=3'], "shift=3.0 must be 1.0 unless schedule='flow'"),
+    ('min-SNR gamma', ['--min_snr_gamma=0'], "min_snr_gamma=0.0 must be positive"),
+    ('dataset not prepared', ['--dataset=no_such_data'], "run python data/no_such_data/prepare.py first"),
+    ('truncated data file', dataset(truncate='train_x.npy'), "is missing or unreadable in"),
+    ('corrupt meta.json', dataset(meta='{"image_size": 8,'), "is missing or unreadable in"),
+    ('float images', dataset(x=np.zeros((16, 8, 8, 1), np.float32)), "train_x.npy is float32 (16, 8, 8, 1) with int64 (16,) labels, but meta.json says uint8 (N, 8, 8, 1)"),
+    ('images without a channel axis', dataset(x=np.zeros((16, 8, 8), np.uint8)), "train_x.npy is uint8 (16, 8, 8) with"),
+    ('fewer labels than images', dataset(y=np.zeros(15, np.int64)), "with int64 (15,) labels, but meta.json says uint8 (N, 8, 8, 1) and N integer labels"),
+    ('float labels', dataset(y=np.zeros(16, np.float32)), "with float32 (16,) labels"),
+    ('labels out of range', dataset(y=np.arange(16)), "train_y.npy has labels in [0, 15] but meta.json says 4 classes"),
+    ('no images', dataset(x=np.zeros((0, 8, 8, 1), np.uint8), y=np.zeros(0, np.int64)), "train_x.npy holds no images"),
+    ('image size vs patch size', ['--arch=DiT-N/8'], "image_size 28 is not divisible by patch_size 8"),
+    ('image size vs UNet depth', ['--arch=UNet-B'], "image_size 28 is not divisible by 2^3, the UNet's 3 downsamplings"),
+    ('CUDA without a GPU', ['--device=cuda'], "CUDA is not available here; pass --device=cpu"),
+    ('batch vs micro-steps', ['--grad_accum=3'], "batch_size=16 is not divisible by world_size x grad_accum = 1 x 3"),
+    ('batch vs world size', ['torchrun', '--batch_size=15'], "batch_size=15 is not divisible by world_size x grad_accum = 2 x 1"),
+    ('resume without a checkpoint', empty_out_dir, "does not exist; use --init_from=scratch"),
+    ('scratch over a run', ['--init_from=scratch'], "exists and init_from='scratch' would overwrite it; continue that run with --init_from=auto"),
+    ('resume another model shape', ['--arch=DiT-Ti/4'], "holds another model shape (checkpoint vs config: {'hidden_size': (128, 192)"),
+    ('corrupt checkpoint', corrupt_checkpoint, "ckpt.pt (PytorchStreamReader failed reading zip archive"),
+    ('unwritable out_dir', out_dir_under_a_file, "(Not a directory); pass an --out_dir you can write to"),
+    ('disk full during a save', ['full disk', '--max_steps=4'], "ckpt.pt failed at step 3 (torch.save could not write it; "),
+]
+
+
+@pytest.mark.parametrize('case, args, message', BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_stops_with_one_clear_line(prior, tmp_path, case, args, message):
+    if case == 'CUDA without a GPU' and torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    out = tmp_path / 'out'
+    shutil.copytree(prior, out)
+    args = args(tmp_path, out) if callable(args) else list(args)
+    before = snapshot(out)
+    cmd, kwargs = ['train_diffusion.py', *BASE, f'--out_dir={out}'], {}
+    if args[:1] == ['torchrun']:
+        cmd, args = ['torchrun', '--standalone', '--nproc_per_node=2', *cmd], args[1:]
+    if args[:1] == ['full disk']:  # a file size limit: the checkpoint write fails as it would on a full disk
+        args, kwargs['preexec_fn'] = args[1:], lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+    p = run(*cmd, *args, check=False, **kwargs)
+    assert p.returncode != 0
+    last = p.stderr.strip().splitlines()[-1]
+    if cmd[0] == 'torchrun':  # each rank prints the line, then torchrun its own report (and traceback)
+        last = [line for line in p.stderr.splitlines() if line.startswith('error: ')][-1]
+    assert last.startswith('error: ') and message in last, p.stderr[-2000:]
+    assert 'Traceback' not in p.stderr or cmd[0] == 'torchrun'
+    after = snapshot(out)
+    if case == 'disk full during a save':  # it trained a step and logged it; the checkpoint is as it was
+        assert after.pop('metrics.csv') != before.pop('metrics.csv')
+    assert after == before  # nothing lost, nothing half-written left behind
