@@ -52,7 +52,8 @@ for _key, _default in _defaults.items():
     if isinstance(_default, float) and type(_new) is int:
         globals()[_key] = _new = float(_new)
     if type(_new) is not type(_default):
-        raise SystemExit(f"error: {_key}={_new!r} is a {type(_new).__name__}, but {_key} takes a "
-                         f"{type(_default).__name__} (default {_default!r})")
+        _a, _b = type(_new).__name__, type(_default).__name__
+        raise SystemExit(f"error: {_key}={_new!r} is {'an' if _a == 'int' else 'a'} {_a}, but {_key} takes "
+                         f"{'an' if _b == 'int' else 'a'} {_b} (default {_default!r})")
     if _new != _default:
         print(f"overriding: {_key} = {_new!r}")

@@ -68,7 +68,7 @@ try:  # weights_only: tensors and plain types, nothing in the file can run code
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
 except Exception as e:
     why = 'it holds objects other than tensors and plain types' if isinstance(e, pickle.UnpicklingError) else \
-        str(e).splitlines()[0][:200]
+        str(e).split('. ')[0][:200]
     raise SystemExit(f"error: cannot load {ckpt_path} ({why}); pass the out_dir of a train_diffusion.py run")
 train_config = ckpt['config']
 model = create_model(train_config['arch'], **ckpt['model_args'])

@@ -137,7 +137,8 @@ if ddp:
         torch.cuda.set_device(device)
     dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
     stop_group = dist.new_group(backend='gloo')  # for the per-step "stop now?" vote, on the host: no GPU sync
-    if rank == 0 and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+    if rank == 0 and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) and \
+            os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
         print("warning: with the store torchrun shares by default, a restarted group can fail to reconnect "
               "(pytorch/pytorch#167288); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
 else:
@@ -181,7 +182,8 @@ try:
                 np.load(os.path.join(data_dir, f'{s}_y.npy'))) for s in ('train', 'val')}
     H, W, C, K = meta['image_size'], meta['image_size'], meta['channels'], meta['num_classes']
 except (OSError, ValueError, KeyError) as e:
-    raise SystemExit(f"error: dataset '{dataset}' is missing or unreadable in {data_dir} ({e!r}); run {prepare} first")
+    why = f'{e.strerror}: {e.filename}' if isinstance(e, OSError) else repr(e)
+    raise SystemExit(f"error: dataset '{dataset}' is missing or unreadable in {data_dir} ({why}); run {prepare} first")
 num_classes = K if class_cond else 0
 for split, (x, y) in data.items():
     where = os.path.join(data_dir, split)
@@ -242,7 +244,7 @@ if init_from == 'resume':
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
     except Exception as e:
         why = 'it holds objects other than tensors and plain types' if isinstance(e, pickle.UnpicklingError) else \
-            str(e).splitlines()[0][:200]
+            str(e).split('. ')[0][:200]
         raise SystemExit(f"error: cannot load {ckpt_path} ({why}); restore a checkpoint this script wrote (keep_last "
                          f"keeps ckpt_<step>.pt copies), or start in another --out_dir")
     if ckpt['model_args'] != asdict(model_config):

@@ -29,8 +29,8 @@ def test_overrides_are_parsed_and_type_checked(tmp_path):
     cfg_file.write_text("batch_size = 8\nimport math\nlr = math.sqrt(4e-6)\n")
     assert configure([str(cfg_file), '--batch_size=16'], **defaults)['batch_size'] == 16  # later wins
     assert configure([str(cfg_file)], **defaults)['lr'] == pytest.approx(2e-3)
-    for argv, message in [(['--batch_size=1.5'], "batch_size=1.5 is a float, but batch_size takes a int"),
-                          (['--compile=1'], "compile=1 is a int, but compile takes a bool"),
+    for argv, message in [(['--batch_size=1.5'], "batch_size=1.5 is a float, but batch_size takes an int"),
+                          (['--compile=1'], "compile=1 is an int, but compile takes a bool"),
                           (['--bach_size=3'], "unknown config key 'bach_size'; did you mean batch_size?"),
                           (['--zzz=3'], "unknown config key 'zzz'; valid keys: arch, batch_size")]:
         with pytest.raises(SystemExit, match=message.replace('?', r'\?')):

@@ -1,5 +1,4 @@
 """model.py: the DiT matches the paper's sizes and FLOPs and starts as adaLN-Zero; the UNet's shapes, init and FLOPs."""
-import math
 
 import pytest
 import torch

@@ -302,7 +302,7 @@ def empty_out_dir(tmp, out):
 BAD_INPUT = [  # (case, args or setup(tmp, out) -> args, what the one line says); README's table lists them
     ('mistyped key', ['--bacth_size=16'], "unknown config key 'bacth_size'; did you mean batch_size?"),
     ('mistyped key in a config file', config_file('batchsize = 8\n'), "unknown config key 'batchsize'; did you mean batch_size"),
-    ('wrong value type', ['--batch_size=sixteen'], "batch_size='sixteen' is a str, but batch_size takes a int"),
+    ('wrong value type', ['--batch_size=sixteen'], "batch_size='sixteen' is a str, but batch_size takes an int"),
     ('key without a value', ['--lr'], "'--lr' has no value; write --lr=VALUE"),
     ('missing config file', ['config/no_such_config.py'], "cannot read config file config/no_such_config.py"),
     ('config file syntax', config_file('batch_size = = 3\n'), "c.py, line 1: SyntaxError: invalid syntax; a config file is Python assignments"),
