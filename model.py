@@ -336,6 +336,48 @@ class Diffusion:
         alpha = torch.exp(log_sigma_hat * 2).add(1).rsqrt()
         return alpha, alpha * log_sigma_hat.exp()
 
+    def t_from_sigma(self, s):
+        """The time at which sigma_t / alpha_t = s, float64: alpha_sigma's inverse in the variance-exploding view."""
+        s = s.double()
+        if self.schedule == 'edm':
+            return s
+        if self.schedule == 'flow':
+            return s / (1 + s)
+        table = self.log_sigma_hat.to(s.device)
+        log_s = s.log().clamp(table[0], table[-1])
+        i = torch.searchsorted(table, log_s).clamp(1, len(table) - 1)
+        return i - 1 + (log_s - table[i - 1]) / (table[i] - table[i - 1])
+
+    def denoiser(self, model, x, s, y):
+        """D(x, s): the network's x0 estimate for x = x0 + s eps, the variance-exploding view of x_t = alpha x0 +
+        sigma eps with s = sigma / alpha (Karras et al. 2022), whatever the schedule and prediction type: one
+        conversion, with gradients, per-image s of shape (B,)."""
+        t = self.t_from_sigma(s)
+        xt = bcast(self.alpha_sigma(t)[0], x) * x
+        return self.x0_eps(model(*self.net_inputs(xt, t), y).to(x.dtype), xt, t)[0]
+
+    def consistency(self, model, x, s, y, sigma_min):
+        """A consistency model's f(x, s) = c_skip x + c_out F with f(x, sigma_min) = x (Song et al. 2023, eq. 8;
+        c_skip = sd^2 / ((s - sigma_min)^2 + sd^2), c_out = sd (s - sigma_min) / sqrt(s^2 + sd^2)), where F is the
+        network read as EDM's preconditioned output, F = (D - c_skip' x) / c_out' (c_skip' = sd^2 / (s^2 + sd^2),
+        c_out' = sd s / sqrt(s^2 + sd^2)): then c_out / c_out' = (s - sigma_min) / s, and a diffusion network's f is
+        its own denoiser D wherever s >> sigma_min, the start distillation needs."""
+        sd2 = self.sigma_data ** 2
+        c_skip = sd2 / ((s - sigma_min) ** 2 + sd2)
+        D = self.denoiser(model, x, s, y)
+        return bcast(c_skip, x) * x + bcast((s - sigma_min) / s, x) * (D - bcast(sd2 / (s ** 2 + sd2), x) * x)
+
+    @torch.no_grad()
+    def consistency_sample(self, model, z, y, sigmas, sigma_min, generator=None):
+        """Images from a consistency model in len(sigmas) network calls (Song et al. 2023, alg. 1): x0 = f(sigmas[0] z),
+        then for each next s, x0 = f(x0 + sqrt(s^2 - sigma_min^2) fresh noise, s)."""
+        x0 = self.consistency(model, sigmas[0] * z, torch.full((len(z),), float(sigmas[0]), device=z.device), y, sigma_min)
+        for s in sigmas[1:]:
+            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            x = x0 + math.sqrt(s ** 2 - sigma_min ** 2) * noise
+            x0 = self.consistency(model, x, torch.full((len(z),), float(s), device=z.device), y, sigma_min)
+        return x0
+
     def coefficients(self, t):
         """(alpha, sigma, A, B) at times t, float64: x_t = alpha x0 + sigma eps and the target F = A x0 + B eps."""
         alpha, sigma = self.alpha_sigma(t)
@@ -400,8 +442,7 @@ class Diffusion:
             hi = min(hi, self.sigma_max)  # the cosine schedule's last step is at sigma/alpha ~ 6e3: no use starting there
             ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
             sigma_hat = (hi ** (1 / self.rho) + ramp * (lo ** (1 / self.rho) - hi ** (1 / self.rho))) ** self.rho
-            t = sigma_hat if self.schedule == 'edm' else torch.from_numpy(np.interp(
-                sigma_hat.log().numpy(), self.log_sigma_hat.cpu().numpy(), np.arange(self.num_timesteps, dtype=np.float64)))
+            t = self.t_from_sigma(sigma_hat)
         alpha, sigma = self.alpha_sigma(t)
         return t, torch.cat([alpha, torch.ones(1, dtype=torch.float64)]), torch.cat([sigma, torch.zeros(1, dtype=torch.float64)])
 

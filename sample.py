@@ -1,10 +1,11 @@
 """
-Samples images from a train_diffusion.py checkpoint (EMA weights by default).
+Samples images from a train_diffusion.py or distill_consistency.py checkpoint (EMA weights by default).
 
     python sample.py --out_dir=out-mnist-dit                                  # out-mnist-dit/samples.png
     python sample.py --out_dir=out-mnist-dit --class_labels=3,7 --cfg_scale=2 --save_png=True
     python sample.py --out_dir=out-mnist-flow --sampler=heun --steps=12 --shift=2     # any sampler on any schedule
     torchrun --nproc_per_node=8 sample.py --out_dir=out-dit-b --num_samples=50000 --save_npz=True
+    python sample.py --out_dir=out-mnist-cd --sigmas=80,0.8              # a consistency model: 2 network calls
 
 Sample i starts from noise seeded by (seed, i), so (for the deterministic samplers) the images do not depend on batch
 size or world size; under torchrun each rank samples its share and rank 0 writes the files. The .npz is the ADM format the standard FID
@@ -34,6 +35,7 @@ cfg_sigma_min = 0.0  # guidance only where cfg_sigma_min < sigma/alpha <= cfg_si
 cfg_sigma_max = float('inf')
 shift = 1.0  # flow schedule: timestep shift of the grid (> 1: more steps at high noise)
 clip_x0 = True  # clip the x0 estimate to [-1, 1], the range of pixel data
+sigmas = ''  # consistency models: comma-separated decreasing sigmas, one network call each; '' = sigma_max, one step
 batch_size = 256  # per rank
 seed = 0
 save_png = False  # also one PNG per sample in out_dir/samples/
@@ -70,7 +72,8 @@ except Exception as e:
     why = 'it holds objects other than tensors and plain types' if isinstance(e, pickle.UnpicklingError) else \
         str(e).split('. ')[0][:200]
     raise SystemExit(f"error: cannot load {ckpt_path} ({why}); pass the out_dir of a train_diffusion.py run")
-train_config = ckpt['config']
+consistency = ckpt.get('consistency')  # a distill_consistency.py checkpoint: its teacher's diffusion
+train_config = ckpt['teacher_config'] if consistency else ckpt['config']
 model = create_model(train_config['arch'], **ckpt['model_args'])
 model.load_state_dict(ckpt['ema' if use_ema else 'model'])
 model.to(device).eval()
@@ -90,8 +93,18 @@ else:
         raise SystemExit(f"error: class_labels='{class_labels}' must be 'all' or comma-separated labels in "
                          f"0..{num_classes - 1}")
     labels = np.resize(wanted, num_samples)
+if consistency:
+    try:
+        cm_sigmas = [float(v) for v in sigmas.split(',')] if sigmas else [consistency['sigma_max']]
+    except ValueError:
+        cm_sigmas = []
+    if not cm_sigmas or not all(a > b for a, b in zip(cm_sigmas, cm_sigmas[1:] + [consistency['sigma_min']])):
+        raise SystemExit(f"error: sigmas='{sigmas}' must be decreasing sigmas above sigma_min={consistency['sigma_min']}, "
+                         f"comma-separated, like 80 or 80,0.8")
+how = f"consistency model, {len(cm_sigmas)} step(s) at sigmas {cm_sigmas}" if consistency else \
+    f"{sampler} with {steps} steps, cfg {cfg_scale}"
 print(f"rank {rank}: sampling {num_samples} images from {ckpt_path} (step {ckpt['step']}, "
-      f"{'EMA' if use_ema else 'raw'} weights), {sampler} with {steps} steps, cfg {cfg_scale}")
+      f"{'EMA' if use_ema else 'raw'} weights), {how}")
 
 # a round from index lo: rank r samples lo + r*n ... lo + r*n + n-1, n <= batch_size the same on every rank (the last
 # round is smaller); all_gather puts them in order on rank 0
@@ -103,8 +116,12 @@ for lo in range(0, num_samples, world_size * batch_size):
         int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))) for i in idx]).to(device)
     y = torch.from_numpy(labels[idx % num_samples]).to(device)
     with ctx:  # ddpm and eta > 0 add fresh noise per step, drawn per batch: then the images depend on the batch layout
-        x = diffusion.sample(model, z, y, sampler, steps, eta, cfg_scale, (cfg_sigma_min, cfg_sigma_max), shift, clip_x0,
-                             torch.Generator(device).manual_seed(seed + lo + rank))
+        generator = torch.Generator(device).manual_seed(seed + lo + rank)
+        if consistency:
+            x = diffusion.consistency_sample(model, z, y, cm_sigmas, consistency['sigma_min'], generator).clamp(-1, 1)
+        else:
+            x = diffusion.sample(model, z, y, sampler, steps, eta, cfg_scale, (cfg_sigma_min, cfg_sigma_max), shift,
+                                 clip_x0, generator)
     x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     if ddp:
         parts = [torch.empty_like(x) for _ in range(world_size)]

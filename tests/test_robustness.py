@@ -192,8 +192,10 @@ def faulty_run(out, faults, *args):
 def test_a_nonfinite_update_is_skipped_and_counted(mnist, tmp_path):
     """A NaN in the network's output at one step: that update is skipped (weights, EMA and AdamW's moments and step
     count stay as they were), the log counts it, and training goes on."""
-    p = faulty_run(tmp_path, {'FAULT_NAN_STEPS': '4'}, '--max_steps=6', '--ckpt_interval=1', '--keep_last=10')
+    p = faulty_run(tmp_path, {'FAULT_NAN_STEPS': '4'}, '--max_steps=6', '--ckpt_interval=1', '--keep_last=3')
     assert p.returncode == 0 and '1 non-finite update(s) skipped' in p.stdout, p.stderr[-2000:]
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith('ckpt')) == [  # keep_last=3 rolling copies
+        'ckpt.pt', 'ckpt_0000004.pt', 'ckpt_0000005.pt', 'ckpt_0000006.pt']
     before, after = load(tmp_path / 'ckpt_0000004.pt'), load(tmp_path / 'ckpt_0000005.pt')
     for key in ('model', 'ema'):
         assert all(torch.equal(w, after[key][name]) for name, w in before[key].items()), key
