@@ -148,4 +148,5 @@ if rank == 0:
     print(f"wrote {os.path.join(out_dir, 'samples.png')}" + (", samples/*.png" if save_png else "")
           + (", samples.npz" if save_npz else ""))
 if ddp:
+    dist.barrier()  # no rank tears its groups down while another still talks to it
     dist.destroy_process_group()

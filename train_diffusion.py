@@ -541,4 +541,5 @@ for step in range(start_step, max_steps):
 if master and wandb_log:
     wandb.finish()
 if ddp:
+    dist.barrier()  # no rank tears its groups down while another still talks to it
     dist.destroy_process_group()

@@ -137,6 +137,20 @@ def test_resume_is_bit_exact(mnist, tmp_path, mode):
         assert p.returncode != 0 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
 
 
+def test_two_ranks_match_one_process(mnist, tmp_path):
+    """torchrun with 2 gloo ranks of batch B == 1 process of batch 2B, for the distillation too (to float rounding)."""
+    run('train_diffusion.py', *TINY_TEACHER, f'--out_dir={tmp_path / "teacher"}')
+    common = [*TINY, '--cfg_scale=2.0', f'--teacher={tmp_path / "teacher"}', '--max_steps=3']
+    one_thread = {'OMP_NUM_THREADS': '1'}
+    run('torchrun', '--standalone', '--nproc_per_node=2', 'distill_consistency.py', *common,
+        f'--out_dir={tmp_path / "ddp"}', env=one_thread)
+    run('distill_consistency.py', *common, f'--out_dir={tmp_path / "one"}', env=one_thread)
+    ddp, one = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True) for d in ('ddp', 'one'))
+    assert len(ddp['rng']) == 2
+    for name, w in one['model'].items():
+        torch.testing.assert_close(ddp['model'][name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.slow
 def test_one_and_two_step_digits_from_the_quickstart(quickstart, mnist_classifier, tmp_path):
     """config/mnist_cd.py distils the quickstart's model (1,000 steps of 16, 100 s): 500 conditional samples drawn in
