@@ -1,6 +1,7 @@
 """distill_consistency.py: the denoiser conversion and the consistency parameterisation against closed forms, its
 noise-level draws, the teacher's Heun step, exact resume, and one-step digits from the quickstart's model."""
 import math
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -103,6 +104,19 @@ def test_noise_level_draws():
         torch.testing.assert_close(r, want)
         assert (r >= 0.002).all() and (r < t).all()
     assert (draws('ect', step=0)[1] == 0.002).all()  # stage 0: plain denoising, the diffusion model's own task
+
+
+def test_student_and_target_draw_the_same_dropout_masks():
+    """With dropout, the target's forward redraws the student's masks: a student that is its own target (stopgrad) at
+    the same input has loss exactly 0, where independent masks would give a large one."""
+    net = torch.nn.Dropout(0.5).train()
+    namespace = dict(torch=torch, math=math, bcast=bcast, mode='ect', model=net, target_net=net, sigma_min=0.002,
+                     loss_type='pseudo_huber', huber_c=0.00054 * 16, device='cpu', device_type='cpu', ctx=nullcontext(),
+                     diffusion=SimpleNamespace(consistency=lambda net, x, s, y, sigma_min: net(x)))
+    loss, = script_functions('distill_consistency.py', 'consistency_loss', **namespace)
+    x0, z, hi, lo = torch.ones(4, 1, 16, 16), torch.zeros(4, 1, 16, 16), torch.full((4,), 2.0), torch.full((4,), 1.0)
+    assert torch.equal(loss(x0, None, z, hi, lo), torch.zeros(4))  # x_hi = x_lo = x0: only the masks could differ
+    assert (net(x0) - net(x0)).abs().sum() > 0  # (dropout does draw new masks each call)
 
 
 TINY_TEACHER = ['--arch=DiT-N/4', '--batch_size=8', '--max_steps=2', '--eval_images=16', '--sample_steps=2']
