@@ -50,7 +50,7 @@ def mnist():
 
 @pytest.fixture(scope='session')
 def quickstart(mnist, tmp_path_factory):
-    """The README's quickstart run, trained once (6 minutes): the test of its samples reads it, and the distillation
+    """The README's quickstart run, trained once (4 minutes): the test of its samples reads it, and the distillation
     test takes it as its teacher."""
     out = tmp_path_factory.mktemp('quickstart') / 'out-mnist-dit'
     print(run('train_diffusion.py', 'config/mnist_dit.py', f'--out_dir={out}').stdout[-1500:])
