@@ -36,14 +36,14 @@ def no_process_left_behind():
             p.communicate()
 
 
-def launch(out, *args, faults=None, torchrun=False):
-    """Starts train_diffusion.py (through tests/faults.py when `faults` sets FAULT_* variables) with its output piped.
+def launch(out, *args, faults=None, torchrun=False, script='train_diffusion.py', base=BASE):
+    """Starts a script (through tests/faults.py when `faults` sets FAULT_* variables) with its output piped.
     torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with the store torchrun shares by default, a restarted
     worker can read a peer's address from the failed round and never connect (pytorch/pytorch#167288)."""
     prefix = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--max-restarts=1'] if torchrun \
         else ['tests/faults.py'] if faults else []
     env = {**ENV, **(faults or {}), **({'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'} if torchrun else {})}
-    LAUNCHED.append(subprocess.Popen([sys.executable, *prefix, 'train_diffusion.py', *BASE, *args, f'--out_dir={out}'],
+    LAUNCHED.append(subprocess.Popen([sys.executable, *prefix, script, *base, *args, f'--out_dir={out}'],
                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True))
     return LAUNCHED[-1]
@@ -67,8 +67,8 @@ def load(path):
 def assert_same_state(a, b):
     """Model, EMA, optimizer and RNG states identical to the bit."""
     assert a['step'] == b['step'] and a['images_seen'] == b['images_seen']
-    for key in ('model', 'ema'):
-        for name, w in a[key].items():
+    for key in ('model', 'ema', 'target'):
+        for name, w in a.get(key, {}).items():
             assert torch.equal(w, b[key][name]), (a['step'], key, name)
     for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values(), strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), a['step']
@@ -85,25 +85,43 @@ def snapshot(out):
     return {f: open(os.path.join(out, f), 'rb').read() for f in sorted(os.listdir(out))} if os.path.isdir(out) else {}
 
 
-@pytest.fixture(scope='module')
-def reference(mnist, tmp_path_factory):
+def reference_run(script, base, out):
     """The uninterrupted run, keeping every checkpoint (ckpt_<step>.pt) to compare the interrupted ones against."""
-    out = tmp_path_factory.mktemp('reference')
-    run('train_diffusion.py', *BASE, f'--out_dir={out}', '--keep_last=100')
+    run(script, *base, f'--out_dir={out}', '--keep_last=100')
     assert sorted(os.listdir(out)).count('ckpt.pt') == 1 and len([f for f in os.listdir(out) if f.startswith('ckpt_')]) == 10
     return out
 
 
-def test_sigkill_anywhere_then_resume_is_bit_exact(reference, tmp_path):
+@pytest.fixture(scope='module')
+def reference(mnist, tmp_path_factory):
+    return reference_run('train_diffusion.py', BASE, tmp_path_factory.mktemp('reference'))
+
+
+@pytest.fixture(scope='module')
+def distill_setup(mnist, tmp_path_factory):
+    """distill_consistency.py's 30 steps (CD with guidance and an EMA target) from a 2-step teacher, and its reference."""
+    teacher = tmp_path_factory.mktemp('teacher')
+    run('train_diffusion.py', '--arch=DiT-N/4', '--batch_size=8', '--max_steps=2', '--eval_images=16', f'--out_dir={teacher}')
+    base = ['--batch_size=8', '--log_interval=1', '--sample_interval=12', '--sample_sigmas=80,6', '--ckpt_interval=3',
+            '--max_steps=30', '--num_scales=6', '--cfg_scale=2.0', '--target=ema', f'--teacher={teacher}']
+    return base, reference_run('distill_consistency.py', base, tmp_path_factory.mktemp('reference_cd'))
+
+
+@pytest.mark.parametrize('script', ['train_diffusion.py', 'distill_consistency.py'])
+def test_sigkill_anywhere_then_resume_is_bit_exact(request, tmp_path, script):
     """10 SIGKILLs at random moments of one run, 3 of them halfway through writing a checkpoint. After each, ckpt.pt is
     whole and bit-identical to the uninterrupted run's checkpoint of its step, and the same command resumes from it;
     the final state and the whole loss curve, pieced together from 11 processes, equal the uninterrupted run's
-    (which also shows that a fixed seed gives one loss curve)."""
+    (which also shows that a fixed seed gives one loss curve). For each script that trains."""
+    if script == 'train_diffusion.py':
+        base, reference, started = BASE, request.getfixturevalue('reference'), r'^(resuming .* at step (\d+)|DiT-N/4: )'
+    else:
+        (base, reference), started = request.getfixturevalue('distill_setup'), r'^(resuming .* at step (\d+)|1 rank\(s\))'
     out, rnd, resumed = tmp_path / 'run', random.Random(0), []
     for trial in range(10):
         mid_save = trial in (2, 5, 8)
-        p = launch(out, faults={'FAULT_SLOW_SAVE': '1'} if mid_save else None)
-        m, _ = read_until(p, r'^(resuming .* at step (\d+)|DiT-N/4: )')  # (resuming comes first)
+        p = launch(out, faults={'FAULT_SLOW_SAVE': '1'} if mid_save else None, script=script, base=base)
+        m, _ = read_until(p, started)  # (a resume is announced before that line)
         start = int(m[2]) if m[2] else 0
         resumed.append(start)
         if mid_save:
@@ -119,7 +137,7 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(reference, tmp_path):
             ckpt = load(out / 'ckpt.pt')
             assert_same_state(ckpt, load(reference / f"ckpt_{ckpt['step']:07d}.pt"))
     assert resumed[0] == 0 and max(resumed) >= 12, resumed
-    p = run('train_diffusion.py', *BASE, f'--out_dir={out}')
+    p = run(script, *base, f'--out_dir={out}')
     assert 'resuming' in p.stdout
     assert_same_state(load(out / 'ckpt.pt'), load(reference / 'ckpt.pt'))
     assert curve(out) == curve(reference)
