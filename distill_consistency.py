@@ -187,13 +187,17 @@ if (C, H) != (teacher_net.config.in_channels, teacher_net.config.image_size) or 
     raise SystemExit(f"error: {data_dir}/train_x.npy is {data['train'][0].dtype} {data['train'][0].shape}, but the "
                      f"teacher takes uint8 (N, {teacher_net.config.image_size}, ..., {teacher_net.config.in_channels})")
 
+def my_slice(micro):
+    """This rank's part of the global batch in micro-step `micro`: micro-steps outside, ranks inside."""
+    lo = (micro * world_size + rank) * micro_batch
+    return slice(lo, lo + micro_batch)
+
 def get_batch(step, micro):
     """This rank's images of micro-step `micro` of the global batch of `step` in [-1, 1], NCHW, and labels."""
     g = rng(step, 0)
     idx = np.sort(torch.randint(N_train, (batch_size,), generator=g).numpy())
     flip = torch.rand(batch_size, generator=g) < 0.5
-    lo = (micro * world_size + rank) * micro_batch
-    idx, flip = idx[lo:lo + micro_batch], flip[lo:lo + micro_batch]
+    idx, flip = idx[my_slice(micro)], flip[my_slice(micro)]
     x, y = torch.from_numpy(data['train'][0][idx]), torch.from_numpy(data['train'][1][idx])
     if hflip:
         x = torch.where(flip[:, None, None, None], x.flip(2), x)
@@ -408,8 +412,7 @@ for step in range(start_step, max_steps):
     step_loss = torch.zeros((), device=device)
     for micro in range(grad_accum):
         x0, y = get_batch(step, micro)
-        lo = (micro * world_size + rank) * micro_batch
-        sl = slice(lo, lo + micro_batch)
+        sl = my_slice(micro)
         if ddp:
             model.require_backward_grad_sync = micro == grad_accum - 1
         loss = consistency_loss(x0, y, z_all[sl], hi_all[sl], lo_all[sl]).mean() / grad_accum
