@@ -32,7 +32,7 @@ class DiTConfig:
 DIT_SIZES = {'N': (4, 128, 4), 'Ti': (6, 192, 3), 'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16),
              'XL': (28, 1152, 16)}
 DIT_PRESETS = {f'DiT-{s}/{p}': dict(depth=d, hidden_size=h, num_heads=n, patch_size=p)
-               for s, (d, h, n) in DIT_SIZES.items() for p in (2, 4, 8)}
+               for s, (d, h, n) in DIT_SIZES.items() for p in (1, 2, 4, 8)}
 
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -167,13 +167,14 @@ UNET_PRESETS = {
     'UNet-B': dict(channels=128, channel_mult=(1, 2, 2, 2), attn_levels=(1,)),  # DDPM's CIFAR-10 layout, ~36M
 }
 
-class UNetBlock(nn.Module):
+class ResBlock(nn.Module):
     """Residual block whose second GroupNorm is scaled and shifted by the time+class embedding (ADM's scale-shift
-    norm), then optionally multi-head self-attention over the pixels. Both residual branches start at zero."""
+    norm; none when emb_dim is 0, as in the autoencoder), then optionally multi-head self-attention over the pixels.
+    Both residual branches start at zero."""
     def __init__(self, cin, cout, emb_dim, dropout, attn, head_channels):
         super().__init__()
         self.norm1, self.conv1 = nn.GroupNorm(32, cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * cout)
+        self.emb = nn.Linear(emb_dim, 2 * cout) if emb_dim else None
         self.norm2, self.dropout, self.conv2 = nn.GroupNorm(32, cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.heads = cout // head_channels if attn else 0
@@ -184,10 +185,12 @@ class UNetBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
 
-    def forward(self, x, emb):
-        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h) * (1 + scale) + shift)))
+    def forward(self, x, emb=None):
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
+        if self.emb is not None:
+            scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
         x = self.skip(x) + h
         if self.heads:
             B, C, H, W = x.shape
@@ -204,7 +207,7 @@ class UNet(nn.Module):
         if c.image_size % 2 ** (levels - 1):
             raise ValueError(f"image_size {c.image_size} is not divisible by 2^{levels - 1}, the UNet's "
                              f"{levels - 1} downsamplings; pick a preset with fewer levels (or pad the images)")
-        block = lambda cin, cout, attn: UNetBlock(cin, cout, emb_dim, c.dropout, attn, c.head_channels)
+        block = lambda cin, cout, attn: ResBlock(cin, cout, emb_dim, c.dropout, attn, c.head_channels)
         self.t_embedder = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.y_embedder = nn.Embedding(c.num_classes + 1, emb_dim)  # last row: the null label
         self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
@@ -238,25 +241,171 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
-            h = run(layer, h) if isinstance(layer, UNetBlock) else layer(h)
+            h = run(layer, h) if isinstance(layer, ResBlock) else layer(h)
             skips.append(h)
         for layer in self.mid:
             h = run(layer, h)
         for layer in self.up:
-            h = run(layer, torch.cat([h, skips.pop()], dim=1)) if isinstance(layer, UNetBlock) else layer(h)
+            h = run(layer, torch.cat([h, skips.pop()], dim=1)) if isinstance(layer, ResBlock) else layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def flops_per_sample(self):
         """Forward FLOPs for one image (a multiply-add is 2), counted once by torch's FlopCounterMode."""
         if self._flops is None:
-            from torch.utils.flop_counter import FlopCounterMode
-            c, p, training = self.config, next(self.parameters()), self.training
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:  # in eval mode: dropout draws no random numbers
-                self.eval()(torch.zeros(1, c.in_channels, c.image_size, c.image_size, device=p.device),
-                            torch.zeros(1, device=p.device), torch.zeros(1, dtype=torch.long, device=p.device))
-            self.train(training)
-            self._flops = counter.get_total_flops()
+            c, dev = self.config, next(self.parameters()).device
+            self._flops = count_flops(self, torch.zeros(1, c.in_channels, c.image_size, c.image_size, device=dev),
+                                      torch.zeros(1, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
         return self._flops
+
+def count_flops(net, *inputs):
+    """FLOPs of net(*inputs) (a multiply-add is 2), by torch's FlopCounterMode, in eval mode: dropout draws nothing."""
+    from torch.utils.flop_counter import FlopCounterMode
+    training = net.training
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net.eval()(*inputs)
+    net.train(training)
+    return counter.get_total_flops()
+
+# -----------------------------------------------------------------------------
+# Autoencoder: the LDM AutoencoderKL family (Rombach et al. 2022, built on Esser et al. 2021's VQGAN), which gives
+# latent diffusion its latents; plus the PatchGAN discriminator and the LPIPS distance train_ae.py trains it with
+
+@dataclass
+class AEConfig:
+    image_size: int = 256
+    in_channels: int = 3
+    channels: int = 128  # of the first level; level i has channels * channel_mult[i] (multiples of 32: GroupNorm(32))
+    channel_mult: tuple = (1, 2, 4, 4)  # one level per entry, each but the last followed by a 2x downsampling
+    num_res_blocks: int = 2  # residual blocks per level in the encoder (one more in the decoder)
+    z_channels: int = 4
+    mid_attention: bool = True  # single-head self-attention in the middle of the encoder and of the decoder
+    kl: bool = True  # a diagonal-Gaussian posterior (the encoder outputs mean and log-variance); False: a plain AE
+    dropout: float = 0.0
+
+# AE-B/f8 is LDM's kl-f8 (the Stable Diffusion VAE's layout, 84M); S is a small one for CPUs. f = 2^(levels - 1).
+AE_SIZES = {'S': dict(channels=32, num_res_blocks=1), 'B': dict(channels=128, num_res_blocks=2)}
+AE_PRESETS = {f'AE-{s}/f{f}': dict(kw, channel_mult=(1, 2, 4, 4, 4)[:levels])
+              for s, kw in AE_SIZES.items() for f, levels in ((4, 3), (8, 4), (16, 5))}
+
+class Autoencoder(nn.Module):
+    """Encoder: conv, levels of residual blocks with stride-2 convolutions between them, a middle block (residual,
+    attention, residual), then GroupNorm, SiLU and a conv to 2 z_channels (mean, log-variance) or z_channels. The
+    decoder mirrors it with nearest-neighbour upsampling. Latents are (B, z_channels, H / f, W / f)."""
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        chans = [c.channels * m for m in c.channel_mult]
+        if c.image_size % 2 ** (len(chans) - 1):
+            raise ValueError(f"image_size {c.image_size} is not divisible by the downsampling factor "
+                             f"{2 ** (len(chans) - 1)}; pick a smaller f (or pad the images)")
+        block = lambda cin, cout, attn=False: ResBlock(cin, cout, 0, c.dropout, attn, cout)
+        cur = chans[0]
+        enc = [nn.Conv2d(c.in_channels, cur, 3, padding=1)]
+        for level, ch in enumerate(chans):
+            for _ in range(c.num_res_blocks):
+                enc.append(block(cur, ch))
+                cur = ch
+            if level + 1 < len(chans):
+                enc.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
+        enc += [block(cur, cur, c.mid_attention), block(cur, cur), nn.GroupNorm(32, cur), nn.SiLU(),
+                nn.Conv2d(cur, 2 * c.z_channels if c.kl else c.z_channels, 3, padding=1)]
+        dec = [nn.Conv2d(c.z_channels, cur, 3, padding=1), block(cur, cur, c.mid_attention), block(cur, cur)]
+        for level, ch in reversed(list(enumerate(chans))):
+            for _ in range(c.num_res_blocks + 1):
+                dec.append(block(cur, ch))
+                cur = ch
+            if level > 0:
+                dec.append(nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(cur, cur, 3, padding=1)))
+        dec += [nn.GroupNorm(32, cur), nn.SiLU(), nn.Conv2d(cur, c.in_channels, 3, padding=1)]
+        self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
+        self.last_layer = self.decoder[-1]  # where train_ae.py balances the adversarial loss against the others
+        self._flops = None
+
+    def encode(self, x):
+        """x (B, C, H, W) in [-1, 1] -> the posterior's mean and log-variance (None for a plain autoencoder)."""
+        h = self.encoder(x)
+        if not self.config.kl:
+            return h, None
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+    def forward(self, x, eps=None):
+        """Reconstruction of x from z = mean + exp(logvar / 2) eps (the mean when eps is None), mean, logvar."""
+        mean, logvar = self.encode(x)
+        z = mean if logvar is None or eps is None else mean + (0.5 * logvar).exp() * eps.to(mean.dtype)
+        return self.decode(z), mean, logvar
+
+    def flops_per_sample(self):
+        """Forward FLOPs of encoding and decoding one image (a multiply-add is 2)."""
+        if self._flops is None:
+            c = self.config
+            self._flops = count_flops(self, torch.zeros(1, c.in_channels, c.image_size, c.image_size,
+                                                         device=next(self.parameters()).device))
+        return self._flops
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix's PatchGAN (Isola et al. 2017) as VQGAN and LDM use it: a map of logits, each judging one patch
+    (70 px wide with 3 layers). GroupNorm in place of BatchNorm: no batch statistics, so the same for any world size
+    or micro-batch, and no running averages to go stale."""
+    def __init__(self, in_channels, channels=64, num_layers=3):
+        super().__init__()
+        layers, cur = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
+        for i in range(1, num_layers + 1):
+            out = channels * min(2 ** i, 8)
+            layers += [nn.Conv2d(cur, out, 4, 2 if i < num_layers else 1, 1, bias=False), nn.GroupNorm(32, out),
+                       nn.LeakyReLU(0.2)]
+            cur = out
+        self.net = nn.Sequential(*layers, nn.Conv2d(cur, 1, 4, 1, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)  # pix2pix's init
+
+    def forward(self, x):
+        return self.net(x)
+
+class LPIPS(nn.Module):
+    """Zhang et al. 2018's learned perceptual distance on VGG16, from local files only: torchvision's VGG16 weights
+    (vgg16-397923af.pth) and the lpips package's linear heads (lpips/weights/v0.1/vgg.pth). Images in [-1, 1]."""
+    taps = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16().features
+
+    def __init__(self):
+        super().__init__()
+        layers, cin = [], 3
+        for v in (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512):
+            layers += [nn.MaxPool2d(2, 2)] if v == 'M' else [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+            cin = cin if v == 'M' else v
+        self.features = nn.Sequential(*layers)  # the same indices as torchvision's, so its state dict loads as is
+        self.lins = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in (64, 128, 256, 512, 512))
+        self.register_buffer('shift', torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer('scale', torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self.requires_grad_(False).eval()
+
+    def load(self, vgg_path, lin_path):
+        """Loads the two files; raises ValueError naming what does not fit."""
+        vgg = torch.load(vgg_path, map_location='cpu', weights_only=True)
+        lin = torch.load(lin_path, map_location='cpu', weights_only=True)
+        try:
+            self.features.load_state_dict({k[len('features.'):]: v for k, v in vgg.items() if k.startswith('features.')})
+            for i, conv in enumerate(self.lins):
+                conv.weight.copy_(lin[f'lin{i}.model.1.weight'])
+        except (RuntimeError, KeyError) as e:
+            raise ValueError(f"{vgg_path} and {lin_path} are not torchvision's VGG16 and LPIPS's vgg heads "
+                             f"({str(e).splitlines()[0][:120]})")
+        return self
+
+    def forward(self, x, y):
+        """Per-image distance (B,) between image batches x and y (1 or 3 channels)."""
+        h = (torch.cat([x, y]).expand(-1, 3, -1, -1) - self.shift) / self.scale
+        d = 0
+        for i, layer in enumerate(self.features[:self.taps[-1] + 1]):
+            h = layer(h)
+            if i in self.taps:
+                a, b = (h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)  # unit length per position
+                d = d + self.lins[self.taps.index(i)]((a - b) ** 2).mean(dim=(1, 2, 3))
+        return d
 
 def create_model(arch, **kwargs):
     """A network by preset name: create_model('DiT-B/4', image_size=32, in_channels=4, num_classes=1000)."""
@@ -264,9 +413,11 @@ def create_model(arch, **kwargs):
         return DiT(DiTConfig(**{**DIT_PRESETS[arch], **kwargs}))
     if arch in UNET_PRESETS:
         return UNet(UNetConfig(**{**UNET_PRESETS[arch], **kwargs}))
-    raise ValueError(f"unknown arch '{arch}'; use one of {', '.join([*DIT_PRESETS, *UNET_PRESETS])}")
+    if arch in AE_PRESETS:
+        return Autoencoder(AEConfig(**{**AE_PRESETS[arch], **kwargs}))
+    raise ValueError(f"unknown arch '{arch}'; use one of {', '.join([*DIT_PRESETS, *UNET_PRESETS, *AE_PRESETS])}")
 
-ARCHS = (*DIT_PRESETS, *UNET_PRESETS)
+ARCHS = (*DIT_PRESETS, *UNET_PRESETS)  # the denoisers
 
 # -----------------------------------------------------------------------------
 # Diffusion: schedules, prediction types and samplers, shared by train_diffusion.py, sample.py and

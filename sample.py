@@ -11,6 +11,7 @@ Sample i starts from noise seeded by (seed, i), so (for the deterministic sample
 size or world size; under torchrun each rank samples its share and rank 0 writes the files. The .npz is the ADM format the standard FID
 tools read: arr_0 uint8 (N, H, W, C), arr_1 the class labels when the model is conditional.
 """
+import json
 import math
 import os
 import pickle
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from model import SAMPLERS, Diffusion, create_model
+from model import SAMPLERS, AEConfig, Autoencoder, Diffusion, create_model
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # holds ckpt.pt; the samples are written here too
@@ -82,6 +83,23 @@ diffusion = Diffusion(train_config['schedule'], train_config['prediction_type'],
 if shift != 1.0 and diffusion.schedule != 'flow':
     raise SystemExit(f"error: shift={shift} applies to the flow schedule only; this run used '{diffusion.schedule}'")
 num_classes, size, channels = model.config.num_classes, model.config.image_size, model.config.in_channels
+z_shape = (channels, size, size)  # the noise; the images are the decoded latents' size for a latent model
+data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', train_config['dataset'])
+try:  # a model of latents: decode them with the autoencoder that the latent dataset's meta.json names
+    latent = json.load(open(os.path.join(data_dir, 'meta.json'))).get('latent')
+except (OSError, ValueError):
+    latent = None
+if latent:
+    try:
+        ae_ckpt = torch.load(os.path.join(data_dir, latent['autoencoder']), map_location='cpu', weights_only=True)
+        autoencoder = Autoencoder(AEConfig(**ae_ckpt['model_args']))
+        autoencoder.load_state_dict(ae_ckpt['weights'])
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
+        raise SystemExit(f"error: cannot load the autoencoder of latent dataset {data_dir} "
+                         f"({str(e).splitlines()[0][:200]}); it decodes this model's samples")
+    autoencoder.to(device).eval()
+    latent_mean, latent_std = (torch.tensor(latent[k], device=device).view(1, -1, 1, 1) for k in ('mean', 'std'))
+    size, channels, clip_x0 = latent['image_size'], latent['channels'], False  # x0 is a latent: no [-1, 1] to clip to
 if class_labels == 'all' or not num_classes:
     labels = np.arange(num_samples) % num_classes if num_classes else np.full(num_samples, 0)
 else:
@@ -112,16 +130,18 @@ images = []
 for lo in range(0, num_samples, world_size * batch_size):
     n = min(batch_size, math.ceil((num_samples - lo) / world_size))
     idx = np.arange(lo + rank * n, lo + (rank + 1) * n)
-    z = torch.stack([torch.randn((channels, size, size), generator=torch.Generator().manual_seed(
+    z = torch.stack([torch.randn(z_shape, generator=torch.Generator().manual_seed(
         int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))) for i in idx]).to(device)
     y = torch.from_numpy(labels[idx % num_samples]).to(device)
     with ctx:  # ddpm and eta > 0 add fresh noise per step, drawn per batch: then the images depend on the batch layout
         generator = torch.Generator(device).manual_seed(seed + lo + rank)
         if consistency:
-            x = diffusion.consistency_sample(model, z, y, cm_sigmas, consistency['sigma_min'], generator).clamp(-1, 1)
+            x = diffusion.consistency_sample(model, z, y, cm_sigmas, consistency['sigma_min'], generator)
         else:
             x = diffusion.sample(model, z, y, sampler, steps, eta, cfg_scale, (cfg_sigma_min, cfg_sigma_max), shift,
                                  clip_x0, generator)
+        if latent:
+            x = autoencoder.decode(x * latent_std + latent_mean)
     x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     if ddp:
         parts = [torch.empty_like(x) for _ in range(world_size)]

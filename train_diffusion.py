@@ -39,7 +39,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ARCHS, PREDICTIONS, SAMPLERS, SCHEDULES, Diffusion, bcast, create_model
+from model import ARCHS, PREDICTIONS, SAMPLERS, SCHEDULES, AEConfig, Autoencoder, Diffusion, bcast, create_model
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by config/*.py and --key=value
@@ -57,8 +57,8 @@ wandb_log = False
 wandb_project = 'diffusion'
 wandb_run_name = 'dit'
 # data
-dataset = 'mnist'  # reads data/<dataset>/ (or a path), written by data/<dataset>/prepare.py
-hflip = False  # random horizontal flips
+dataset = 'mnist'  # reads data/<dataset>/ (or a path): images from its prepare.py, or latents from train_ae.py
+hflip = False  # random horizontal flips (of latent datasets: the latents of the mirror images, if encoded)
 class_cond = True  # condition on the dataset's labels; False trains unconditionally
 # model and diffusion
 arch = 'DiT-N/4'  # 'DiT-{N,Ti,S,B,L,XL}/{2,4,8}' or 'UNet-{S,B}' (model.py's presets)
@@ -185,11 +185,19 @@ except (OSError, ValueError, KeyError) as e:
     why = f'{e.strerror}: {e.filename}' if isinstance(e, OSError) else repr(e)
     raise SystemExit(f"error: dataset '{dataset}' is missing or unreadable in {data_dir} ({why}); run {prepare} first")
 num_classes = K if class_cond else 0
+latent = meta.get('latent')  # a latent dataset (train_ae.py --mode=encode): float16 latents, and their decoder
+if latent:
+    prepare = f"python train_ae.py <its config> --mode=encode --latents={dataset}"
+    if hflip and not latent['flips']:
+        raise SystemExit(f"error: hflip=True but {data_dir} holds no latents of mirror images; encode them with "
+                         f"{prepare} --encode_flips=True, or train with --hflip=False")
+    x_flip = np.load(os.path.join(data_dir, 'train_x_flip.npy'), mmap_mode='r') if hflip else None
+    latent_mean, latent_std = (torch.tensor(latent[k], device=device).view(1, C, 1, 1) for k in ('mean', 'std'))
 for split, (x, y) in data.items():
-    where = os.path.join(data_dir, split)
-    if x.dtype != np.uint8 or x.shape[1:] != (H, W, C) or y.shape != (len(x),) or y.dtype.kind not in 'iu':
+    where, kind = os.path.join(data_dir, split), 'float16' if latent else 'uint8'
+    if x.dtype != kind or x.shape[1:] != (H, W, C) or y.shape != (len(x),) or y.dtype.kind not in 'iu':
         raise SystemExit(f"error: {where}_x.npy is {x.dtype} {x.shape} with {y.dtype} {y.shape} labels, but meta.json "
-                         f"says uint8 (N, {H}, {W}, {C}) and N integer labels; re-run {prepare}")
+                         f"says {kind} (N, {H}, {W}, {C}) and N integer labels; re-run {prepare}")
     if len(x) == 0:
         raise SystemExit(f"error: {where}_x.npy holds no images; re-run {prepare}")
     if y.min() < 0 or y.max() >= K:
@@ -197,14 +205,16 @@ for split, (x, y) in data.items():
                          f"re-run {prepare}")
 
 def load_batch(split, idx, flip=None):
-    """Images idx of a split as floats in [-1, 1], NCHW, on the device; on CUDA a pinned, non-blocking copy."""
+    """Images idx of a split as floats in [-1, 1] (latents: normalised per channel), NCHW, on the device; on CUDA a
+    pinned, non-blocking copy."""
     x, y = data[split]
     x, y = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
     if flip is not None:
-        x = torch.where(flip[:, None, None, None], x.flip(2), x)
+        x = torch.where(flip[:, None, None, None], torch.from_numpy(x_flip[idx]) if latent else x.flip(2), x)
     if device_type == 'cuda':
         x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1), y.to(device)
+    x = x.to(device).permute(0, 3, 1, 2).float()
+    return ((x - latent_mean) / latent_std if latent else x.div(127.5).sub(1)), y.to(device)
 
 def my_slice(micro):
     """This rank's part of the global batch in micro-step `micro`: micro-steps outside, ranks inside."""
@@ -399,6 +409,18 @@ def save_checkpoint(step):
 
 # fixed noise and labels for the sample grids: the same picture of progress at every sample_interval
 grid_z = torch.randn((64, C, H, W), generator=rng(0, 3, device), device=device)
+if latent and master:  # the grids' latents are decoded by the autoencoder that encoded the dataset
+    try:
+        ae_ckpt = torch.load(os.path.join(data_dir, latent['autoencoder']), map_location=device, weights_only=True)
+        autoencoder = Autoencoder(AEConfig(**ae_ckpt['model_args'])).to(device).eval().requires_grad_(False)
+        autoencoder.load_state_dict(ae_ckpt['weights'])
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
+        raise SystemExit(f"error: cannot load the autoencoder of latent dataset {data_dir} "
+                         f"({str(e).splitlines()[0][:200]}); re-run {prepare}")
+
+def to_pixels(x):
+    """Samples as images in [-1, 1]: latents are un-normalised and decoded."""
+    return autoencoder.decode(x * latent_std + latent_mean).clamp(-1, 1) if latent else x
 grid_y = torch.arange(64, device=device) % num_classes if num_classes else torch.full((64,), null_label, device=device)
 
 # -----------------------------------------------------------------------------
@@ -527,7 +549,8 @@ for step in range(start_step, max_steps):
     if master and ((step + 1) % sample_interval == 0 or last):
         with ctx:
             x = diffusion.sample(ema, grid_z, grid_y, sampler, sample_steps, cfg_scale=cfg_scale, shift=shift,
-                                 clip_x0=True, generator=rng(0, 4, device))  # pixels: x0 stays in [-1, 1]
+                                 clip_x0=not latent, generator=rng(0, 4, device))  # pixels: x0 stays in [-1, 1]
+            x = to_pixels(x)
         save_grid(x, os.path.join(out_dir, f'samples_{step + 1:07d}.png'))
     if (step + 1) % ckpt_interval == 0 or last or stop:
         save_checkpoint(step + 1)

@@ -1,0 +1,19 @@
+# Latent diffusion on MNIST: the quickstart's DiT recipe on config/mnist_ae.py's 4 x 7 x 7 latents.
+#   python train_ae.py config/mnist_ae.py && python train_ae.py config/mnist_ae.py --mode=encode
+#   python train_diffusion.py config/mnist_ldm.py && python sample.py --out_dir=out-mnist-ldm
+out_dir = 'out-mnist-ldm'
+dataset = 'mnist-latents'
+arch = 'DiT-N/1'  # 7 x 7 tokens of one latent cell (4 channels) each
+schedule = 'cosine'
+prediction_type = 'v'
+loss_weighting = 'min_snr'
+batch_size = 16
+max_steps = 3000
+lr = 2e-3
+warmup_steps = 200
+ema_decay = 0.999
+log_interval = 200
+eval_interval = 1000
+sample_interval = 1000
+ckpt_interval = 1000
+sample_steps = 25
