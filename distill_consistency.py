@@ -182,6 +182,9 @@ try:
 except (OSError, ValueError) as e:
     raise SystemExit(f"error: the teacher's dataset '{dataset}' is missing or unreadable in {data_dir} ({e!r}); "
                      f"prepare it as for the teacher's run")
+if data['train'][0].dtype == np.float16:  # train_ae.py's latents: the sample grids would need its decoder
+    raise SystemExit(f"error: the teacher trained on latents ({data_dir}); distill_consistency.py distils pixel-space "
+                     f"teachers only")
 N_train, (H, W, C) = len(data['train'][0]), data['train'][0].shape[1:]
 if (C, H) != (teacher_net.config.in_channels, teacher_net.config.image_size) or data['train'][0].dtype != np.uint8:
     raise SystemExit(f"error: {data_dir}/train_x.npy is {data['train'][0].dtype} {data['train'][0].shape}, but the "

@@ -1,5 +1,6 @@
 """
-Samples images from a train_diffusion.py or distill_consistency.py checkpoint (EMA weights by default).
+Samples images from a train_diffusion.py or distill_consistency.py checkpoint (EMA weights by default); a model
+of latents is decoded by the autoencoder its latent dataset names.
 
     python sample.py --out_dir=out-mnist-dit                                  # out-mnist-dit/samples.png
     python sample.py --out_dir=out-mnist-dit --class_labels=3,7 --cfg_scale=2 --save_png=True
@@ -35,7 +36,7 @@ cfg_scale = 4.0  # classifier-free guidance scale (1 = none), on every channel
 cfg_sigma_min = 0.0  # guidance only where cfg_sigma_min < sigma/alpha <= cfg_sigma_max (Kynkaanniemi et al. 2024)
 cfg_sigma_max = float('inf')
 shift = 1.0  # flow schedule: timestep shift of the grid (> 1: more steps at high noise)
-clip_x0 = True  # clip the x0 estimate to [-1, 1], the range of pixel data
+clip_x0 = True  # clip the x0 estimate to [-1, 1], the range of pixel data (never for a latent model)
 sigmas = ''  # consistency models: comma-separated decreasing sigmas, one network call each; '' = sigma_max, one step
 batch_size = 256  # per rank
 seed = 0

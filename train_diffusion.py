@@ -2,6 +2,7 @@
 Trains a diffusion model (DiT or UNet) on a prepared image dataset: one file, top to bottom.
 
     python data/mnist/prepare.py && python train_diffusion.py config/mnist_dit.py      # a laptop or one GPU
+    python train_diffusion.py config/mnist_ldm.py     # on latents that train_ae.py --mode=encode wrote
     torchrun --standalone --nproc_per_node=8 train_diffusion.py config/dit_b.py        # one node, 8 GPUs
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
              --rdzv_endpoint=$HEAD_NODE:29500 train_diffusion.py config/dit_b.py        # run on each node

@@ -46,15 +46,13 @@ def test_quickstart_learns_mnist(quickstart, mnist_classifier):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('objective, steps, sample_args', [
-    (['--schedule=linear', '--prediction_type=eps', '--loss_weighting=min_snr'], 8000, ['--sampler=ddim', '--steps=25']),
-    (['config/recipe_flow.py'], 2500, ['--sampler=euler', '--steps=25']),  # flow prediction, logit-normal t, plain MSE
-], ids=['eps-linear-min_snr', 'flow-logit_normal'])
-def test_other_objectives_learn_mnist(mnist, mnist_classifier, tmp_path, objective, steps, sample_args):
-    """The quickstart's model and data with DDPM's eps objective (95% at 8,000 steps, 69% at 5,000) and with
-    rectified flow (97% at 2,500 steps): the same 80% class-accuracy bar (the quickstart: 98% at 6,000 steps)."""
-    args = ['config/mnist_dit.py', *objective, f'--max_steps={steps}', f'--eval_interval={steps // 2}', '--sample_interval=8000']
-    assert train_and_read(tmp_path / 'out', args, sample_args, mnist_classifier) >= 0.8
+def test_eps_objective_learns_mnist(mnist, mnist_classifier, tmp_path):
+    """The quickstart's model and data with DDPM's eps objective on the linear schedule (95% at 8,000 steps, 89% at
+    7,000, 69% at 5,000): the same 80% class-accuracy bar (the quickstart: 98% at 6,000 steps). Rectified flow's learning test is
+    the latent one in tests/test_autoencoder.py (97% in pixels at 2,500 steps)."""
+    args = ['config/mnist_dit.py', '--schedule=linear', '--prediction_type=eps', '--loss_weighting=min_snr',
+            '--max_steps=7000', '--eval_interval=3500', '--sample_interval=8000']
+    assert train_and_read(tmp_path / 'out', args, ['--sampler=ddim', '--steps=25'], mnist_classifier) >= 0.8
 
 
 def test_unet_resume_is_bit_exact(mnist, tmp_path):

@@ -1,0 +1,209 @@
+"""train_ae.py, the autoencoder in model.py, the latents it encodes, and latent diffusion on them."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import MNIST, run, script_functions
+from model import AE_PRESETS, LPIPS, Autoencoder, AEConfig, create_model
+
+TINY = ['config/mnist_ae.py', '--batch_size=8', '--log_interval=2', '--eval_interval=2', '--eval_images=16',
+        '--ckpt_interval=1000', '--warmup_steps=2', '--disc_start=1', '--adv_start=2']
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def test_presets_downsample_by_f_and_kl_f8_has_ldms_size():
+    """AE-B/f8 is LDM's kl-f8: 83,653,863 parameters there, less the 92 of its two 1x1 convs around the latent
+    (quant_conv, post_quant_conv), which a conv before and after it make redundant."""
+    assert sum(p.numel() for p in create_model('AE-B/f8', image_size=32).parameters()) == 83_653_863 - 92
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    for f in (4, 8, 16):
+        ae = create_model(f'AE-S/f{f}', image_size=32, z_channels=3)
+        mean, logvar = ae.encode(x)
+        assert mean.shape == logvar.shape == (2, 3, 32 // f, 32 // f)
+        assert ae.decode(mean).shape == x.shape
+        xrec, m, _ = ae(x, torch.zeros_like(mean))  # zero noise: z is the mean
+        assert torch.allclose(xrec, ae.decode(mean), atol=1e-6)
+    plain = create_model('AE-S/f4', image_size=32, kl=False)
+    assert plain.encode(x)[1] is None and plain.encode(x)[0].shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match='not divisible by the downsampling factor 16'):
+        create_model('AE-S/f16', image_size=28)
+    assert set(AE_PRESETS) == {f'AE-{s}/f{f}' for s in 'SB' for f in (4, 8, 16)}
+
+
+def test_ssim_matches_its_closed_forms():
+    """SSIM(x, x) = 1; constant images a, b: (2ab + c1) / (a^2 + b^2 + c1); an 11 x 11 image (one window): the
+    Gaussian-weighted means, variances and covariance of the formula, computed here in float64."""
+    ssim, = script_functions('train_ae.py', 'ssim', torch=torch, F=F)
+    torch.manual_seed(0)
+    x = torch.rand(3, 2, 20, 20) * 2 - 1
+    assert torch.allclose(ssim(x, x), torch.ones(3), atol=1e-5)
+    a, b = 0.02, 0.05  # on [0, 1]; dark, so that c1 matters (0.700 with it, 0.690 without)
+    got = ssim(torch.full((1, 1, 16, 16), 2 * a - 1), torch.full((1, 1, 16, 16), 2 * b - 1))
+    assert torch.allclose(got, torch.tensor([(2 * a * b + 1e-4) / (a * a + b * b + 1e-4)]), atol=1e-5)
+    u, v = torch.rand(2, 1, 1, 11, 11, dtype=torch.float64)
+    g = torch.exp(-(torch.arange(11) - 5.0) ** 2 / 4.5).double()
+    w = torch.outer(g, g) / g.sum() ** 2
+    mu, mv = (w * u).sum(), (w * v).sum()
+    var_u, var_v, cov = (w * u * u).sum() - mu ** 2, (w * v * v).sum() - mv ** 2, (w * u * v).sum() - mu * mv
+    want = (2 * mu * mv + 1e-4) * (2 * cov + 9e-4) / ((mu ** 2 + mv ** 2 + 1e-4) * (var_u + var_v + 9e-4))
+    assert abs(ssim(u.float() * 2 - 1, v.float() * 2 - 1).item() - want.item()) < 1e-5
+
+
+def test_lpips_reads_the_two_local_weight_files(tmp_path):
+    """LPIPS loads torchvision's VGG16 key layout and the lpips package's heads (files made here with random
+    weights: nothing is downloaded); the distance is 0 for equal images, symmetric, and positive otherwise."""
+    torch.manual_seed(0)
+    ref = LPIPS()
+    vgg = {f'features.{k}': torch.randn_like(v) * 0.05 for k, v in ref.features.state_dict().items()}
+    vgg['classifier.0.weight'] = torch.zeros(2, 2)  # torchvision's file has the classifier too: ignored
+    torch.save(vgg, tmp_path / 'vgg16.pth')
+    torch.save({f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))},
+               tmp_path / 'vgg.pth')
+    lpips = LPIPS().load(tmp_path / 'vgg16.pth', tmp_path / 'vgg.pth')
+    assert torch.equal(lpips.features[28].weight, vgg['features.28.weight'])
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(lpips(x, x), torch.zeros(2))
+    assert torch.allclose(lpips(x, y), lpips(y, x)) and (lpips(x, y) > 0).all()
+    assert lpips(x[:, :1], y[:, :1]).shape == (2,)  # grey images are repeated to three channels
+    torch.save({'features.0.weight': torch.zeros(3)}, tmp_path / 'wrong.pth')
+    with pytest.raises(ValueError, match="not torchvision's VGG16"):
+        LPIPS().load(tmp_path / 'wrong.pth', tmp_path / 'vgg.pth')
+
+
+def test_resume_is_bit_exact_across_the_discriminator_switching_on(mnist, tmp_path):
+    """6 steps straight == 1 step, stop, resume to 6, with the discriminator training from step 1 and reaching the
+    decoder from step 2: autoencoder, EMA, discriminator and both optimizers identical to the bit; best.pt tracked."""
+    run('train_ae.py', *TINY, f'--out_dir={tmp_path / "a"}', '--max_steps=6')
+    run('train_ae.py', *TINY, f'--out_dir={tmp_path / "b"}', '--max_steps=6', '--max_minutes=0.001')
+    assert load(tmp_path / 'b' / 'ckpt.pt')['step'] == 1
+    p = run('train_ae.py', *TINY, f'--out_dir={tmp_path / "b"}', '--max_steps=6')
+    assert 'resuming' in p.stdout and 'adv' in p.stdout and 'd_loss' in p.stdout
+    a, b = load(tmp_path / 'a' / 'ckpt.pt'), load(tmp_path / 'b' / 'ckpt.pt')
+    assert a['step'] == b['step'] == 6
+    for key in ('model', 'ema', 'disc'):
+        assert all(torch.equal(w, b[key][name]) for name, w in a[key].items()), key
+    for key in ('optimizer', 'd_optimizer'):
+        for sa, sb in zip(a[key]['state'].values(), b[key]['state'].values()):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa), key
+    assert a['best_psnr'] == b['best_psnr'] == load(tmp_path / 'b' / 'best.pt')['best_psnr'] > 5
+    rows = [r for r in csv.DictReader(open(tmp_path / 'b' / 'metrics.csv')) if r['val_psnr_ema']]
+    assert [r['step'] for r in rows] == ['2', '4', '6']
+    assert os.path.exists(tmp_path / 'b' / 'recon_0000006.png')
+
+
+def test_two_ranks_match_one_process(mnist, tmp_path):
+    """torchrun with 2 gloo ranks == 1 process, with the discriminator on: every logged loss term (the adaptive
+    weight is computed from the gradients of the whole micro-step, averaged over ranks), both gradient norms and the
+    validation, to float rounding. (Not the weights: a bias that a one-channel GroupNorm cancels gets a gradient of
+    pure rounding noise, which Adam with beta2 = 0.9 turns into steps of +-lr.)"""
+    common = [*TINY, '--max_steps=4', '--log_interval=1', '--disc_start=0', '--adv_start=1']
+    one_thread = {'OMP_NUM_THREADS': '1'}
+    run('torchrun', '--standalone', '--nproc_per_node=2', 'train_ae.py', *common, f'--out_dir={tmp_path / "ddp"}',
+        env=one_thread)
+    run('train_ae.py', *common, f'--out_dir={tmp_path / "one"}', env=one_thread)
+    skip = {'step', 'kimg', 'lr', 'skipped', 'ms_per_step', 'img_per_s', 'tflops'}
+    a, b = (list(csv.DictReader(open(tmp_path / d / 'metrics.csv'))) for d in ('one', 'ddp'))
+    assert len(a) == len(b) == 6 and float(a[-3]['adv_weight']) > 0
+    for ra, rb in zip(a, b):
+        for k, v in ra.items():
+            if k not in skip and v:
+                assert float(v) == pytest.approx(float(rb[k]), rel=1e-4, abs=1e-5), (ra['step'], k)
+
+
+def test_early_stopping_keeps_the_best_and_stays_stopped(mnist, tmp_path):
+    """With an lr too small to change a float32 weight, the validation PSNR repeats exactly: the first validation is
+    the best, two more without improvement stop the run (patience=2), and re-running does nothing."""
+    args = [*TINY, f'--out_dir={tmp_path}', '--max_steps=20', '--eval_interval=1', '--patience=2', '--lr=1e-30',
+            '--lr_schedule=constant', '--disc_weight=0']
+    p = run('train_ae.py', *args)
+    assert 'stopped early at step 3: 2 validations without a better PSNR' in p.stdout
+    assert load(tmp_path / 'ckpt.pt')['step'] == 3 and load(tmp_path / 'best.pt')['step'] == 1
+    before = open(tmp_path / 'ckpt.pt', 'rb').read()
+    p = run('train_ae.py', *args)
+    assert 'stopped early at step 3' in p.stdout and 'nothing to do' in p.stdout
+    assert open(tmp_path / 'ckpt.pt', 'rb').read() == before
+
+
+def test_encode_on_two_ranks_then_train_and_sample_latent_diffusion(mnist, tmp_path):
+    """Encoding under torchrun (each rank its rows of one file) == one process; the flip file holds the latents of the
+    mirror images; train_diffusion.py trains on the latents by name and sample.py decodes through autoencoder.pt."""
+    out = tmp_path / 'ae'
+    run('train_ae.py', *TINY, f'--out_dir={out}', '--max_steps=2', '--disc_weight=0')
+    one, two = tmp_path / 'lat1', tmp_path / 'lat2'
+    run('train_ae.py', 'config/mnist_ae.py', f'--out_dir={out}', '--mode=encode', f'--latents={one}', '--batch_size=64',
+        '--encode_flips=True')
+    run('torchrun', '--standalone', '--nproc_per_node=2', 'train_ae.py', 'config/mnist_ae.py', f'--out_dir={out}',
+        '--mode=encode', f'--latents={two}', '--batch_size=64', env={'OMP_NUM_THREADS': '1'})
+    meta1, meta2 = (json.load(open(d / 'meta.json')) for d in (one, two))
+    assert meta1['image_size'] == 7 and meta1['channels'] == 4 and meta1['latent']['flips'] and not meta2['latent']['flips']
+    for split in ('train', 'val'):
+        z1, z2 = np.load(one / f'{split}_x.npy'), np.load(two / f'{split}_x.npy')
+        assert z1.dtype == np.float16 and z1.shape == (meta1[f'num_{split}'], 7, 7, 4)
+        assert np.abs(z1.astype(np.float32) - z2.astype(np.float32)).max() < 2e-3  # float16, summed in other orders
+        assert np.array_equal(np.load(one / f'{split}_y.npy'), np.load(os.path.join(MNIST, f'{split}_y.npy')))
+    assert np.allclose(meta1['latent']['mean'], meta2['latent']['mean'], atol=1e-5)
+    z = np.load(one / 'train_x.npy').astype(np.float64).reshape(-1, 4)
+    assert np.allclose(meta1['latent']['mean'], z.mean(0), atol=1e-3) and np.allclose(meta1['latent']['std'], z.std(0), atol=1e-3)
+    saved = load(one / 'autoencoder.pt')
+    ae = Autoencoder(AEConfig(**saved['model_args']))
+    ae.load_state_dict(saved['weights'])
+    x = torch.from_numpy(np.load(os.path.join(MNIST, 'train_x.npy'))[:4]).permute(0, 3, 1, 2) / 127.5 - 1
+    with torch.no_grad():
+        flipped = ae.encode(x.flip(3))[0].permute(0, 2, 3, 1).numpy()
+    assert np.abs(np.load(one / 'train_x_flip.npy')[:4] - flipped).max() < 2e-2  # float16 of values ~ 3
+
+    dit = ['--arch=DiT-N/1', '--batch_size=8', '--max_steps=2', '--eval_interval=2', '--eval_images=16',
+           '--sample_interval=2', '--sample_steps=2', '--warmup_steps=1']
+    run('train_diffusion.py', *dit, f'--dataset={one}', '--hflip=True', f'--out_dir={tmp_path / "ldm"}')
+    assert os.path.exists(tmp_path / 'ldm' / 'samples_0000002.png')  # a grid decoded to pixels
+    run('sample.py', f'--out_dir={tmp_path / "ldm"}', '--num_samples=3', '--steps=2', '--save_npz=True')
+    images = np.load(tmp_path / 'ldm' / 'samples.npz')['arr_0']
+    assert images.shape == (3, 28, 28, 1) and images.dtype == np.uint8
+    p = run('train_diffusion.py', *dit, f'--dataset={two}', '--hflip=True', f'--out_dir={tmp_path / "x"}', check=False)
+    assert p.returncode == 1 and 'holds no latents of mirror images' in p.stderr.strip().splitlines()[-1]
+
+
+BAD_INPUT = [
+    ('adv before disc', ['--disc_start=100', '--adv_start=50'], "adv_start=50 must be at least disc_start=100"),
+    ('lpips without files', ['--lpips_weight=0.1'], "lpips_vgg='' must be set, with lpips_lin, when lpips_weight > 0"),
+    ('lpips wrong files', ['--lpips_weight=0.1', '--lpips_vgg=/nonexistent/vgg16.pth', '--lpips_lin=/nonexistent/vgg.pth'],
+     "cannot load the LPIPS weights"),
+    ('float16', ['--dtype=float16'], "dtype='float16' is not one of float32, bfloat16"),
+    ('unknown arch', ['--arch=AE-S/f3'], "arch='AE-S/f3' is not one of AE-S/f4"),
+    ('f too large', ['--arch=AE-S/f16'], "error: AE-S/f16 on mnist: image_size 28 is not divisible by the downsampling"),
+    ('encode without a run', ['--mode=encode'], "best.pt not found; train an autoencoder in out_dir="),
+]
+
+
+@pytest.mark.parametrize('case, args, message', BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_stops_with_one_clear_line(mnist, tmp_path, case, args, message):
+    p = run('train_ae.py', 'config/mnist_ae.py', f'--out_dir={tmp_path / "out"}', *args, check=False)
+    assert p.returncode == 1 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    assert 'Traceback' not in p.stderr and not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
+
+
+@pytest.mark.slow
+def test_autoencoder_and_latent_diffusion_learn_mnist(mnist, mnist_classifier, tmp_path):
+    """config/mnist_ae.py as typed reaches 24 dB PSNR on the val digits (its EMA weights, the ones it encodes with);
+    config/mnist_ldm.py, rectified flow on those latents, then draws samples that decode to the digit asked for: the
+    spine's bar, 80% of 200. (This is also the suite's rectified-flow learning test.)"""
+    ae, latents, ldm = tmp_path / 'ae', tmp_path / 'latents', tmp_path / 'ldm'
+    print(run('train_ae.py', 'config/mnist_ae.py', f'--out_dir={ae}').stdout[-1000:])
+    rows = [r for r in csv.DictReader(open(ae / 'metrics.csv')) if r['val_psnr_ema']]
+    assert load(ae / 'best.pt')['best_psnr'] == max(float(r['val_psnr_ema']) for r in rows) >= 24
+    print(run('train_ae.py', 'config/mnist_ae.py', f'--out_dir={ae}', '--mode=encode', f'--latents={latents}').stdout)
+    print(run('train_diffusion.py', 'config/mnist_ldm.py', f'--dataset={latents}', f'--out_dir={ldm}').stdout[-1000:])
+    run('sample.py', f'--out_dir={ldm}', '--num_samples=200', '--save_npz=True', '--sampler=euler', '--steps=25')
+    samples = np.load(ldm / 'samples.npz')
+    accuracy = mnist_classifier(samples['arr_0'], samples['arr_1'])
+    print(f"latent DiT: {accuracy:.1%} of 200 samples read as their class")
+    assert accuracy >= 0.8
