@@ -266,7 +266,7 @@ if mode == 'encode':
               f"into {latent_dir}: {h} x {h} x {zc} latents, f={f}")
     if ddp:
         dist.barrier()
-    t0, count = time.time(), 0
+    t0 = time.time()
     sums = torch.zeros(3, zc, dtype=torch.float64, device=device)  # per channel: count, sum, sum of squares
     for split, flip in jobs:
         out = np.load(os.path.join(latent_dir, f"{split}_x{'_flip' * flip}.npy.tmp"), mmap_mode='r+')
@@ -281,7 +281,6 @@ if mode == 'encode':
             if split == 'train' and not flip:
                 z = z.reshape(-1, zc).double()
                 sums += torch.stack([torch.full_like(z[0], len(z)), z.sum(0), z.pow(2).sum(0)])
-            count += len(idx)
         out.flush()
         del out
     if ddp:
@@ -305,9 +304,10 @@ if mode == 'encode':
         with open(os.path.join(latent_dir, 'meta.json.tmp'), 'w') as fh:
             json.dump(latent_meta, fh, indent=2)
         os.replace(os.path.join(latent_dir, 'meta.json.tmp'), os.path.join(latent_dir, 'meta.json'))
-        print(f"encoded {count * world_size} images in {time.time() - t0:.1f} s ({count * world_size / (time.time() - t0):.0f} "
-              f"img/s over {world_size} rank(s)); per-channel mean {np.round(mean.tolist(), 3).tolist()}, "
-              f"std {np.round(std.tolist(), 3).tolist()}; train with --dataset={latents or f'{dataset}-latents'}")
+        count, dt = sum(len(data[split][0]) for split, _ in jobs), time.time() - t0
+        print(f"encoded {count} images in {dt:.1f} s ({count / dt:.0f} img/s over {world_size} rank(s)); per-channel "
+              f"mean {np.round(mean.tolist(), 3).tolist()}, std {np.round(std.tolist(), 3).tolist()}; train with "
+              f"--dataset={latents or f'{dataset}-latents'}")
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
