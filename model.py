@@ -295,9 +295,10 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.config = c = config
         chans = [c.channels * m for m in c.channel_mult]
-        if c.image_size % 2 ** (len(chans) - 1):
+        self.factor = 2 ** (len(chans) - 1)  # f: latents are (z_channels, image_size / f, image_size / f)
+        if c.image_size % self.factor:
             raise ValueError(f"image_size {c.image_size} is not divisible by the downsampling factor "
-                             f"{2 ** (len(chans) - 1)}; pick a smaller f (or pad the images)")
+                             f"{self.factor}; pick a smaller f (or pad the images)")
         block = lambda cin, cout, attn=False: ResBlock(cin, cout, 0, c.dropout, attn, cout)
         cur = chans[0]
         enc = [nn.Conv2d(c.in_channels, cur, 3, padding=1)]
@@ -318,8 +319,11 @@ class Autoencoder(nn.Module):
                 dec.append(nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(cur, cur, 3, padding=1)))
         dec += [nn.GroupNorm(32, cur), nn.SiLU(), nn.Conv2d(cur, c.in_channels, 3, padding=1)]
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
-        self.last_layer = self.decoder[-1]  # where train_ae.py balances the adversarial loss against the others
         self._flops = None
+
+    @property
+    def last_layer(self):  # where train_ae.py balances the adversarial loss against the others
+        return self.decoder[-1]
 
     def encode(self, x):
         """x (B, C, H, W) in [-1, 1] -> the posterior's mean and log-variance (None for a plain autoencoder)."""

@@ -81,12 +81,11 @@ disc_start = 2000  # step at which the discriminator starts training
 adv_start = 3000  # step from which its loss reaches the decoder (at least disc_start)
 disc_layers = 3  # PatchGAN layers (3: 70-pixel patches; 2 suits 28-32 px images)
 disc_channels = 64
-disc_lr = 0.0  # the discriminator's peak lr; 0 = lr (both follow the same schedule)
 # optimization
 batch_size = 64  # images per optimizer step, over all ranks and micro-steps
 grad_accum = 1  # micro-steps per optimizer step on each rank
 max_steps = 10000
-lr = 1e-4
+lr = 1e-4  # of both networks
 min_lr = 1e-5  # the cosine schedule's floor
 lr_schedule = 'cosine'  # after warm-up: 'cosine' to min_lr, or 'constant'
 warmup_steps = 100
@@ -98,8 +97,7 @@ max_nonfinite = 20  # updates with a non-finite gradient norm are skipped; this 
 ema_decay = 0.999  # per step, with warm-up: min(ema_decay, (1 + step) / (10 + step))
 # encoding (mode='encode')
 latents = ''  # the latent dataset to write, data/<latents>/ (or a path); '' = '<dataset>-latents'
-encode_from = 'best'  # 'best' (best.pt) or 'ckpt' (ckpt.pt) in out_dir
-encode_ema = True  # encode with the EMA weights (False: the raw weights)
+encode_from = 'best'  # 'best' (best.pt) or 'ckpt' (ckpt.pt) in out_dir; its EMA weights encode
 encode_flips = False  # also encode each training image's mirror image (for train_diffusion.py's hflip)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -122,7 +120,7 @@ for key in ('batch_size', 'grad_accum', 'max_steps', 'log_interval', 'eval_inter
 for key, ok, rule in [('lr', lr > 0, 'positive'), ('ema_decay', 0 <= ema_decay < 1, 'in [0, 1)'),
                       ('kl_weight', kl_weight >= 0, 'at least 0 (0 = a plain autoencoder)'),
                       ('ssim_weight', ssim_weight >= 0, 'at least 0'), ('disc_weight', disc_weight >= 0, 'at least 0'),
-                      ('lpips_weight', lpips_weight >= 0, 'at least 0'), ('disc_lr', disc_lr >= 0, 'at least 0 (0 = lr)'),
+                      ('lpips_weight', lpips_weight >= 0, 'at least 0'),
                       ('lpips_vgg', not lpips_weight or (lpips_vgg and lpips_lin), 'set, with lpips_lin, when lpips_weight > 0'),
                       ('adv_start', adv_start >= disc_start, f'at least disc_start={disc_start}: the discriminator '
                        f'learns before its loss reaches the decoder'), ('patience', patience >= 0, 'at least 0'),
@@ -247,29 +245,29 @@ if mode == 'encode':
                          f"(or pass --encode_from=ckpt)")
     ckpt = load_checkpoint(source)
     ae = Autoencoder(AEConfig(**ckpt['model_args']))
-    weights = ckpt['ema' if encode_ema else 'model']
-    ae.load_state_dict(weights)
+    ae.load_state_dict(ckpt['ema'])
     ae.to(device).eval()
     if (ae.config.image_size, ae.config.in_channels) != (H, C):
         raise SystemExit(f"error: {source} encodes {ae.config.image_size} px, {ae.config.in_channels}-channel images; "
                          f"dataset '{dataset}' has {H} px, {C} channels")
-    f = 2 ** (len(ae.config.channel_mult) - 1)
-    h, zc = H // f, ae.config.z_channels
-    latent_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', latents or f'{dataset}-latents')
+    h, zc = H // ae.factor, ae.config.z_channels
+    latents = latents or f'{dataset}-latents'
+    latent_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', latents)
+    x_path = lambda split, flip: os.path.join(latent_dir, f"{split}_x{'_flip' * flip}.npy")
     jobs = [('train', False), ('val', False)] + [('train', True)] * encode_flips
     if master:
         os.makedirs(latent_dir, exist_ok=True)
         for split, flip in jobs:  # the files, created once; every rank then writes its rows into them
-            np.lib.format.open_memmap(os.path.join(latent_dir, f"{split}_x{'_flip' * flip}.npy.tmp"), mode='w+',
-                                      dtype=np.float16, shape=(len(data[split][0]), h, h, zc))
-        print(f"encoding {dataset} with {source} (step {ckpt['step']}, {'EMA' if encode_ema else 'raw'} weights) "
-              f"into {latent_dir}: {h} x {h} x {zc} latents, f={f}")
+            np.lib.format.open_memmap(x_path(split, flip) + '.tmp', mode='w+', dtype=np.float16,
+                                      shape=(len(data[split][0]), h, h, zc))
+        print(f"encoding {dataset} with {source} (step {ckpt['step']}, EMA weights) "
+              f"into {latent_dir}: {h} x {h} x {zc} latents, f={ae.factor}")
     if ddp:
         dist.barrier()
     t0 = time.time()
     sums = torch.zeros(3, zc, dtype=torch.float64, device=device)  # per channel: count, sum, sum of squares
     for split, flip in jobs:
-        out = np.load(os.path.join(latent_dir, f"{split}_x{'_flip' * flip}.npy.tmp"), mmap_mode='r+')
+        out = np.load(x_path(split, flip) + '.tmp', mmap_mode='r+')
         n = len(out)
         share = range(rank * n // world_size, (rank + 1) * n // world_size)  # contiguous: no two ranks touch a row
         for lo in range(share.start, share.stop, micro_batch):
@@ -290,24 +288,23 @@ if mode == 'encode':
         mean = sums[1] / sums[0]
         std = (sums[2] / sums[0] - mean ** 2).clamp(min=0).sqrt()
         for split, flip in jobs:
-            name = os.path.join(latent_dir, f"{split}_x{'_flip' * flip}.npy")
-            os.replace(name + '.tmp', name)
+            os.replace(x_path(split, flip) + '.tmp', x_path(split, flip))
         for split in ('train', 'val'):
             np.save(os.path.join(latent_dir, f'{split}_y.npy'), data[split][1])
-        torch.save({'model_args': asdict(ae.config), 'weights': weights, 'source': os.path.abspath(source),
+        torch.save({'model_args': asdict(ae.config), 'weights': ckpt['ema'], 'source': os.path.abspath(source),
                     'step': ckpt['step']}, os.path.join(latent_dir, 'autoencoder.pt'))
         latent_meta = {**meta, 'image_size': h, 'channels': zc,
                        'latent': {'autoencoder': 'autoencoder.pt', 'mean': mean.tolist(), 'std': std.tolist(),
                                   'image_size': H, 'channels': C, 'flips': encode_flips,
                                   'source': f"{dataset} encoded by {os.path.abspath(source)} (step {ckpt['step']}, "
-                                            f"{'EMA' if encode_ema else 'raw'} weights), the posterior means"}}
+                                            f"EMA weights), the posterior means"}}
         with open(os.path.join(latent_dir, 'meta.json.tmp'), 'w') as fh:
             json.dump(latent_meta, fh, indent=2)
         os.replace(os.path.join(latent_dir, 'meta.json.tmp'), os.path.join(latent_dir, 'meta.json'))
         count, dt = sum(len(data[split][0]) for split, _ in jobs), time.time() - t0
         print(f"encoded {count} images in {dt:.1f} s ({count / dt:.0f} img/s over {world_size} rank(s)); per-channel "
               f"mean {np.round(mean.tolist(), 3).tolist()}, std {np.round(std.tolist(), 3).tolist()}; train with "
-              f"--dataset={latents or f'{dataset}-latents'}")
+              f"--dataset={latents}")
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
@@ -332,13 +329,13 @@ if lpips_weight > 0:
         raise SystemExit(f"error: cannot load the LPIPS weights ({str(e).splitlines()[0][:200]}); set lpips_vgg to "
                          f"torchvision's vgg16-397923af.pth and lpips_lin to the lpips package's weights/v0.1/vgg.pth")
 
-def make_optimizer(net, peak_lr):
+def make_optimizer(net):
     decay, no_decay = [p for p in net.parameters() if p.dim() >= 2], [p for p in net.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
-                             lr=peak_lr, betas=(beta1, beta2), fused=True)  # fused: also skips updates on the device
+                             lr=lr, betas=(beta1, beta2), fused=True)  # fused: also skips updates on the device
 
-optimizer = make_optimizer(model, lr)
-d_optimizer = make_optimizer(disc, disc_lr or lr) if disc else None
+optimizer = make_optimizer(model)
+d_optimizer = make_optimizer(disc) if disc else None
 start_step, saved_step, wandb_id, best_psnr, stale_evals = 0, None, None, -math.inf, 0
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
@@ -380,7 +377,7 @@ params, ema_params = list(raw_model.parameters()), list(ema.parameters())
 d_params = list(raw_disc.parameters()) if disc else []
 ae_flops = raw_model.flops_per_sample()
 d_flops = count_flops(raw_disc, torch.zeros(1, C, H, W, device=device)) if disc else 0
-latent_size = H // 2 ** (len(model_config.channel_mult) - 1)
+latent_size = H // raw_model.factor
 if master:
     print(f"{arch}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, {ae_flops / 1e9:.3f} GFLOPs forward per "
           f"image; latents {z_channels} x {latent_size} x {latent_size}"
@@ -393,11 +390,11 @@ def flops_per_image(step):
 
 def get_lr(step):
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return lr * (step + 1) / warmup_steps
     if lr_schedule == 'constant':
-        return 1.0
+        return lr
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr / lr + 0.5 * (1 - min_lr / lr) * (1 + math.cos(math.pi * progress))  # a multiple of the peak lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 def adaptive_weight(nll, adv):
     """Esser et al. 2021, eq. 7: ||grad of the reconstruction loss|| / ||grad of the adversarial loss|| at the
@@ -533,9 +530,9 @@ sums = torch.zeros(len(terms), device=device)  # the loss terms, summed over the
 skipped, streak, worst_streak = (torch.zeros((), device=device) for _ in range(3))  # non-finite updates skipped
 t_log, steps_since_log = time.time(), 0
 for step in range(start_step, max_steps):
-    for opt, peak in ((optimizer, lr), (d_optimizer, disc_lr or lr)):
-        for group in opt.param_groups if opt else []:
-            group['lr'] = peak * get_lr(step)
+    for opt in (optimizer, d_optimizer) if disc else (optimizer,):
+        for group in opt.param_groups:
+            group['lr'] = get_lr(step)
     train_disc, adv_on = disc is not None and step >= disc_start, disc is not None and step >= adv_start
     eps_all = torch.randn((batch_size, z_channels, latent_size, latent_size), generator=rng(step, 1, device),
                           device=device)  # the posterior samples' noise, for the whole global batch
@@ -607,7 +604,7 @@ for step in range(start_step, max_steps):
         n_skipped = int(skipped.item())  # the host sync
         avg = dict(zip(terms, (sums / (steps_since_log - n_skipped)).tolist()))  # nan if every step was skipped
         dt = (time.time() - t_log) / steps_since_log
-        row = dict(step=step + 1, kimg=(step + 1) * batch_size / 1e3, **avg, lr=lr * get_lr(step),
+        row = dict(step=step + 1, kimg=(step + 1) * batch_size / 1e3, **avg, lr=get_lr(step),
                    grad_norm=grad_norm.item(), d_grad_norm=d_grad_norm.item(), skipped=n_skipped,
                    ms_per_step=dt * 1e3, img_per_s=batch_size / dt)
         row['tflops'] = flops_per_image(step) * row['img_per_s'] / 1e12

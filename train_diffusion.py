@@ -62,7 +62,7 @@ dataset = 'mnist'  # reads data/<dataset>/ (or a path): images from its prepare.
 hflip = False  # random horizontal flips (of latent datasets: the latents of the mirror images, if encoded)
 class_cond = True  # condition on the dataset's labels; False trains unconditionally
 # model and diffusion
-arch = 'DiT-N/4'  # 'DiT-{N,Ti,S,B,L,XL}/{2,4,8}' or 'UNet-{S,B}' (model.py's presets)
+arch = 'DiT-N/4'  # 'DiT-{N,Ti,S,B,L,XL}/{1,2,4,8}' or 'UNet-{S,B}' (model.py's presets)
 schedule = 'linear'  # 'linear' or 'cosine' (DDPM, T steps), 'flow' (x_t = (1 - t) x0 + t eps), 'edm' (x0 + sigma eps)
 prediction_type = 'eps'  # 'eps', 'v', 'x0' (with EDM's preconditioning on the edm schedule), 'flow' (eps - x0)
 num_timesteps = 1000  # T of the DDPM schedules

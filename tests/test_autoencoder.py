@@ -79,6 +79,30 @@ def test_lpips_reads_the_two_local_weight_files(tmp_path):
         LPIPS().load(tmp_path / 'wrong.pth', tmp_path / 'vgg.pth')
 
 
+def test_the_other_switches_run(mnist, tmp_path):
+    """A plain autoencoder (kl_weight=0) without middle attention, trained on L2 + SSIM + LPIPS (weight files made
+    here) with flips, gradient accumulation and keep_last; the SSIM and LPIPS terms add to the logged loss; then
+    encoded from ckpt.pt."""
+    lpips = LPIPS()
+    torch.save({f'features.{k}': torch.randn_like(v) * 0.05 for k, v in lpips.features.state_dict().items()},
+               tmp_path / 'vgg16.pth')
+    torch.save({f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))},
+               tmp_path / 'vgg.pth')
+    out = tmp_path / 'out'
+    run('train_ae.py', *TINY, f'--out_dir={out}', '--max_steps=4', '--kl_weight=0', '--mid_attention=False',
+        '--rec_loss=l2', '--ssim_weight=0.5', '--lpips_weight=0.5', f'--lpips_vgg={tmp_path / "vgg16.pth"}',
+        f'--lpips_lin={tmp_path / "vgg.pth"}', '--hflip=True', '--grad_accum=2', '--keep_last=2', '--ckpt_interval=1',
+        '--disc_weight=0')
+    ckpt = load(out / 'ckpt.pt')
+    assert not ckpt['model_args']['kl'] and not ckpt['model_args']['mid_attention']
+    assert sorted(f for f in os.listdir(out) if f.startswith('ckpt_')) == ['ckpt_0000003.pt', 'ckpt_0000004.pt']
+    rows = [r for r in csv.DictReader(open(out / 'metrics.csv')) if r['loss']]
+    assert all(float(r['loss']) > float(r['rec']) and float(r['kl']) == 0 for r in rows)
+    run('train_ae.py', 'config/mnist_ae.py', f'--out_dir={out}', '--mode=encode', '--encode_from=ckpt',
+        f'--latents={tmp_path / "latents"}')
+    assert np.load(tmp_path / 'latents' / 'val_x.npy').shape == (mnist['num_val'], 7, 7, 4)
+
+
 def test_resume_is_bit_exact_across_the_discriminator_switching_on(mnist, tmp_path):
     """6 steps straight == 1 step, stop, resume to 6, with the discriminator training from step 1 and reaching the
     decoder from step 2: autoencoder, EMA, discriminator and both optimizers identical to the bit; best.pt tracked."""
