@@ -411,6 +411,123 @@ class LPIPS(nn.Module):
                 d = d + self.lins[self.taps.index(i)]((a - b) ** 2).mean(dim=(1, 2, 3))
         return d
 
+# -----------------------------------------------------------------------------
+# GAN: R3GAN's generator and discriminator (Huang et al. 2024, "The GAN is dead; long live the GAN!"): ResNeXt-style
+# residual blocks with no normalisation, kept stable at initialisation by fix-up-style scaling (Zhang et al. 2019)
+
+@dataclass
+class GANConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    widths: tuple = (256, 256, 256, 256)  # G's stage widths from its basis up, each stage at twice the resolution of
+    # the one before; D mirrors them. The basis is image_size / 2^(stages - 1) pixels wide (4 for 32 px, 4 stages)
+    blocks: int = 2  # residual blocks per stage
+    expansion: int = 2  # a block's hidden width / its stage's width
+    group_channels: int = 16  # channels per group of a block's grouped 3x3 convolution (cardinality = hidden / this)
+    z_dim: int = 64
+    num_classes: int = 0  # 0 = unconditional
+    embed_dim: int = 64  # class embedding: concatenated to z in G, projected onto D's features (Miyato & Koyama 2018)
+
+# GAN-B is R3GAN's CIFAR-10 network; GAN-T (3 stages: a 7x7 basis for 28 px) trains on a CPU in minutes.
+GAN_PRESETS = {'GAN-T': dict(widths=(64, 32, 32), group_channels=8), 'GAN-S': dict(widths=(256,) * 4),
+               'GAN-B': dict(widths=(768,) * 4)}
+
+def msr_init(layer, gain=1.0):
+    """He et al.'s fan-in initialisation: weights N(0, gain^2 / fan_in), biases zero."""
+    nn.init.normal_(layer.weight, 0.0, gain / math.sqrt(layer.weight[0].numel()))
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+class GANBlock(nn.Module):
+    """x + conv1x1(act(grouped conv3x3(act(conv1x1(x))))), act = leaky ReLU(0.2). Fix-up init: the first two convs
+    He-initialised and scaled by L^(-1/4) (L blocks in the network, 3 convs per branch: L^(-1/(2*3-2))), the last
+    one zero, so every block starts as the identity and no normalisation is needed."""
+    def __init__(self, width, config, num_blocks):
+        super().__init__()
+        c, hidden = config, width * config.expansion
+        if hidden % c.group_channels:
+            raise ValueError(f"a block's hidden width {hidden} is not a multiple of group_channels={c.group_channels}")
+        gain = math.sqrt(2 / (1 + 0.2 ** 2)) * num_blocks ** -0.25
+        self.conv1 = msr_init(nn.Conv2d(width, hidden, 1), gain)
+        self.conv2 = msr_init(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden // c.group_channels), gain)
+        self.conv3 = msr_init(nn.Conv2d(hidden, width, 1, bias=False), 0.0)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.conv1(x), 0.2)
+        return x + self.conv3(F.leaky_relu(self.conv2(h), 0.2))
+
+class Resample(nn.Module):
+    """R3GAN's transition between stages: bilinear 2x upsampling or 2x2 average pooling, with a 1x1 convolution
+    where the width changes (on the narrower side)."""
+    def __init__(self, cin, cout, up):
+        super().__init__()
+        self.up = up
+        self.conv = msr_init(nn.Conv2d(cin, cout, 1, bias=False)) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        if self.up:
+            return F.interpolate(self.conv(x), scale_factor=2, mode='bilinear', align_corners=False)
+        return self.conv(F.avg_pool2d(x, 2))
+
+def gan_stages(config):
+    """The basis width (pixels) of a GANConfig and its number of residual blocks; raises ValueError on a size that
+    does not halve down to a whole basis."""
+    c, stages = config, len(config.widths)
+    if c.image_size % 2 ** (stages - 1):
+        raise ValueError(f"image_size {c.image_size} is not divisible by 2^{stages - 1}, the {stages - 1} resolution "
+                         f"doublings of widths={c.widths}; pick a preset with fewer stages (or pad the images)")
+    return c.image_size // 2 ** (stages - 1), stages * c.blocks
+
+class Generator(nn.Module):
+    """z (and a class) -> a learned constant basis (width, b, b) scaled per channel by a linear map of them, stages
+    of residual blocks with bilinear upsampling between, a 1x1 convolution to pixels."""
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        b, num_blocks = gan_stages(c)
+        self.embed = nn.Embedding(c.num_classes, c.embed_dim) if c.num_classes else None
+        self.z_proj = msr_init(nn.Linear(c.z_dim + (c.embed_dim if c.num_classes else 0), c.widths[0]))
+        self.basis = nn.Parameter(torch.randn(c.widths[0], b, b))
+        layers, cur = [], c.widths[0]
+        for i, width in enumerate(c.widths):
+            layers += ([Resample(cur, width, up=True)] if i else []) + [GANBlock(width, c, num_blocks) for _ in range(c.blocks)]
+            cur = width
+        self.net = nn.Sequential(*layers)
+        self.to_pixels = msr_init(nn.Conv2d(cur, c.in_channels, 1))
+
+    def forward(self, z, y=None):
+        """z (B, z_dim), y (B,) int labels (ignored when unconditional) -> images (B, C, H, W), about [-1, 1]."""
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(y)], dim=1)
+        return self.to_pixels(self.net(self.basis * self.z_proj(z)[:, :, None, None]))
+
+class Discriminator(nn.Module):
+    """The generator mirrored: a 1x1 convolution from pixels, stages of residual blocks with 2x2 average pooling
+    between, a depthwise b x b convolution that removes the basis's spatial extent, a linear head: one logit per
+    image (projected onto the class embedding when conditional)."""
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        b, num_blocks = gan_stages(c)
+        widths = c.widths[::-1]
+        self.from_pixels = msr_init(nn.Conv2d(c.in_channels, widths[0], 1))
+        layers = []
+        for i, width in enumerate(widths):
+            layers += [GANBlock(width, c, num_blocks) for _ in range(c.blocks)]
+            layers += [Resample(width, widths[i + 1], up=False)] if i + 1 < len(widths) else []
+        self.net = nn.Sequential(*layers)
+        self.basis = msr_init(nn.Conv2d(widths[-1], widths[-1], b, groups=widths[-1]))
+        self.head = msr_init(nn.Linear(widths[-1], c.embed_dim if c.num_classes else 1))
+        self.embed = nn.Embedding(c.num_classes, c.embed_dim) if c.num_classes else None
+
+    def forward(self, x, y=None):
+        """x (B, C, H, W), y (B,) int labels (ignored when unconditional) -> logits (B,)."""
+        h = self.head(self.basis(self.net(self.from_pixels(x))).flatten(1))
+        if self.embed is None:
+            return h.squeeze(1)
+        return (h * self.embed(y)).sum(1) / math.sqrt(h.shape[1])
+
 def create_model(arch, **kwargs):
     """A network by preset name: create_model('DiT-B/4', image_size=32, in_channels=4, num_classes=1000)."""
     if arch in DIT_PRESETS:
@@ -419,7 +536,10 @@ def create_model(arch, **kwargs):
         return UNet(UNetConfig(**{**UNET_PRESETS[arch], **kwargs}))
     if arch in AE_PRESETS:
         return Autoencoder(AEConfig(**{**AE_PRESETS[arch], **kwargs}))
-    raise ValueError(f"unknown arch '{arch}'; use one of {', '.join([*DIT_PRESETS, *UNET_PRESETS, *AE_PRESETS])}")
+    if arch in GAN_PRESETS:  # the generator; Discriminator(model.config) is its partner
+        return Generator(GANConfig(**{**GAN_PRESETS[arch], **kwargs}))
+    raise ValueError(f"unknown arch '{arch}'; use one of "
+                     f"{', '.join([*DIT_PRESETS, *UNET_PRESETS, *AE_PRESETS, *GAN_PRESETS])}")
 
 ARCHS = (*DIT_PRESETS, *UNET_PRESETS)  # the denoisers
 

@@ -1,12 +1,13 @@
 """
-Samples images from a train_diffusion.py or distill_consistency.py checkpoint (EMA weights by default); a model
-of latents is decoded by the autoencoder its latent dataset names.
+Samples images from a train_diffusion.py, distill_consistency.py or train_gan.py checkpoint (EMA weights by
+default); a model of latents is decoded by the autoencoder its latent dataset names.
 
     python sample.py --out_dir=out-mnist-dit                                  # out-mnist-dit/samples.png
     python sample.py --out_dir=out-mnist-dit --class_labels=3,7 --cfg_scale=2 --save_png=True
     python sample.py --out_dir=out-mnist-flow --sampler=heun --steps=12 --shift=2     # any sampler on any schedule
     torchrun --nproc_per_node=8 sample.py --out_dir=out-dit-b --num_samples=50000 --save_npz=True
     python sample.py --out_dir=out-mnist-cd --sigmas=80,0.8              # a consistency model: 2 network calls
+    python sample.py --out_dir=out-mnist-gan --save_npz=True              # a GAN: one generator call, z ~ N(0, I)
 
 Sample i starts from noise seeded by (seed, i), so (for the deterministic samplers) the images do not depend on batch
 size or world size; under torchrun each rank samples its share and rank 0 writes the files. The .npz is the ADM format the standard FID
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from model import SAMPLERS, AEConfig, Autoencoder, Diffusion, create_model
+from model import GAN_PRESETS, SAMPLERS, AEConfig, Autoencoder, Diffusion, create_model
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # holds ckpt.pt; the samples are written here too
@@ -76,15 +77,18 @@ except Exception as e:
     raise SystemExit(f"error: cannot load {ckpt_path} ({why}); pass the out_dir of a train_diffusion.py run")
 consistency = ckpt.get('consistency')  # a distill_consistency.py checkpoint: its teacher's diffusion
 train_config = ckpt['teacher_config'] if consistency else ckpt['config']
+gan = train_config['arch'] in GAN_PRESETS  # a train_gan.py checkpoint: its generator, one call from z to images
 model = create_model(train_config['arch'], **ckpt['model_args'])
 model.load_state_dict(ckpt['ema' if use_ema else 'model'])
 model.to(device).eval()
-diffusion = Diffusion(train_config['schedule'], train_config['prediction_type'], train_config['num_timesteps'],
-                      train_config['sigma_data'])
-if shift != 1.0 and diffusion.schedule != 'flow':
-    raise SystemExit(f"error: shift={shift} applies to the flow schedule only; this run used '{diffusion.schedule}'")
+diffusion = None if gan else Diffusion(train_config['schedule'], train_config['prediction_type'],
+                                       train_config['num_timesteps'], train_config['sigma_data'])
+if shift != 1.0 and (gan or diffusion.schedule != 'flow'):
+    raise SystemExit(f"error: shift={shift} applies to the flow schedule only; this run used "
+                     f"'{'a GAN' if gan else diffusion.schedule}'")
 num_classes, size, channels = model.config.num_classes, model.config.image_size, model.config.in_channels
-z_shape = (channels, size, size)  # the noise; the images are the decoded latents' size for a latent model
+# the noise: G's input for a GAN; else the images' shape (a latent model's images are its latents decoded)
+z_shape = (model.config.z_dim,) if gan else (channels, size, size)
 data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', train_config['dataset'])
 try:  # a model of latents: decode them with the autoencoder that the latent dataset's meta.json names
     latent = json.load(open(os.path.join(data_dir, 'meta.json'))).get('latent')
@@ -121,7 +125,7 @@ if consistency:
         raise SystemExit(f"error: sigmas='{sigmas}' must be decreasing sigmas above sigma_min={consistency['sigma_min']}, "
                          f"comma-separated, like 80 or 80,0.8")
 how = f"consistency model, {len(cm_sigmas)} step(s) at sigmas {cm_sigmas}" if consistency else \
-    f"{sampler} with {steps} steps, cfg {cfg_scale}"
+    'GAN generator' if gan else f"{sampler} with {steps} steps, cfg {cfg_scale}"
 print(f"rank {rank}: sampling {num_samples} images from {ckpt_path} (step {ckpt['step']}, "
       f"{'EMA' if use_ema else 'raw'} weights), {how}")
 
@@ -136,7 +140,9 @@ for lo in range(0, num_samples, world_size * batch_size):
     y = torch.from_numpy(labels[idx % num_samples]).to(device)
     with ctx:  # ddpm and eta > 0 add fresh noise per step, drawn per batch: then the images depend on the batch layout
         generator = torch.Generator(device).manual_seed(seed + lo + rank)
-        if consistency:
+        if gan:
+            x = model(z, y).clamp(-1, 1)
+        elif consistency:
             x = diffusion.consistency_sample(model, z, y, cm_sigmas, consistency['sigma_min'], generator)
         else:
             x = diffusion.sample(model, z, y, sampler, steps, eta, cfg_scale, (cfg_sigma_min, cfg_sigma_max), shift,

@@ -1,0 +1,193 @@
+"""train_gan.py, the GAN networks in model.py, and sampling GAN checkpoints."""
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import MNIST, REPO, run, script_functions
+from model import GAN_PRESETS, Discriminator, GANBlock, create_model
+
+TINY = ['config/mnist_gan.py', '--batch_size=8', '--log_interval=1', '--sample_interval=1000', '--ckpt_interval=1000',
+        '--reg_interval=2', '--augment=color,translation,cutout', '--warmup_steps=2', '--lr_schedule=constant']
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def test_presets_fit_their_sizes_and_every_block_starts_as_the_identity():
+    torch.manual_seed(0)
+    g = create_model('GAN-T', image_size=28, in_channels=1, num_classes=10)
+    d = Discriminator(g.config)
+    z, y = torch.randn(6, 64), torch.arange(6)
+    x = g(z, y)
+    assert x.shape == (6, 1, 28, 28) and 0.1 < x.std() < 3  # no normalisation, yet a sane scale at init
+    assert d(x, y).shape == (6,) and not torch.allclose(d(x, y), d(x, (y + 1) % 10))  # the projection sees labels
+    blocks = [m for net in (g, d) for m in net.modules() if isinstance(m, GANBlock)]
+    assert len(blocks) == 2 * 3 * 2
+    for b in blocks:
+        h = torch.randn(2, b.conv1.in_channels, 7, 7)
+        assert torch.equal(b(h), h)
+    big = create_model('GAN-B', image_size=32, in_channels=3)  # R3GAN's CIFAR-10 width, 4 x 4 basis
+    assert big.basis.shape == (768, 4, 4) and 20e6 < sum(p.numel() for p in big.parameters()) < 22e6
+    with pytest.raises(ValueError, match='image_size 28 is not divisible by 2\\^3'):
+        create_model('GAN-S', image_size=28, in_channels=1)
+
+
+def test_penalty_and_losses_match_their_closed_forms():
+    """R1 of a linear D(x) = w.x is ||w||^2, and its gradient in w is 2w (the penalty trains D, so it must be
+    differentiable); of D(x) = ||x||^2 it is 4||x||^2. RpGAN's two losses differ by exactly the logit gap."""
+    gradient_penalty, adversarial_losses = script_functions(
+        'train_gan.py', 'gradient_penalty', 'adversarial_losses', torch=torch, F=F, loss='rpgan')
+    w = torch.randn(3, 5, 5, requires_grad=True)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    r1 = gradient_penalty((x * w).sum(dim=(1, 2, 3)), x)
+    assert torch.allclose(r1, w.pow(2).sum().expand(4))
+    grad_w, = torch.autograd.grad(r1.sum(), w)
+    assert torch.allclose(grad_w, 4 * 2 * w)
+    assert torch.allclose(gradient_penalty(x.pow(2).sum(dim=(1, 2, 3)), x), 4 * x.detach().pow(2).sum(dim=(1, 2, 3)))
+    real, fake = torch.randn(7), torch.randn(7)
+    loss_d, loss_g = adversarial_losses(real, fake)
+    assert torch.allclose(loss_d - loss_g, fake - real) and torch.allclose(loss_d, torch.log1p(torch.exp(fake - real)))
+    _, ns = script_functions('train_gan.py', 'gradient_penalty', 'adversarial_losses', torch=torch, F=F, loss='ns')
+    loss_d, loss_g = ns(torch.zeros(2), torch.zeros(2))
+    assert torch.allclose(loss_d, torch.full((2,), 2 * math.log(2))) and torch.allclose(loss_g, torch.full((2,), math.log(2)))
+
+
+def test_diff_augment_shifts_cuts_and_passes_gradients():
+    augment = lambda ops: script_functions('train_gan.py', 'diff_augment', torch=torch, augment_ops=ops)[0]
+    x = torch.zeros(2, 1, 28, 28)
+    x[:, 0, 10, 12] = 1
+    p = torch.full((2, 7), 0.5)
+    p[0, 3], p[0, 4] = 0.0, 0.99  # image 0: 3 rows up, 3 columns right (28 // 8 = 3); image 1: not moved
+    out = augment(['translation'])(x, p)
+    assert out[0, 0, 7, 15] == 1 and out[1, 0, 10, 12] == 1 and out.sum() == 2
+    edge = torch.ones(1, 1, 28, 28)
+    assert augment(['translation'])(edge, p[:1]).sum() == 28 * 28 - 3 * 28 - 3 * 25  # zeros come in at the edges
+    cut = augment(['cutout'])(edge, torch.full((1, 7), 0.5))
+    assert cut.sum() == 28 * 28 - 13 * 13 and cut[0, 0, 14, 14] == 0  # a 13 x 13 hole around the centre
+    every = augment(['color', 'translation', 'cutout'])
+    xg = torch.randn(4, 3, 32, 32, requires_grad=True)
+    params = torch.rand(4, 7)
+    out = every(xg, params)
+    assert out.shape == xg.shape and torch.equal(out, every(xg, params))  # the parameters decide everything
+    out.sum().backward()
+    assert xg.grad.abs().sum() > 0 and torch.equal(augment([])(xg, params), xg)
+
+
+def test_resume_is_bit_exact_and_sample_py_reads_the_checkpoint(mnist, tmp_path):
+    """6 steps straight == 3, stop, resume to 6, with everything that draws randomness on (augmentation, penalties
+    every 2nd step, conditioning): both networks, the EMA, both optimizers and the image count identical to the
+    bit; the metrics rows after the checkpoint are dropped. Then sample.py writes the GAN's digits and .npz."""
+    run('train_gan.py', *TINY, f'--out_dir={tmp_path / "a"}', '--max_steps=6')
+    run('train_gan.py', *TINY, f'--out_dir={tmp_path / "b"}', '--max_steps=3')
+    with open(tmp_path / 'b' / 'metrics.csv', 'a') as f:  # a row logged after the checkpoint, before a crash
+        f.write('5,0.04,9.9' + ',' * 13 + '\n')
+    p = run('train_gan.py', *TINY, f'--out_dir={tmp_path / "b"}', '--max_steps=6')
+    assert 'resuming' in p.stdout and 'changed since: max_steps 3 -> 6' in p.stdout
+    a, b = load(tmp_path / 'a' / 'ckpt.pt'), load(tmp_path / 'b' / 'ckpt.pt')
+    assert a['step'] == b['step'] == 6 and a['images_seen'] == b['images_seen'] == 48
+    for key in ('model', 'ema', 'disc'):
+        assert all(torch.equal(w, b[key][name]) for name, w in a[key].items()), key
+    for key in ('optimizer', 'd_optimizer'):
+        for sa, sb in zip(a[key]['state'].values(), b[key]['state'].values()):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa), key
+    rows = list(csv.DictReader(open(tmp_path / 'b' / 'metrics.csv')))
+    assert [r['step'] for r in rows] == ['1', '2', '3', '4', '5', '6']
+    assert [float(r['r1']) > 0 if r['r1'] else None for r in rows] == [True, None] * 3  # penalties every 2nd step
+    run('sample.py', f'--out_dir={tmp_path / "b"}', '--num_samples=12', '--save_npz=True', '--class_labels=3,7')
+    samples = np.load(tmp_path / 'b' / 'samples.npz')
+    assert samples['arr_0'].shape == (12, 28, 28, 1) and samples['arr_1'].tolist() == [3, 7] * 6
+    assert os.path.exists(tmp_path / 'b' / 'samples.png')
+
+
+def test_two_ranks_match_one_process(mnist, tmp_path):
+    """torchrun with 2 gloo ranks == 1 process == 1 process with 2 micro-steps: the noise and augmentation of the
+    whole batch are drawn once and sliced, and the penalty pass's gradients join the all-reduce of the loss pass.
+    Every logged term and both gradient norms agree to 1e-3 (measured: 2e-4), the weights to the sum of the lr steps:
+    Adam's first steps are about +-lr whatever the gradient's size, so a gradient that is pure rounding noise (a bias
+    whose effect cancels) can step the other way on another layout. Using one rank's half batch would not pass."""
+    common = [*TINY, '--max_steps=3', '--batch_size=16', '--reg_interval=1']
+    one_thread = {'OMP_NUM_THREADS': '1'}
+    run('torchrun', '--standalone', '--nproc_per_node=2', 'train_gan.py', *common, f'--out_dir={tmp_path / "ddp"}',
+        env=one_thread)
+    run('train_gan.py', *common, f'--out_dir={tmp_path / "one"}', env=one_thread)
+    run('train_gan.py', *common, f'--out_dir={tmp_path / "accum"}', '--grad_accum=2', env=one_thread)
+    skip = {'step', 'kimg', 'lr', 'skipped', 'ms_per_step', 'img_per_s', 'tflops'}
+    one = list(csv.DictReader(open(tmp_path / 'one' / 'metrics.csv')))
+    for other in ('ddp', 'accum'):
+        rows = list(csv.DictReader(open(tmp_path / other / 'metrics.csv')))
+        assert len(rows) == len(one) == 3
+        for ra, rb in zip(one, rows):
+            for k, v in ra.items():
+                if k not in skip:
+                    assert float(v) == pytest.approx(float(rb[k]), rel=1e-3, abs=1e-5), (other, ra['step'], k)
+        a, b = load(tmp_path / 'one' / 'ckpt.pt'), load(tmp_path / other / 'ckpt.pt')
+        for key in ('model', 'disc'):
+            for name, w in a[key].items():
+                assert torch.allclose(w, b[key][name], rtol=0, atol=2 * (1e-4 + 2e-4 + 2e-4)), (other, key, name)
+
+
+def test_a_nonfinite_update_is_skipped_and_counted(mnist, tmp_path):
+    """NaN fakes at step 1 (G's 3rd and 4th training forwards: the D pass's fakes and G's pass): both networks skip
+    that update, the log counts it, the run goes on and ends finite."""
+    p = subprocess.run([sys.executable, 'tests/faults.py', 'train_gan.py', *TINY, '--max_steps=4', '--ckpt_interval=1',
+                        '--keep_last=4', f'--out_dir={tmp_path}'], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, 'WANDB_MODE': 'disabled', 'FAULT_NAN_STEPS': '2,3'}, timeout=300)
+    assert p.returncode == 0 and '1 non-finite update(s) skipped' in p.stdout, p.stderr[-2000:]
+    before, after = load(tmp_path / 'ckpt_0000001.pt'), load(tmp_path / 'ckpt_0000002.pt')
+    for key in ('model', 'ema', 'disc'):
+        assert all(torch.equal(w, after[key][name]) for name, w in before[key].items()), key
+    rows = list(csv.DictReader(open(tmp_path / 'metrics.csv')))
+    assert [r['skipped'] for r in rows] == ['0', '1', '0', '0'] and rows[1]['d_loss'] == 'nan'
+    assert all(w.isfinite().all() for w in load(tmp_path / 'ckpt.pt')['model'].values())
+
+
+BAD_INPUT = [
+    ('negative gamma', ['--gamma=-1'], "gamma=-1.0 must be at least 0 (0 = no gradient penalties)"),
+    ('unknown loss', ['--loss=wgan'], "loss='wgan' is not one of rpgan, ns"),
+    ('unknown augmentation', ['--augment=translation,flip'],
+     "augment='translation,flip' must be comma-separated ops from color, translation, cutout, or ''"),
+    ('preset too deep', ['--arch=GAN-S'], "error: GAN-S on mnist: image_size 28 is not divisible by 2^3"),
+    ('no data', ['--dataset=nonexistent'], "dataset 'nonexistent' is missing or unreadable"),
+]
+
+
+@pytest.mark.parametrize('case, args, message', BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_stops_with_one_clear_line(mnist, tmp_path, case, args, message):
+    p = run('train_gan.py', 'config/mnist_gan.py', f'--out_dir={tmp_path / "out"}', *args, check=False)
+    assert p.returncode == 1 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    assert 'Traceback' not in p.stderr and not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
+
+
+def test_resuming_another_network_is_refused(mnist, tmp_path):
+    run('train_gan.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=1')
+    p = run('train_gan.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=2', '--class_cond=False', check=False)
+    assert p.returncode == 1 and "holds another network (GAN-T, 10 classes)" in p.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_conditional_gan_learns_mnist(mnist, mnist_classifier, tmp_path):
+    """config/mnist_gan.py as typed: the EMA generator's samples show the digit asked for (the spine's bar, 80% of
+    200) without collapsing to one image per class (the mean distance between two samples of a class is at least
+    a third of that between two real digits of it), and no update was non-finite."""
+    print(run('train_gan.py', 'config/mnist_gan.py', f'--out_dir={tmp_path}').stdout[-1500:])
+    rows = list(csv.DictReader(open(tmp_path / 'metrics.csv')))
+    assert all(r['skipped'] == '0' and np.isfinite(float(r['d_loss'])) for r in rows)
+    run('sample.py', f'--out_dir={tmp_path}', '--num_samples=200', '--save_npz=True')
+    samples = np.load(tmp_path / 'samples.npz')
+    accuracy = mnist_classifier(samples['arr_0'], samples['arr_1'])
+    x, y = samples['arr_0'].reshape(200, -1) / 255.0, samples['arr_1']
+    real_x, real_y = np.load(os.path.join(MNIST, 'train_x.npy'))[:1000].reshape(1000, -1) / 255.0, \
+        np.load(os.path.join(MNIST, 'train_y.npy'))[:1000]
+    spread = lambda a: np.mean([np.linalg.norm(p - q) for i, p in enumerate(a) for q in a[i + 1:]])
+    diversity = np.mean([spread(x[y == c]) / spread(real_x[real_y == c][:20]) for c in range(10)])
+    print(f"conditional GAN: {accuracy:.1%} of 200 samples read as their class; within-class spread {diversity:.2f} "
+          f"of the real digits'")
+    assert accuracy >= 0.8 and diversity >= 1 / 3
