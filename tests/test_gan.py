@@ -14,7 +14,7 @@ from conftest import MNIST, REPO, run, script_functions
 from model import GAN_PRESETS, Discriminator, GANBlock, create_model
 
 TINY = ['config/mnist_gan.py', '--batch_size=8', '--log_interval=1', '--sample_interval=1000', '--ckpt_interval=1000',
-        '--reg_interval=2', '--augment=color,translation,cutout', '--warmup_steps=2', '--lr_schedule=constant']
+        '--reg_interval=2', '--augment=color,translation,cutout', '--lr=2e-4', '--warmup_steps=2', '--lr_schedule=constant']
 
 
 def load(path):
@@ -110,9 +110,10 @@ def test_resume_is_bit_exact_and_sample_py_reads_the_checkpoint(mnist, tmp_path)
 def test_two_ranks_match_one_process(mnist, tmp_path):
     """torchrun with 2 gloo ranks == 1 process == 1 process with 2 micro-steps: the noise and augmentation of the
     whole batch are drawn once and sliced, and the penalty pass's gradients join the all-reduce of the loss pass.
-    Every logged term and both gradient norms agree to 1e-3 (measured: 2e-4), the weights to the sum of the lr steps:
-    Adam's first steps are about +-lr whatever the gradient's size, so a gradient that is pure rounding noise (a bias
-    whose effect cancels) can step the other way on another layout. Using one rank's half batch would not pass."""
+    Every logged term and both gradient norms agree to 1e-3 (measured: 2e-4; 1e-4 absolute near 0), and the weights within what Adam's
+    steps can move them apart: with beta1 = 0 the step t is at most sqrt(t) lr whatever the gradient's size, so a
+    gradient of pure rounding noise (a bias whose effect cancels) can step either way on another layout. Using one
+    rank's half batch would not pass."""
     common = [*TINY, '--max_steps=3', '--batch_size=16', '--reg_interval=1']
     one_thread = {'OMP_NUM_THREADS': '1'}
     run('torchrun', '--standalone', '--nproc_per_node=2', 'train_gan.py', *common, f'--out_dir={tmp_path / "ddp"}',
@@ -127,11 +128,12 @@ def test_two_ranks_match_one_process(mnist, tmp_path):
         for ra, rb in zip(one, rows):
             for k, v in ra.items():
                 if k not in skip:
-                    assert float(v) == pytest.approx(float(rb[k]), rel=1e-3, abs=1e-5), (other, ra['step'], k)
+                    assert float(v) == pytest.approx(float(rb[k]), rel=1e-3, abs=1e-4), (other, ra['step'], k)
         a, b = load(tmp_path / 'one' / 'ckpt.pt'), load(tmp_path / other / 'ckpt.pt')
         for key in ('model', 'disc'):
             for name, w in a[key].items():
-                assert torch.allclose(w, b[key][name], rtol=0, atol=2 * (1e-4 + 2e-4 + 2e-4)), (other, key, name)
+                assert torch.allclose(w, b[key][name], rtol=0, atol=2 * (1e-4 + 2e-4 * 2 ** 0.5 + 2e-4 * 3 ** 0.5)), \
+                    (other, key, name)
 
 
 def test_a_nonfinite_update_is_skipped_and_counted(mnist, tmp_path):
