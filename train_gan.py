@@ -391,7 +391,8 @@ def log(row):
         wandb.log(row, step=row['step'])
 
 # -----------------------------------------------------------------------------
-# training loop: a D step (the loss pass, then on regularisation steps the penalty pass), then a G step
+# training loop: a D step (on regularisation steps the penalty pass, then the loss pass), then a G step against the
+# updated D (alternating, as in Goodfellow et al. and StyleGAN2-ADA)
 stop_signal = 0
 
 def request_stop(signum, frame):  # SIGTERM (a scheduler, torchrun) or SIGUSR1 (SLURM's --signal warning)
@@ -438,7 +439,12 @@ for step in range(start_step, max_steps):
         (d_loss / grad_accum).backward()
         step_sums[[0, 4, 5]] += torch.stack([d_loss, logits_real.mean(), logits_fake.mean()]).detach() / grad_accum
     d_grad_norm = torch.nn.utils.clip_grad_norm_(d_params, grad_clip if grad_clip > 0 else float('inf'))
-    # G: through D, whose weights stay as they are (frozen, and outside DDP, which then waits for no gradients)
+    d_bad = ~d_grad_norm.isfinite()  # all-reduced gradients: the same on every rank
+    d_optimizer.found_inf = d_bad.float()  # fused Adam then skips the update on the device, with no host sync
+    d_optimizer.step()
+    d_optimizer.zero_grad(set_to_none=True)
+    # G: through the updated D, whose weights stay as they are (frozen, and outside DDP, which then waits for no
+    # gradients of them)
     raw_disc.requires_grad_(False)
     for micro, (x, y) in enumerate(batches):
         s = my_slice(micro)
@@ -452,15 +458,15 @@ for step in range(start_step, max_steps):
         step_sums[1] += g_loss.detach() / grad_accum
     raw_disc.requires_grad_(True)
     g_grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
-    bad = ~(g_grad_norm.isfinite() & d_grad_norm.isfinite())  # all-reduced gradients: the same on every rank
-    for opt in (optimizer, d_optimizer):
-        opt.found_inf = bad.float()  # fused Adam then skips the update on the device, with no host sync
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    g_bad = ~g_grad_norm.isfinite()
+    optimizer.found_inf = g_bad.float()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():  # EMA by half-life in images, ramped up; a skipped update leaves it alone too
         ema_nimg = min(ema_kimg * 1000, (step + 1) * batch_size * ema_rampup) if ema_rampup else ema_kimg * 1000
         beta = 0.5 ** (batch_size / ema_nimg) if ema_nimg > 0 else 0.0
-        torch._foreach_lerp_(ema_params, params, (1 - beta) * ~bad)
+        torch._foreach_lerp_(ema_params, params, (1 - beta) * ~g_bad)
+    bad = d_bad | g_bad  # a step with either update skipped: its losses are not averaged into the log
     sums += torch.where(bad, 0, step_sums)
     skipped += bad
     streak = (streak + 1) * bad

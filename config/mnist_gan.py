@@ -1,4 +1,4 @@
-# A conditional GAN on the MNIST subset, on a CPU in about 75 s:  python train_gan.py config/mnist_gan.py
+# A conditional GAN on the MNIST subset, on a CPU in about 70 s:  python train_gan.py config/mnist_gan.py
 # (unconditional: --class_cond=False --max_steps=3000; DiffAugment for small datasets: --augment=translation,cutout)
 out_dir = 'out-mnist-gan'
 dataset = 'mnist'
