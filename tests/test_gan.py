@@ -14,7 +14,8 @@ from conftest import MNIST, REPO, run, script_functions
 from model import GAN_PRESETS, Discriminator, GANBlock, create_model
 
 TINY = ['config/mnist_gan.py', '--batch_size=8', '--log_interval=1', '--sample_interval=1000', '--ckpt_interval=1000',
-        '--reg_interval=2', '--augment=color,translation,cutout', '--lr=2e-4', '--warmup_steps=2', '--lr_schedule=constant']
+        '--reg_interval=2', '--augment=color,translation,cutout', '--lr=2e-4', '--warmup_steps=2', '--lr_schedule=constant',
+        '--grad_clip=1.0']
 
 
 def load(path):
@@ -138,9 +139,9 @@ def test_two_ranks_match_one_process(mnist, tmp_path):
 
 def test_a_nonfinite_update_is_skipped_and_counted(mnist, tmp_path):
     """NaN fakes at step 1 (G's 3rd and 4th training forwards: the D pass's fakes and G's pass): both networks skip
-    that update, the log counts it, the run goes on and ends finite."""
+    that update, the log counts it, the run goes on and ends finite. (With the non-saturating loss.)"""
     p = subprocess.run([sys.executable, 'tests/faults.py', 'train_gan.py', *TINY, '--max_steps=4', '--ckpt_interval=1',
-                        '--keep_last=4', f'--out_dir={tmp_path}'], cwd=REPO, capture_output=True, text=True,
+                        '--keep_last=4', '--loss=ns', f'--out_dir={tmp_path}'], cwd=REPO, capture_output=True, text=True,
                        env={**os.environ, 'WANDB_MODE': 'disabled', 'FAULT_NAN_STEPS': '2,3'}, timeout=300)
     assert p.returncode == 0 and '1 non-finite update(s) skipped' in p.stdout, p.stderr[-2000:]
     before, after = load(tmp_path / 'ckpt_0000001.pt'), load(tmp_path / 'ckpt_0000002.pt')
@@ -168,8 +169,9 @@ def test_bad_input_stops_with_one_clear_line(mnist, tmp_path, case, args, messag
     assert 'Traceback' not in p.stderr and not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
 
 
-def test_resuming_another_network_is_refused(mnist, tmp_path):
-    run('train_gan.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=1')
+def test_max_minutes_stops_and_resuming_another_network_is_refused(mnist, tmp_path):
+    p = run('train_gan.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=50', '--max_minutes=1e-6')
+    assert 'stopped at step 1 of 50 (max_minutes=1e-06)' in p.stdout and load(tmp_path / 'ckpt.pt')['step'] == 1
     p = run('train_gan.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=2', '--class_cond=False', check=False)
     assert p.returncode == 1 and "holds another network (GAN-T, 10 classes)" in p.stderr.strip().splitlines()[-1]
 
