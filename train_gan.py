@@ -295,12 +295,10 @@ if master:
           f"parameters, {d_flops / 1e9:.3f} GFLOPs forward per image in D; "
           + (f"{num_classes} classes" if num_classes else 'unconditional'))
 
-def flops_per_image(step):
-    """Per real image of a step: D on a real and a fake (forward + backward, 3x the forward) after G's forward; G
-    forward + backward through D's forward + backward (and D's forward on the real, for rpgan); the penalty pass
-    (forward, backward to the input, and the backward of that: counted as 3 forwards and 2 backwards, 7 forwards)."""
-    reg = 2 * 7 * d_flops if step % reg_interval == 0 and gamma > 0 else 0
-    return g_flops + 6 * d_flops + 3 * g_flops + 3 * d_flops + d_flops * (loss == 'rpgan') + reg
+# FLOPs per real image of a step: D on a real and a fake (forward + backward, 3x the forward) after G's forward; G
+# forward + backward through D's forward + backward (and D's forward on the real, for rpgan); the penalty pass
+# (forward, backward to the input, and the backward of that: counted as 7 forwards) once every reg_interval steps
+flops_per_image = 4 * g_flops + (9 + (loss == 'rpgan') + 14 * (gamma > 0) / reg_interval) * d_flops
 
 def get_lr(step):
     if step < warmup_steps:
@@ -490,8 +488,7 @@ for step in range(start_step, max_steps):
         row = dict(step=step + 1, kimg=(step + 1) * batch_size / 1e3, **avg, lr=get_lr(step),
                    d_grad_norm=d_grad_norm.item(), g_grad_norm=g_grad_norm.item(), skipped=n_skipped,
                    ms_per_step=dt * 1e3, img_per_s=batch_size / dt)
-        row['tflops'] = sum(flops_per_image(s) for s in range(step + 1 - steps_since_log, step + 1)) / steps_since_log \
-            * row['img_per_s'] / 1e12
+        row['tflops'] = flops_per_image * row['img_per_s'] / 1e12
         if master:
             print(f"step {row['step']}/{max_steps} | {row['kimg']:.1f} kimg | d_loss {avg['d_loss']:.4f} | g_loss "
                   f"{avg['g_loss']:.4f} | " + (f"r1 {avg['r1']:.3g} r2 {avg['r2']:.3g} | " if avg['r1'] is not None else '') + f"logits {avg['logits_real']:.2f} / "
