@@ -53,7 +53,8 @@ K = num_classes if num_classes >= 0 else (meta.get('num_classes', 0) if class_co
 if not H or not C:
     raise SystemExit(f"error: no data/{dataset}/meta.json to take the input shape from; pass --image_size and --channels")
 
-model = create_model(arch, image_size=H, in_channels=C, num_classes=K).to(device)
+options = dict(norm=norm, mlp=mlp, qk_norm=qk_norm, rope=rope) if arch.startswith('DiT') else {}  # LightningDiT's
+model = create_model(arch, image_size=H, in_channels=C, num_classes=K, **options).to(device)
 ema = create_model(arch, **vars(model.config)).to(device).requires_grad_(False)
 model.activation_checkpointing = activation_checkpointing
 if device_type == 'cuda' and arch.startswith('UNet'):

@@ -27,6 +27,14 @@ class DiTConfig:
     num_heads: int = 16
     mlp_ratio: float = 4.0
     num_classes: int = 1000  # 0 = unconditional; label num_classes is the null label for classifier-free guidance
+    # LightningDiT's options (Yao et al. 2025): off, the model is the DiT paper's
+    norm: str = 'layernorm'  # 'rmsnorm': the blocks' and the final norm are RMSNorm
+    mlp: str = 'gelu'  # 'swiglu': silu(x W1) * x W2, then W3, at 2/3 the width (the same parameters)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys, with a learned scale
+    rope: bool = False  # 2-D rotary position embedding on queries and keys (half the pairs per axis), besides pos_embed
+    # conditioning on a control image of control_channels channels, the input's size (a condition for every step):
+    control: str = ''  # 'concat': extra input channels; 'controlnet': a trainable copy of the first half of the
+    control_channels: int = 0  # blocks reads it, joined to the base blocks through zero-initialised projections
 
 # name -> (depth, hidden_size, num_heads). S/B/L/XL are the paper's Table 1; Ti and N are small ones for CPUs.
 DIT_SIZES = {'N': (4, 128, 4), 'Ti': (6, 192, 3), 'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16),
@@ -54,33 +62,71 @@ def sincos_pos_embed_2d(dim, grid_size):
     emb = np.concatenate([embed_1d(dim // 2, gw), embed_1d(dim // 2, gh)], axis=1)
     return torch.from_numpy(emb).float()
 
+def norm_layer(kind, dim):
+    """The pre-norm of a DiT block, without affine parameters (adaLN scales and shifts)."""
+    return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False) if kind == 'rmsnorm' else \
+        nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+def rope_2d(grid, head_dim, base=10000.0):
+    """cos and sin of 2-D rotary embedding angles (Su et al. 2021; Heo et al. 2024), (grid**2, head_dim / 2) each: the
+    first half of a head's channel pairs rotate with the token's column, the second half with its row."""
+    freqs = base ** (-torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing='ij')
+    angles = torch.cat([cols.reshape(-1, 1) * freqs, rows.reshape(-1, 1) * freqs], dim=1)
+    return angles.cos().float(), angles.sin().float()
+
+def apply_rope(x, cos, sin):
+    """Rotates each channel pair (2i, 2i + 1) of x (B, heads, N, head_dim) by its angle."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, qk_norm=False):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = (nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity() for _ in 'qk')
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on CUDA
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
+class SwiGLU(nn.Module):
+    """silu(x W1) * (x W2), then W3 (Shazeer 2020)."""
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+def mlp_width(c):
+    """Hidden width of a block's MLP: mlp_ratio x hidden_size, 2/3 of it for SwiGLU's three matrices."""
+    return int(c.hidden_size * c.mlp_ratio * (2 / 3 if c.mlp == 'swiglu' else 1))
+
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning: shift, scale and a zero-initialised gate per branch."""
-    def __init__(self, dim, num_heads, mlp_ratio):
+    def __init__(self, c):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(approximate='tanh'),
-                                 nn.Linear(int(dim * mlp_ratio), dim))
+        dim, hidden = c.hidden_size, mlp_width(c)
+        self.norm1 = norm_layer(c.norm, dim)
+        self.attn = Attention(dim, c.num_heads, c.qk_norm)
+        self.norm2 = norm_layer(c.norm, dim)
+        self.mlp = SwiGLU(dim, hidden) if c.mlp == 'swiglu' else \
+            nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate='tanh'), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c):
+    def forward(self, x, c, rope=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
 
@@ -91,15 +137,32 @@ class DiT(nn.Module):
         if c.image_size % c.patch_size:
             raise ValueError(f"image_size {c.image_size} is not divisible by patch_size {c.patch_size}; "
                              f"pick a preset with a patch size that divides it (or pad the images)")
-        if c.hidden_size % c.num_heads or (c.hidden_size // c.num_heads) % 2:
-            raise ValueError(f"hidden_size {c.hidden_size} must split into {c.num_heads} heads of even size")
+        head_dim = c.hidden_size // c.num_heads
+        if c.hidden_size % c.num_heads or head_dim % (4 if c.rope else 2):
+            raise ValueError(f"hidden_size {c.hidden_size} must split into {c.num_heads} heads of a size divisible by "
+                             f"{4 if c.rope else 2}")
+        for key, value, allowed in [('norm', c.norm, ('layernorm', 'rmsnorm')), ('mlp', c.mlp, ('gelu', 'swiglu')),
+                                    ('control', c.control, ('', 'concat', 'controlnet'))]:
+            if value not in allowed:
+                raise ValueError(f"{key}='{value}' is not one of {allowed}")
+        if bool(c.control) != (c.control_channels > 0):
+            raise ValueError(f"control='{c.control}' with control_channels={c.control_channels}: set both or neither")
         self.grid = c.image_size // c.patch_size
-        self.x_embedder = nn.Conv2d(c.in_channels, c.hidden_size, c.patch_size, stride=c.patch_size)
+        embed = lambda channels: nn.Conv2d(channels, c.hidden_size, c.patch_size, stride=c.patch_size)
+        self.x_embedder = embed(c.in_channels + (c.control_channels if c.control == 'concat' else 0))
         self.register_buffer('pos_embed', sincos_pos_embed_2d(c.hidden_size, self.grid)[None], persistent=False)
+        if c.rope:
+            cos, sin = rope_2d(self.grid, head_dim)
+            self.register_buffer('rope_cos', cos, persistent=False)
+            self.register_buffer('rope_sin', sin, persistent=False)
         self.t_embedder = nn.Sequential(nn.Linear(256, c.hidden_size), nn.SiLU(), nn.Linear(c.hidden_size, c.hidden_size))
         self.y_embedder = nn.Embedding(c.num_classes + 1, c.hidden_size)  # last row: the null label
-        self.blocks = nn.ModuleList([DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth)])
-        self.norm_final = nn.LayerNorm(c.hidden_size, elementwise_affine=False, eps=1e-6)
+        self.blocks = nn.ModuleList([DiTBlock(c) for _ in range(c.depth)])
+        if c.control == 'controlnet':  # Zhang et al. 2023, on a DiT as in PixArt-delta (Chen et al. 2024)
+            self.control_embedder = embed(c.control_channels)  # zero-initialised, like each of control_out
+            self.control_blocks = nn.ModuleList([DiTBlock(c) for _ in range(c.depth // 2)])  # copies of blocks[:depth // 2]
+            self.control_out = nn.ModuleList([nn.Linear(c.hidden_size, c.hidden_size) for _ in range(c.depth // 2)])
+        self.norm_final = norm_layer(c.norm, c.hidden_size)
         self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden_size, 2 * c.hidden_size))
         self.linear_final = nn.Linear(c.hidden_size, c.patch_size ** 2 * c.in_channels)
         self.activation_checkpointing = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
@@ -119,17 +182,35 @@ class DiT(nn.Module):
         for block in self.blocks:  # adaLN-Zero: every residual branch starts as the identity
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.adaLN_final[-1], self.linear_final):  # the output starts at zero
+        zero = [self.adaLN_final[-1], self.linear_final]  # the output starts at zero
+        if self.config.control == 'controlnet':  # the control branch starts silent: the base model's output
+            zero += [self.control_embedder, *self.control_out]
+        for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x, t, y):
-        """x: (B, C, H, W) noisy input; t: (B,) timesteps (any real scale, DDPM uses 0..999); y: (B,) int labels."""
+    def forward(self, x, t, y, control=None):
+        """x: (B, C, H, W) noisy input; t: (B,) timesteps (any real scale, DDPM uses 0..999); y: (B,) int labels;
+        control: (B, control_channels, H, W) when the model has one."""
         c, p, g = self.config, self.config.patch_size, self.grid
+        if (control is None) != (not c.control):
+            raise ValueError(f"this DiT has control='{c.control}' but was called with{'out' if control is None else ''} "
+                             f"a control image")
+        if c.control == 'concat':
+            x = torch.cat([x, control.to(x.dtype)], dim=1)
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D), N = g*g tokens
         cond = self.t_embedder(timestep_embedding(t, 256)) + self.y_embedder(y)
-        for block in self.blocks:
-            x = checkpoint(block, x, cond, use_reentrant=False) if self.activation_checkpointing else block(x, cond)
+        rope = (self.rope_cos, self.rope_sin) if c.rope else None
+        run = lambda block, h: checkpoint(block, h, cond, rope, use_reentrant=False) if self.activation_checkpointing \
+            else block(h, cond, rope)
+        residuals = []  # the ControlNet's output after each of its blocks, added to the base block of the same depth
+        if c.control == 'controlnet':
+            h = x + self.control_embedder(control.to(x.dtype)).flatten(2).transpose(1, 2)
+            for block, out in zip(self.control_blocks, self.control_out):
+                h = run(block, h)
+                residuals.append(out(h))
+        for i, block in enumerate(self.blocks):
+            x = run(block, x) + (residuals[i] if i < len(residuals) else 0)
         shift, scale = self.adaLN_final(cond).chunk(2, dim=1)
         x = self.linear_final(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
         x = x.view(-1, g, g, p, p, c.in_channels).permute(0, 5, 1, 3, 2, 4)  # unpatchify
@@ -139,13 +220,14 @@ class DiT(nn.Module):
         """Forward FLOPs for one image, a multiply-add counted as 2 (the DiT paper's Gflops count it as 1).
         Counts the matmuls and attention; norms, activations and embeddings' additions are negligible."""
         c, N, D = self.config, self.grid ** 2, self.config.hidden_size
-        hidden = int(D * c.mlp_ratio)
-        per_block = 2 * N * (3 * D * D + D * D + 2 * D * hidden)  # qkv, proj, mlp
+        per_block = 2 * N * (3 * D * D + D * D + (3 if c.mlp == 'swiglu' else 2) * D * mlp_width(c))  # qkv, proj, mlp
         per_block += 2 * 2 * N * N * D  # q @ k^T and attn @ v
         per_block += 2 * D * 6 * D  # adaLN modulation (once per image)
-        embed = 2 * N * c.in_channels * c.patch_size ** 2 * D + 2 * (256 * D + D * D)  # patches, timestep MLP
+        patch = 2 * N * c.patch_size ** 2 * D  # per input channel
+        embed = patch * (c.in_channels + c.control_channels) + 2 * (256 * D + D * D)  # patches, timestep MLP
         final = 2 * D * 2 * D + 2 * N * D * c.patch_size ** 2 * c.in_channels
-        return c.depth * per_block + embed + final
+        control = (c.depth // 2) * (per_block + 2 * N * D * D) if c.control == 'controlnet' else 0  # blocks, control_out
+        return c.depth * per_block + embed + final + control
 
 # -----------------------------------------------------------------------------
 # UNet: a compact ADM / DDPM++ style network for pixel-space recipes (Ho et al. 2020; Dhariwal & Nichol 2021)
@@ -161,6 +243,8 @@ class UNetConfig:
     head_channels: int = 64
     dropout: float = 0.1
     num_classes: int = 0  # as DiTConfig: 0 = unconditional, label num_classes is the null label
+    control: str = ''  # 'concat': a control image of control_channels channels as extra input channels (as DiTConfig)
+    control_channels: int = 0
 
 UNET_PRESETS = {
     'UNet-S': dict(channels=64, channel_mult=(1, 2, 2), attn_levels=(1, 2), head_channels=32),  # 28-32 px on a CPU
@@ -207,10 +291,13 @@ class UNet(nn.Module):
         if c.image_size % 2 ** (levels - 1):
             raise ValueError(f"image_size {c.image_size} is not divisible by 2^{levels - 1}, the UNet's "
                              f"{levels - 1} downsamplings; pick a preset with fewer levels (or pad the images)")
+        if c.control not in ('', 'concat') or bool(c.control) != (c.control_channels > 0):
+            raise ValueError(f"control='{c.control}' with control_channels={c.control_channels}: the UNet takes "
+                             f"control='concat' with control_channels > 0, or neither ('controlnet' is the DiT's)")
         block = lambda cin, cout, attn: ResBlock(cin, cout, emb_dim, c.dropout, attn, c.head_channels)
         self.t_embedder = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.y_embedder = nn.Embedding(c.num_classes + 1, emb_dim)  # last row: the null label
-        self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(c.in_channels + c.control_channels, ch, 3, padding=1)
         self.down, skip_channels, cur = nn.ModuleList(), [ch], ch
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
@@ -234,8 +321,13 @@ class UNet(nn.Module):
         self.activation_checkpointing = False
         self._flops = None
 
-    def forward(self, x, t, y):
-        """As DiT.forward: x (B, C, H, W), t (B,) real-valued timesteps, y (B,) int labels."""
+    def forward(self, x, t, y, control=None):
+        """As DiT.forward: x (B, C, H, W), t (B,) real-valued timesteps, y (B,) int labels, control (B, Cc, H, W)."""
+        if (control is None) != (not self.config.control):
+            raise ValueError(f"this UNet has control='{self.config.control}' but was called with"
+                             f"{'out' if control is None else ''} a control image")
+        if control is not None:
+            x = torch.cat([x, control.to(x.dtype)], dim=1)
         emb = self.t_embedder(timestep_embedding(t, self.config.channels)) + self.y_embedder(y)
         run = lambda block, h: checkpoint(block, h, emb, use_reentrant=False) if self.activation_checkpointing else block(h, emb)
         h = self.conv_in(x)
@@ -253,8 +345,10 @@ class UNet(nn.Module):
         """Forward FLOPs for one image (a multiply-add is 2), counted once by torch's FlopCounterMode."""
         if self._flops is None:
             c, dev = self.config, next(self.parameters()).device
-            self._flops = count_flops(self, torch.zeros(1, c.in_channels, c.image_size, c.image_size, device=dev),
-                                      torch.zeros(1, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
+            zeros = lambda channels: torch.zeros(1, channels, c.image_size, c.image_size, device=dev)
+            self._flops = count_flops(self, zeros(c.in_channels), torch.zeros(1, device=dev),
+                                      torch.zeros(1, dtype=torch.long, device=dev),
+                                      zeros(c.control_channels) if c.control else None)
         return self._flops
 
 def count_flops(net, *inputs):
@@ -544,6 +638,33 @@ def create_model(arch, **kwargs):
 ARCHS = (*DIT_PRESETS, *UNET_PRESETS)  # the denoisers
 
 # -----------------------------------------------------------------------------
+# Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", sec. 3):
+# train_diffusion.py tracks power-function EMAs and saves snapshots of them; sample.py combines the snapshots into
+# an EMA of another length. The EMA of exponent gamma at step t averages the weights of steps tau <= t with the
+# profile (gamma + 1) tau^gamma / t^(gamma + 1): each step, ema = beta ema + (1 - beta) weights, beta = (1 - 1/t)^(gamma + 1).
+
+def phema_gamma(sigma_rel):
+    """The exponent of the power-function EMA of relative standard deviation sigma_rel (the profile's standard
+    deviation over its length; EDM2, eq. 3): the largest root of sigma_rel^2 (gamma + 2)^2 (gamma + 3) = gamma + 1."""
+    if not 0 < sigma_rel < 0.28:
+        raise ValueError(f"sigma_rel={sigma_rel} must be in (0, 0.28): longer averages are not power-function EMAs")
+    s2 = sigma_rel ** 2
+    return float(max(r.real for r in np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1]) if abs(r.imag) < 1e-9))
+
+def phema_coefficients(snapshots, t, sigma_rel):
+    """Coefficients x_i such that sum_i x_i snapshot_i is the EMA of sigma_rel at step t: the profiles' combination
+    nearest to its profile in L2 (their inner products have a closed form; EDM2, app. C.3), under sum_i x_i = 1 (an
+    average of the weights, as every profile is). snapshots: (t_i, gamma_i) pairs."""
+    ts = np.array([s[0] for s in snapshots] + [t], dtype=np.float64) / t  # in units of t: no overflow
+    gs = np.array([s[1] for s in snapshots] + [phema_gamma(sigma_rel)], dtype=np.float64)
+    ta, tb, ga, gb = ts[:, None], ts[None], gs[:, None], gs[None]
+    log_dot = (ga + gb + 1) * np.log(np.minimum(ta, tb)) - (ga + 1) * np.log(ta) - (gb + 1) * np.log(tb)
+    dot = (ga + 1) * (gb + 1) / (ga + gb + 1) * np.exp(log_dot)  # <p_a, p_b> = integral of p_a p_b over tau
+    n = len(snapshots)  # minimise x'Gx - 2 b'x subject to 1'x = 1: [[G, 1], [1', 0]] [x, lambda] = [b, 1]
+    kkt = np.block([[dot[:n, :n], np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]])
+    return np.linalg.lstsq(kkt, np.append(dot[:n, n], 1.0), rcond=None)[0][:n]
+
+# -----------------------------------------------------------------------------
 # Diffusion: schedules, prediction types and samplers, shared by train_diffusion.py, sample.py and
 # distill_consistency.py. The training loss (timestep sampling, weighting) is written out in train_diffusion.py.
 
@@ -685,15 +806,17 @@ class Diffusion:
         return bcast(B / det, x) * x - bcast(sigma / det, x) * F, bcast(alpha / det, x) * F - bcast(A / det, x) * x
 
     @torch.no_grad()
-    def denoise(self, model, x, t, y, cfg_scale=1.0, clip_x0=False):
+    def denoise(self, model, x, t, y, cfg_scale=1.0, clip_x0=False, control=None):
         """x0 and eps estimates at one time t (a 0-d tensor) for every image of x. Classifier-free guidance
-        F_u + cfg_scale (F_c - F_u) acts on every output channel, null label = model.config.num_classes."""
+        F_u + cfg_scale (F_c - F_u) acts on every output channel, null label = model.config.num_classes; both
+        halves see the control image, if any."""
         x_in, c_noise = self.net_inputs(x, t.expand(len(x)))
         if cfg_scale == 1.0:
-            F = model(x_in, c_noise, y)
+            F = model(x_in, c_noise, y, control)
         else:
             null = torch.full_like(y, model.config.num_classes)
-            F_c, F_u = model(torch.cat([x_in, x_in]), torch.cat([c_noise, c_noise]), torch.cat([y, null])).chunk(2)
+            F_c, F_u = model(torch.cat([x_in, x_in]), torch.cat([c_noise, c_noise]), torch.cat([y, null]),
+                             None if control is None else torch.cat([control, control])).chunk(2)
             F = F_u + cfg_scale * (F_c - F_u)
         x0, eps = self.x0_eps(F.to(x.dtype), x, t.view(1))
         if clip_x0:  # pixel data lives in [-1, 1]; eps follows the clipped x0
@@ -723,7 +846,7 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, model, z, y, sampler='ddim', steps=50, eta=0.0, cfg_scale=1.0, cfg_interval=(0.0, float('inf')),
-               shift=1.0, clip_x0=False, generator=None):
+               shift=1.0, clip_x0=False, generator=None, control=None):
         """Images from noise z (B, C, H, W) with labels y. cfg_interval: guidance only where lo < sigma/alpha <= hi
         (Kynkaanniemi et al. 2024). ddpm is DDIM with eta = 1 (the posterior q(x_s | x_t, x0) sampled; Ho et al.
         2020), ddim takes eta (Song et al. 2021, eq. 12); euler and heun integrate the probability-flow ODE (Karras
@@ -736,7 +859,7 @@ class Diffusion:
         a, b = alpha / scale, sigma / scale
         eta = 1.0 if sampler == 'ddpm' else eta
         denoise = lambda x, i: self.denoise(model, x, t[i], y, cfg_scale if cfg_interval[0] < sigma[i] / alpha[i] <= cfg_interval[1]
-                                            else 1.0, clip_x0)
+                                            else 1.0, clip_x0, control)
         x = sigma[0].item() * z  # + alpha[0] x0, which is ~0: alpha[0] is 1e-5 (flow), < 0.01 (DDPM schedules), 1 / 80 sigma (edm)
         for i in range(steps):
             x0, eps = denoise(x, i)

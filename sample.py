@@ -8,11 +8,17 @@ default); a model of latents is decoded by the autoencoder its latent dataset na
     torchrun --nproc_per_node=8 sample.py --out_dir=out-dit-b --num_samples=50000 --save_npz=True
     python sample.py --out_dir=out-mnist-cd --sigmas=80,0.8              # a consistency model: 2 network calls
     python sample.py --out_dir=out-mnist-gan --save_npz=True              # a GAN: one generator call, z ~ N(0, I)
+    python sample.py --out_dir=out-mnist-dit --ema_std=0.1       # a post-hoc EMA, from a run with phema_stds set
+    python sample.py --out_dir=out-mnist-dit --memorization=True    # nearest training images: memorization.png
+
+A control model (train_diffusion.py's control) draws sample i under the control image of val image i, and with its
+label unless class_labels says otherwise.
 
 Sample i starts from noise seeded by (seed, i), so (for the deterministic samplers) the images do not depend on batch
 size or world size; under torchrun each rank samples its share and rank 0 writes the files. The .npz is the ADM format the standard FID
 tools read: arr_0 uint8 (N, H, W, C), arr_1 the class labels when the model is conditional.
 """
+import glob
 import json
 import math
 import os
@@ -23,11 +29,12 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from model import GAN_PRESETS, SAMPLERS, AEConfig, Autoencoder, Diffusion, create_model
+from model import GAN_PRESETS, SAMPLERS, AEConfig, Autoencoder, Diffusion, create_model, phema_coefficients
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # holds ckpt.pt; the samples are written here too
 use_ema = True  # the EMA weights (False: the raw weights)
+ema_std = 0.0  # > 0: the post-hoc EMA of this sigma_rel, combined from out_dir/phema/ snapshots (Karras et al. 2024)
 num_samples = 64
 class_labels = 'all'  # 'all' cycles through the classes; or comma-separated labels, e.g. '3' or '1,7'
 sampler = 'ddim'  # 'ddpm', 'ddim', 'euler' or 'heun' (model.Diffusion.sample), on any schedule
@@ -43,12 +50,38 @@ batch_size = 256  # per rank
 seed = 0
 save_png = False  # also one PNG per sample in out_dir/samples/
 save_npz = False  # also out_dir/samples.npz for FID tools
+memorization = False  # find each sample's two nearest training images (L2 in pixels); report, write memorization.png
+memorization_ratio = 1 / 3  # flag a sample whose nearest is closer than this times its second nearest (Yoon et al. 2023)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
+
+def phema_weights(snapshots, t, sigma_rel):
+    """The EMA of sigma_rel at step t as the least-squares combination of snapshots, (step, gamma, weights) triples
+    of train_diffusion.py's power-function EMAs; float32 weights by name."""
+    x = phema_coefficients([(step, gamma) for step, gamma, _ in snapshots], t, sigma_rel)
+    out = {}
+    for xi, (_, _, weights) in zip(x, snapshots):
+        for name, w in weights.items():
+            out[name] = out.get(name, 0) + float(xi) * w.double()
+    return {name: w.float() for name, w in out.items()}
+
+def nearest_training_images(images, train, chunk=4096):
+    """RMS pixel distances ([0, 1] scale) from each of images (N, H, W, C) uint8 to its two nearest images of train
+    (M, H, W, C) uint8, read chunk by chunk, and their indices: (N, 2) each, nearest first."""
+    x = torch.from_numpy(np.asarray(images)).to(device).flatten(1).float() / 255
+    best_d, best_i = torch.full((len(x), 2), float('inf'), device=device), torch.zeros((len(x), 2), dtype=torch.long, device=device)
+    for lo in range(0, len(train), chunk):
+        block = torch.from_numpy(np.array(train[lo:lo + chunk])).to(device).flatten(1).float() / 255
+        d = torch.cat([best_d, torch.cdist(x, block) / math.sqrt(x.shape[1])], dim=1)
+        i = torch.cat([best_i, torch.arange(lo, lo + len(block), device=device).expand(len(x), -1)], dim=1)
+        best_d, j = d.topk(2, dim=1, largest=False)
+        best_i = i.gather(1, j)
+    return best_d.cpu().numpy(), best_i.cpu().numpy()
+
 if device.startswith('cuda') and not torch.cuda.is_available():
     raise SystemExit(f"error: device='{device}' but CUDA is not available here; pass --device=cpu")
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -80,6 +113,17 @@ train_config = ckpt['teacher_config'] if consistency else ckpt['config']
 gan = train_config['arch'] in GAN_PRESETS  # a train_gan.py checkpoint: its generator, one call from z to images
 model = create_model(train_config['arch'], **ckpt['model_args'])
 model.load_state_dict(ckpt['ema' if use_ema else 'model'])
+if ema_std:
+    files = sorted(glob.glob(os.path.join(out_dir, 'phema', 'phema-*.pt')))
+    snaps = [torch.load(f, map_location='cpu', weights_only=True, mmap=True) for f in files]  # mmap: read as summed
+    snaps = [(s['step'], g, w) for s in snaps if s['step'] <= ckpt['step'] for g, w in zip(s['gamma'], s['ema'])]
+    if not snaps:
+        raise SystemExit(f"error: ema_std={ema_std} but {out_dir}/phema/ holds no snapshots; train with "
+                         f"phema_stds set (train_diffusion.py), or sample the checkpoint's EMA with ema_std=0")
+    try:
+        model.load_state_dict(phema_weights(snaps, ckpt['step'], ema_std), strict=False)  # the rest: the EMA
+    except ValueError as e:
+        raise SystemExit(f"error: ema_std={ema_std}: {e}")
 model.to(device).eval()
 diffusion = None if gan else Diffusion(train_config['schedule'], train_config['prediction_type'],
                                        train_config['num_timesteps'], train_config['sigma_data'])
@@ -105,8 +149,21 @@ if latent:
     autoencoder.to(device).eval()
     latent_mean, latent_std = (torch.tensor(latent[k], device=device).view(1, -1, 1, 1) for k in ('mean', 'std'))
     size, channels, clip_x0 = latent['image_size'], latent['channels'], False  # x0 is a latent: no [-1, 1] to clip to
+controls = None
+if model.config.control:  # the val images' control images (and labels) of a control model
+    try:
+        controls = np.load(os.path.join(data_dir, 'val_control.npy'), mmap_mode='r')
+        val_labels = np.load(os.path.join(data_dir, 'val_y.npy'))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: this model follows control images, and {data_dir} has none ({e}); run "
+                         f"python data/prepare_control.py --dataset={train_config['dataset']}")
+if memorization and latent:
+    raise SystemExit("error: memorization=True compares pixels, and this model's training images are latents; check "
+                     "the samples of a pixel model, or compare decoded samples with the source images yourself")
 if class_labels == 'all' or not num_classes:
     labels = np.arange(num_samples) % num_classes if num_classes else np.full(num_samples, 0)
+    if controls is not None and num_classes:
+        labels = val_labels[np.arange(num_samples) % len(val_labels)]
 else:
     try:
         wanted = [int(c) for c in class_labels.split(',')]
@@ -138,6 +195,8 @@ for lo in range(0, num_samples, world_size * batch_size):
     z = torch.stack([torch.randn(z_shape, generator=torch.Generator().manual_seed(
         int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))) for i in idx]).to(device)
     y = torch.from_numpy(labels[idx % num_samples]).to(device)
+    c = None if controls is None else \
+        torch.from_numpy(controls[idx % len(controls)]).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     with ctx:  # ddpm and eta > 0 add fresh noise per step, drawn per batch: then the images depend on the batch layout
         generator = torch.Generator(device).manual_seed(seed + lo + rank)
         if gan:
@@ -146,7 +205,7 @@ for lo in range(0, num_samples, world_size * batch_size):
             x = diffusion.consistency_sample(model, z, y, cm_sigmas, consistency['sigma_min'], generator)
         else:
             x = diffusion.sample(model, z, y, sampler, steps, eta, cfg_scale, (cfg_sigma_min, cfg_sigma_max), shift,
-                                 clip_x0, generator)
+                                 clip_x0, generator, c)
         if latent:
             x = autoencoder.decode(x * latent_std + latent_mean)
     x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
@@ -174,6 +233,16 @@ if rank == 0:
         np.savez(os.path.join(out_dir, 'samples.npz'), **arrays)
     print(f"wrote {os.path.join(out_dir, 'samples.png')}" + (", samples/*.png" if save_png else "")
           + (", samples.npz" if save_npz else ""))
+    if memorization:
+        train = np.load(os.path.join(data_dir, 'train_x.npy'), mmap_mode='r')
+        d, i = nearest_training_images(images, train)
+        flagged = d[:, 0] < memorization_ratio * d[:, 1]
+        print(f"memorization: {flagged.sum()} of {num_samples} samples ({flagged.mean():.1%}) have a training image "
+              f"closer than {memorization_ratio:.2f} x the second nearest; nearest distance (RMS per pixel, 0-1) median "
+              f"{np.median(d[:, 0]):.3f}, min {d[:, 0].min():.3f}")
+        worst = np.argsort(d[:, 0] / d[:, 1])[:16]  # the most suspicious first: rows of sample | nearest | 2nd nearest
+        rows = [np.concatenate([images[k], train[i[k, 0]], train[i[k, 1]]], axis=1) for k in worst]
+        Image.fromarray(np.concatenate(rows).squeeze(-1)).save(os.path.join(out_dir, 'memorization.png'))
 if ddp:
     dist.barrier()  # no rank tears its groups down while another still talks to it
     dist.destroy_process_group()

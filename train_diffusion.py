@@ -40,7 +40,8 @@ import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ARCHS, PREDICTIONS, SAMPLERS, SCHEDULES, AEConfig, Autoencoder, Diffusion, bcast, create_model
+from model import (ARCHS, PREDICTIONS, SAMPLERS, SCHEDULES, AEConfig, Autoencoder, Diffusion, bcast, create_model,
+                   phema_gamma)
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by config/*.py and --key=value
@@ -61,8 +62,16 @@ wandb_run_name = 'dit'
 dataset = 'mnist'  # reads data/<dataset>/ (or a path): images from its prepare.py, or latents from train_ae.py
 hflip = False  # random horizontal flips (of latent datasets: the latents of the mirror images, if encoded)
 class_cond = True  # condition on the dataset's labels; False trains unconditionally
+class_balance = 0.0  # draw image i with weight count(class_i)^-class_balance: 0 = as the data, 1 = classes equally often
+control = ''  # condition on the dataset's control images (data/prepare_control.py): 'concat' (extra input channels)
+#               or 'controlnet' (DiT: a trainable copy of half the blocks beside the frozen init_base; Zhang et al. 2023)
+init_base = ''  # a new run starts from this train_diffusion.py out_dir's EMA weights (new control weights: zeros)
 # model and diffusion
 arch = 'DiT-N/4'  # 'DiT-{N,Ti,S,B,L,XL}/{1,2,4,8}' or 'UNet-{S,B}' (model.py's presets)
+norm = 'layernorm'  # DiT, LightningDiT's options (Yao et al. 2025): 'rmsnorm'
+mlp = 'gelu'  # DiT: 'swiglu' (at 2/3 the width: the same parameters)
+qk_norm = False  # DiT: RMSNorm on queries and keys
+rope = False  # DiT: 2-D rotary position embedding in attention
 schedule = 'linear'  # 'linear' or 'cosine' (DDPM, T steps), 'flow' (x_t = (1 - t) x0 + t eps), 'edm' (x0 + sigma eps)
 prediction_type = 'eps'  # 'eps', 'v', 'x0' (with EDM's preconditioning on the edm schedule), 'flow' (eps - x0)
 num_timesteps = 1000  # T of the DDPM schedules
@@ -74,6 +83,7 @@ mode_scale = 1.29  # mode sampling's s (Esser et al. 2024, eq. 20); 0 is uniform
 loss_weighting = 'min_snr'  # 'uniform' (the prediction's own MSE), 'snr', 'min_snr', 'edm' (on the x0 error)
 min_snr_gamma = 5.0  # min_snr: the weight on the x0 error is min(snr, gamma) (Hang et al. 2023)
 class_dropout = 0.1  # probability of the null label, for classifier-free guidance
+cosine_loss = 0.0  # weight of LightningDiT's direction term 1 - cos(F_theta, F), per image, added to the loss
 # optimization
 batch_size = 128  # images per optimizer step, over all ranks and micro-steps
 grad_accum = 1  # micro-steps per optimizer step on each rank
@@ -90,6 +100,8 @@ grad_clip = 1.0  # max global gradient norm; 0 = no clipping (the norm is logged
 max_nonfinite = 20  # updates with a non-finite gradient norm are skipped; this many in a row stop the run
 ema_decay = 0.9999  # per step, with warm-up: min(ema_decay, (1 + step) / (10 + step))
 ema_update_every = 1  # steps between EMA updates (each applies the decay of that many steps)
+phema_stds = ''  # post-hoc EMA (Karras et al. 2024): the sigma_rel of power-function EMAs to track, e.g. '0.05,0.1'
+phema_interval = 1000  # steps between their snapshots in out_dir/phema/; sample.py --ema_std=... combines them
 # sample grids during training
 sampler = 'ddim'  # 'ddpm', 'ddim', 'euler', 'heun' (model.Diffusion.sample)
 sample_steps = 50
@@ -109,11 +121,13 @@ config = {k: globals()[k] for k in config_keys}
 for key, allowed in [('init_from', ('auto', 'scratch', 'resume')), ('arch', ARCHS), ('schedule', SCHEDULES),
                      ('prediction_type', PREDICTIONS), ('timestep_sampling', ('uniform', 'logit_normal', 'mode')),
                      ('loss_weighting', ('uniform', 'snr', 'min_snr', 'edm')), ('sampler', SAMPLERS),
+                     ('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu')),
+                     ('control', ('', 'concat', 'controlnet')),
                      ('lr_schedule', ('cosine', 'constant')), ('dtype', ('float32', 'bfloat16', 'float16'))]:
     if config[key] not in allowed:
         raise SystemExit(f"error: {key}='{config[key]}' is not one of {', '.join(allowed)}")
 for key in ('batch_size', 'grad_accum', 'max_steps', 'log_interval', 'eval_interval', 'eval_images', 'sample_interval',
-            'ckpt_interval', 'sample_steps', 'num_timesteps', 'ema_update_every', 'max_nonfinite'):
+            'ckpt_interval', 'sample_steps', 'num_timesteps', 'ema_update_every', 'max_nonfinite', 'phema_interval'):
     if config[key] < 1:
         raise SystemExit(f"error: {key}={config[key]} must be at least 1")
 for key, ok, rule in [('lr', lr > 0, 'positive'), ('ema_decay', 0 <= ema_decay < 1, 'in [0, 1)'),
@@ -122,9 +136,23 @@ for key, ok, rule in [('lr', lr > 0, 'positive'), ('ema_decay', 0 <= ema_decay <
                       ('grad_clip', grad_clip >= 0, 'at least 0 (0 = no clipping)'),
                       ('min_snr_gamma', min_snr_gamma > 0, "positive (loss_weighting='uniform' is the unweighted loss)"),
                       ('mode_scale', -1 <= mode_scale <= 2 / (math.pi - 2), 'in [-1, 1.752], where mode sampling is monotone'),
-                      ('shift', shift == 1.0 or schedule == 'flow', "1.0 unless schedule='flow', whose grid it shifts")]:
+                      ('shift', shift == 1.0 or schedule == 'flow', "1.0 unless schedule='flow', whose grid it shifts"),
+                      ('class_balance', 0 <= class_balance <= 1, 'in [0, 1]'),
+                      ('cosine_loss', cosine_loss >= 0, 'at least 0 (0 = off)')]:
     if not ok:
         raise SystemExit(f"error: {key}={config[key]} must be {rule}")
+dit_options = dict(norm=norm, mlp=mlp, qk_norm=qk_norm, rope=rope)
+if not arch.startswith('DiT') and (dit_options != dict(norm='layernorm', mlp='gelu', qk_norm=False, rope=False)
+                                   or control == 'controlnet'):
+    raise SystemExit(f"error: norm, mlp, qk_norm, rope and control='controlnet' are DiT options, but arch='{arch}'")
+if control == 'controlnet' and not init_base:
+    raise SystemExit("error: control='controlnet' trains beside a frozen base model; pass init_base=<its out_dir>")
+try:
+    phema_sigmas = [float(v) for v in phema_stds.split(',')] if phema_stds else []
+    phema_gammas = [phema_gamma(v) for v in phema_sigmas]
+except ValueError as e:
+    raise SystemExit(f"error: phema_stds='{phema_stds}' must be comma-separated sigma_rel values in (0, 0.28), "
+                     f"like 0.05,0.1 ({e})")
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
 t_start = time.time()
@@ -204,28 +232,59 @@ for split, (x, y) in data.items():
     if y.min() < 0 or y.max() >= K:
         raise SystemExit(f"error: {where}_y.npy has labels in [{y.min()}, {y.max()}] but meta.json says {K} classes; "
                          f"re-run {prepare}")
+controls, Cc = {}, 0  # control images (N, H, W, Cc) uint8, one per image, written by data/prepare_control.py
+if control:
+    try:
+        controls = {s: np.load(os.path.join(data_dir, f'{s}_control.npy'), mmap_mode='r') for s in data}
+        Cc = controls['train'].shape[-1]
+    except (OSError, ValueError) as e:
+        why = f'{e.strerror}: {e.filename}' if isinstance(e, OSError) else repr(e)
+        raise SystemExit(f"error: control='{control}' but {data_dir} holds no readable control images ({why}); "
+                         f"run python data/prepare_control.py --dataset={dataset}")
+    for split, c in controls.items():
+        if c.dtype != np.uint8 or c.shape[:3] != (len(data[split][0]), H, W):
+            raise SystemExit(f"error: {os.path.join(data_dir, split)}_control.npy is {c.dtype} {c.shape}, not uint8 "
+                             f"({len(data[split][0])}, {H}, {W}, channels); re-run data/prepare_control.py")
+
+def class_weights(labels):
+    """Per-image sampling weights count(class)^-class_balance, normalised: class k is drawn with probability
+    proportional to count_k^(1 - class_balance)."""
+    counts = np.bincount(labels)
+    w = counts[labels].astype(np.float64) ** -class_balance
+    return torch.from_numpy(w / w.sum())
+sample_weights = class_weights(data['train'][1]) if class_balance else None
 
 def load_batch(split, idx, flip=None):
-    """Images idx of a split as floats in [-1, 1] (latents: normalised per channel), NCHW, on the device; on CUDA a
-    pinned, non-blocking copy."""
+    """Images idx of a split as floats in [-1, 1] (latents: normalised per channel), NCHW, on the device, their
+    labels, and their control images in [-1, 1] (None without control); on CUDA pinned, non-blocking copies."""
     x, y = data[split]
     x, y = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+    c = torch.from_numpy(controls[split][idx]) if control else torch.zeros(0, 0, 0, 0)
     if flip is not None:
         x = torch.where(flip[:, None, None, None], torch.from_numpy(x_flip[idx]) if latent else x.flip(2), x)
+        c = torch.where(flip[:, None, None, None], c.flip(2), c) if control else c
     if device_type == 'cuda':
-        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    x = x.to(device).permute(0, 3, 1, 2).float()
-    return ((x - latent_mean) / latent_std if latent else x.div(127.5).sub(1)), y.to(device)
+        x, y, c = (v.pin_memory().to(device, non_blocking=True) for v in (x, y, c))
+    x, c = (v.to(device).permute(0, 3, 1, 2).float() for v in (x, c))
+    return ((x - latent_mean) / latent_std if latent else x.div(127.5).sub(1)), y.to(device), \
+        c.div(127.5).sub(1) if control else None
 
 def my_slice(micro):
     """This rank's part of the global batch in micro-step `micro`: micro-steps outside, ranks inside."""
     lo = (micro * world_size + rank) * micro_batch
     return slice(lo, lo + micro_batch)
 
+def draw_indices(g):
+    """The global batch's image indices, drawn with replacement: uniformly, or by sample_weights. Every rank draws
+    the same batch and keeps its slice, so weighted sampling is exact for any world size."""
+    if class_balance:
+        return torch.multinomial(sample_weights, batch_size, replacement=True, generator=g)
+    return torch.randint(len(data['train'][0]), (batch_size,), generator=g)
+
 def get_batch(step, micro):
-    """This rank's images of micro-step `micro` of the global batch of `step`, drawn with replacement."""
+    """This rank's images of micro-step `micro` of the global batch of `step`."""
     g = rng(step, 0)
-    idx = np.sort(torch.randint(len(data['train'][0]), (batch_size,), generator=g).numpy())  # sorted: kinder to mmap
+    idx = np.sort(draw_indices(g).numpy())  # sorted: kinder to mmap
     flip = torch.rand(batch_size, generator=g) < 0.5
     return load_batch('train', idx[my_slice(micro)], flip[my_slice(micro)] if hflip else None)
 
@@ -233,17 +292,47 @@ def get_batch(step, micro):
 # model, EMA, optimizer, and the checkpoint to resume from
 torch.manual_seed(seed)  # the same initial weights on every rank
 try:
-    model = create_model(arch, image_size=H, in_channels=C, num_classes=num_classes).to(device)
+    model = create_model(arch, image_size=H, in_channels=C, num_classes=num_classes, control=control,
+                         control_channels=Cc, **(dit_options if arch.startswith('DiT') else {})).to(device)
 except ValueError as e:
     raise SystemExit(f"error: {arch} on {dataset}: {e}")
 model_config = model.config
+if init_base and init_from == 'scratch':  # fine-tuning: start from a base model's EMA weights
+    base_path = os.path.join(init_base, 'ckpt.pt')
+    try:
+        base = torch.load(base_path, map_location=device, weights_only=True)
+        base_args, base_config, weights = base['model_args'], base['config'], base['ema']
+    except Exception as e:
+        raise SystemExit(f"error: cannot load init_base {base_path} ({str(e).splitlines()[0][:200]}); pass the out_dir "
+                         f"of a train_diffusion.py run")
+    diff = {k: (v, base_args.get(k)) for k, v in asdict(model_config).items()
+            if k not in ('control', 'control_channels') and base_args.get(k, v) != v}
+    diff.update({k: (config[k], base_config[k]) for k in ('schedule', 'prediction_type', 'num_timesteps', 'sigma_data')
+                 if config[k] != base_config[k]})
+    if diff or base_args.get('control', '') not in ('', control):
+        raise SystemExit(f"error: init_base {base_path} is another model (this run vs the base: {diff or 'control'}); "
+                         f"train with the base's config")
+    if control == 'concat' and not base_args.get('control'):  # the control's input channels start at zero
+        name = 'x_embedder.weight' if arch.startswith('DiT') else 'conv_in.weight'
+        weights[name] = torch.cat([weights[name], weights[name].new_zeros(weights[name].shape[0], Cc, *weights[name].shape[2:])], 1)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith('control_') for k in missing):
+        raise SystemExit(f"error: init_base {base_path} does not fit {arch}: missing {missing}, unexpected {unexpected}")
+    if control == 'controlnet' and not base_args.get('control'):  # the ControlNet starts as a copy of the first blocks
+        model.control_blocks.load_state_dict(model.blocks[:len(model.control_blocks)].state_dict())
+    del base, weights
 ema = copy.deepcopy(model).requires_grad_(False).eval()
+if control == 'controlnet':  # the base model stays frozen
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith('control_'))
 model.activation_checkpointing = activation_checkpointing
 if device_type == 'cuda' and arch.startswith('UNet'):
     model = model.to(memory_format=torch.channels_last)  # the faster layout for convolutions on tensor cores
 diffusion = Diffusion(schedule, prediction_type, num_timesteps, sigma_data)
 null_label = model_config.num_classes
-decay, no_decay = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
+trained = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
+params, ema_params = [p for p, _ in trained], [e for _, e in trained]
+decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
 optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
                               lr=lr, betas=(beta1, beta2), fused=True)  # fused: also skips updates on the device
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
@@ -258,7 +347,7 @@ if init_from == 'resume':
             str(e).split('. ')[0][:200]
         raise SystemExit(f"error: cannot load {ckpt_path} ({why}); restore a checkpoint this script wrote (keep_last "
                          f"keeps ckpt_<step>.pt copies), or start in another --out_dir")
-    if ckpt['model_args'] != asdict(model_config):
+    if {**asdict(model_config), **ckpt['model_args']} != asdict(model_config):  # (keys added since: their defaults)
         diff = {k: (v, asdict(model_config)[k]) for k, v in ckpt['model_args'].items() if v != asdict(model_config)[k]}
         raise SystemExit(f"error: {ckpt_path} holds another model shape (checkpoint vs config: {diff}); "
                          f"resume with the config it was trained with, or choose another out_dir")
@@ -266,6 +355,10 @@ if init_from == 'resume':
     ema.load_state_dict(ckpt['ema'])
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
+    if ckpt['config'].get('phema_stds', '') != phema_stds:
+        raise SystemExit(f"error: {ckpt_path} tracks post-hoc EMAs phema_stds='{ckpt['config'].get('phema_stds', '')}'; "
+                         f"resume with that value")
+    phema = ckpt.get('phema', [])
     start_step, wandb_id = ckpt['step'], ckpt['wandb_id']
     saved_step = start_step
     changed = [f"{k} {v!r} -> {config[k]!r}" for k, v in ckpt['config'].items() if config.get(k, v) != v]
@@ -283,12 +376,12 @@ else:
     torch.manual_seed(seed + rank)
     np.random.seed(seed + rank)
     random.seed(seed + rank)
+    phema = [[p.detach().clone() for p in params] for _ in phema_gammas]  # the power-function EMAs, as the weights
 raw_model = model
 if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-params, ema_params = list(raw_model.parameters()), list(ema.parameters())
 flops_per_image = 3 * raw_model.flops_per_sample()  # forward + backward (twice the forward)
 if master:
     print(f"{arch}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, "
@@ -326,16 +419,20 @@ def loss_weight(alpha, sigma, A, B):
     lam = {'snr': snr, 'min_snr': snr.clamp(max=min_snr_gamma), 'edm': snr + sigma_data ** -2}[loss_weighting]
     return lam * (sigma / (alpha * B - sigma * A)) ** 2
 
-def diffusion_loss(net, x0, y, u, eps):
-    """Per-image loss || F_theta(x_t) - F ||^2 at noise levels u, weighted and unweighted."""
+def diffusion_loss(net, x0, y, u, eps, c=None):
+    """Per-image loss || F_theta(x_t) - F ||^2 at noise levels u (c: the control images), weighted, plus
+    cosine_loss (1 - cos(F_theta, F)), and unweighted."""
     t = diffusion.t_from_u(u)
     alpha, sigma, A, B = diffusion.coefficients(t)  # float64
     xt = bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
     target = bcast(A, x0) * x0 + bcast(B, x0) * eps  # eps, v = alpha eps - sigma x0, x0 (EDM: preconditioned), eps - x0
     with ctx:
-        pred = net(*diffusion.net_inputs(xt, t), y)
-    mse = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
-    return loss_weight(alpha, sigma, A, B).float() * mse, mse
+        pred = net(*diffusion.net_inputs(xt, t), y, c).float()
+    mse = (pred - target).pow(2).mean(dim=(1, 2, 3))
+    loss = loss_weight(alpha, sigma, A, B).float() * mse
+    if cosine_loss:  # LightningDiT's velocity direction term, over each whole image
+        loss = loss + cosine_loss * (1 - torch.nn.functional.cosine_similarity(pred.flatten(1), target.flatten(1)))
+    return loss, mse
 
 @torch.no_grad()
 def estimate_val_loss(net):
@@ -348,9 +445,9 @@ def estimate_val_loss(net):
     net.eval()  # no dropout
     for lo in range(rank * micro_batch, n, world_size * micro_batch):
         idx = np.arange(lo, min(lo + micro_batch, n))
-        x0, y = load_batch('val', idx)
+        x0, y, c = load_batch('val', idx)
         y = y if class_cond else torch.full_like(y, null_label)
-        total += torch.stack([l.sum() for l in diffusion_loss(net, x0, y, u_all[idx], eps_all[idx])])
+        total += torch.stack([l.sum() for l in diffusion_loss(net, x0, y, u_all[idx], eps_all[idx], c)])
     net.train(net is raw_model)  # the EMA stays in eval mode
     if ddp:
         dist.all_reduce(total)
@@ -387,7 +484,7 @@ def save_checkpoint(step):
     if master:
         ckpt = {'model': raw_model.state_dict(), 'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(),
                 'scaler': scaler.state_dict(), 'model_args': asdict(model_config), 'step': step,
-                'images_seen': step * batch_size, 'config': config, 'rng': states, 'wandb_id': wandb_id}
+                'images_seen': step * batch_size, 'config': config, 'rng': states, 'wandb_id': wandb_id, 'phema': phema}
         try:
             with open(ckpt_path + '.tmp', 'wb') as f:
                 torch.save(ckpt, f)
@@ -408,6 +505,16 @@ def save_checkpoint(step):
         print(f"saved {ckpt_path} at step {step}")
     saved_step = step
 
+def save_phema(step):
+    """The power-function EMAs at this step to out_dir/phema/phema-<step>.pt, atomically: the trained weights only
+    (sample.py takes the others from ckpt.pt and combines the snapshots into the EMA it is asked for)."""
+    path = os.path.join(out_dir, 'phema', f'phema-{step:07d}.pt')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    names = [name for name, p in raw_model.named_parameters() if p.requires_grad]  # the order of params
+    torch.save({'step': step, 'sigma_rel': phema_sigmas, 'gamma': phema_gammas,
+                'ema': [dict(zip(names, (w.cpu() for w in tracked))) for tracked in phema]}, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
 # fixed noise and labels for the sample grids: the same picture of progress at every sample_interval
 grid_z = torch.randn((64, C, H, W), generator=rng(0, 3, device), device=device)
 if latent and master:  # the grids' latents are decoded by the autoencoder that encoded the dataset
@@ -423,6 +530,10 @@ def to_pixels(x):
     """Samples as images in [-1, 1]: latents are un-normalised and decoded."""
     return autoencoder.decode(x * latent_std + latent_mean).clamp(-1, 1) if latent else x
 grid_y = torch.arange(64, device=device) % num_classes if num_classes else torch.full((64,), null_label, device=device)
+grid_c = None
+if control:  # a control model's grid follows the first 64 val images' controls (and labels)
+    _, val_y, grid_c = load_batch('val', np.arange(64) % len(data['val'][0]))
+    grid_y = val_y if num_classes else grid_y
 
 # -----------------------------------------------------------------------------
 # logging: stdout, out_dir/metrics.csv, and wandb
@@ -461,7 +572,7 @@ for sig in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(sig, request_stop)
 if master and start_step >= max_steps:
     print(f"{ckpt_path} is at step {start_step} of max_steps={max_steps}: nothing to do (raise max_steps to go on)")
-x0, y = get_batch(start_step, 0)  # the first batch; each later one is fetched while the current step runs
+x0, y, c = get_batch(start_step, 0)  # the first batch; each later one is fetched while the current step runs
 loss_sum = torch.zeros(2, device=device)  # loss, unweighted loss, summed over the steps since the last log line
 bin_sums = torch.zeros(2, num_bins, device=device)  # per noise-level bin: loss sum, count
 bin_losses = []  # as of the last log line
@@ -480,12 +591,12 @@ for step in range(start_step, max_steps):
         y_in = torch.where(drop_all[sl], null_label, y)
         if ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro == grad_accum - 1
-        loss, mse = diffusion_loss(model, x0, y_in, u_all[sl], eps_all[sl])
+        loss, mse = diffusion_loss(model, x0, y_in, u_all[sl], eps_all[sl], c)
         bins = (u_all[sl] * num_bins).long().clamp(max=num_bins - 1)
         step_bins.index_add_(1, bins, torch.stack([mse.detach(), torch.ones_like(mse)]))
         loss = loss.mean() / grad_accum
         if micro + 1 < grad_accum or step + 1 < max_steps:  # fetch the next batch while this step runs
-            x0, y = get_batch(step, micro + 1) if micro + 1 < grad_accum else get_batch(step + 1, 0)
+            x0, y, c = get_batch(step, micro + 1) if micro + 1 < grad_accum else get_batch(step + 1, 0)
         scaler.scale(loss).backward()
         step_sums += torch.stack([loss.detach(), mse.detach().mean() / grad_accum])
     scaler.unscale_(optimizer)
@@ -499,6 +610,9 @@ for step in range(start_step, max_steps):
         with torch.no_grad():  # EMA with warm-up; a skipped update leaves it alone too
             weight = (1 - min(ema_decay, (1 + step) / (10 + step)) ** ema_update_every) * ~bad
             torch._foreach_lerp_(ema_params, params, weight)
+    with torch.no_grad():  # the post-hoc EMAs, every step t = step + 1: beta_t = (1 - 1/t)^(gamma + 1)
+        for gamma, tracked in zip(phema_gammas, phema):
+            torch._foreach_lerp_(tracked, params, 1 - (1 - 1 / (step + 1)) ** (gamma + 1))
     loss_sum += torch.where(bad, 0, step_sums)
     bin_sums += torch.where(bad, 0, step_bins)
     skipped += bad
@@ -550,9 +664,11 @@ for step in range(start_step, max_steps):
     if master and ((step + 1) % sample_interval == 0 or last):
         with ctx:
             x = diffusion.sample(ema, grid_z, grid_y, sampler, sample_steps, cfg_scale=cfg_scale, shift=shift,
-                                 clip_x0=not latent, generator=rng(0, 4, device))  # pixels: x0 stays in [-1, 1]
+                                 clip_x0=not latent, generator=rng(0, 4, device), control=grid_c)  # pixels: x0 in [-1, 1]
             x = to_pixels(x)
         save_grid(x, os.path.join(out_dir, f'samples_{step + 1:07d}.png'))
+    if master and phema and ((step + 1) % phema_interval == 0 or last):
+        save_phema(step + 1)
     if (step + 1) % ckpt_interval == 0 or last or stop:
         save_checkpoint(step + 1)
     if stop and not last:

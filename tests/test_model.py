@@ -20,12 +20,66 @@ def test_presets_match_the_paper(name, params_m, gflops):
     assert abs(model.flops_per_sample() / 2e9 - gflops) / gflops < 0.01
 
 
-def test_flop_count_matches_torch_flop_counter():
-    model = DiT(DiTConfig(image_size=16, in_channels=3, num_classes=10, **DIT_PRESETS['DiT-Ti/2']))
+OPTIONS = [{}, dict(norm='rmsnorm', mlp='swiglu', qk_norm=True, rope=True), dict(control='concat', control_channels=2),
+           dict(control='controlnet', control_channels=2)]
+
+
+@pytest.mark.parametrize('options', OPTIONS, ids=['dit', 'lightningdit', 'concat', 'controlnet'])
+def test_flop_count_matches_torch_flop_counter(options):
+    model = DiT(DiTConfig(image_size=16, in_channels=3, num_classes=10, **DIT_PRESETS['DiT-Ti/2'], **options))
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 900.0]), torch.tensor([1, 10])
+    control = torch.randn(2, 2, 16, 16) if options.get('control') else None
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math SDPA: countable matmuls
-        model(x, t, y)
+        model(x, t, y, control)
     assert counter.get_total_flops() == 2 * model.flops_per_sample()
+
+
+def test_rope_attends_by_relative_position_and_swiglu_keeps_the_parameter_count():
+    """With 2-D RoPE, q_i . k_j depends on the offset between tokens i and j only: moving both by the same (row,
+    column) shift leaves it unchanged, and a different offset changes it. SwiGLU at 2/3 the width has the GELU MLP's
+    parameters, up to rounding."""
+    from model import apply_rope, rope_2d
+    grid, d = 6, 16
+    cos, sin = rope_2d(grid, d)
+    q, k = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    rotated = lambda v, i: apply_rope(v.expand(1, 1, grid * grid, d), cos.double(), sin.double())[0, 0, i]
+    score = lambda i, j: (rotated(q, i) @ rotated(k, j)).item()
+    at = lambda r, c: r * grid + c  # tokens in raster order
+    assert score(at(1, 2), at(3, 1)) == pytest.approx(score(at(2, 4), at(4, 3)), abs=1e-6)  # float32 angles
+    assert score(at(0, 0), at(2, 5)) == pytest.approx(score(at(3, 0), at(5, 5)), abs=1e-6)
+    assert abs(score(at(1, 2), at(3, 1)) - score(at(1, 2), at(3, 2))) > 1e-3
+    sizes = [sum(p.numel() for p in create_model('DiT-B/2', image_size=32, in_channels=4, mlp=m).parameters())
+             for m in ('gelu', 'swiglu')]
+    assert abs(sizes[1] / sizes[0] - 1) < 1e-3
+
+
+@pytest.mark.parametrize('control', ['concat', 'controlnet'])
+def test_a_control_model_starts_as_its_base(control):
+    """Started from a base DiT as train_diffusion.py's init_base does it (zero input weights for the control channels;
+    ControlNet: copies of the first half of the blocks, zero projections), the control model's output is the base's
+    for any control image, and the control weights get gradients."""
+    torch.manual_seed(0)
+    base = create_model('DiT-N/4', image_size=8, in_channels=1, num_classes=3)
+    for p in base.parameters():  # a trained-looking base: no zero-initialised layers left
+        p.data.normal_(0, 0.1)
+    model = create_model('DiT-N/4', image_size=8, in_channels=1, num_classes=3, control=control, control_channels=1)
+    weights = base.state_dict()
+    if control == 'concat':
+        weights['x_embedder.weight'] = torch.cat([weights['x_embedder.weight'], torch.zeros(128, 1, 4, 4)], 1)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and all(k.startswith('control_') for k in missing) and bool(missing) == (control == 'controlnet')
+    if control == 'controlnet':
+        model.control_blocks.load_state_dict(model.blocks[:2].state_dict())
+        assert len(model.control_blocks) == 2 and len(model.control_out) == 2
+    x, t, y, c = torch.randn(4, 1, 8, 8), torch.tensor([1.0, 50, 400, 999]), torch.tensor([0, 1, 2, 3]), torch.randn(4, 1, 8, 8)
+    out = model(x, t, y, c)
+    assert torch.allclose(out, base(x, t, y), atol=1e-6)
+    out.square().sum().backward()
+    name = 'x_embedder.weight' if control == 'concat' else 'control_out.0.weight'
+    grad = dict(model.named_parameters())[name].grad
+    assert grad is not None and grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='called without a control image'):
+        model(x, t, y)
 
 
 def test_adaln_zero_init_and_shapes():

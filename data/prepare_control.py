@@ -1,0 +1,78 @@
+"""
+Derive a control image for every image of a prepared dataset, for train_diffusion.py's control='concat' or
+'controlnet': train_control.npy and val_control.npy, uint8 (N, H, W, channels) beside train_x.npy, and a 'control'
+entry in meta.json.
+
+    python data/mnist/prepare.py && python data/prepare_control.py --dataset=mnist --kind=downsample4
+    python data/prepare_control.py --dataset=cifar10 --kind=edges
+
+Kinds:
+  downsample4  the image averaged over 4 x 4 blocks, shown at full size (nearest): a low-resolution guide, so the
+               model super-resolves 4x; same channels as the image
+  edges        Sobel gradient magnitude of the grey image, 1 channel, scaled so 255 is the dataset's 99.9th percentile
+Works on any dataset a data/<name>/prepare.py wrote (or a path), in chunks, so ImageNet-sized arrays stay on disk.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+
+KINDS = ('downsample4', 'edges')
+
+
+def downsample4(x):
+    """(n, H, W, C) uint8 -> the 4 x 4 block means, repeated back to (n, H, W, C), float."""
+    n, H, W, C = x.shape
+    low = x.reshape(n, H // 4, 4, W // 4, 4, C).astype(np.float32).mean(axis=(2, 4))
+    return low.repeat(4, axis=1).repeat(4, axis=2)
+
+
+def sobel(x):
+    """(n, H, W, C) uint8 -> gradient magnitude of the channel mean, (n, H, W, 1) float (edges padded by reflection)."""
+    g = np.pad(x.astype(np.float32).mean(axis=3), ((0, 0), (1, 1), (1, 1)), mode='reflect')
+    gx = (g[:, :-2, 2:] + 2 * g[:, 1:-1, 2:] + g[:, 2:, 2:]) - (g[:, :-2, :-2] + 2 * g[:, 1:-1, :-2] + g[:, 2:, :-2])
+    gy = (g[:, 2:, :-2] + 2 * g[:, 2:, 1:-1] + g[:, 2:, 2:]) - (g[:, :-2, :-2] + 2 * g[:, :-2, 1:-1] + g[:, :-2, 2:])
+    return np.sqrt(gx ** 2 + gy ** 2)[..., None]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--dataset', required=True, help='data/<dataset>/ (or a path) as its prepare.py wrote it')
+    parser.add_argument('--kind', choices=KINDS, default='downsample4')
+    parser.add_argument('--chunk', type=int, default=4096, help='images per chunk')
+    args = parser.parse_args()
+    data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), args.dataset)
+    try:
+        meta = json.load(open(os.path.join(data_dir, 'meta.json')))
+        images = {s: np.load(os.path.join(data_dir, f'{s}_x.npy'), mmap_mode='r') for s in ('train', 'val')}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: no prepared dataset in {data_dir} ({e}); run its prepare.py first")
+    if meta.get('latent') or images['train'].dtype != np.uint8:
+        raise SystemExit(f"error: {data_dir} holds latents; derive the control of the pixel dataset they came from")
+    H = meta['image_size']
+    if args.kind == 'downsample4' and H % 4:
+        raise SystemExit(f"error: downsample4 needs an image size divisible by 4, and {data_dir} has {H}")
+    derive = downsample4 if args.kind == 'downsample4' else sobel
+    scale = 1.0
+    if args.kind == 'edges':  # one scale for the whole dataset, from a sample of the training images
+        sample = images['train'][:: max(1, len(images['train']) // 2000)]
+        scale = 255 / max(np.percentile(sobel(sample), 99.9), 1e-6)
+    channels = meta['channels'] if args.kind == 'downsample4' else 1
+    for split, x in images.items():
+        path = os.path.join(data_dir, f'{split}_control.npy')
+        out = np.lib.format.open_memmap(path + '.tmp', mode='w+', dtype=np.uint8, shape=(len(x), H, H, channels))
+        for lo in range(0, len(x), args.chunk):
+            out[lo:lo + args.chunk] = np.clip(np.rint(derive(np.asarray(x[lo:lo + args.chunk])) * scale), 0, 255)
+        out.flush()
+        del out
+        os.replace(path + '.tmp', path)  # np.load reads .npy files by content, not by name
+        print(f"wrote {path}: {len(x)} x {H} x {H} x {channels}")
+    meta['control'] = {'kind': args.kind, 'channels': channels}
+    with open(os.path.join(data_dir, 'meta.json.tmp'), 'w') as f:
+        json.dump(meta, f, indent=2)
+    os.replace(os.path.join(data_dir, 'meta.json.tmp'), os.path.join(data_dir, 'meta.json'))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,153 @@
+"""train_diffusion.py's options beyond the spine, as a user runs them: post-hoc EMA, class-balanced sampling, control
+images (concat and ControlNet), LightningDiT's architecture options; and sample.py's memorization check."""
+import glob
+import math
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MNIST, run, script_functions
+from model import phema_coefficients, phema_gamma
+from test_train_diffusion import TINY, load_ckpt, train_and_read
+
+
+def test_posthoc_ema_rebuilds_a_profile_it_also_tracked(mnist, tmp_path):
+    """Track sigma_rel = 0.05, 0.07 and 0.10 for 100 steps with snapshots every 10, then rebuild 0.07 from the 0.05 and
+    0.10 snapshots alone: it must land 10x closer to the tracked 0.07 than the nearer of the other two (measured: 40x)."""
+    out = tmp_path / 'run'
+    run('train_diffusion.py', *TINY, f'--out_dir={out}', '--max_steps=100', '--log_interval=50', '--eval_interval=100',
+        '--lr=2e-3', '--phema_stds=0.05,0.07,0.1', '--phema_interval=10')
+    snaps = [torch.load(f, weights_only=True) for f in sorted(glob.glob(str(out / 'phema' / 'phema-*.pt')))]
+    assert [s['step'] for s in snaps] == list(range(10, 101, 10)) and snaps[0]['sigma_rel'] == [0.05, 0.07, 0.1]
+    (phema_weights,) = script_functions('sample.py', 'phema_weights', torch=torch, phema_coefficients=phema_coefficients)
+    gamma = phema_gamma(0.07)
+    others = [(s['step'], g, w) for s in snaps for g, w in zip(s['gamma'], s['ema']) if g != gamma]
+    tracked = snaps[-1]['ema']  # sigma_rel 0.05, 0.07, 0.10 at step 100
+    dist = lambda a, b: math.sqrt(sum((a[k].double() - b[k].double()).square().sum().item() for k in b))
+    error = dist(phema_weights(others, 100, 0.07), tracked[1])
+    nearest = min(dist(tracked[0], tracked[1]), dist(tracked[2], tracked[1]))
+    print(f"rebuilt 0.07 vs tracked: {error:.2e}; nearest other profile: {nearest:.2e}")
+    assert error < nearest / 10
+    assert phema_gamma(0.10) == pytest.approx(6.94, abs=0.01) and phema_gamma(0.05) == pytest.approx(16.97, abs=0.01)
+    run('sample.py', f'--out_dir={out}', '--ema_std=0.07', '--num_samples=4', '--steps=2')  # sample.py takes the length
+    p = run('sample.py', f'--out_dir={out}', '--ema_std=0.3', check=False)
+    assert p.stderr.strip().splitlines()[-1] == "error: ema_std=0.3: sigma_rel=0.3 must be in (0, 0.28): longer " \
+                                                "averages are not power-function EMAs", p.stderr[-1000:]
+
+
+@pytest.mark.parametrize('class_balance', [0.0, 0.5, 1.0])
+def test_class_balanced_sampling_hits_its_target_frequencies(class_balance):
+    """On classes of 2000, 800, 300, 100 and 40 images, class k is drawn with probability proportional to
+    count_k^(1 - class_balance): the data's frequencies at 0, uniform at 1 (51,200 draws: within 5 standard errors)."""
+    counts = np.array([2000, 800, 300, 100, 40])
+    y = np.repeat(np.arange(5), counts)
+    (class_weights,) = script_functions('train_diffusion.py', 'class_weights', np=np, torch=torch,
+                                        class_balance=class_balance)
+    (draw_indices,) = script_functions('train_diffusion.py', 'draw_indices', torch=torch, class_balance=class_balance,
+                                       batch_size=512, data={'train': (y, y)},
+                                       sample_weights=class_weights(y) if class_balance else None)
+    g = torch.Generator().manual_seed(0)
+    drawn = y[torch.cat([draw_indices(g) for _ in range(100)]).numpy()]
+    freq = np.bincount(drawn, minlength=5) / len(drawn)
+    target = counts ** (1 - class_balance) / (counts ** (1 - class_balance)).sum()
+    print(f"class_balance={class_balance}: drawn {np.round(freq, 4)}, target {np.round(target, 4)}")
+    assert np.abs(freq - target).max() < 5 * math.sqrt(0.25 / len(drawn))
+
+
+def test_memorization_check_flags_a_planted_copy(quickstart, tmp_path):
+    """The quickstart's samples have no training image much closer than the next one; a training digit planted among
+    them (with noise of +-8 levels) is flagged and found."""
+    out = tmp_path / 'q'
+    out.mkdir()
+    shutil.copy(quickstart / 'ckpt.pt', out / 'ckpt.pt')
+    p = run('sample.py', f'--out_dir={out}', '--num_samples=100', '--steps=25', '--save_npz=True', '--memorization=True')
+    flagged = int(re.search(r'memorization: (\d+) of 100 samples', p.stdout).group(1))
+    print(p.stdout.strip().splitlines()[-1])
+    assert flagged <= 2 and os.path.exists(out / 'memorization.png')
+    (nearest,) = script_functions('sample.py', 'nearest_training_images', torch=torch, np=np, math=math, device='cpu')
+    train = np.load(os.path.join(MNIST, 'train_x.npy'), mmap_mode='r')
+    images = np.load(out / 'samples.npz')['arr_0'].copy()
+    noise = np.random.default_rng(0).integers(-8, 9, train[1234].shape)
+    images[7] = np.clip(train[1234].astype(int) + noise, 0, 255)
+    d, i = nearest(images, train, chunk=1000)  # chunks: the running top 2 across them
+    full = torch.cdist(torch.from_numpy(images).flatten(1).double(), torch.from_numpy(np.array(train)).flatten(1).double())
+    assert np.allclose(d, full.topk(2, largest=False).values.numpy() / 255 / 28, atol=1e-5)  # RMS over 784 pixels
+    ratio = d[:, 0] / d[:, 1]
+    assert i[7, 0] == 1234 and ratio[7] < 1 / 3 and (np.delete(ratio, 7) < 1 / 3).sum() <= flagged
+
+
+def control_dataset(tmp_path):
+    """A copy of data/mnist with data/prepare_control.py's 4x-downsampled digits (after trying its edges)."""
+    data = tmp_path / 'mnist_control'
+    data.mkdir()
+    for name in ('train_x.npy', 'train_y.npy', 'val_x.npy', 'val_y.npy', 'meta.json'):
+        shutil.copy(os.path.join(MNIST, name), data / name)
+    run('data/prepare_control.py', f'--dataset={data}', '--kind=edges')
+    edges, x = np.load(data / 'val_control.npy')[..., 0], np.load(data / 'val_x.npy')[..., 0]
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1)), mode='reflect')
+    blank = np.all([padded[:, i:i + 28, j:j + 28] == 0 for i in range(3) for j in range(3)], axis=0)
+    assert edges.shape == (500, 28, 28) and edges[blank].max() == 0 and edges[~blank].mean() > 50  # zero where flat
+    run('data/prepare_control.py', f'--dataset={data}', '--kind=downsample4', '--chunk=1000')
+    return data
+
+
+def downsampled_error(images, controls):
+    """Mean squared error ([0, 1] scale) between the 4x4 block means of images and of their control images."""
+    pool = lambda a: a.astype(np.float64).reshape(len(a), 7, 4, 7, 4, -1).mean(axis=(2, 4)) / 255
+    return ((pool(images) - pool(controls)) ** 2).mean()
+
+
+def test_unet_takes_a_control_image_by_concat(mnist, tmp_path):
+    """control='concat' on the UNet, from scratch and from a UNet base (its first conv widened with zeros), then
+    sample.py, which feeds each sample its val image's control; the cosine loss term rides along."""
+    data = control_dataset(tmp_path)
+    unet = ['--arch=UNet-S', f'--dataset={data}', '--batch_size=8', '--eval_images=16', '--cosine_loss=0.5']
+    run('train_diffusion.py', *TINY, *unet, '--max_steps=2', f'--out_dir={tmp_path / "base"}')
+    for name, extra in (('scratch', []), ('tuned', [f'--init_base={tmp_path / "base"}'])):
+        run('train_diffusion.py', *TINY, *unet, '--control=concat', '--max_steps=2', f'--out_dir={tmp_path / name}', *extra)
+        assert load_ckpt(tmp_path / name)['model']['conv_in.weight'].shape[1] == 2  # the digit and its control
+    run('sample.py', f'--out_dir={tmp_path / "tuned"}', '--num_samples=3', '--steps=2', '--save_npz=True')
+    assert (np.load(tmp_path / 'tuned' / 'samples.npz')['arr_1'] == np.load(data / 'val_y.npy')[:3]).all()
+
+
+@pytest.mark.slow
+def test_control_models_follow_their_control(quickstart, mnist_classifier, tmp_path):
+    """From the quickstart's DiT, 200 steps of concat and of ControlNet training on 4x-downsampled digits: samples drawn
+    under a val digit's control must match it (4x4 block means) at least 10x better than the base model's samples of
+    the same labels, still show their label, and ControlNet must leave the base weights as they were."""
+    data = control_dataset(tmp_path)
+    controls, labels = np.load(data / 'val_control.npy')[:200], np.load(data / 'val_y.npy')[:200]
+    base = tmp_path / 'base'
+    base.mkdir()
+    shutil.copy(quickstart / 'ckpt.pt', base / 'ckpt.pt')
+    run('sample.py', f'--out_dir={base}', '--num_samples=200', '--steps=25', '--save_npz=True',
+        f'--class_labels={",".join(map(str, labels))}')
+    base_error = downsampled_error(np.load(base / 'samples.npz')['arr_0'], controls)
+    for control in ('concat', 'controlnet'):
+        out = tmp_path / control
+        run('train_diffusion.py', 'config/mnist_dit.py', f'--dataset={data}', f'--init_base={quickstart}',
+            f'--control={control}', '--max_steps=200', '--warmup_steps=50', '--eval_interval=200', f'--out_dir={out}')
+        run('sample.py', f'--out_dir={out}', '--num_samples=200', '--steps=25', '--save_npz=True')
+        samples = np.load(out / 'samples.npz')
+        assert (samples['arr_1'] == labels).all()  # a control model's samples take their val image's label
+        error = downsampled_error(samples['arr_0'], controls)
+        accuracy = mnist_classifier(samples['arr_0'], labels)
+        print(f"{control}: downsampled error {error:.4f} vs the base model's {base_error:.4f}; class accuracy {accuracy:.1%}")
+        assert error < base_error / 10 and accuracy >= 0.8
+    trained, start = load_ckpt(tmp_path / 'controlnet')['ema'], load_ckpt(quickstart)['ema']
+    assert all(torch.equal(trained[k], w) for k, w in start.items())  # the base stayed frozen
+    assert any(not torch.equal(w, torch.zeros_like(w)) for k, w in trained.items() if k.startswith('control_out'))
+
+
+@pytest.mark.slow
+def test_lightningdit_options_learn_mnist(mnist, mnist_classifier, tmp_path):
+    """The quickstart with all of LightningDiT's options (RMSNorm, SwiGLU, QK-norm, 2-D RoPE, the cosine loss term)
+    at half its steps clears the spine's 80% class-accuracy bar (96.6% at 3,000 steps, where the plain DiT reads 76.8%)."""
+    args = ['config/mnist_dit.py', '--norm=rmsnorm', '--mlp=swiglu', '--qk_norm=True', '--rope=True', '--cosine_loss=1.0',
+            '--max_steps=3000', '--eval_interval=1500', '--sample_interval=8000']
+    assert train_and_read(tmp_path / 'out', args, [], mnist_classifier) >= 0.8
+    assert load_ckpt(tmp_path / 'out')['model_args']['rope'] is True  # sample.py rebuilt the same model
