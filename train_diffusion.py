@@ -313,8 +313,9 @@ if init_base and init_from == 'scratch':  # fine-tuning: start from a base model
         raise SystemExit(f"error: init_base {base_path} is another model (this run vs the base: {diff or 'control'}); "
                          f"train with the base's config")
     if control == 'concat' and not base_args.get('control'):  # the control's input channels start at zero
-        name = 'x_embedder.weight' if arch.startswith('DiT') else 'conv_in.weight'
-        weights[name] = torch.cat([weights[name], weights[name].new_zeros(weights[name].shape[0], Cc, *weights[name].shape[2:])], 1)
+        w = weights['x_embedder.weight' if arch.startswith('DiT') else 'conv_in.weight']  # (out, in, k, k)
+        weights['x_embedder.weight' if arch.startswith('DiT') else 'conv_in.weight'] = \
+            torch.cat([w, w.new_zeros(w.shape[0], Cc, *w.shape[2:])], dim=1)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith('control_') for k in missing):
         raise SystemExit(f"error: init_base {base_path} does not fit {arch}: missing {missing}, unexpected {unexpected}")
@@ -358,7 +359,7 @@ if init_from == 'resume':
     if ckpt['config'].get('phema_stds', '') != phema_stds:
         raise SystemExit(f"error: {ckpt_path} tracks post-hoc EMAs phema_stds='{ckpt['config'].get('phema_stds', '')}'; "
                          f"resume with that value")
-    phema = ckpt.get('phema', [])
+    phema = ckpt['phema'] if master and phema_stds else []
     start_step, wandb_id = ckpt['step'], ckpt['wandb_id']
     saved_step = start_step
     changed = [f"{k} {v!r} -> {config[k]!r}" for k, v in ckpt['config'].items() if config.get(k, v) != v]
@@ -376,7 +377,7 @@ else:
     torch.manual_seed(seed + rank)
     np.random.seed(seed + rank)
     random.seed(seed + rank)
-    phema = [[p.detach().clone() for p in params] for _ in phema_gammas]  # the power-function EMAs, as the weights
+    phema = [[p.detach().clone() for p in params] for _ in phema_gammas] if master else []  # power-function EMAs
 raw_model = model
 if compile:
     model = torch.compile(model)
@@ -610,7 +611,7 @@ for step in range(start_step, max_steps):
         with torch.no_grad():  # EMA with warm-up; a skipped update leaves it alone too
             weight = (1 - min(ema_decay, (1 + step) / (10 + step)) ** ema_update_every) * ~bad
             torch._foreach_lerp_(ema_params, params, weight)
-    with torch.no_grad():  # the post-hoc EMAs, every step t = step + 1: beta_t = (1 - 1/t)^(gamma + 1)
+    with torch.no_grad():  # the post-hoc EMAs (rank 0's), every step t = step + 1: beta_t = (1 - 1/t)^(gamma + 1)
         for gamma, tracked in zip(phema_gammas, phema):
             torch._foreach_lerp_(tracked, params, 1 - (1 - 1 / (step + 1)) ** (gamma + 1))
     loss_sum += torch.where(bad, 0, step_sums)
