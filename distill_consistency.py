@@ -165,6 +165,9 @@ if not os.path.exists(teacher_path):
 tckpt = load_checkpoint(teacher_path, "pass the out_dir of a train_diffusion.py run as --teacher")
 if 'consistency' in tckpt:
     raise SystemExit(f"error: {teacher_path} is a consistency model; the teacher must be a train_diffusion.py run")
+if tckpt['model_args'].get('control'):
+    raise SystemExit(f"error: {teacher_path} follows control images, which distillation does not feed it yet; "
+                     f"distill its base model")
 tconf = tckpt['config']
 diffusion = Diffusion(tconf['schedule'], tconf['prediction_type'], tconf['num_timesteps'], tconf['sigma_data'])
 teacher_net = create_model(tconf['arch'], **tckpt['model_args']).to(device)

@@ -73,7 +73,8 @@ def nearest_training_images(images, train, chunk=4096):
     """RMS pixel distances ([0, 1] scale) from each of images (N, H, W, C) uint8 to its two nearest images of train
     (M, H, W, C) uint8, read chunk by chunk, and their indices: (N, 2) each, nearest first."""
     x = torch.from_numpy(np.asarray(images)).to(device).flatten(1).float() / 255
-    best_d, best_i = torch.full((len(x), 2), float('inf'), device=device), torch.zeros((len(x), 2), dtype=torch.long, device=device)
+    best_d = torch.full((len(x), 2), float('inf'), device=device)
+    best_i = torch.zeros((len(x), 2), dtype=torch.long, device=device)
     for lo in range(0, len(train), chunk):
         block = torch.from_numpy(np.array(train[lo:lo + chunk])).to(device).flatten(1).float() / 255
         d = torch.cat([best_d, torch.cdist(x, block) / math.sqrt(x.shape[1])], dim=1)
