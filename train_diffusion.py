@@ -14,6 +14,9 @@ noise, label dropout) comes from a generator seeded by (seed, step) and is the s
 keeping its slice of the global batch: the run is the same for any world size or grad_accum, and a resumed
 run draws exactly what the uninterrupted one would have.
 
+Off by default: LightningDiT's block options and cosine loss term, class-balanced draws, control images (extra input
+channels, or a ControlNet beside a frozen init_base), and post-hoc EMA snapshots (Karras et al. 2024) for sample.py.
+
 A run survives being killed at any moment: checkpoints are written to a temporary file and renamed over the last
 one, and the default init_from='auto' resumes from out_dir when it holds one, so re-running the same command (by
 hand, by a scheduler, or by torchrun --max-restarts) continues bit-exactly. SIGTERM or SIGUSR1 (SLURM's warning)

@@ -1,4 +1,4 @@
-# ControlNet on the quickstart's DiT: digits drawn to follow a 4x-downsampled guide (7 x 7 block means), about 30 s.
+# ControlNet on the quickstart's DiT: digits that follow a 4x-downsampled guide (7 x 7 block means), 26 s on 2 cores.
 #   python data/prepare_control.py --dataset=mnist --kind=downsample4    # after python data/mnist/prepare.py
 #   python train_diffusion.py config/mnist_dit.py && python train_diffusion.py config/mnist_control.py
 #   python sample.py --out_dir=out-mnist-control       # sample i follows val image i's control, with its label
