@@ -811,12 +811,13 @@ class Diffusion:
         F_u + cfg_scale (F_c - F_u) acts on every output channel, null label = model.config.num_classes; both
         halves see the control image, if any."""
         x_in, c_noise = self.net_inputs(x, t.expand(len(x)))
+        cond = () if control is None else (control,)  # models without a control image take (x, t, y)
         if cfg_scale == 1.0:
-            F = model(x_in, c_noise, y, control)
+            F = model(x_in, c_noise, y, *cond)
         else:
             null = torch.full_like(y, model.config.num_classes)
             F_c, F_u = model(torch.cat([x_in, x_in]), torch.cat([c_noise, c_noise]), torch.cat([y, null]),
-                             None if control is None else torch.cat([control, control])).chunk(2)
+                             *(torch.cat([c, c]) for c in cond)).chunk(2)
             F = F_u + cfg_scale * (F_c - F_u)
         x0, eps = self.x0_eps(F.to(x.dtype), x, t.view(1))
         if clip_x0:  # pixel data lives in [-1, 1]; eps follows the clipped x0

@@ -151,7 +151,7 @@ if latent:
     latent_mean, latent_std = (torch.tensor(latent[k], device=device).view(1, -1, 1, 1) for k in ('mean', 'std'))
     size, channels, clip_x0 = latent['image_size'], latent['channels'], False  # x0 is a latent: no [-1, 1] to clip to
 controls = None
-if model.config.control:  # the val images' control images (and labels) of a control model
+if getattr(model.config, 'control', ''):  # the val images' control images (and labels) of a control model
     try:
         controls = np.load(os.path.join(data_dir, 'val_control.npy'), mmap_mode='r')
         val_labels = np.load(os.path.join(data_dir, 'val_y.npy'))
