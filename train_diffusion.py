@@ -316,9 +316,9 @@ if init_base and init_from == 'scratch':  # fine-tuning: start from a base model
         raise SystemExit(f"error: init_base {base_path} is another model (this run vs the base: {diff or 'control'}); "
                          f"train with the base's config")
     if control == 'concat' and not base_args.get('control'):  # the control's input channels start at zero
-        w = weights['x_embedder.weight' if arch.startswith('DiT') else 'conv_in.weight']  # (out, in, k, k)
-        weights['x_embedder.weight' if arch.startswith('DiT') else 'conv_in.weight'] = \
-            torch.cat([w, w.new_zeros(w.shape[0], Cc, *w.shape[2:])], dim=1)
+        name = 'x_embedder.weight' if arch.startswith('DiT') else 'conv_in.weight'
+        w = weights[name]  # (out, in, k, k)
+        weights[name] = torch.cat([w, w.new_zeros(w.shape[0], Cc, *w.shape[2:])], dim=1)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith('control_') for k in missing):
         raise SystemExit(f"error: init_base {base_path} does not fit {arch}: missing {missing}, unexpected {unexpected}")
