@@ -85,7 +85,9 @@ ema_decay = 0.999  # the EMA that sample.py uses, with warm-up
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
-compile = torch.cuda.is_available()
+compile = torch.cuda.is_available()  # torch.compile the student (gains nothing on CPU but compile time)
+activation_checkpointing = False  # recompute each of the student's blocks in the backward pass to save memory
+peak_tflops = 0.0  # per-device peak for MFU; 0 = look it up for known GPUs (bf16 dense), none on CPU
 seed = 0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -173,6 +175,8 @@ diffusion = Diffusion(tconf['schedule'], tconf['prediction_type'], tconf['num_ti
 teacher_net = create_model(tconf['arch'], **tckpt['model_args']).to(device)
 teacher_net.load_state_dict(tckpt['ema'])
 teacher_net.requires_grad_(False).eval()
+if device_type == 'cuda' and tconf['arch'].startswith('UNet'):  # the faster layout for convolutions on tensor cores
+    teacher_net = teacher_net.to(memory_format=torch.channels_last)  # (the student and its target are copies)
 null_label = teacher_net.config.num_classes
 del tckpt
 
@@ -216,6 +220,7 @@ def get_batch(step, micro):
 # the student (the teacher's weights), its EMA for sampling, the target, optimizer, and the checkpoint to resume from
 model = copy.deepcopy(teacher_net).requires_grad_(True).train()
 model_config = model.config
+model.activation_checkpointing = activation_checkpointing
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 target_net = copy.deepcopy(model).requires_grad_(False) if target == 'ema' else model  # train mode: same dropout
 decay, no_decay = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
@@ -266,6 +271,14 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 params, ema_params = list(raw_model.parameters()), list(ema.parameters())
 target_params = list(target_net.parameters())
+# FLOPs per image of a step: the student's forward and backward (3 forwards), the target's forward, and for 'cd' the
+# teacher's Heun step (2 evaluations, each on a doubled batch under guidance)
+flops_per_image = 4 * raw_model.flops_per_sample() + (mode == 'cd') * 2 * (1 + (cfg_scale != 1.0)) * \
+    teacher_net.flops_per_sample()
+if peak_tflops == 0 and device_type == 'cuda':  # bf16 dense tensor-core peaks (the SXM parts' unless named)
+    name = torch.cuda.get_device_name()
+    peak_tflops = next((v for k, v in {'H100 PCIe': 756.5, 'H100 NVL': 835.5, 'H100': 989.4, 'H200': 989.4,
+                                       'A100': 312.0}.items() if k in name), 0.0)
 
 # -----------------------------------------------------------------------------
 # the consistency objective
@@ -375,7 +388,7 @@ grid_y = torch.arange(64, device=device) % null_label if class_cond and null_lab
 
 # -----------------------------------------------------------------------------
 # logging: stdout, out_dir/metrics.csv, and wandb
-fields = ['step', 'kimg', 'loss', 'lr', 'grad_norm', 'skipped', 'ms_per_step', 'img_per_s', 'ect_stage']
+fields = ['step', 'kimg', 'loss', 'lr', 'grad_norm', 'skipped', 'ms_per_step', 'img_per_s', 'tflops', 'mfu', 'ect_stage']
 metrics_path = os.path.join(out_dir, 'metrics.csv')
 if master:
     rows = list(csv.DictReader(open(metrics_path))) if init_from == 'resume' and os.path.exists(metrics_path) else []
@@ -406,6 +419,7 @@ def request_stop(signum, frame):  # SIGTERM (a scheduler, torchrun) or SIGUSR1 (
 
 for sig in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(sig, request_stop)
+x0, y = get_batch(start_step, 0)  # the first batch; each later one is fetched while the current step runs
 loss_sum = torch.zeros((), device=device)
 skipped, streak, worst_streak = (torch.zeros((), device=device) for _ in range(3))
 t_log, steps_since_log = time.time(), 0
@@ -417,11 +431,12 @@ for step in range(start_step, max_steps):
     z_all = torch.randn((batch_size, C, H, W), generator=g, device=device)
     step_loss = torch.zeros((), device=device)
     for micro in range(grad_accum):
-        x0, y = get_batch(step, micro)
         sl = my_slice(micro)
         if ddp:
             model.require_backward_grad_sync = micro == grad_accum - 1
         loss = consistency_loss(x0, y, z_all[sl], hi_all[sl], lo_all[sl]).mean() / grad_accum
+        if micro + 1 < grad_accum or step + 1 < max_steps:  # fetch the next batch while this step runs
+            x0, y = get_batch(step, micro + 1) if micro + 1 < grad_accum else get_batch(step + 1, 0)
         scaler.scale(loss).backward()
         step_loss += loss.detach()
     scaler.unscale_(optimizer)
@@ -456,9 +471,12 @@ for step in range(start_step, max_steps):
         row = dict(step=step + 1, kimg=(step + 1) * batch_size / 1e3, loss=loss_avg, lr=optimizer.param_groups[0]['lr'],
                    grad_norm=grad_norm.item(), skipped=n_skipped, ms_per_step=dt * 1e3, img_per_s=batch_size / dt,
                    ect_stage=step * ect_stages // max_steps if mode == 'ect' else '')
+        row['tflops'] = flops_per_image * row['img_per_s'] / 1e12
+        row['mfu'] = row['tflops'] / (peak_tflops * world_size) if peak_tflops else float('nan')
         if master:
             print(f"step {step + 1}/{max_steps} | loss {loss_avg:.4f} | grad norm {row['grad_norm']:.3f} | "
-                  f"{dt * 1e3:.0f} ms/step | {row['img_per_s']:.0f} img/s" + (f" | ect stage {row['ect_stage']}"
+                  f"{dt * 1e3:.0f} ms/step | {row['img_per_s']:.0f} img/s | {row['tflops']:.2f} TFLOP/s | "
+                  f"mfu {format(row['mfu'], '.1%') if peak_tflops else 'n/a'}" + (f" | ect stage {row['ect_stage']}"
                   if mode == 'ect' else '') + (f" | {n_skipped} non-finite update(s) skipped" if n_skipped else ''))
             log(row)
         if worst_streak.item() >= max_nonfinite:

@@ -42,6 +42,19 @@ DIT_SIZES = {'N': (4, 128, 4), 'Ti': (6, 192, 3), 'S': (12, 384, 6), 'B': (12, 7
 DIT_PRESETS = {f'DiT-{s}/{p}': dict(depth=d, hidden_size=h, num_heads=n, patch_size=p)
                for s, (d, h, n) in DIT_SIZES.items() for p in (1, 2, 4, 8)}
 
+def run_block(block, *inputs, checkpointing=False):
+    """block(*inputs); with checkpointing (and autograd on), only the inputs are kept and the block is recomputed in the
+    backward pass: the activations' memory for about a third more compute. Double backward (R1) works through it."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
+
+def run_sequence(layers, h, checkpointing=False):
+    """h through layers in turn, each residual block (ResBlock, GANBlock) checkpointed when checkpointing."""
+    for layer in layers:
+        h = run_block(layer, h, checkpointing=checkpointing and isinstance(layer, (ResBlock, GANBlock)))
+    return h
+
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -201,8 +214,7 @@ class DiT(nn.Module):
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D), N = g*g tokens
         cond = self.t_embedder(timestep_embedding(t, 256)) + self.y_embedder(y)
         rope = (self.rope_cos, self.rope_sin) if c.rope else None
-        run = lambda block, h: checkpoint(block, h, cond, rope, use_reentrant=False) if self.activation_checkpointing \
-            else block(h, cond, rope)
+        run = lambda block, h: run_block(block, h, cond, rope, checkpointing=self.activation_checkpointing)
         residuals = []  # the ControlNet's output after each of its blocks, added to the base block of the same depth
         if c.control == 'controlnet':
             h = x + self.control_embedder(control.to(x.dtype)).flatten(2).transpose(1, 2)
@@ -329,7 +341,7 @@ class UNet(nn.Module):
         if control is not None:
             x = torch.cat([x, control.to(x.dtype)], dim=1)
         emb = self.t_embedder(timestep_embedding(t, self.config.channels)) + self.y_embedder(y)
-        run = lambda block, h: checkpoint(block, h, emb, use_reentrant=False) if self.activation_checkpointing else block(h, emb)
+        run = lambda block, h: run_block(block, h, emb, checkpointing=self.activation_checkpointing)
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
@@ -413,6 +425,7 @@ class Autoencoder(nn.Module):
                 dec.append(nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(cur, cur, 3, padding=1)))
         dec += [nn.GroupNorm(32, cur), nn.SiLU(), nn.Conv2d(cur, c.in_channels, 3, padding=1)]
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
+        self.activation_checkpointing = False
         self._flops = None
 
     @property
@@ -421,14 +434,14 @@ class Autoencoder(nn.Module):
 
     def encode(self, x):
         """x (B, C, H, W) in [-1, 1] -> the posterior's mean and log-variance (None for a plain autoencoder)."""
-        h = self.encoder(x)
+        h = run_sequence(self.encoder, x, self.activation_checkpointing)
         if not self.config.kl:
             return h, None
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z):
-        return self.decoder(z)
+        return run_sequence(self.decoder, z, self.activation_checkpointing)
 
     def forward(self, x, eps=None):
         """Reconstruction of x from z = mean + exp(logvar / 2) eps (the mean when eps is None), mean, logvar."""
@@ -589,12 +602,14 @@ class Generator(nn.Module):
             cur = width
         self.net = nn.Sequential(*layers)
         self.to_pixels = msr_init(nn.Conv2d(cur, c.in_channels, 1))
+        self.activation_checkpointing = False
 
     def forward(self, z, y=None):
         """z (B, z_dim), y (B,) int labels (ignored when unconditional) -> images (B, C, H, W), about [-1, 1]."""
         if self.embed is not None:
             z = torch.cat([z, self.embed(y)], dim=1)
-        return self.to_pixels(self.net(self.basis * self.z_proj(z)[:, :, None, None]))
+        h = self.basis * self.z_proj(z)[:, :, None, None]
+        return self.to_pixels(run_sequence(self.net, h, self.activation_checkpointing))
 
 class Discriminator(nn.Module):
     """The generator mirrored: a 1x1 convolution from pixels, stages of residual blocks with 2x2 average pooling
@@ -614,10 +629,11 @@ class Discriminator(nn.Module):
         self.basis = msr_init(nn.Conv2d(widths[-1], widths[-1], b, groups=widths[-1]))
         self.head = msr_init(nn.Linear(widths[-1], c.embed_dim if c.num_classes else 1))
         self.embed = nn.Embedding(c.num_classes, c.embed_dim) if c.num_classes else None
+        self.activation_checkpointing = False
 
     def forward(self, x, y=None):
         """x (B, C, H, W), y (B,) int labels (ignored when unconditional) -> logits (B,)."""
-        h = self.head(self.basis(self.net(self.from_pixels(x))).flatten(1))
+        h = self.head(self.basis(run_sequence(self.net, self.from_pixels(x), self.activation_checkpointing)).flatten(1))
         if self.embed is None:
             return h.squeeze(1)
         return (h * self.embed(y)).sum(1) / math.sqrt(h.shape[1])

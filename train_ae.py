@@ -103,6 +103,8 @@ encode_flips = False  # also encode each training image's mirror image (for trai
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 compile = torch.cuda.is_available()  # torch.compile the autoencoder (gains nothing on CPU but compile time)
+activation_checkpointing = False  # recompute each residual block in the backward pass to save memory
+peak_tflops = 0.0  # per-device peak for MFU; 0 = look it up for known GPUs (bf16 dense), none on CPU
 seed = 0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -319,7 +321,7 @@ try:
 except ValueError as e:
     raise SystemExit(f"error: {arch} on {dataset}: {e}")
 model_config = model.config
-ema = copy.deepcopy(model).requires_grad_(False).eval()
+model.activation_checkpointing = activation_checkpointing
 disc = PatchDiscriminator(C, disc_channels, disc_layers).to(device) if disc_weight > 0 else None
 lpips = None
 if lpips_weight > 0:
@@ -328,6 +330,9 @@ if lpips_weight > 0:
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
         raise SystemExit(f"error: cannot load the LPIPS weights ({str(e).splitlines()[0][:200]}); set lpips_vgg to "
                          f"torchvision's vgg16-397923af.pth and lpips_lin to the lpips package's weights/v0.1/vgg.pth")
+if device_type == 'cuda':  # the faster layout for convolutions on tensor cores (the batches arrive in it: NHWC)
+    model, disc, lpips = (net if net is None else net.to(memory_format=torch.channels_last) for net in (model, disc, lpips))
+ema = copy.deepcopy(model).requires_grad_(False).eval()
 
 def make_optimizer(net):
     decay, no_decay = [p for p in net.parameters() if p.dim() >= 2], [p for p in net.parameters() if p.dim() < 2]
@@ -382,6 +387,11 @@ if master:
     print(f"{arch}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, {ae_flops / 1e9:.3f} GFLOPs forward per "
           f"image; latents {z_channels} x {latent_size} x {latent_size}"
           + (f"; discriminator {sum(p.numel() for p in d_params) / 1e6:.2f}M" if disc else ''))
+
+if peak_tflops == 0 and device_type == 'cuda':  # bf16 dense tensor-core peaks (the SXM parts' unless named)
+    name = torch.cuda.get_device_name()
+    peak_tflops = next((v for k, v in {'H100 PCIe': 756.5, 'H100 NVL': 835.5, 'H100': 989.4, 'H200': 989.4,
+                                       'A100': 312.0}.items() if k in name), 0.0)
 
 def flops_per_image(step):
     """Forward + backward (twice the forward) of the autoencoder, and of the discriminator on real and fake images
@@ -487,7 +497,7 @@ grid_x = load_batch('val', np.arange(min(32, len(data['val'][0])) // grid_cols *
 # logging: stdout, out_dir/metrics.csv, and wandb
 terms = ['loss', 'rec', 'kl', 'adv', 'adv_weight', 'd_loss', 'logits_real', 'logits_fake']
 fields = ['step', 'kimg', *terms, 'lr', 'grad_norm', 'd_grad_norm', 'skipped', 'ms_per_step', 'img_per_s', 'tflops',
-          'val_psnr', 'val_ssim', 'val_l1', 'val_psnr_ema', 'val_ssim_ema', 'val_l1_ema']
+          'mfu', 'val_psnr', 'val_ssim', 'val_l1', 'val_psnr_ema', 'val_ssim_ema', 'val_l1_ema']
 metrics_path = os.path.join(out_dir, 'metrics.csv')
 if master:
     rows = list(csv.DictReader(open(metrics_path))) if init_from == 'resume' and os.path.exists(metrics_path) else []
@@ -608,13 +618,14 @@ for step in range(start_step, max_steps):
                    grad_norm=grad_norm.item(), d_grad_norm=d_grad_norm.item(), skipped=n_skipped,
                    ms_per_step=dt * 1e3, img_per_s=batch_size / dt)
         row['tflops'] = flops_per_image(step) * row['img_per_s'] / 1e12
+        row['mfu'] = row['tflops'] / (peak_tflops * world_size) if peak_tflops else float('nan')
         if master:
             print(f"step {row['step']}/{max_steps} | {row['kimg']:.1f} kimg | loss {avg['loss']:.4f} (rec {avg['rec']:.4f}, "
                   f"kl {avg['kl']:.3g}" + (f", adv {avg['adv']:.3f} x {avg['adv_weight']:.3g}" if adv_on else '') + ")"
                   + (f" | d_loss {avg['d_loss']:.3f} (logits {avg['logits_real']:.2f} / {avg['logits_fake']:.2f})"
                      if train_disc else '') + f" | lr {row['lr']:.2e} | grad norm {row['grad_norm']:.3f} | "
                   f"{dt * 1e3:.0f} ms/step | {row['img_per_s']:.0f} img/s | {row['tflops']:.2f} TFLOP/s | "
-                  f"eta {dt * (max_steps - step - 1) / 60:.1f} min"
+                  f"mfu {format(row['mfu'], '.1%') if peak_tflops else 'n/a'} | eta {dt * (max_steps - step - 1) / 60:.1f} min"
                   + (f" | {n_skipped} non-finite update(s) skipped" if n_skipped else ''))
             log(row)
         if worst_streak.item() >= max_nonfinite:

@@ -390,9 +390,10 @@ flops_per_image = 3 * raw_model.flops_per_sample()  # forward + backward (twice 
 if master:
     print(f"{arch}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, "
           f"{flops_per_image / 3e9:.3f} GFLOPs forward per image")
-if peak_tflops == 0 and device_type == 'cuda':  # bf16 dense tensor-core peaks
+if peak_tflops == 0 and device_type == 'cuda':  # bf16 dense tensor-core peaks (the SXM parts' unless named)
     name = torch.cuda.get_device_name()
-    peak_tflops = next((v for k, v in {'H100': 989.4, 'H200': 989.4, 'A100': 312.0}.items() if k in name), 0.0)
+    peak_tflops = next((v for k, v in {'H100 PCIe': 756.5, 'H100 NVL': 835.5, 'H100': 989.4, 'H200': 989.4,
+                                       'A100': 312.0}.items() if k in name), 0.0)
 
 def get_lr(step):
     if step < warmup_steps:

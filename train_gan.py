@@ -84,6 +84,8 @@ ema_rampup = 0.05  # the half-life is at most this fraction of the images seen s
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 compile = torch.cuda.is_available()  # torch.compile both networks (gains nothing on CPU but compile time)
+activation_checkpointing = False  # recompute each residual block of G and D in the backward pass to save memory
+peak_tflops = 0.0  # per-device peak for MFU; 0 = look it up for known GPUs (bf16 dense), none on CPU
 seed = 0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -246,6 +248,9 @@ try:
 except ValueError as e:
     raise SystemExit(f"error: {arch} on {dataset}: {e}")
 model_config = model.config
+model.activation_checkpointing = disc.activation_checkpointing = activation_checkpointing
+if device_type == 'cuda':  # the faster layout for convolutions on tensor cores (the batches arrive in it: NHWC)
+    model, disc = model.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, beta2), fused=True)  # fused: skips on the device
 d_optimizer = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.0, beta2), fused=True)
@@ -299,6 +304,10 @@ if master:
 # forward + backward through D's forward + backward (and D's forward on the real, for rpgan); the penalty pass
 # (forward, backward to the input, and the backward of that: counted as 7 forwards) once every reg_interval steps
 flops_per_image = 4 * g_flops + (9 + (loss == 'rpgan') + 14 * (gamma > 0) / reg_interval) * d_flops
+if peak_tflops == 0 and device_type == 'cuda':  # bf16 dense tensor-core peaks (the SXM parts' unless named)
+    name = torch.cuda.get_device_name()
+    peak_tflops = next((v for k, v in {'H100 PCIe': 756.5, 'H100 NVL': 835.5, 'H100': 989.4, 'H200': 989.4,
+                                       'A100': 312.0}.items() if k in name), 0.0)
 
 def get_lr(step):
     if step < warmup_steps:
@@ -367,7 +376,8 @@ grid_y = (torch.arange(8 * grid_cols) % max(num_classes, 1)).to(device)  # a col
 # -----------------------------------------------------------------------------
 # logging: stdout, out_dir/metrics.csv, and wandb
 terms = ['d_loss', 'g_loss', 'r1', 'r2', 'logits_real', 'logits_fake']
-fields = ['step', 'kimg', *terms, 'lr', 'd_grad_norm', 'g_grad_norm', 'skipped', 'ms_per_step', 'img_per_s', 'tflops']
+fields = ['step', 'kimg', *terms, 'lr', 'd_grad_norm', 'g_grad_norm', 'skipped', 'ms_per_step', 'img_per_s', 'tflops',
+          'mfu']
 metrics_path = os.path.join(out_dir, 'metrics.csv')
 if master:
     rows = list(csv.DictReader(open(metrics_path))) if init_from == 'resume' and os.path.exists(metrics_path) else []
@@ -401,6 +411,7 @@ for sig in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(sig, request_stop)
 if master and start_step >= max_steps:
     print(f"{ckpt_path} is at step {start_step} of max_steps={max_steps}: nothing to do (raise max_steps to go on)")
+batches = [get_batch(start_step, micro) for micro in range(grad_accum)]  # later ones are fetched during a step
 sums = torch.zeros(len(terms) + 1, device=device)  # the loss terms (+ penalty passes) summed since the last log line
 skipped, streak, worst_streak = (torch.zeros((), device=device) for _ in range(3))  # non-finite updates skipped
 t_log, steps_since_log = time.time(), 0
@@ -412,7 +423,6 @@ for step in range(start_step, max_steps):
     # the whole global batch's noise and augmentation, sliced per rank and micro-step: any world size, the same run
     z_d, z_g = torch.randn((2, batch_size, model_config.z_dim), generator=rng(step, 1, device), device=device)
     aug = torch.rand((3, 2, batch_size, 7), generator=rng(step, 2, device), device=device)  # (pass, real/fake, image)
-    batches = [get_batch(step, micro) for micro in range(grad_accum)]
     step_sums = torch.zeros(len(terms) + 1, device=device)  # + the number of penalty passes
     # D: on regularisation steps the penalties, in float32, at G's fakes (no gradient to G) and at the real images;
     # then the adversarial loss at the same images
@@ -455,6 +465,8 @@ for step in range(start_step, max_steps):
         (g_loss / grad_accum).backward()
         step_sums[1] += g_loss.detach() / grad_accum
     raw_disc.requires_grad_(True)
+    if step + 1 < max_steps:  # the next step's real images, gathered while this step's kernels run
+        batches = [get_batch(step + 1, micro) for micro in range(grad_accum)]
     g_grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
     g_bad = ~g_grad_norm.isfinite()
     optimizer.found_inf = g_bad.float()
@@ -489,12 +501,14 @@ for step in range(start_step, max_steps):
                    d_grad_norm=d_grad_norm.item(), g_grad_norm=g_grad_norm.item(), skipped=n_skipped,
                    ms_per_step=dt * 1e3, img_per_s=batch_size / dt)
         row['tflops'] = flops_per_image * row['img_per_s'] / 1e12
+        row['mfu'] = row['tflops'] / (peak_tflops * world_size) if peak_tflops else float('nan')
         if master:
             print(f"step {row['step']}/{max_steps} | {row['kimg']:.1f} kimg | d_loss {avg['d_loss']:.4f} | g_loss "
                   f"{avg['g_loss']:.4f} | " + (f"r1 {avg['r1']:.3g} r2 {avg['r2']:.3g} | " if avg['r1'] is not None else '') + f"logits {avg['logits_real']:.2f} / "
                   f"{avg['logits_fake']:.2f} | lr {row['lr']:.2e} | grad norm D {row['d_grad_norm']:.3f} G "
                   f"{row['g_grad_norm']:.3f} | {dt * 1e3:.0f} ms/step | {row['img_per_s']:.0f} img/s | "
-                  f"{row['tflops']:.2f} TFLOP/s | eta {dt * (max_steps - step - 1) / 60:.1f} min"
+                  f"{row['tflops']:.2f} TFLOP/s | mfu {format(row['mfu'], '.1%') if peak_tflops else 'n/a'} | "
+                  f"eta {dt * (max_steps - step - 1) / 60:.1f} min"
                   + (f" | {n_skipped} non-finite update(s) skipped" if n_skipped else ''))
             log(row)
         if worst_streak.item() >= max_nonfinite:
