@@ -395,8 +395,9 @@ if peak_tflops == 0 and device_type == 'cuda':  # bf16 dense tensor-core peaks (
 
 def flops_per_image(step):
     """Forward + backward (twice the forward) of the autoencoder, and of the discriminator on real and fake images
-    once it trains, plus the decoder loss's pass through it once that is on."""
-    return 3 * ae_flops + 6 * d_flops * (step >= disc_start) + 3 * d_flops * (step >= adv_start)
+    once it trains, plus the decoder loss's pass through it once that is on (forward, and backward to the input only:
+    the discriminator is frozen there)."""
+    return 3 * ae_flops + 6 * d_flops * (step >= disc_start) + 2 * d_flops * (step >= adv_start)
 
 def get_lr(step):
     if step < warmup_steps:
