@@ -302,9 +302,9 @@ if master:
 
 # FLOPs per real image of a step: D on a real and a fake (forward + backward, 3x the forward) after G's forward; G
 # forward + backward through D's forward and its backward to the input only (D is frozen: 2x the forward; and D's
-# forward on the real, for rpgan); the penalty pass (forward, backward to the input, and the backward of that:
-# counted as 7 forwards) once every reg_interval steps
-flops_per_image = 4 * g_flops + (8 + (loss == 'rpgan') + 14 * (gamma > 0) / reg_interval) * d_flops
+# forward on the real, for rpgan); the penalty pass on a real and a fake (forward 1, backward to the input 1, and
+# the backward of that 4: 6 forwards each, as torch's FlopCounterMode counts them) once every reg_interval steps
+flops_per_image = 4 * g_flops + (8 + (loss == 'rpgan') + 12 * (gamma > 0) / reg_interval) * d_flops
 if peak_tflops == 0 and device_type == 'cuda':  # bf16 dense tensor-core peaks (the SXM parts' unless named)
     name = torch.cuda.get_device_name()
     peak_tflops = next((v for k, v in {'H100 PCIe': 756.5, 'H100 NVL': 835.5, 'H100': 989.4, 'H200': 989.4,
