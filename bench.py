@@ -310,5 +310,6 @@ if profile:
             train_step(step)
         sync()
     print(prof.key_averages().table(sort_by=f"{'cuda' if device_type == 'cuda' else 'cpu'}_time_total", row_limit=15))
+    os.makedirs(out_dir, exist_ok=True)
     prof.export_chrome_trace(os.path.join(out_dir, 'bench_trace.json'))
     print(f"trace: {os.path.join(out_dir, 'bench_trace.json')}")
