@@ -541,10 +541,12 @@ if control:  # a control model's grid follows the first 64 val images' controls 
     grid_y = val_y if num_classes else grid_y
 
 # -----------------------------------------------------------------------------
-# logging: stdout, out_dir/metrics.csv, and wandb
+# logging: stdout, out_dir/metrics.csv, and wandb (val_loss_unweighted: the prediction's plain MSE, comparable
+# across loss weightings and cosine_loss)
 num_bins = 10  # loss_u<i>: the unweighted loss at noise levels u in [i / 10, (i + 1) / 10), where the model struggles
 fields = ['step', 'kimg', 'loss', 'loss_unweighted', 'lr', 'grad_norm', 'skipped', 'ms_per_step', 'img_per_s', 'tflops',
-          'mfu', 'val_loss', 'val_loss_ema', *[f'loss_u{i}' for i in range(num_bins)]]
+          'mfu', 'val_loss', 'val_loss_ema', 'val_loss_unweighted', 'val_loss_unweighted_ema',
+          *[f'loss_u{i}' for i in range(num_bins)]]
 metrics_path = os.path.join(out_dir, 'metrics.csv')
 if master:
     rows = list(csv.DictReader(open(metrics_path))) if init_from == 'resume' and os.path.exists(metrics_path) else []
@@ -660,12 +662,13 @@ for step in range(start_step, max_steps):
             t.zero_()
         steps_since_log = 0
     if (step + 1) % eval_interval == 0 or last:
-        val_loss, _ = estimate_val_loss(raw_model)
-        val_loss_ema, _ = estimate_val_loss(ema)
+        (val_loss, val_mse), (val_loss_ema, val_mse_ema) = estimate_val_loss(raw_model), estimate_val_loss(ema)
         if master:
-            print(f"step {step + 1}: val loss {val_loss:.4f}, EMA {val_loss_ema:.4f}; train loss by noise level u "
+            print(f"step {step + 1}: val loss {val_loss:.4f}, EMA {val_loss_ema:.4f} (unweighted {val_mse:.4f}, EMA "
+                  f"{val_mse_ema:.4f}); train loss by noise level u "
                   f"(low to high, last log): {' '.join(f'{v:.3g}' for v in bin_losses)}")
-            log(dict(step=step + 1, val_loss=val_loss, val_loss_ema=val_loss_ema))
+            log(dict(step=step + 1, val_loss=val_loss, val_loss_ema=val_loss_ema, val_loss_unweighted=val_mse,
+                     val_loss_unweighted_ema=val_mse_ema))
     if master and ((step + 1) % sample_interval == 0 or last):
         with ctx:
             x = diffusion.sample(ema, grid_z, grid_y, sampler, sample_steps, cfg_scale=cfg_scale, shift=shift,

@@ -1,5 +1,6 @@
 """train_diffusion.py's options beyond the spine, as a user runs them: post-hoc EMA, class-balanced sampling, control
 images (concat and ControlNet), LightningDiT's architecture options; and sample.py's memorization check."""
+import csv
 import glob
 import math
 import os
@@ -12,7 +13,7 @@ import torch
 
 from conftest import MNIST, run, script_functions
 from model import phema_coefficients, phema_gamma
-from test_train_diffusion import TINY, load_ckpt, train_and_read
+from test_train_diffusion import TINY, load_ckpt
 
 
 def test_posthoc_ema_rebuilds_a_profile_it_also_tracked(mnist, tmp_path):
@@ -144,10 +145,18 @@ def test_control_models_follow_their_control(quickstart, mnist_classifier, tmp_p
 
 
 @pytest.mark.slow
-def test_lightningdit_options_learn_mnist(mnist, mnist_classifier, tmp_path):
-    """The quickstart with all of LightningDiT's options (RMSNorm, SwiGLU, QK-norm, 2-D RoPE, the cosine loss term)
-    at half its steps clears the spine's 80% class-accuracy bar (96.6% at 3,000 steps, where the plain DiT reads 76.8%)."""
-    args = ['config/mnist_dit.py', '--norm=rmsnorm', '--mlp=swiglu', '--qk_norm=True', '--rope=True', '--cosine_loss=1.0',
-            '--max_steps=3000', '--eval_interval=1500', '--sample_interval=8000']
-    assert train_and_read(tmp_path / 'out', args, [], mnist_classifier) >= 0.8
-    assert load_ckpt(tmp_path / 'out')['model_args']['rope'] is True  # sample.py rebuilt the same model
+def test_lightningdit_options_learn_faster(quickstart, tmp_path):
+    """LightningDiT's options together (RMSNorm, SwiGLU, QK-norm, 2-D RoPE, the cosine loss term) learn MNIST faster
+    than the plain DiT: after the quickstart's first 1,000 steps (its seed, batches and learning rates), the EMA's
+    unweighted val loss on the real val digits is at least 10% below the quickstart's at that step (15.4% and 18.7%
+    below at seeds 0 and 1). At 3,000 steps their samples read 96.6% right against the plain DiT's 76.8% (README)."""
+    out = tmp_path / 'out'
+    run('train_diffusion.py', 'config/mnist_dit.py', '--norm=rmsnorm', '--mlp=swiglu', '--qk_norm=True', '--rope=True',
+        '--cosine_loss=1.0', '--max_steps=1000', '--lr_decay_steps=6000', '--sample_interval=8000', f'--out_dir={out}')
+    val = [next(r for r in csv.DictReader(open(d / 'metrics.csv')) if r['step'] == '1000' and r['val_loss_ema'])
+           for d in (quickstart, out)]
+    plain, options = (float(r['val_loss_unweighted_ema']) for r in val)
+    print(f"unweighted EMA val loss at step 1000: plain {plain:.4f}, all options {options:.4f}")
+    assert options <= 0.9 * plain
+    run('sample.py', f'--out_dir={out}', '--num_samples=4', '--steps=2')  # sample.py rebuilds the same model
+    assert load_ckpt(out)['model_args']['rope'] is True

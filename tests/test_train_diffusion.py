@@ -55,7 +55,7 @@ def test_unet_resume_is_bit_exact(mnist, tmp_path):
     run('train_diffusion.py', *TINY, *objective, f'--out_dir={tmp_path / "a"}', '--max_steps=6')
     run('train_diffusion.py', *TINY, *objective, f'--out_dir={tmp_path / "b"}', '--max_steps=3', '--lr_decay_steps=6')
     with open(tmp_path / 'b' / 'metrics.csv', 'a') as f:  # a row logged after the checkpoint, before a crash
-        f.write('5,0.08,9.9' + ',' * 20 + '\n')  # all 23 columns
+        f.write('5,0.08,9.9' + ',' * 22 + '\n')  # all 25 columns
     p = run('train_diffusion.py', *TINY, *objective, f'--out_dir={tmp_path / "b"}', '--max_steps=6', '--init_from=resume')
     assert 'resuming' in p.stdout
     a, b = load_ckpt(tmp_path / 'a'), load_ckpt(tmp_path / 'b')
