@@ -115,7 +115,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 compile = torch.cuda.is_available()  # torch.compile the model (gains nothing on CPU but compile time)
 activation_checkpointing = False  # recompute each DiT / UNet block in the backward pass to save memory
-peak_tflops = 0.0  # per-device peak for MFU; 0 = look it up for known GPUs (bf16 dense), none on CPU
+peak_tflops = 0.0  # per-device peak for MFU; 0 = known GPUs' dense bf16 (float32: TF32) peak, none on CPU
 seed = 0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -390,10 +390,10 @@ flops_per_image = 3 * raw_model.flops_per_sample()  # forward + backward (twice 
 if master:
     print(f"{arch}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, "
           f"{flops_per_image / 3e9:.3f} GFLOPs forward per image")
-if peak_tflops == 0 and device_type == 'cuda':  # bf16 dense tensor-core peaks (the SXM parts' unless named)
+if peak_tflops == 0 and device_type == 'cuda':  # dense tensor-core peaks: bf16's (SXM unless named), TF32's half
     name = torch.cuda.get_device_name()
     peak_tflops = next((v for k, v in {'H100 PCIe': 756.5, 'H100 NVL': 835.5, 'H100': 989.4, 'H200': 989.4,
-                                       'A100': 312.0}.items() if k in name), 0.0)
+                                       'A100': 312.0}.items() if k in name), 0.0) / (2 if dtype == 'float32' else 1)
 
 def get_lr(step):
     if step < warmup_steps:
