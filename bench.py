@@ -192,22 +192,15 @@ elif script == 'train_ae.py':
     ema_params = [p.detach().clone() for p in params]
     script_code('def ssim', '# ------')
     script_code('ae_flops = ', 'if master:')
-    script_code('def flops_per_image', '@torch.no_grad()')  # its FLOP count, and the adaptive weight
+    script_code('def flops_per_image', '@torch.no_grad()')  # its FLOP count, adaptive weight and reconstruction losses
     flops_per_image = flops_per_image(max(disc_start, adv_start) if disc else 0)  # the steady state: every term on
 
     def train_step(step):
         with ctx:
             xrec, mean, logvar = model(x0, torch.randn((batch_size, z_channels, latent_size, latent_size), device=device))
         xrec = xrec.float()
-        nll = ((xrec - x0).abs() if rec_loss == 'l1' else (xrec - x0).pow(2)).mean(dim=(1, 2, 3))
-        if ssim_weight:
-            nll = nll + ssim_weight * (1 - ssim(xrec, x0))
-        if lpips:
-            with ctx:
-                nll = nll + lpips_weight * lpips(xrec, x0).float()
-        nll = nll.mean()
-        loss = nll + (kl_weight * 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).sum() / x0.numel()
-                      if logvar is not None else 0)
+        nll, _, kl = reconstruction_losses(x0, xrec, mean, logvar)
+        loss = nll + kl_weight * kl
         if disc:
             raw_disc.requires_grad_(False)
             with ctx:

@@ -419,6 +419,20 @@ def adaptive_weight(nll, adv):
         g_nll, g_adv = g
     return (g_nll.norm() / (g_adv.norm() + 1e-4)).clamp(max=1e4).detach()
 
+def reconstruction_losses(x, xrec, mean, logvar):
+    """The reconstruction term (rec_loss, plus the SSIM and LPIPS terms when weighted), its plain rec_loss part, and
+    the KL of the posterior N(mean, exp(logvar)) from N(0, I) per pixel, averaged over images (0 without one)."""
+    nll = ((xrec - x).abs() if rec_loss == 'l1' else (xrec - x).pow(2)).mean(dim=(1, 2, 3))
+    rec = nll.detach().mean()
+    if ssim_weight:
+        nll = nll + ssim_weight * (1 - ssim(xrec, x))
+    if lpips:
+        with ctx:
+            nll = nll + lpips_weight * lpips(xrec, x).float()
+    kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).sum() / x.numel() \
+        if logvar is not None else torch.zeros((), device=device)
+    return nll.mean(), rec, kl
+
 @torch.no_grad()
 def evaluate(net):
     """Mean PSNR (dB, on [0, 1]), SSIM and L1 (on [-1, 1]) of the reconstructions of the first eval_images val
@@ -556,16 +570,7 @@ for step in range(start_step, max_steps):
         with ctx:
             xrec, mean, logvar = model(x, eps_all[my_slice(micro)])
         xrec = xrec.float()
-        nll = ((xrec - x).abs() if rec_loss == 'l1' else (xrec - x).pow(2)).mean(dim=(1, 2, 3))
-        rec = nll.detach().mean()
-        if ssim_weight:
-            nll = nll + ssim_weight * (1 - ssim(xrec, x))
-        if lpips:
-            with ctx:
-                nll = nll + lpips_weight * lpips(xrec, x).float()
-        nll = nll.mean()
-        kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).sum() / x.numel() \
-            if logvar is not None else torch.zeros((), device=device)  # per pixel, averaged over images
+        nll, rec, kl = reconstruction_losses(x, xrec, mean, logvar)
         loss = nll + kl_weight * kl
         adv, weight = torch.zeros((), device=device), torch.zeros((), device=device)
         if adv_on:
