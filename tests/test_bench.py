@@ -44,7 +44,7 @@ def test_bench_counts_the_flops_the_training_log_counts(script, mnist, tmp_path)
     if script == 'distill_consistency.py':
         run('train_diffusion.py', '--arch=DiT-N/4', '--batch_size=8', '--max_steps=1', '--eval_images=16',
             '--sample_steps=2', f'--out_dir={tmp_path / "teacher"}')
-    common = [*args, '--batch_size=8', '--peak_tflops=1.0']
+    common = [*args, '--batch_size=8', '--peak_tflops=1.0', '--activation_checkpointing=True']
     bench = run('bench.py', f'--script={script}', *common, '--bench_steps=2', '--bench_warmup=1').stdout
     gflop = float(re.search(r'; ([\d.]+) GFLOP per image per step', bench).group(1))
     step = next(line for line in bench.splitlines() if line.startswith('step: '))
