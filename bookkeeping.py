@@ -1,0 +1,386 @@
+"""
+What every run does around its training loop, written once for train_diffusion.py, train_ae.py, train_gan.py,
+distill_consistency.py and sample.py: config checks, the prepared dataset and its checks, the out_dir and its
+checkpoints (atomic writes, safe loads, init_from, keep_last, RNG state), the metrics file, stop signals and the
+per-step stop vote, non-finite update counting, the device peak and memory, and the sample-grid writer.
+
+Each function takes what it needs as arguments and reads no script's globals; every error is one line that names
+the value and the fix (a SystemExit, so no traceback reaches the user).
+"""
+import csv
+import glob
+import json
+import os
+import pickle
+import random
+import resource
+import shutil
+import signal
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+# -----------------------------------------------------------------------------
+# config values
+
+
+def check_config(config, choices=(), counts=(), rules=()):
+    """Stops at the first bad value: choices are (key, allowed values), counts keys that must be at least 1, and
+    rules (key, ok, what it must be)."""
+    for key, allowed in choices:
+        if config[key] not in allowed:
+            raise SystemExit(f"error: {key}={config[key]!r} is not one of {', '.join(map(str, allowed))}")
+    for key in counts:
+        if config[key] < 1:
+            raise SystemExit(f"error: {key}={config[key]} must be at least 1")
+    for key, ok, rule in rules:
+        if not ok:
+            raise SystemExit(f"error: {key}={config[key]!r} must be {rule}")
+
+
+def check_device(device):
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise SystemExit(f"error: device='{device}' but CUDA is not available here; pass --device=cpu")
+    return 'cuda' if device.startswith('cuda') else 'cpu'
+
+
+def seeded(seed, step, stream, device='cpu'):
+    """A generator seeded by (seed, step, stream): the same on every rank, and the same again after a resume."""
+    state = np.random.SeedSequence([seed, step, stream]).generate_state(1)[0]
+    return torch.Generator(device).manual_seed(int(state))
+
+
+# -----------------------------------------------------------------------------
+# prepared datasets: data/<name>/ (or a path) with meta.json and {split}_x.npy, {split}_y.npy
+
+
+def data_path(dataset):
+    """data/<dataset>/ beside the scripts, or dataset itself when it is a path."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+
+
+def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script=''):
+    """meta.json and the memory-mapped arrays of each split, checked against each other: (data_dir, meta, {split:
+    (x, y)}). Images are uint8 (N, H, W, C) and latents (latent_ok) float16; labels are integers in
+    [0, num_classes)."""
+    data_dir = data_path(dataset)
+    prepare = f"python data/{dataset}/prepare.py" if os.path.basename(dataset) == dataset else "its prepare.py"
+    try:
+        with open(os.path.join(data_dir, 'meta.json')) as f:
+            meta = json.load(f)
+        H, C, K = (meta[k] for k in ('image_size', 'channels', 'num_classes'))
+        if not all(isinstance(v, int) and v > 0 for v in (H, C, K)):
+            raise ValueError(f"image_size, channels and num_classes are {H!r}, {C!r}, {K!r}: positive integers")
+        data = {s: (np.load(os.path.join(data_dir, f'{s}_x.npy'), mmap_mode='r'),
+                    np.load(os.path.join(data_dir, f'{s}_y.npy'))) for s in splits}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        why = f'{e.strerror}: {e.filename}' if isinstance(e, OSError) else repr(e)
+        raise SystemExit(f"error: dataset '{dataset}' is missing or unreadable in {data_dir} ({why}); "
+                         f"run {prepare} first")
+    latent = meta.get('latent')
+    if latent:
+        if not latent_ok:
+            raise SystemExit(f"error: dataset '{dataset}' holds latents; {script} trains on images")
+        prepare = f"python data/prepare_latents.py --dataset={latent.get('dataset', '<images>')}"
+    kind = 'float16' if latent else 'uint8'
+    for split, (x, y) in data.items():
+        where = os.path.join(data_dir, split)
+        if x.dtype != kind or x.shape[1:] != (H, H, C) or y.shape != (len(x),) or y.dtype.kind not in 'iu':
+            raise SystemExit(f"error: {where}_x.npy is {x.dtype} {x.shape} with {y.dtype} {y.shape} labels, but "
+                             f"meta.json says {kind} (N, {H}, {H}, {C}) and N integer labels; re-run {prepare}")
+        if len(x) == 0:
+            raise SystemExit(f"error: {where}_x.npy holds no images; re-run {prepare}")
+        if y.min() < 0 or y.max() >= K:
+            raise SystemExit(f"error: {where}_y.npy has labels in [{y.min()}, {y.max()}] but meta.json says {K} "
+                             f"classes; re-run {prepare}")
+    return data_dir, meta, data
+
+
+def to_device(x, device):
+    """A (B, H, W, C) uint8 or float16 CPU tensor as float32 NCHW on the device (a view of NHWC memory: the
+    channels_last layout); on CUDA a pinned, non-blocking copy."""
+    if device.startswith('cuda'):
+        x = x.pin_memory().to(device, non_blocking=True)
+    return x.to(device).permute(0, 3, 1, 2).float()
+
+
+# -----------------------------------------------------------------------------
+# the out_dir: checkpoints, RNG state, keep_last
+
+
+def load_checkpoint(path, fix, device='cpu'):
+    """A checkpoint as tensors and plain types (weights_only: nothing in the file can run code)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        why = 'it holds objects other than tensors and plain types' if isinstance(e, pickle.UnpicklingError) \
+            else str(e).split('. ')[0].splitlines()[0][:200]
+        raise SystemExit(f"error: cannot load {path} ({why}); {fix}")
+
+
+def rng_state(device_type):
+    """This process's global RNGs (for what a fork draws from them; the scripts' own draws are seeded)."""
+    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
+            'numpy': [np.random.get_state()[1].tolist(), *np.random.get_state()[2:]], 'python': random.getstate()}
+
+
+def restore_rng(states, seed, rank, world_size, device_type):
+    """The global RNGs as a checkpoint saved them for this rank (same world size), else seeded by seed + rank."""
+    state = states[rank] if states and len(states) == world_size else None
+    if state is None:
+        torch.manual_seed(seed + rank)
+        np.random.seed(seed + rank)
+        random.seed(seed + rank)
+        return
+    torch.set_rng_state(state['torch'].cpu())
+    if device_type == 'cuda' and state['cuda'] is not None:
+        torch.cuda.set_rng_state(state['cuda'].cpu())
+    np.random.set_state(('MT19937', np.array(state['numpy'][0], dtype=np.uint32), *state['numpy'][1:]))
+    random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
+
+
+def changed_keys(saved, config):
+    """'key old -> new' for each config key whose value differs from the checkpoint's config."""
+    return [f"{k} {v!r} -> {config[k]!r}" for k, v in saved.items() if config.get(k, v) != v]
+
+
+def check_same(what, saved, current, path):
+    """Stops when a checkpoint's record (model_args and the like, dicts) differs from this run's; keys added since
+    it was written take their defaults."""
+    diff = {k: (v, current.get(k)) for k, v in saved.items() if current.get(k, v) != v}
+    if diff:
+        raise SystemExit(f"error: {path} holds another {what} (checkpoint vs config: {diff}); resume with the "
+                         f"config it was trained with, or choose another out_dir")
+
+
+def load_state(net, state, path, key):
+    """net.load_state_dict(state), with a mismatch as one line."""
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {path}'s {key} does not fit this run ({str(e).splitlines()[-1].strip()[:200]}); "
+                         f"resume with the config it was trained with, or choose another out_dir")
+
+
+class RunDir:
+    """A run's out_dir: init_from resolved ('auto' resumes when ckpt.pt exists; 'scratch' never overwrites one),
+    checked writable before any work, and its checkpoints written atomically (a temporary file, flushed to disk,
+    renamed over the last one, which stays whole until that moment) by rank 0 with every rank's RNG state."""
+
+    def __init__(self, out_dir, init_from, keep_last=0, master=True, world_size=1, device_type='cpu'):
+        self.out_dir, self.keep_last, self.master = out_dir, keep_last, master
+        self.world_size, self.device_type = world_size, device_type
+        self.ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+        self.saved_step = None
+        if init_from == 'auto':
+            init_from = 'resume' if os.path.exists(self.ckpt_path) else 'scratch'
+        elif init_from == 'scratch' and os.path.exists(self.ckpt_path):
+            raise SystemExit(f"error: {self.ckpt_path} exists and init_from='scratch' would overwrite it; continue "
+                             f"that run with --init_from=auto, or start this one in another --out_dir")
+        elif init_from == 'resume' and not os.path.exists(self.ckpt_path):
+            raise SystemExit(f"error: init_from='resume' but {self.ckpt_path} does not exist; use "
+                             f"--init_from=scratch")
+        self.init_from = init_from
+        if master:
+            try:  # better to find out now than at the first checkpoint
+                os.makedirs(out_dir, exist_ok=True)
+                tempfile.TemporaryFile(dir=out_dir).close()
+            except OSError as e:
+                raise SystemExit(f"error: cannot write to out_dir='{out_dir}' ({e.strerror}); pass an --out_dir "
+                                 f"you can write to")
+
+    def resume(self, device):
+        """The checkpoint to resume from (rank 0 says so once the script has restored it)."""
+        ckpt = load_checkpoint(self.ckpt_path, "restore a checkpoint this script wrote (keep_last keeps "
+                               "ckpt_<step>.pt copies), or start in another --out_dir", device)
+        self.saved_step = ckpt['step']
+        return ckpt
+
+    def last_good(self):
+        if self.saved_step:
+            return f"{self.ckpt_path} (step {self.saved_step}) is intact"
+        return f"no checkpoint was written to {self.out_dir}"
+
+    def save(self, step, state, weights, fix, path=None):
+        """Writes state (a dict of tensors and plain types; 'step' and every rank's 'rng' are added) to path
+        (ckpt.pt by default). Collective: every rank calls it. Non-finite weights are never saved."""
+        path = path or self.ckpt_path
+        if not torch.stack([w.isfinite().all() for w in weights]).all():  # the same on every rank
+            raise SystemExit(f"error: the weights are not finite at step {step}, so they are not saved; "
+                             f"{self.last_good()}: {fix}")
+        states = [None] * self.world_size
+        if self.world_size > 1:
+            dist.all_gather_object(states, rng_state(self.device_type))
+        else:
+            states = [rng_state(self.device_type)]
+        if self.master:
+            try:
+                with open(path + '.tmp', 'wb') as f:
+                    torch.save({**state, 'step': step, 'rng': states}, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(path + '.tmp', path)
+            except (OSError, RuntimeError) as e:  # a full disk surfaces from torch.save as a RuntimeError
+                os.remove(path + '.tmp')
+                why = e.strerror if isinstance(e, OSError) else 'torch.save could not write it'
+                free = shutil.disk_usage(self.out_dir).free / 2**30
+                raise SystemExit(f"error: writing {path} failed at step {step} ({why}; {free:.1f} GiB free); "
+                                 f"{self.last_good()}: make room and re-run the same command")
+            if self.keep_last and path == self.ckpt_path:  # a second name for the same file: no extra space
+                kept = os.path.join(self.out_dir, f'ckpt_{step:07d}.pt')
+                if not os.path.exists(kept):
+                    os.link(path, kept)
+                for old in sorted(glob.glob(os.path.join(self.out_dir, 'ckpt_[0-9]*.pt')))[:-self.keep_last]:
+                    os.remove(old)
+            print(f"saved {path} at step {step}")
+        if path == self.ckpt_path:
+            self.saved_step = step
+
+
+# -----------------------------------------------------------------------------
+# the metrics file (and wandb)
+
+
+class Metrics:
+    """Rows of out_dir/metrics.csv, and of wandb when wandb_run is given. A resumed run first drops the rows logged
+    after its checkpoint (and a row cut short by a crash): the file then reads as one uninterrupted run."""
+
+    def __init__(self, path, fields, start_step=0, wandb_run=None):
+        self.path, self.fields, self.wandb_run = path, fields, wandb_run
+        rows = []
+        if start_step and os.path.exists(path):
+            with open(path, newline='') as f:
+                rows = [r for r in csv.DictReader(f) if None not in r.values() and int(r['step']) <= start_step]
+        with open(path + '.tmp', 'w', newline='') as f:
+            csv.DictWriter(f, fields).writeheader()
+            csv.DictWriter(f, fields, extrasaction='ignore').writerows(rows)
+        os.replace(path + '.tmp', path)
+
+    def log(self, row):
+        row = {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+        with open(self.path, 'a', newline='') as f:
+            csv.DictWriter(f, self.fields).writerow(row)
+        if self.wandb_run:
+            self.wandb_run.log(row, step=row['step'])
+
+
+def start_wandb(project, name, config, out_dir, run_id):
+    """A wandb run that a resumed run continues (run_id from its checkpoint); imported only when asked for."""
+    import wandb
+    return wandb.init(project=project, name=name, config=config, dir=out_dir, id=run_id, resume='allow')
+
+
+# -----------------------------------------------------------------------------
+# stopping: signals, max_minutes, non-finite updates
+
+
+class StopSignals:
+    """SIGTERM (a scheduler, torchrun) and SIGUSR1 (SLURM's --signal warning) ask the loop to finish its step, save
+    and exit 0. vote() says, at every step, whether to stop now: the same answer on every rank (a vote on the host,
+    over a gloo group, that does not wait for the GPU)."""
+
+    def __init__(self, max_minutes, t_start, ddp):
+        self.max_minutes, self.t_start, self.signum = max_minutes, t_start, 0
+        self.group = dist.new_group(backend='gloo') if ddp else None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self.request)
+
+    def request(self, signum, frame):
+        self.signum = signum
+
+    def vote(self):
+        """None, or why every rank stops now."""
+        late = self.max_minutes > 0 and time.time() - self.t_start > 60 * self.max_minutes
+        stop = torch.tensor([self.signum, late])
+        if self.group is not None:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.group)
+        if stop[0]:
+            return signal.Signals(int(stop[0])).name
+        return f'max_minutes={self.max_minutes}' if stop[1] else None
+
+
+class SkipCounter:
+    """Counts updates skipped for a non-finite gradient norm on the device (no host sync until read)."""
+
+    def __init__(self, device):
+        self.skipped, self.streak, self.worst = (torch.zeros((), device=device) for _ in range(3))
+
+    def add(self, bad):
+        self.skipped += bad
+        self.streak = (self.streak + 1) * bad
+        self.worst = torch.maximum(self.worst, self.streak)
+
+    def read(self, max_nonfinite, step, last_good, fix):
+        """The updates skipped since the last read; stops the run when max_nonfinite came in a row."""
+        skipped, worst = int(self.skipped.item()), int(self.worst.item())
+        if worst >= max_nonfinite:
+            raise SystemExit(f"error: {worst} updates in a row had a non-finite gradient norm and were skipped "
+                             f"(max_nonfinite={max_nonfinite}) by step {step}; {last_good}: resume it with {fix}")
+        self.skipped.zero_()
+        self.worst.zero_()
+        return skipped
+
+
+# -----------------------------------------------------------------------------
+# speed: the device's peak, the step's rate and memory, as logged
+
+
+def device_peak_tflops(device_type, dtype):
+    """Known GPUs' dense tensor-core peak (bf16's, SXM unless named; float32 runs at TF32's, half of it); 0 when
+    unknown (then pass peak_tflops) and on CPUs."""
+    if device_type != 'cuda':
+        return 0.0
+    name = torch.cuda.get_device_name()
+    peaks = {'H100 PCIe': 756.5, 'H100 NVL': 835.5, 'H100': 989.4, 'H200': 989.4, 'A100': 312.0}
+    return next((v for k, v in peaks.items() if k in name), 0.0) / (2 if dtype == 'float32' else 1)
+
+
+def peak_memory_gib(device_type):
+    """The most memory this process has held: allocated on the GPU, resident on the CPU."""
+    if device_type == 'cuda':
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+SPEED_FIELDS = ['ms_per_step', 'img_per_s', 'tflops', 'mfu', 'peak_mem_gib']
+
+
+def speed(dt, batch_size, flops_per_image, peak_tflops, world_size, device_type):
+    """The SPEED_FIELDS of a row: a step of dt seconds over batch_size images, against world_size peaks."""
+    tflops = flops_per_image * batch_size / dt / 1e12
+    return dict(ms_per_step=dt * 1e3, img_per_s=batch_size / dt, tflops=tflops,
+                mfu=tflops / (peak_tflops * world_size) if peak_tflops else float('nan'),
+                peak_mem_gib=peak_memory_gib(device_type))
+
+
+def speed_text(row, steps_left):
+    """The log line's tail for a row with SPEED_FIELDS."""
+    mfu = f"{row['mfu']:.1%}" if row['mfu'] == row['mfu'] else 'n/a'
+    return (f"{row['ms_per_step']:.0f} ms/step | {row['img_per_s']:.0f} img/s | {row['tflops']:.2f} TFLOP/s | "
+            f"mfu {mfu} | {row['peak_mem_gib']:.2f} GiB | eta {row['ms_per_step'] * steps_left / 6e4:.1f} min")
+
+
+# -----------------------------------------------------------------------------
+# images
+
+
+def save_grid(x, path, ncol=8):
+    """Images in [-1, 1], (B, C, H, W), to one PNG grid of ncol columns (the last row padded with black)."""
+    x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+    x = torch.cat([x, x.new_zeros((-len(x) % ncol, *x.shape[1:]))])
+    B, C, H, W = x.shape
+    grid = x.view(B // ncol, ncol, C, H, W).permute(0, 3, 1, 4, 2).reshape(B // ncol * H, ncol * W, C)
+    Image.fromarray(grid.squeeze(-1).numpy()).save(path)
+
+
+def adamw(params, lr, betas, weight_decay):
+    """AdamW with weight decay on the weights of 2 or more dimensions only; fused, so that setting
+    optimizer.found_inf skips a non-finite update on the device, with no host sync."""
+    params = list(params)
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
