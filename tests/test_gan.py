@@ -89,7 +89,7 @@ def test_resume_is_bit_exact_and_sample_py_reads_the_checkpoint(mnist, tmp_path)
     run('train_gan.py', *TINY, f'--out_dir={tmp_path / "a"}', '--max_steps=6')
     run('train_gan.py', *TINY, f'--out_dir={tmp_path / "b"}', '--max_steps=3')
     with open(tmp_path / 'b' / 'metrics.csv', 'a') as f:  # a row logged after the checkpoint, before a crash
-        f.write('5,0.04,9.9' + ',' * 13 + '\n')
+        f.write('5,0.04,9.9' + ',' * 14 + '\n')
     p = run('train_gan.py', *TINY, f'--out_dir={tmp_path / "b"}', '--max_steps=6')
     assert 'resuming' in p.stdout and 'changed since: max_steps 3 -> 6' in p.stdout
     a, b = load(tmp_path / 'a' / 'ckpt.pt'), load(tmp_path / 'b' / 'ckpt.pt')
@@ -121,7 +121,7 @@ def test_two_ranks_match_one_process(mnist, tmp_path):
         env=one_thread)
     run('train_gan.py', *common, f'--out_dir={tmp_path / "one"}', env=one_thread)
     run('train_gan.py', *common, f'--out_dir={tmp_path / "accum"}', '--grad_accum=2', env=one_thread)
-    skip = {'step', 'kimg', 'lr', 'skipped', 'ms_per_step', 'img_per_s', 'tflops', 'mfu'}
+    skip = {'step', 'kimg', 'lr', 'skipped', 'ms_per_step', 'img_per_s', 'tflops', 'mfu', 'peak_mem_gib'}
     one = list(csv.DictReader(open(tmp_path / 'one' / 'metrics.csv')))
     for other in ('ddp', 'accum'):
         rows = list(csv.DictReader(open(tmp_path / other / 'metrics.csv')))
@@ -139,10 +139,13 @@ def test_two_ranks_match_one_process(mnist, tmp_path):
 
 def test_a_nonfinite_update_is_skipped_and_counted(mnist, tmp_path):
     """NaN fakes at step 1 (G's 3rd and 4th training forwards: the D pass's fakes and G's pass): both networks skip
-    that update, the log counts it, the run goes on and ends finite. (With the non-saturating loss.)"""
-    p = subprocess.run([sys.executable, 'tests/faults.py', 'train_gan.py', *TINY, '--max_steps=4', '--ckpt_interval=1',
-                        '--keep_last=4', '--loss=ns', f'--out_dir={tmp_path}'], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, 'WANDB_MODE': 'disabled', 'FAULT_NAN_STEPS': '2,3'}, timeout=300)
+    that update, the log counts it, the run goes on and ends finite. (With the non-saturating loss.) With
+    max_nonfinite=1 that one skipped update stops the run with one line that names the checkpoint to go back to."""
+    def faulty(*args):
+        return subprocess.run([sys.executable, 'tests/faults.py', 'train_gan.py', *TINY, '--max_steps=4',
+                               '--ckpt_interval=1', '--loss=ns', *args], cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, 'WANDB_MODE': 'disabled', 'FAULT_NAN_STEPS': '2,3'}, timeout=300)
+    p = faulty('--keep_last=4', f'--out_dir={tmp_path}')
     assert p.returncode == 0 and '1 non-finite update(s) skipped' in p.stdout, p.stderr[-2000:]
     before, after = load(tmp_path / 'ckpt_0000001.pt'), load(tmp_path / 'ckpt_0000002.pt')
     for key in ('model', 'ema', 'disc'):
@@ -150,6 +153,37 @@ def test_a_nonfinite_update_is_skipped_and_counted(mnist, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / 'metrics.csv')))
     assert [r['skipped'] for r in rows] == ['0', '1', '0', '0'] and rows[1]['d_loss'] == 'nan'
     assert all(w.isfinite().all() for w in load(tmp_path / 'ckpt.pt')['model'].values())
+    p = faulty('--max_nonfinite=1', f'--out_dir={tmp_path / "stop"}')
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+        f"error: 1 updates in a row had a non-finite gradient norm and were skipped (max_nonfinite=1) by step 2; "
+        f"{tmp_path / 'stop' / 'ckpt.pt'} (step 1) is intact: resume it with a lower lr, a larger gamma or "
+        f"dtype='float32'"), p.stderr[-2000:]
+
+
+def test_ema_half_life_ramps_up_and_the_other_switches_run(mnist, tmp_path):
+    """G's EMA after step 2 is beta ema_1 + (1 - beta) G_2 with beta = 0.5^(B / n) for a half-life of n images:
+    with the default ema_rampup=0.05, n = 2 B 0.05 = 0.8 images (0.05 of those seen: beta = 2^-10); with
+    ema_rampup=0, n = ema_kimg 1000 = 2,000 (beta = 0.997). The second run also trains in bfloat16 with beta2=0.9
+    (both Adams take it) and seed=1 (other initial weights: they differ by far more than two Adam steps)."""
+    B, ema_kimg = 8, 2.0  # TINY's batch size and config/mnist_gan.py's ema_kimg
+    ramped, flat = tmp_path / 'ramped', tmp_path / 'flat'
+    run('train_gan.py', *TINY, f'--out_dir={ramped}', '--max_steps=2', '--ckpt_interval=1', '--keep_last=2')
+    run('train_gan.py', *TINY, f'--out_dir={flat}', '--max_steps=2', '--ckpt_interval=1', '--keep_last=2',
+        '--ema_rampup=0', '--dtype=bfloat16', '--beta2=0.9', '--seed=1')
+    half_lives = {ramped: 2 * B * 0.05, flat: ema_kimg * 1000}
+    for out, n in half_lives.items():
+        one, two = load(out / 'ckpt_0000001.pt'), load(out / 'ckpt_0000002.pt')
+        miss = {}  # the largest error of the EMA predicted with each half-life
+        for other, m in half_lives.items():
+            beta = 0.5 ** (B / m)
+            miss[other] = max((w.double() - beta * one['ema'][k].double() - (1 - beta) * two['model'][k].double())
+                              .abs().max().item() for k, w in two['ema'].items())
+        assert miss[out] < 1e-6 and min(miss.values()) == miss[out] and max(miss.values()) > 1e-5, (out, miss)
+    a, b = load(ramped / 'ckpt.pt'), load(flat / 'ckpt.pt')
+    assert [tuple(b[key]['param_groups'][0]['betas']) for key in ('optimizer', 'd_optimizer')] == [(0.0, 0.9)] * 2
+    rows = list(csv.DictReader(open(flat / 'metrics.csv')))
+    assert len(rows) == 2 and all(np.isfinite(float(r[k])) for r in rows for k in ('d_loss', 'g_loss'))
+    assert (a['model']['basis'] - b['model']['basis']).abs().max() > 0.01
 
 
 BAD_INPUT = [
@@ -173,7 +207,15 @@ def test_max_minutes_stops_and_resuming_another_network_is_refused(mnist, tmp_pa
     p = run('train_gan.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=50', '--max_minutes=1e-6')
     assert 'stopped at step 1 of 50 (max_minutes=1e-06)' in p.stdout and load(tmp_path / 'ckpt.pt')['step'] == 1
     p = run('train_gan.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=2', '--class_cond=False', check=False)
-    assert p.returncode == 1 and "holds another network (GAN-T, 10 classes)" in p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "holds another network (checkpoint vs config: {'num_classes': (10, 0)})" in \
+        p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    # a discriminator of another shape (the same generator) is refused too
+    ckpt = load(tmp_path / 'ckpt.pt')
+    ckpt['disc']['head.weight'] = ckpt['disc']['head.weight'][:, :-1]
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    p = run('train_gan.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=2', check=False)
+    assert p.returncode == 1 and "ckpt.pt's disc does not fit this run (size mismatch for head.weight" in \
+        p.stderr.strip().splitlines()[-1] and 'Traceback' not in p.stderr, p.stderr[-2000:]
 
 
 @pytest.mark.slow
