@@ -5,10 +5,12 @@ after it has set its defaults and listed their names in `config_keys`. Then
     python train_diffusion.py config/mnist_dit.py --batch_size=64 --lr=3e-4
 executes config/mnist_dit.py in the script's globals (plain Python: it runs with your privileges, so run only
 config files you trust), then applies each --key=value, parsed with ast.literal_eval (a string default takes the
-text as it is). Every value must keep its default's type (an int is accepted for a float); an unknown key, in a
-file or on the command line, stops the run and names the nearest valid keys.
+text as it is). Every value must keep its default's type (an int is accepted for a float) and a float stays finite
+(unless its default is not); an unknown key, in a file or on the command line, stops the run and names the nearest
+valid keys. A config file is read in its own encoding (a coding cookie, else UTF-8).
 """
 import builtins
+import math
 import sys
 import traceback
 from ast import literal_eval
@@ -23,7 +25,8 @@ _defaults = {k: globals()[k] for k in config_keys}
 for _arg in sys.argv[1:]:
     if not _arg.startswith('--'):
         try:
-            _src = open(_arg).read()
+            with open(_arg, 'rb') as _f:  # bytes: Python decodes them by the file's coding cookie (or UTF-8)
+                _src = _f.read()
         except OSError as e:
             raise SystemExit(f"error: cannot read config file {_arg} ({e.strerror}); pass a path like config/mnist_dit.py")
         print(f"config file {_arg}")
@@ -32,8 +35,9 @@ for _arg in sys.argv[1:]:
             exec(builtins.compile(_src, _arg, 'exec'))  # (a script may have a key named compile)
         except Exception as e:  # the file's own error, located, without a traceback through this file
             _line = e.lineno if isinstance(e, SyntaxError) else traceback.extract_tb(e.__traceback__)[-1].lineno
-            raise SystemExit(f"error: {_arg}, line {_line}: {type(e).__name__}: {e.msg if isinstance(e, SyntaxError) else e}"
-                             f"; a config file is Python assignments like batch_size = 64")
+            _what = f"{type(e).__name__}: {e.msg if isinstance(e, SyntaxError) else e}"
+            raise SystemExit(f"error: {_arg}{f', line {_line}' if _line else ''}: {_what}; a config file is "
+                             f"Python assignments like batch_size = 64")
         for _key in set(globals()) - _before:
             if not _key.startswith('_') and type(globals()[_key]).__name__ != 'module':
                 raise _unknown(_key)
@@ -55,5 +59,7 @@ for _key, _default in _defaults.items():
         _a, _b = type(_new).__name__, type(_default).__name__
         raise SystemExit(f"error: {_key}={_new!r} is {'an' if _a == 'int' else 'a'} {_a}, but {_key} takes "
                          f"{'an' if _b == 'int' else 'a'} {_b} (default {_default!r})")
+    if isinstance(_new, float) and not math.isfinite(_new) and math.isfinite(_default):
+        raise SystemExit(f"error: {_key}={_new!r} must be a finite number (default {_default!r})")
     if _new != _default:
         print(f"overriding: {_key} = {_new!r}")

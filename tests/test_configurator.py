@@ -1,6 +1,7 @@
 """configurator.py's rules, and every config/*.py file against the scripts' defaults."""
 import glob
 import os
+import re
 import sys
 
 import pytest
@@ -41,6 +42,29 @@ def test_overrides_are_parsed_and_type_checked(tmp_path):
     cfg_file.write_text("batch_size = '8'\n")
     with pytest.raises(SystemExit, match="batch_size='8' is a str"):
         configure([str(cfg_file)], **defaults)
+    for argv, message in [(['--lr=1e999'], "lr=inf must be a finite number (default 0.001)"),
+                          (['--lr=-1e999'], "lr=-inf must be a finite number")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            configure(argv, **defaults)
+    assert configure(['--cap=1e999'], cap=float('inf'))['cap'] == float('inf')  # an infinite default may stay so
+
+
+def test_config_files_in_any_encoding_or_broken_give_one_line(tmp_path):
+    """A coding cookie or a BOM is honoured; bytes that are not the declared encoding, NUL bytes or a folder
+    end in one line naming the file."""
+    defaults = dict(lr=1e-3, wandb_run_name='run')
+    cases = {'latin1.py': b'# -*- coding: latin-1 -*-\nwandb_run_name = "caf\xe9"\n',
+             'bom.py': b'\xef\xbb\xbfwandb_run_name = "caf\xc3\xa9"\n'}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert configure([str(tmp_path / name)], **defaults)['wandb_run_name'] == 'caf\xe9'
+    for data, message in [(b'wandb_run_name = "caf\xe9"\n', r"line 1: SyntaxError: \(unicode error\)"),
+                          (b'lr = 1\x00\n', "SyntaxError: source code string cannot contain null bytes")]:
+        (tmp_path / 'bad.py').write_bytes(data)
+        with pytest.raises(SystemExit, match=f"error: {tmp_path / 'bad.py'}.*{message}"):
+            configure([str(tmp_path / 'bad.py')], **defaults)
+    with pytest.raises(SystemExit, match=r"cannot read config file .* \(Is a directory\)"):
+        configure([str(tmp_path)], **defaults)
 
 
 def script_defaults(script):
