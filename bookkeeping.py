@@ -7,7 +7,9 @@ per-step stop vote, non-finite update counting, the device peak and memory, and 
 Each function takes what it needs as arguments and reads no script's globals; every error is one line that names
 the value and the fix (a SystemExit, so no traceback reaches the user).
 """
+import atexit
 import csv
+import fcntl
 import glob
 import json
 import os
@@ -16,8 +18,10 @@ import random
 import resource
 import shutil
 import signal
+import socket
 import tempfile
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -112,14 +116,57 @@ def to_device(x, device):
 # the out_dir: checkpoints, RNG state, keep_last
 
 
-def load_checkpoint(path, fix, device='cpu'):
-    """A checkpoint as tensors and plain types (weights_only: nothing in the file can run code)."""
+# what each kind of checkpoint is and which script writes it; the format of what RunDir.save writes
+KINDS = {'diffusion': 'train_diffusion.py', 'consistency': 'distill_consistency.py', 'gan': 'train_gan.py',
+         'autoencoder': 'train_ae.py', 'latent decoder': 'data/prepare_latents.py'}
+FORMAT = 1
+
+
+def checksum(state):
+    """CRC-32 of a nested state's keys, plain values and tensor bytes, in order: what torch.load does not check."""
+    crc = 0
+
+    def walk(v):
+        nonlocal crc
+        if isinstance(v, torch.Tensor):
+            crc = zlib.crc32(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                crc = zlib.crc32(repr(k).encode(), crc)
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+        else:
+            crc = zlib.crc32(repr(v).encode(), crc)
+    walk(state)
+    return crc
+
+
+def load_checkpoint(path, fix, device='cpu', kinds=None):
+    """A checkpoint as tensors and plain types (weights_only: nothing in the file can run code), its checksum
+    verified before any weight is used, and (given kinds) refused when another script wrote it."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         why = 'it holds objects other than tensors and plain types' if isinstance(e, pickle.UnpicklingError) \
             else str(e).split('. ')[0].splitlines()[0][:200]
         raise SystemExit(f"error: cannot load {path} ({why}); {fix}")
+    if not isinstance(ckpt, dict):
+        raise SystemExit(f"error: {path} holds a {type(ckpt).__name__}, not a checkpoint of this kit; {fix}")
+    if 'checksum' in ckpt and checksum({k: v for k, v in ckpt.items() if k != 'checksum'}) != ckpt['checksum']:
+        raise SystemExit(f"error: {path} is corrupt: its contents do not match the checksum written with them; "
+                         f"{fix}")
+    kind = ckpt.get('kind')
+    if kinds and kind not in kinds:
+        what = f"a {kind} checkpoint, which {KINDS[kind]} writes" if kind in KINDS else \
+            "not a checkpoint of this kit's scripts (it records no kind)"
+        wanted = ' or '.join(f"a {k} checkpoint ({KINDS[k]})" for k in kinds)
+        raise SystemExit(f"error: {path} is {what}; this needs {wanted}")
+    if ckpt.get('format', FORMAT) > FORMAT:
+        raise SystemExit(f"error: {path} has format {ckpt['format']}, newer than this kit's {FORMAT}; update the "
+                         f"kit")
+    return ckpt
 
 
 def rng_state(device_type):
@@ -166,21 +213,70 @@ def load_state(net, state, path, key):
                          f"resume with the config it was trained with, or choose another out_dir")
 
 
-class RunDir:
-    """A run's out_dir: init_from resolved ('auto' resumes when ckpt.pt exists; 'scratch' never overwrites one),
-    checked writable before any work, and its checkpoints written atomically (a temporary file, flushed to disk,
-    renamed over the last one, which stays whole until that moment) by rank 0 with every rank's RNG state."""
+_LOCKS = {}  # out_dir (real path) -> the open lock file this process holds
 
-    def __init__(self, out_dir, init_from, keep_last=0, master=True, world_size=1, device_type='cpu'):
-        self.out_dir, self.keep_last, self.master = out_dir, keep_last, master
+
+def lock_out_dir(out_dir):
+    """Takes out_dir/run.lock for this process (an flock: the kernel drops it when the process dies, so a killed
+    run leaves no block behind); a second run on the same out_dir stops at once, naming the holder."""
+    key = os.path.realpath(out_dir)
+    if key in _LOCKS:  # this process holds it already (a script run again in-process)
+        return
+    path = os.path.join(out_dir, 'run.lock')
+    while True:
+        f = open(path, 'a+')
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or 'another process'
+            f.close()
+            raise SystemExit(f"error: out_dir='{out_dir}' is in use by {holder}; wait for that run to end (or "
+                             f"stop it), or pass another --out_dir")
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            break  # (else the holder removed the file as we opened it: lock the new one)
+        f.close()
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
+    _LOCKS[key] = f
+
+    def release():
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            os.remove(path)
+        f.close()
+    atexit.register(release)
+
+
+class RunDir:
+    """A run's out_dir, held by one run at a time (lock_out_dir): init_from resolved ('auto' resumes when ckpt.pt
+    exists; 'scratch' never overwrites one), checked writable and apart from the run's inputs before any work, and
+    its checkpoints written atomically (a temporary file, flushed to disk, renamed over the last one, which stays
+    whole until that moment) by rank 0 with every rank's RNG state, the kind of run that wrote them and a
+    checksum. inputs: (what, path) pairs of folders the run reads (a teacher, a base model, its dataset)."""
+
+    def __init__(self, out_dir, init_from, keep_last=0, master=True, world_size=1, device_type='cpu',
+                 kind=None, inputs=()):
+        self.out_dir, self.keep_last, self.master, self.kind = out_dir, keep_last, master, kind
         self.world_size, self.device_type = world_size, device_type
         self.ckpt_path = os.path.join(out_dir, 'ckpt.pt')
         self.saved_step = None
+        for what, path in inputs:
+            if path and os.path.realpath(path) == os.path.realpath(out_dir):
+                raise SystemExit(f"error: out_dir='{out_dir}' is the {what}'s folder, which this run reads; pass "
+                                 f"another --out_dir")
+        kept = sorted(glob.glob(os.path.join(out_dir, 'ckpt_[0-9]*.pt')))
         if init_from == 'auto':
+            if kept and not os.path.exists(self.ckpt_path):
+                raise SystemExit(f"error: {out_dir} holds kept checkpoints ({os.path.basename(kept[-1])} the "
+                                 f"newest) but no ckpt.pt; copy the one to go on from to ckpt.pt, or start in "
+                                 f"another --out_dir")
             init_from = 'resume' if os.path.exists(self.ckpt_path) else 'scratch'
-        elif init_from == 'scratch' and os.path.exists(self.ckpt_path):
-            raise SystemExit(f"error: {self.ckpt_path} exists and init_from='scratch' would overwrite it; continue "
-                             f"that run with --init_from=auto, or start this one in another --out_dir")
+        elif init_from == 'scratch' and (os.path.exists(self.ckpt_path) or kept):
+            raise SystemExit(f"error: {self.ckpt_path if os.path.exists(self.ckpt_path) else kept[-1]} exists and "
+                             f"init_from='scratch' would overwrite it; continue that run with --init_from=auto, "
+                             f"or start this one in another --out_dir")
         elif init_from == 'resume' and not os.path.exists(self.ckpt_path):
             raise SystemExit(f"error: init_from='resume' but {self.ckpt_path} does not exist; use "
                              f"--init_from=scratch")
@@ -192,11 +288,20 @@ class RunDir:
             except OSError as e:
                 raise SystemExit(f"error: cannot write to out_dir='{out_dir}' ({e.strerror}); pass an --out_dir "
                                  f"you can write to")
+            lock_out_dir(out_dir)
 
     def resume(self, device):
-        """The checkpoint to resume from (rank 0 says so once the script has restored it)."""
+        """The checkpoint to resume from (rank 0 says so once the script has restored it). Kept copies newer than
+        it belong to another history: the run stops rather than mix them with this one's."""
         ckpt = load_checkpoint(self.ckpt_path, "restore a checkpoint this script wrote (keep_last keeps "
-                               "ckpt_<step>.pt copies), or start in another --out_dir", device)
+                               "ckpt_<step>.pt copies), or start in another --out_dir", device,
+                               [self.kind] if self.kind else None)
+        newer = [f for f in glob.glob(os.path.join(self.out_dir, 'ckpt_[0-9]*.pt'))
+                 if int(os.path.basename(f)[5:-3]) > ckpt['step']]
+        if newer:
+            raise SystemExit(f"error: {self.out_dir} keeps {os.path.basename(max(newer))}, newer than ckpt.pt "
+                             f"(step {ckpt['step']}): another history of this run; move the newer copies away "
+                             f"to go on from ckpt.pt")
         self.saved_step = ckpt['step']
         return ckpt
 
@@ -206,8 +311,9 @@ class RunDir:
         return f"no checkpoint was written to {self.out_dir}"
 
     def save(self, step, state, weights, fix, path=None):
-        """Writes state (a dict of tensors and plain types; 'step' and every rank's 'rng' are added) to path
-        (ckpt.pt by default). Collective: every rank calls it. Non-finite weights are never saved."""
+        """Writes state (a dict of tensors and plain types; 'step', every rank's 'rng', 'kind', 'format' and the
+        'checksum' are added) to path (ckpt.pt by default). Collective: every rank calls it. Non-finite weights
+        are never saved."""
         path = path or self.ckpt_path
         if not torch.stack([w.isfinite().all() for w in weights]).all():  # the same on every rank
             raise SystemExit(f"error: the weights are not finite at step {step}, so they are not saved; "
@@ -218,9 +324,11 @@ class RunDir:
         else:
             states = [rng_state(self.device_type)]
         if self.master:
+            state = {**state, 'step': step, 'rng': states, 'kind': self.kind, 'format': FORMAT}
+            state['checksum'] = checksum(state)
             try:
                 with open(path + '.tmp', 'wb') as f:
-                    torch.save({**state, 'step': step, 'rng': states}, f)
+                    torch.save(state, f)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(path + '.tmp', path)
@@ -232,8 +340,8 @@ class RunDir:
                                  f"{self.last_good()}: make room and re-run the same command")
             if self.keep_last and path == self.ckpt_path:  # a second name for the same file: no extra space
                 kept = os.path.join(self.out_dir, f'ckpt_{step:07d}.pt')
-                if not os.path.exists(kept):
-                    os.link(path, kept)
+                os.link(path, kept + '.tmp')
+                os.replace(kept + '.tmp', kept)  # (over a copy of this step from an abandoned history)
                 for old in sorted(glob.glob(os.path.join(self.out_dir, 'ckpt_[0-9]*.pt')))[:-self.keep_last]:
                     os.remove(old)
             print(f"saved {path} at step {step}")
@@ -254,16 +362,22 @@ class Metrics:
         rows = []
         if start_step and os.path.exists(path):
             with open(path, newline='') as f:
-                rows = [r for r in csv.DictReader(f) if None not in r.values() and int(r['step']) <= start_step]
-        with open(path + '.tmp', 'w', newline='') as f:
+                rows = [r for r in csv.DictReader(f) if None not in r.values() and r.get('step', '').isdigit()
+                        and int(r['step']) <= start_step]
+
+        def write(f):
             csv.DictWriter(f, fields).writeheader()
             csv.DictWriter(f, fields, extrasaction='ignore').writerows(rows)
-        os.replace(path + '.tmp', path)
+        write_file(path, write, mode='w')
 
     def log(self, row):
         row = {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
-        with open(self.path, 'a', newline='') as f:
-            csv.DictWriter(f, self.fields).writerow(row)
+        try:
+            with open(self.path, 'a', newline='') as f:
+                csv.DictWriter(f, self.fields).writerow(row)
+        except OSError as e:
+            raise SystemExit(f"error: writing {self.path} failed at step {row['step']} ({e.strerror}); make room "
+                             f"and re-run the same command (the run resumes from its last checkpoint)")
         if self.wandb_run:
             self.wandb_run.log(row, step=row['step'])
 
@@ -279,17 +393,23 @@ def start_wandb(project, name, config, out_dir, run_id):
 
 
 class StopSignals:
-    """SIGTERM (a scheduler, torchrun) and SIGUSR1 (SLURM's --signal warning) ask the loop to finish its step, save
-    and exit 0. vote() says, at every step, whether to stop now: the same answer on every rank (a vote on the host,
-    over a gloo group, that does not wait for the GPU)."""
+    """SIGTERM (a scheduler, torchrun), SIGUSR1 (SLURM's --signal warning) and Ctrl-C (SIGINT) ask the loop to
+    finish its step, save and exit 0; a second Ctrl-C exits at once. vote() says, at every step, whether to stop
+    now: the same answer on every rank (a vote on the host, over a gloo group, that does not wait for the GPU)."""
 
     def __init__(self, max_minutes, t_start, ddp):
         self.max_minutes, self.t_start, self.signum = max_minutes, t_start, 0
         self.group = dist.new_group(backend='gloo') if ddp else None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self.request)
 
     def request(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise SystemExit("error: interrupted twice: stopped at once, without saving; the last checkpoint "
+                             "stays as it was")
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: finishing the step, saving and stopping (Ctrl-C again: stop at once, no save)",
+                  flush=True)
         self.signum = signum
 
     def vote(self):
@@ -368,13 +488,29 @@ def speed_text(row, steps_left):
 # images
 
 
+def write_file(path, write, mode='wb'):
+    """Writes a file whole or not at all: write(f) fills a temporary file, renamed over path at the end; a full
+    disk or an unwritable folder is one line, and no half-written file is left."""
+    try:
+        with open(path + '.tmp', mode, **({} if 'b' in mode else {'newline': ''})) as f:
+            write(f)
+        os.replace(path + '.tmp', path)
+    except OSError as e:
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
+        folder = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(folder).free / 2**30 if os.path.isdir(folder) else 0.0
+        raise SystemExit(f"error: writing {path} failed ({e.strerror}; {free:.1f} GiB free); make room (or pass "
+                         f"a folder you can write to) and re-run the same command")
+
+
 def save_grid(x, path, ncol=8):
     """Images in [-1, 1], (B, C, H, W), to one PNG grid of ncol columns (the last row padded with black)."""
     x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
     x = torch.cat([x, x.new_zeros((-len(x) % ncol, *x.shape[1:]))])
     B, C, H, W = x.shape
     grid = x.view(B // ncol, ncol, C, H, W).permute(0, 3, 1, 4, 2).reshape(B // ncol * H, ncol * W, C)
-    Image.fromarray(grid.squeeze(-1).numpy()).save(path)
+    write_file(path, lambda f: Image.fromarray(grid.squeeze(-1).numpy()).save(f, format='PNG'))
 
 
 def adamw(params, lr, betas, weight_decay):
@@ -384,3 +520,13 @@ def adamw(params, lr, betas, weight_decay):
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+
+
+def load_optimizer(optimizer, state, path, key):
+    """Restores an optimizer's moments and step counts, then applies this run's hyperparameters (betas, weight
+    decay, eps) to them: a key changed since the checkpoint takes effect (lr is set at every step anyway)."""
+    now = [{k: v for k, v in group.items() if k not in ('params', 'lr', 'initial_lr')}
+           for group in optimizer.param_groups]
+    load_state(optimizer, state, path, key)
+    for group, hyper in zip(optimizer.param_groups, now):
+        group.update(hyper)
