@@ -165,7 +165,8 @@ if batch_size % (world_size * grad_accum):
     raise SystemExit(f"error: batch_size={batch_size} is not divisible by world_size x grad_accum = "
                      f"{world_size} x {grad_accum}; pick a batch_size that is a multiple of {world_size * grad_accum}")
 micro_batch = batch_size // (world_size * grad_accum)
-run = bk.RunDir(out_dir, init_from, keep_last, master, world_size, device_type)
+run = bk.RunDir(out_dir, init_from, keep_last, master, world_size, device_type, kind='diffusion',
+               inputs=[('dataset', bk.data_path(dataset)), ('init_base', init_base)])
 if master:
     print(f"{world_size} rank(s) on {device_type}, {micro_batch} images per micro-step, {grad_accum} "
           f"micro-step(s), {batch_size} per optimizer step")
@@ -257,7 +258,7 @@ model_config = model.config
 # fine-tuning: a new run starts from a base model's EMA weights
 if init_base and run.init_from == 'scratch':
     base_path = os.path.join(init_base, 'ckpt.pt')
-    base = bk.load_checkpoint(base_path, "pass the out_dir of a train_diffusion.py run", device)
+    base = bk.load_checkpoint(base_path, "pass the out_dir of a train_diffusion.py run", device, ['diffusion'])
     base_args, weights = base['model_args'], base['ema']
     diff = {k: (v, base_args.get(k)) for k, v in asdict(model_config).items()
             if k not in ('control', 'control_channels') and base_args.get(k, v) != v}
@@ -290,16 +291,17 @@ trained = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.req
 params, ema_params = [p for p, _ in trained], [e for _, e in trained]
 optimizer = bk.adamw(params, lr, (beta1, beta2), weight_decay)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-start_step, wandb_id, ckpt = 0, None, {}
+start_step, images_seen, wandb_id, ckpt = 0, 0, None, {}
 if run.init_from == 'resume':
     ckpt = run.resume(device)
     bk.check_same('model shape', ckpt['model_args'], asdict(model_config), run.ckpt_path)
-    for net, key in ((model, 'model'), (ema, 'ema'), (optimizer, 'optimizer'), (scaler, 'scaler')):
+    for net, key in ((model, 'model'), (ema, 'ema'), (scaler, 'scaler')):
         bk.load_state(net, ckpt[key], run.ckpt_path, key)
+    bk.load_optimizer(optimizer, ckpt['optimizer'], run.ckpt_path, 'optimizer')
     if ckpt['config'].get('phema_stds', '') != phema_stds:
         raise SystemExit(f"error: {run.ckpt_path} tracks post-hoc EMAs "
                          f"phema_stds='{ckpt['config'].get('phema_stds', '')}'; resume with that value")
-    start_step, wandb_id = ckpt['step'], ckpt['wandb_id']
+    start_step, images_seen, wandb_id = ckpt['step'], ckpt['images_seen'], ckpt['wandb_id']
     changed = bk.changed_keys(ckpt['config'], config)
     if master:
         print(f"resuming {run.ckpt_path} at step {start_step}"
@@ -484,6 +486,7 @@ for step in range(start_step, max_steps):
     bin_sums += torch.where(bad, 0, step_bins)
     skips.add(bad)
     steps_since_log += 1
+    images_seen += batch_size  # (kept true when a resumed run changes batch_size)
 
     last = step + 1 == max_steps
     stop = stopper.vote()
@@ -497,7 +500,7 @@ for step in range(start_step, max_steps):
         loss_avg, mse_avg = (loss_sum / (steps_since_log - n_skipped)).tolist()  # nan if all were skipped
         bin_losses = (bin_sums[0] / bin_sums[1]).tolist()  # nan where a bin drew no image
         dt = (time.time() - t_log) / steps_since_log
-        row = dict(step=step + 1, kimg=(step + 1) * batch_size / 1e3, loss=loss_avg, loss_unweighted=mse_avg,
+        row = dict(step=step + 1, kimg=images_seen / 1e3, loss=loss_avg, loss_unweighted=mse_avg,
                    lr=get_lr(step), grad_norm=grad_norm.item(), skipped=n_skipped,
                    **bk.speed(dt, batch_size, flops_per_image, peak_tflops, world_size, device_type),
                    **{f'loss_u{i}': v for i, v in enumerate(bin_losses) if v == v})
@@ -530,7 +533,7 @@ for step in range(start_step, max_steps):
     if checkpoint:
         run.save(step + 1, {'model': raw_model.state_dict(), 'ema': ema.state_dict(),
                             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                            'model_args': asdict(model_config), 'images_seen': (step + 1) * batch_size,
+                            'model_args': asdict(model_config), 'images_seen': images_seen,
                             'config': config, 'wandb_id': wandb_id, 'phema': phema},
                  params + ema_params, "resume it with a lower lr, grad_clip or dtype='float32'")
     if stop and not last:

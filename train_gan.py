@@ -125,7 +125,8 @@ if batch_size % (world_size * grad_accum):
                      f"= {world_size} x {grad_accum}; pick a batch_size that is a multiple of "
                      f"{world_size * grad_accum}")
 micro_batch = batch_size // (world_size * grad_accum)
-run = bk.RunDir(out_dir, init_from, keep_last, master, world_size, device_type)
+run = bk.RunDir(out_dir, init_from, keep_last, master, world_size, device_type, kind='gan',
+               inputs=[('dataset', bk.data_path(dataset))])
 if master:
     print(f"{world_size} rank(s) on {device_type}, {micro_batch} images per micro-step, "
           f"{grad_accum} micro-step(s), {batch_size} per optimizer step")
@@ -226,18 +227,19 @@ ema = copy.deepcopy(model).requires_grad_(False).eval()
 # fused: setting found_inf skips a non-finite update on the device
 optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, beta2), fused=True)
 d_optimizer = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.0, beta2), fused=True)
-start_step, wandb_id, ckpt = 0, None, {}
+start_step, images_seen, wandb_id, ckpt = 0, 0, None, {}
 if run.init_from == 'resume':
     ckpt = run.resume(device)
     bk.check_same('network', ckpt['model_args'], asdict(model_config), run.ckpt_path)
-    for net, key in ((model, 'model'), (ema, 'ema'), (disc, 'disc'), (optimizer, 'optimizer'),
-                     (d_optimizer, 'd_optimizer')):
+    for net, key in ((model, 'model'), (ema, 'ema'), (disc, 'disc')):
         bk.load_state(net, ckpt[key], run.ckpt_path, key)
-    start_step, wandb_id = ckpt['step'], ckpt['wandb_id']
+    for opt, key in ((optimizer, 'optimizer'), (d_optimizer, 'd_optimizer')):
+        bk.load_optimizer(opt, ckpt[key], run.ckpt_path, key)
+    start_step, images_seen, wandb_id = ckpt['step'], ckpt['images_seen'], ckpt['wandb_id']
     changed = bk.changed_keys(ckpt['config'], config)
     if master:
         print(f"resuming {run.ckpt_path} at step {start_step} "
-              f"({start_step * batch_size / 1e3:.1f} kimg)"
+              f"({images_seen / 1e3:.1f} kimg)"
               + (f"; changed since: {', '.join(changed)}" if changed else ''))
 bk.restore_rng(ckpt.get('rng'), seed, rank, world_size, device_type)
 del ckpt
@@ -383,7 +385,7 @@ for step in range(start_step, max_steps):
     with torch.no_grad():
         ema_nimg = ema_kimg * 1000
         if ema_rampup:
-            ema_nimg = min(ema_nimg, (step + 1) * batch_size * ema_rampup)
+            ema_nimg = min(ema_nimg, (images_seen + batch_size) * ema_rampup)
         beta = 0.5 ** (batch_size / ema_nimg) if ema_nimg > 0 else 0.0
         torch._foreach_lerp_(ema_params, params, (1 - beta) * ~g_bad)
     # a step with either update skipped: its losses are not averaged into the log
@@ -391,6 +393,7 @@ for step in range(start_step, max_steps):
     sums += torch.where(bad, 0, step_sums)
     skips.add(bad)
     steps_since_log += 1
+    images_seen += batch_size  # (kept true when a resumed run changes batch_size)
 
     last = step + 1 == max_steps
     stop = stopper.vote()
@@ -404,7 +407,7 @@ for step in range(start_step, max_steps):
         avg[2:4] = (sums[2:4] / sums[-1]).tolist() if sums[-1] else [None, None]
         avg = dict(zip(terms, avg))
         dt = (time.time() - t_log) / steps_since_log
-        row = dict(step=step + 1, kimg=(step + 1) * batch_size / 1e3, **avg, lr=get_lr(step),
+        row = dict(step=step + 1, kimg=images_seen / 1e3, **avg, lr=get_lr(step),
                    d_grad_norm=d_grad_norm.item(), g_grad_norm=g_grad_norm.item(), skipped=n_skipped,
                    **bk.speed(dt, batch_size, flops_per_image, peak_tflops, world_size, device_type))
         if master:
@@ -425,7 +428,7 @@ for step in range(start_step, max_steps):
     if (step + 1) % ckpt_interval == 0 or last or stop:
         state = {'model': raw_model.state_dict(), 'ema': ema.state_dict(), 'disc': raw_disc.state_dict(),
                  'optimizer': optimizer.state_dict(), 'd_optimizer': d_optimizer.state_dict(),
-                 'model_args': asdict(model_config), 'images_seen': (step + 1) * batch_size,
+                 'model_args': asdict(model_config), 'images_seen': images_seen,
                  'config': config, 'wandb_id': wandb_id}
         run.save(step + 1, state, params + ema_params + d_params, f"resume it with {fix}")
     if stop and not last:

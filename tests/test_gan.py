@@ -212,6 +212,10 @@ def test_max_minutes_stops_and_resuming_another_network_is_refused(mnist, tmp_pa
     # a discriminator of another shape (the same generator) is refused too
     ckpt = load(tmp_path / 'ckpt.pt')
     ckpt['disc']['head.weight'] = ckpt['disc']['head.weight'][:, :-1]
+    torch.save(ckpt, tmp_path / 'ckpt.pt')  # (its checksum no longer matches: refused as corrupt first)
+    p = run('train_gan.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=2', check=False)
+    assert p.returncode == 1 and 'ckpt.pt is corrupt: its contents do not match the checksum' in p.stderr
+    del ckpt['checksum']  # a checkpoint without one (edited by hand) is read as it is
     torch.save(ckpt, tmp_path / 'ckpt.pt')
     p = run('train_gan.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=2', check=False)
     assert p.returncode == 1 and "ckpt.pt's disc does not fit this run (size mismatch for head.weight" in \
