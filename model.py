@@ -15,77 +15,45 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
-# DiT
-
-@dataclass
-class DiTConfig:
-    image_size: int = 32   # input height = width (pixels, or latent cells for latent diffusion)
-    in_channels: int = 4
-    patch_size: int = 2
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    num_classes: int = 1000  # 0 = unconditional; label num_classes is the null label for classifier-free guidance
-    # LightningDiT's options (Yao et al. 2025): off, the model is the DiT paper's
-    norm: str = 'layernorm'  # 'rmsnorm': the blocks' and the final norm are RMSNorm
-    mlp: str = 'gelu'  # 'swiglu': silu(x W1) * x W2, then W3, at 2/3 the width (the same parameters)
-    qk_norm: bool = False  # RMSNorm on each head's queries and keys, with a learned scale
-    rope: bool = False  # 2-D rotary position embedding on queries and keys (half the pairs per axis), besides pos_embed
-    # conditioning on a control image of control_channels channels, the input's size (a condition for every step):
-    control: str = ''  # 'concat': extra input channels; 'controlnet': a trainable copy of the first half of the
-    control_channels: int = 0  # blocks reads it, joined to the base blocks through zero-initialised projections
-
-# name -> (depth, hidden_size, num_heads). S/B/L/XL are the paper's Table 1; Ti and N are small ones for CPUs.
-DIT_SIZES = {'N': (4, 128, 4), 'Ti': (6, 192, 3), 'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16),
-             'XL': (28, 1152, 16)}
-DIT_PRESETS = {f'DiT-{s}/{p}': dict(depth=d, hidden_size=h, num_heads=n, patch_size=p)
-               for s, (d, h, n) in DIT_SIZES.items() for p in (1, 2, 4, 8)}
+# What the networks share: activation checkpointing, zero init, the timestep embedding, and one
+# multi-head attention with 2-D RoPE (DiT's over patches, the UNet's and autoencoder's over pixels)
 
 def run_block(block, *inputs, checkpointing=False):
-    """block(*inputs); with checkpointing (and autograd on), only the inputs are kept and the block is recomputed in the
-    backward pass: the activations' memory for about a third more compute. Double backward (R1) works through it."""
+    """block(*inputs); with checkpointing (and autograd on), only the inputs are kept and the block
+    is recomputed in the backward pass: the activations' memory for about a third more compute.
+    Double backward (R1) works through it."""
     if checkpointing and torch.is_grad_enabled():
         return checkpoint(block, *inputs, use_reentrant=False)
     return block(*inputs)
 
 def run_sequence(layers, h, checkpointing=False):
-    """h through layers in turn, each residual block (ResBlock, GANBlock) checkpointed when checkpointing."""
+    """h through layers in turn, each residual block (ResBlock, GANBlock) checkpointed if asked."""
     for layer in layers:
-        h = run_block(layer, h, checkpointing=checkpointing and isinstance(layer, (ResBlock, GANBlock)))
+        residual = isinstance(layer, (ResBlock, GANBlock))
+        h = run_block(layer, h, checkpointing=checkpointing and residual)
     return h
 
-def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+def zero_init(*layers):
+    """Sets the layers' weights and biases to zero."""
+    for layer in layers:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of (B,) real-valued timesteps, as in the transformer and DDPM papers: (B, dim)."""
+    """Sinusoidal embedding (B, dim) of (B,) real-valued timesteps, as in the transformer and DDPM
+    papers."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device).float() / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
-def sincos_pos_embed_2d(dim, grid_size):
-    """Fixed 2-D sine-cosine position embedding (MAE), (grid_size**2, dim): half the channels for each axis."""
-    def embed_1d(d, pos):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
-        out = np.outer(pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-    gw, gh = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64))
-    emb = np.concatenate([embed_1d(dim // 2, gw), embed_1d(dim // 2, gh)], axis=1)
-    return torch.from_numpy(emb).float()
-
-def norm_layer(kind, dim):
-    """The pre-norm of a DiT block, without affine parameters (adaLN scales and shifts)."""
-    return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False) if kind == 'rmsnorm' else \
-        nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-
 def rope_2d(grid, head_dim, base=10000.0):
-    """cos and sin of 2-D rotary embedding angles (Su et al. 2021; Heo et al. 2024), (grid**2, head_dim / 2) each: the
-    first half of a head's channel pairs rotate with the token's column, the second half with its row."""
+    """cos and sin of 2-D rotary embedding angles (Su et al. 2021; Heo et al. 2024), each
+    (grid**2, head_dim / 2): the first half of a head's channel pairs rotate with the token's column,
+    the second half with its row."""
     freqs = base ** (-torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing='ij')
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing='ij')
     angles = torch.cat([cols.reshape(-1, 1) * freqs, rows.reshape(-1, 1) * freqs], dim=1)
     return angles.cos().float(), angles.sin().float()
 
@@ -95,21 +63,77 @@ def apply_rope(x, cos, sin):
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 class Attention(nn.Module):
+    """Multi-head self-attention over tokens x (B, N, dim): softmax(q k^T / sqrt(head_dim)) v for
+    each head (Vaswani et al. 2017), the heads concatenated and projected. DiT's options: RMSNorm
+    with a learned scale on each head's queries and keys (qk_norm), and rope = (cos, sin) of rope_2d
+    rotating them. PyTorch's default init here; each network's initialize_weights sets its own."""
     def __init__(self, dim, num_heads, qk_norm=False):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.q_norm, self.k_norm = (nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity() for _ in 'qk')
+        head_norm = lambda: nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm, self.k_norm = head_norm(), head_norm()
 
     def forward(self, x, rope=None):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        # q, k, v (B, heads, N, head_dim): the qkv output's channels are (3, heads, head_dim)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on CUDA
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        h = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on CUDA
+        return self.proj(h.transpose(1, 2).flatten(2))
+
+# -----------------------------------------------------------------------------
+# DiT
+
+@dataclass
+class DiTConfig:
+    image_size: int = 32  # input height = width (pixels, or latent cells for latent diffusion)
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000  # 0 = unconditional; label num_classes is the classifier-free null label
+    # LightningDiT's options (Yao et al. 2025): off, the model is the DiT paper's
+    norm: str = 'layernorm'  # 'rmsnorm': the blocks' and the final norm are RMSNorm
+    mlp: str = 'gelu'  # 'swiglu': silu(x W1) * x W2, then W3, at 2/3 the width (same parameters)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys, with a learned scale
+    rope: bool = False  # 2-D rotary embedding of queries and keys (half the pairs per axis), +pos_embed
+    # conditioning on a control image of control_channels channels, the input's size (a condition
+    # for every step). 'concat': extra input channels; 'controlnet': a trainable copy of the first
+    # half of the blocks reads it, joined to the base blocks through zero-initialised projections
+    control: str = ''
+    control_channels: int = 0
+
+# name -> (depth, hidden_size, num_heads): S/B/L/XL are the paper's Table 1, Ti and N small for CPUs
+DIT_SIZES = {'N': (4, 128, 4), 'Ti': (6, 192, 3), 'S': (12, 384, 6), 'B': (12, 768, 12),
+             'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
+DIT_PRESETS = {f'DiT-{size}/{p}': dict(depth=depth, hidden_size=width, num_heads=heads, patch_size=p)
+               for size, (depth, width, heads) in DIT_SIZES.items() for p in (1, 2, 4, 8)}
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+def sincos_pos_embed_2d(dim, grid_size):
+    """Fixed 2-D sine-cosine position embedding (MAE), (grid_size**2, dim), half the channels per
+    axis."""
+    def embed_1d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
+        angles = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    pos = np.arange(grid_size, dtype=np.float64)
+    gw, gh = np.meshgrid(pos, pos)
+    emb = np.concatenate([embed_1d(dim // 2, gw), embed_1d(dim // 2, gh)], axis=1)
+    return torch.from_numpy(emb).float()
+
+def norm_layer(kind, dim):
+    """The pre-norm of a DiT block, without affine parameters (adaLN scales and shifts)."""
+    if kind == 'rmsnorm':
+        return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 class SwiGLU(nn.Module):
     """silu(x W1) * (x W2), then W3 (Shazeer 2020)."""
@@ -121,24 +145,27 @@ class SwiGLU(nn.Module):
         a, b = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(a) * b)
 
-def mlp_width(c):
-    """Hidden width of a block's MLP: mlp_ratio x hidden_size, 2/3 of it for SwiGLU's three matrices."""
-    return int(c.hidden_size * c.mlp_ratio * (2 / 3 if c.mlp == 'swiglu' else 1))
+def mlp_width(config):
+    """Hidden width of a block's MLP: mlp_ratio x hidden_size (2/3 of it for SwiGLU's 3 matrices)."""
+    return int(config.hidden_size * config.mlp_ratio * (2 / 3 if config.mlp == 'swiglu' else 1))
 
 class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning: shift, scale and a zero-initialised gate per branch."""
-    def __init__(self, c):
+    """Transformer block with adaLN-Zero conditioning: a shift, scale and gate per branch from cond."""
+    def __init__(self, config):
         super().__init__()
-        dim, hidden = c.hidden_size, mlp_width(c)
-        self.norm1 = norm_layer(c.norm, dim)
-        self.attn = Attention(dim, c.num_heads, c.qk_norm)
-        self.norm2 = norm_layer(c.norm, dim)
-        self.mlp = SwiGLU(dim, hidden) if c.mlp == 'swiglu' else \
-            nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate='tanh'), nn.Linear(hidden, dim))
+        dim, hidden = config.hidden_size, mlp_width(config)
+        self.norm1 = norm_layer(config.norm, dim)
+        self.attn = Attention(dim, config.num_heads, config.qk_norm)
+        self.norm2 = norm_layer(config.norm, dim)
+        if config.mlp == 'swiglu':
+            self.mlp = SwiGLU(dim, hidden)
+        else:
+            gelu = nn.GELU(approximate='tanh')
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), gelu, nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, rope=None):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+    def forward(self, x, cond, rope=None):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(cond).chunk(6, dim=1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
@@ -146,195 +173,231 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = c = config
-        if c.image_size % c.patch_size:
-            raise ValueError(f"image_size {c.image_size} is not divisible by patch_size {c.patch_size}; "
+        self.config = config
+        dim, p = config.hidden_size, config.patch_size
+        if config.image_size % p:
+            raise ValueError(f"image_size {config.image_size} is not divisible by patch_size {p}; "
                              f"pick a preset with a patch size that divides it (or pad the images)")
-        head_dim = c.hidden_size // c.num_heads
-        if c.hidden_size % c.num_heads or head_dim % (4 if c.rope else 2):
-            raise ValueError(f"hidden_size {c.hidden_size} must split into {c.num_heads} heads of a size divisible by "
-                             f"{4 if c.rope else 2}")
-        for key, value, allowed in [('norm', c.norm, ('layernorm', 'rmsnorm')), ('mlp', c.mlp, ('gelu', 'swiglu')),
-                                    ('control', c.control, ('', 'concat', 'controlnet'))]:
-            if value not in allowed:
-                raise ValueError(f"{key}='{value}' is not one of {allowed}")
-        if bool(c.control) != (c.control_channels > 0):
-            raise ValueError(f"control='{c.control}' with control_channels={c.control_channels}: set both or neither")
-        self.grid = c.image_size // c.patch_size
-        embed = lambda channels: nn.Conv2d(channels, c.hidden_size, c.patch_size, stride=c.patch_size)
-        self.x_embedder = embed(c.in_channels + (c.control_channels if c.control == 'concat' else 0))
-        self.register_buffer('pos_embed', sincos_pos_embed_2d(c.hidden_size, self.grid)[None], persistent=False)
-        if c.rope:
+        head_dim, multiple = dim // config.num_heads, 4 if config.rope else 2
+        if dim % config.num_heads or head_dim % multiple:
+            raise ValueError(f"hidden_size {dim} must split into {config.num_heads} heads of a size "
+                             f"divisible by {multiple}")
+        for key, allowed in [('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu')),
+                             ('control', ('', 'concat', 'controlnet'))]:
+            if getattr(config, key) not in allowed:
+                raise ValueError(f"{key}='{getattr(config, key)}' is not one of {allowed}")
+        if bool(config.control) != (config.control_channels > 0):
+            raise ValueError(f"control='{config.control}' with control_channels="
+                             f"{config.control_channels}: set both or neither")
+        self.grid = config.image_size // p
+        patch_embed = lambda channels: nn.Conv2d(channels, dim, p, stride=p)
+        concat = config.control_channels if config.control == 'concat' else 0
+        self.x_embedder = patch_embed(config.in_channels + concat)
+        pos_embed = sincos_pos_embed_2d(dim, self.grid)[None]
+        self.register_buffer('pos_embed', pos_embed, persistent=False)
+        if config.rope:
             cos, sin = rope_2d(self.grid, head_dim)
             self.register_buffer('rope_cos', cos, persistent=False)
             self.register_buffer('rope_sin', sin, persistent=False)
-        self.t_embedder = nn.Sequential(nn.Linear(256, c.hidden_size), nn.SiLU(), nn.Linear(c.hidden_size, c.hidden_size))
-        self.y_embedder = nn.Embedding(c.num_classes + 1, c.hidden_size)  # last row: the null label
-        self.blocks = nn.ModuleList([DiTBlock(c) for _ in range(c.depth)])
-        if c.control == 'controlnet':  # Zhang et al. 2023, on a DiT as in PixArt-delta (Chen et al. 2024)
-            self.control_embedder = embed(c.control_channels)  # zero-initialised, like each of control_out
-            self.control_blocks = nn.ModuleList([DiTBlock(c) for _ in range(c.depth // 2)])  # copies of blocks[:depth // 2]
-            self.control_out = nn.ModuleList([nn.Linear(c.hidden_size, c.hidden_size) for _ in range(c.depth // 2)])
-        self.norm_final = norm_layer(c.norm, c.hidden_size)
-        self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden_size, 2 * c.hidden_size))
-        self.linear_final = nn.Linear(c.hidden_size, c.patch_size ** 2 * c.in_channels)
-        self.activation_checkpointing = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
+        self.t_embedder = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.y_embedder = nn.Embedding(config.num_classes + 1, dim)  # last row: the null label
+        self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
+        # ControlNet (Zhang et al. 2023) on a DiT as in PixArt-delta (Chen et al. 2024): copies of
+        # blocks[:depth // 2] read the control image, each block's output projected onto the base's
+        if config.control == 'controlnet':
+            half = config.depth // 2
+            self.control_embedder = patch_embed(config.control_channels)
+            self.control_blocks = nn.ModuleList([DiTBlock(config) for _ in range(half)])
+            self.control_out = nn.ModuleList([nn.Linear(dim, dim) for _ in range(half)])
+        self.norm_final = norm_layer(config.norm, dim)
+        self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear_final = nn.Linear(dim, p ** 2 * config.in_channels)
+        # recompute each block in the backward pass: less memory, about a third more compute
+        self.activation_checkpointing = False
         self.initialize_weights()
 
     def initialize_weights(self):
+        # xavier-uniform linear layers, the patch embedding initialised as one; N(0, 0.02) tables
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        w = self.x_embedder.weight  # initialise the patch embedding like a linear layer
+        w = self.x_embedder.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
         nn.init.normal_(self.y_embedder.weight, std=0.02)
         for layer in (self.t_embedder[0], self.t_embedder[2]):
             nn.init.normal_(layer.weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero: every residual branch starts as the identity
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        zero = [self.adaLN_final[-1], self.linear_final]  # the output starts at zero
-        if self.config.control == 'controlnet':  # the control branch starts silent: the base model's output
-            zero += [self.control_embedder, *self.control_out]
-        for layer in zero:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        # adaLN-Zero: every block's gates are zero, so each residual branch starts as the identity,
+        # and the final layer is zero, so the output starts at zero
+        zero_init(*[block.adaLN_modulation[-1] for block in self.blocks])
+        zero_init(self.adaLN_final[-1], self.linear_final)
+        # the control branch starts silent (zero input embedding and output projections), so that the
+        # model starts as its base
+        if self.config.control == 'controlnet':
+            zero_init(self.control_embedder, *self.control_out)
 
     def forward(self, x, t, y, control=None):
-        """x: (B, C, H, W) noisy input; t: (B,) timesteps (any real scale, DDPM uses 0..999); y: (B,) int labels;
-        control: (B, control_channels, H, W) when the model has one."""
-        c, p, g = self.config, self.config.patch_size, self.grid
-        if (control is None) != (not c.control):
-            raise ValueError(f"this DiT has control='{c.control}' but was called with{'out' if control is None else ''} "
-                             f"a control image")
-        if c.control == 'concat':
+        """x: (B, C, H, W) noisy input; t: (B,) timesteps (any real scale, DDPM uses 0..999);
+        y: (B,) int labels; control: (B, control_channels, H, W) when the model has one."""
+        config, p, g = self.config, self.config.patch_size, self.grid
+        if (control is None) != (not config.control):
+            raise ValueError(f"this DiT has control='{config.control}' but was called "
+                             f"with{'out' if control is None else ''} a control image")
+        if config.control == 'concat':
             x = torch.cat([x, control.to(x.dtype)], dim=1)
-        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D), N = g*g tokens
+        # tokens (B, N, D), N = g*g, and the conditioning vector (B, D)
+        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
         cond = self.t_embedder(timestep_embedding(t, 256)) + self.y_embedder(y)
-        rope = (self.rope_cos, self.rope_sin) if c.rope else None
-        run = lambda block, h: run_block(block, h, cond, rope, checkpointing=self.activation_checkpointing)
-        residuals = []  # the ControlNet's output after each of its blocks, added to the base block of the same depth
-        if c.control == 'controlnet':
+        rope = (self.rope_cos, self.rope_sin) if config.rope else None
+        checkpointing = self.activation_checkpointing
+        run = lambda block, h: run_block(block, h, cond, rope, checkpointing=checkpointing)
+        # the ControlNet's output after each of its blocks, added to the base block of that depth
+        residuals = []
+        if config.control == 'controlnet':
             h = x + self.control_embedder(control.to(x.dtype)).flatten(2).transpose(1, 2)
-            for block, out in zip(self.control_blocks, self.control_out):
+            for block, proj in zip(self.control_blocks, self.control_out):
                 h = run(block, h)
-                residuals.append(out(h))
+                residuals.append(proj(h))
         for i, block in enumerate(self.blocks):
             x = run(block, x) + (residuals[i] if i < len(residuals) else 0)
         shift, scale = self.adaLN_final(cond).chunk(2, dim=1)
         x = self.linear_final(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
-        x = x.view(-1, g, g, p, p, c.in_channels).permute(0, 5, 1, 3, 2, 4)  # unpatchify
-        return x.reshape(-1, c.in_channels, g * p, g * p)
+        # unpatchify
+        x = x.view(-1, g, g, p, p, config.in_channels).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(-1, config.in_channels, g * p, g * p)
 
     def flops_per_sample(self):
-        """Forward FLOPs for one image, a multiply-add counted as 2 (the DiT paper's Gflops count it as 1).
-        Counts the matmuls and attention; norms, activations and embeddings' additions are negligible."""
-        c, N, D = self.config, self.grid ** 2, self.config.hidden_size
-        per_block = 2 * N * (3 * D * D + D * D + (3 if c.mlp == 'swiglu' else 2) * D * mlp_width(c))  # qkv, proj, mlp
-        per_block += 2 * 2 * N * N * D  # q @ k^T and attn @ v
-        per_block += 2 * D * 6 * D  # adaLN modulation (once per image)
-        patch = 2 * N * c.patch_size ** 2 * D  # per input channel
-        embed = patch * (c.in_channels + c.control_channels) + 2 * (256 * D + D * D)  # patches, timestep MLP
-        final = 2 * D * 2 * D + 2 * N * D * c.patch_size ** 2 * c.in_channels
-        control = (c.depth // 2) * (per_block + 2 * N * D * D) if c.control == 'controlnet' else 0  # blocks, control_out
-        return c.depth * per_block + embed + final + control
+        """Forward FLOPs for one image, a multiply-add counted as 2 (the DiT paper's Gflops count it
+        as 1): the matmuls and attention; norms, activations and additions are negligible."""
+        config, N, dim = self.config, self.grid ** 2, self.config.hidden_size
+        patch = 2 * N * config.patch_size ** 2 * dim  # per channel, in or out
+        # per block: qkv, proj and the MLP on every token; q @ k^T and attn @ v; adaLN once
+        mlp = (3 if config.mlp == 'swiglu' else 2) * dim * mlp_width(config)
+        per_block = 2 * N * (3 * dim * dim + dim * dim + mlp) + 2 * 2 * N * N * dim + 2 * dim * 6 * dim
+        # patches and timestep MLP; final adaLN and linear layer; the ControlNet's blocks, control_out
+        embed = patch * (config.in_channels + config.control_channels) + 2 * (256 * dim + dim * dim)
+        final = 2 * dim * 2 * dim + patch * config.in_channels
+        controlnet = (config.depth // 2) * (per_block + 2 * N * dim * dim)
+        if config.control != 'controlnet':
+            controlnet = 0
+        return config.depth * per_block + embed + final + controlnet
 
 # -----------------------------------------------------------------------------
-# UNet: a compact ADM / DDPM++ style network for pixel-space recipes (Ho et al. 2020; Dhariwal & Nichol 2021)
+# UNet: a compact ADM / DDPM++ style network for pixel-space recipes (Ho et al. 2020; Dhariwal and
+# Nichol 2021)
 
 @dataclass
 class UNetConfig:
     image_size: int = 32
     in_channels: int = 3
-    channels: int = 128  # of the first level; level i has channels * channel_mult[i] (multiples of 32: GroupNorm(32))
-    channel_mult: tuple = (1, 2, 2, 2)  # one level per entry, each but the last followed by a 2x downsampling
+    # level i has channels * channel_mult[i] channels (multiples of 32: GroupNorm(32)); each level but
+    # the last is followed by a 2x downsampling
+    channels: int = 128
+    channel_mult: tuple = (1, 2, 2, 2)
     num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
-    attn_levels: tuple = (1,)  # levels (0 = full resolution) whose blocks add self-attention; the middle always has it
+    attn_levels: tuple = (1,)  # levels (0: full resolution) with self-attention, as in the middle
     head_channels: int = 64
     dropout: float = 0.1
     num_classes: int = 0  # as DiTConfig: 0 = unconditional, label num_classes is the null label
-    control: str = ''  # 'concat': a control image of control_channels channels as extra input channels (as DiTConfig)
+    # 'concat': a control image of control_channels channels as extra input channels (as DiTConfig)
+    control: str = ''
     control_channels: int = 0
 
+# UNet-S: 28-32 px on a CPU; UNet-B: DDPM's CIFAR-10 layout, ~36M
 UNET_PRESETS = {
-    'UNet-S': dict(channels=64, channel_mult=(1, 2, 2), attn_levels=(1, 2), head_channels=32),  # 28-32 px on a CPU
-    'UNet-B': dict(channels=128, channel_mult=(1, 2, 2, 2), attn_levels=(1,)),  # DDPM's CIFAR-10 layout, ~36M
+    'UNet-S': dict(channels=64, channel_mult=(1, 2, 2), attn_levels=(1, 2), head_channels=32),
+    'UNet-B': dict(channels=128, channel_mult=(1, 2, 2, 2), attn_levels=(1,)),
 }
 
 class ResBlock(nn.Module):
-    """Residual block whose second GroupNorm is scaled and shifted by the time+class embedding (ADM's scale-shift
-    norm; none when emb_dim is 0, as in the autoencoder), then optionally multi-head self-attention over the pixels.
-    Both residual branches start at zero."""
-    def __init__(self, cin, cout, emb_dim, dropout, attn, head_channels):
+    """The UNet's and the autoencoder's residual block: skip(x) + conv(act(norm(conv(act(norm(x))))))
+    with act = SiLU, norm = GroupNorm, the second norm scaled and shifted by the time+class embedding
+    (ADM's scale-shift norm; none when emb_dim is 0, as in the autoencoder), and skip a 1x1 conv
+    where the width changes. With num_heads, self-attention over the pixels follows, added to its
+    input."""
+    def __init__(self, cin, cout, emb_dim, dropout, num_heads=0):
         super().__init__()
         self.norm1, self.conv1 = nn.GroupNorm(32, cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * cout) if emb_dim else None
-        self.norm2, self.dropout, self.conv2 = nn.GroupNorm(32, cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * cout) if emb_dim else None
+        self.norm2, self.dropout = nn.GroupNorm(32, cout), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-        self.heads = cout // head_channels if attn else 0
-        if attn:
-            self.norm_attn, self.qkv, self.proj = nn.GroupNorm(32, cout), nn.Conv2d(cout, 3 * cout, 1), nn.Conv2d(cout, cout, 1)
-            nn.init.zeros_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        self.norm_attn = nn.GroupNorm(32, cout) if num_heads else None
+        self.attn = Attention(cout, num_heads) if num_heads else None
 
     def forward(self, x, emb=None):
         h = self.norm2(self.conv1(F.silu(self.norm1(x))))
-        if self.emb is not None:
-            scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        if self.emb_proj is not None:
+            scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
             h = h * (1 + scale) + shift
-        h = self.conv2(self.dropout(F.silu(h)))
-        x = self.skip(x) + h
-        if self.heads:
-            B, C, H, W = x.shape
-            q, k, v = self.qkv(self.norm_attn(x)).view(B, 3, self.heads, C // self.heads, H * W).transpose(3, 4).unbind(1)
-            h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
-            x = x + self.proj(h.transpose(2, 3).reshape(B, C, H, W))
+        x = self.skip(x) + self.conv2(self.dropout(F.silu(h)))
+        if self.attn is not None:
+            # the H*W pixels as tokens (B, H*W, C)
+            tokens = self.norm_attn(x).flatten(2).transpose(1, 2)
+            x = x + self.attn(tokens).transpose(1, 2).reshape(x.shape)
         return x
 
 class UNet(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = c = config
-        levels, ch, emb_dim = len(c.channel_mult), c.channels, 4 * c.channels
-        if c.image_size % 2 ** (levels - 1):
-            raise ValueError(f"image_size {c.image_size} is not divisible by 2^{levels - 1}, the UNet's "
-                             f"{levels - 1} downsamplings; pick a preset with fewer levels (or pad the images)")
-        if c.control not in ('', 'concat') or bool(c.control) != (c.control_channels > 0):
-            raise ValueError(f"control='{c.control}' with control_channels={c.control_channels}: the UNet takes "
-                             f"control='concat' with control_channels > 0, or neither ('controlnet' is the DiT's)")
-        block = lambda cin, cout, attn: ResBlock(cin, cout, emb_dim, c.dropout, attn, c.head_channels)
+        self.config = config
+        levels, ch, emb_dim = len(config.channel_mult), config.channels, 4 * config.channels
+        if config.image_size % 2 ** (levels - 1):
+            raise ValueError(f"image_size {config.image_size} is not divisible by 2^{levels - 1}, "
+                             f"the UNet's {levels - 1} downsamplings; pick a preset with fewer levels "
+                             f"(or pad the images)")
+        set_together = bool(config.control) == (config.control_channels > 0)
+        if config.control not in ('', 'concat') or not set_together:
+            raise ValueError(f"control='{config.control}' with control_channels="
+                             f"{config.control_channels}: the UNet takes control='concat' with "
+                             f"control_channels > 0, or neither ('controlnet' is the DiT's)")
+
+        def res_block(cin, cout, attn):
+            heads = cout // config.head_channels if attn else 0
+            return ResBlock(cin, cout, emb_dim, config.dropout, heads)
+
         self.t_embedder = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.y_embedder = nn.Embedding(c.num_classes + 1, emb_dim)  # last row: the null label
-        self.conv_in = nn.Conv2d(c.in_channels + c.control_channels, ch, 3, padding=1)
+        self.y_embedder = nn.Embedding(config.num_classes + 1, emb_dim)  # last row: the null label
+        self.conv_in = nn.Conv2d(config.in_channels + config.control_channels, ch, 3, padding=1)
         self.down, skip_channels, cur = nn.ModuleList(), [ch], ch
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                self.down.append(block(cur, ch * mult, level in c.attn_levels))
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.num_res_blocks):
+                self.down.append(res_block(cur, ch * mult, level in config.attn_levels))
                 cur = ch * mult
                 skip_channels.append(cur)
             if level + 1 < levels:
                 self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
                 skip_channels.append(cur)
-        self.mid = nn.ModuleList([block(cur, cur, True), block(cur, cur, False)])
+        self.mid = nn.ModuleList([res_block(cur, cur, True), res_block(cur, cur, False)])
         self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(c.channel_mult))):
-            for _ in range(c.num_res_blocks + 1):
-                self.up.append(block(cur + skip_channels.pop(), ch * mult, level in c.attn_levels))
+        for level, mult in reversed(list(enumerate(config.channel_mult))):
+            for _ in range(config.num_res_blocks + 1):
+                cin = cur + skip_channels.pop()
+                self.up.append(res_block(cin, ch * mult, level in config.attn_levels))
                 cur = ch * mult
             if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(cur, cur, 3, padding=1)))
-        self.norm_out, self.conv_out = nn.GroupNorm(32, cur), nn.Conv2d(cur, c.in_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)  # the output starts at zero
-        nn.init.zeros_(self.conv_out.bias)
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'),
+                                             nn.Conv2d(cur, cur, 3, padding=1)))
+        self.norm_out = nn.GroupNorm(32, cur)
+        self.conv_out = nn.Conv2d(cur, config.in_channels, 3, padding=1)
         self.activation_checkpointing = False
         self._flops = None
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # PyTorch's default init, but each residual block's last conv and attention output projection
+        # are zero, so that the block starts as its skip path (the identity where the width stays),
+        # and the output conv is zero, so that the output starts at zero
+        zero = [self.conv_out]
+        for block in self.modules():
+            if isinstance(block, ResBlock):
+                zero += [block.conv2] + ([block.attn.proj] if block.attn is not None else [])
+        zero_init(*zero)
 
     def forward(self, x, t, y, control=None):
-        """As DiT.forward: x (B, C, H, W), t (B,) real-valued timesteps, y (B,) int labels, control (B, Cc, H, W)."""
+        """As DiT.forward: x (B, C, H, W), t (B,) real-valued timesteps, y (B,) int labels,
+        control (B, Cc, H, W)."""
         if (control is None) != (not self.config.control):
             raise ValueError(f"this UNet has control='{self.config.control}' but was called with"
                              f"{'out' if control is None else ''} a control image")
@@ -350,21 +413,26 @@ class UNet(nn.Module):
         for layer in self.mid:
             h = run(layer, h)
         for layer in self.up:
-            h = run(layer, torch.cat([h, skips.pop()], dim=1)) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h = run(layer, torch.cat([h, skips.pop()], dim=1))
+            else:
+                h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def flops_per_sample(self):
-        """Forward FLOPs for one image (a multiply-add is 2), counted once by torch's FlopCounterMode."""
+        """Forward FLOPs for one image (a multiply-add is 2), counted once by FlopCounterMode."""
         if self._flops is None:
-            c, dev = self.config, next(self.parameters()).device
-            zeros = lambda channels: torch.zeros(1, channels, c.image_size, c.image_size, device=dev)
-            self._flops = count_flops(self, zeros(c.in_channels), torch.zeros(1, device=dev),
+            config, dev = self.config, next(self.parameters()).device
+            size = config.image_size
+            zeros = lambda channels: torch.zeros(1, channels, size, size, device=dev)
+            self._flops = count_flops(self, zeros(config.in_channels), torch.zeros(1, device=dev),
                                       torch.zeros(1, dtype=torch.long, device=dev),
-                                      zeros(c.control_channels) if c.control else None)
+                                      zeros(config.control_channels) if config.control else None)
         return self._flops
 
 def count_flops(net, *inputs):
-    """FLOPs of net(*inputs) (a multiply-add is 2), by torch's FlopCounterMode, in eval mode: dropout draws nothing."""
+    """FLOPs of net(*inputs) (a multiply-add is 2) by torch's FlopCounterMode, in eval mode (dropout
+    draws nothing)."""
     from torch.utils.flop_counter import FlopCounterMode
     training = net.training
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -373,67 +441,86 @@ def count_flops(net, *inputs):
     return counter.get_total_flops()
 
 # -----------------------------------------------------------------------------
-# Autoencoder: the LDM AutoencoderKL family (Rombach et al. 2022, built on Esser et al. 2021's VQGAN), which gives
-# latent diffusion its latents; plus the PatchGAN discriminator and the LPIPS distance train_ae.py trains it with
+# Autoencoder: the LDM AutoencoderKL family (Rombach et al. 2022, built on Esser et al. 2021's VQGAN),
+# which gives latent diffusion its latents; plus the PatchGAN discriminator and the LPIPS distance
+# train_ae.py trains it with
 
 @dataclass
 class AEConfig:
     image_size: int = 256
     in_channels: int = 3
-    channels: int = 128  # of the first level; level i has channels * channel_mult[i] (multiples of 32: GroupNorm(32))
-    channel_mult: tuple = (1, 2, 4, 4)  # one level per entry, each but the last followed by a 2x downsampling
+    # as UNetConfig: level i has channels * channel_mult[i] channels, a 2x downsampling between levels
+    channels: int = 128
+    channel_mult: tuple = (1, 2, 4, 4)
     num_res_blocks: int = 2  # residual blocks per level in the encoder (one more in the decoder)
     z_channels: int = 4
-    mid_attention: bool = True  # single-head self-attention in the middle of the encoder and of the decoder
-    kl: bool = True  # a diagonal-Gaussian posterior (the encoder outputs mean and log-variance); False: a plain AE
+    mid_attention: bool = True  # single-head self-attention in the middle of the encoder and decoder
+    kl: bool = True  # a diagonal-Gaussian posterior (mean, log-variance); False: a plain autoencoder
     dropout: float = 0.0
 
-# AE-B/f8 is LDM's kl-f8 (the Stable Diffusion VAE's layout, 84M); S is a small one for CPUs. f = 2^(levels - 1).
+# AE-B/f8 is LDM's kl-f8 (the Stable Diffusion VAE's layout, 84M); S is a small one for CPUs.
+# f = 2^(levels - 1).
 AE_SIZES = {'S': dict(channels=32, num_res_blocks=1), 'B': dict(channels=128, num_res_blocks=2)}
-AE_PRESETS = {f'AE-{s}/f{f}': dict(kw, channel_mult=(1, 2, 4, 4, 4)[:levels])
-              for s, kw in AE_SIZES.items() for f, levels in ((4, 3), (8, 4), (16, 5))}
+AE_PRESETS = {f'AE-{size}/f{f}': dict(kw, channel_mult=(1, 2, 4, 4, 4)[:levels])
+              for size, kw in AE_SIZES.items() for f, levels in ((4, 3), (8, 4), (16, 5))}
 
 class Autoencoder(nn.Module):
-    """Encoder: conv, levels of residual blocks with stride-2 convolutions between them, a middle block (residual,
-    attention, residual), then GroupNorm, SiLU and a conv to 2 z_channels (mean, log-variance) or z_channels. The
-    decoder mirrors it with nearest-neighbour upsampling. Latents are (B, z_channels, H / f, W / f)."""
+    """Encoder: conv, levels of residual blocks with stride-2 convolutions between them, a middle
+    block (residual, attention, residual), then GroupNorm, SiLU and a conv to 2 z_channels (mean,
+    log-variance) or z_channels. The decoder mirrors it with nearest-neighbour upsampling. Latents
+    are (B, z_channels, H / f, W / f)."""
     def __init__(self, config):
         super().__init__()
-        self.config = c = config
-        chans = [c.channels * m for m in c.channel_mult]
-        self.factor = 2 ** (len(chans) - 1)  # f: latents are (z_channels, image_size / f, image_size / f)
-        if c.image_size % self.factor:
-            raise ValueError(f"image_size {c.image_size} is not divisible by the downsampling factor "
-                             f"{self.factor}; pick a smaller f (or pad the images)")
-        block = lambda cin, cout, attn=False: ResBlock(cin, cout, 0, c.dropout, attn, cout)
-        cur = chans[0]
-        enc = [nn.Conv2d(c.in_channels, cur, 3, padding=1)]
-        for level, ch in enumerate(chans):
-            for _ in range(c.num_res_blocks):
-                enc.append(block(cur, ch))
-                cur = ch
-            if level + 1 < len(chans):
+        self.config = config
+        widths = [config.channels * m for m in config.channel_mult]
+        # f: latents are (z_channels, image_size / f, image_size / f)
+        self.factor = 2 ** (len(widths) - 1)
+        if config.image_size % self.factor:
+            raise ValueError(f"image_size {config.image_size} is not divisible by the downsampling "
+                             f"factor {self.factor}; pick a smaller f (or pad the images)")
+        # residual blocks without a time embedding, attention with one head; the middle block
+        res_block = lambda cin, cout, attn=False: ResBlock(cin, cout, 0, config.dropout, int(attn))
+        mid = lambda width: [res_block(width, width, config.mid_attention), res_block(width, width)]
+        z_out = 2 * config.z_channels if config.kl else config.z_channels
+        cur = widths[0]
+        enc = [nn.Conv2d(config.in_channels, cur, 3, padding=1)]
+        for level, width in enumerate(widths):
+            for _ in range(config.num_res_blocks):
+                enc.append(res_block(cur, width))
+                cur = width
+            if level + 1 < len(widths):
                 enc.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
-        enc += [block(cur, cur, c.mid_attention), block(cur, cur), nn.GroupNorm(32, cur), nn.SiLU(),
-                nn.Conv2d(cur, 2 * c.z_channels if c.kl else c.z_channels, 3, padding=1)]
-        dec = [nn.Conv2d(c.z_channels, cur, 3, padding=1), block(cur, cur, c.mid_attention), block(cur, cur)]
-        for level, ch in reversed(list(enumerate(chans))):
-            for _ in range(c.num_res_blocks + 1):
-                dec.append(block(cur, ch))
-                cur = ch
+        enc += [*mid(cur), nn.GroupNorm(32, cur), nn.SiLU(), nn.Conv2d(cur, z_out, 3, padding=1)]
+        dec = [nn.Conv2d(config.z_channels, cur, 3, padding=1), *mid(cur)]
+        for level, width in reversed(list(enumerate(widths))):
+            for _ in range(config.num_res_blocks + 1):
+                dec.append(res_block(cur, width))
+                cur = width
             if level > 0:
-                dec.append(nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(cur, cur, 3, padding=1)))
-        dec += [nn.GroupNorm(32, cur), nn.SiLU(), nn.Conv2d(cur, c.in_channels, 3, padding=1)]
+                dec.append(nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'),
+                                         nn.Conv2d(cur, cur, 3, padding=1)))
+        dec += [nn.GroupNorm(32, cur), nn.SiLU(), nn.Conv2d(cur, config.in_channels, 3, padding=1)]
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
         self.activation_checkpointing = False
         self._flops = None
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # PyTorch's default init, but each residual block's last conv and attention output projection
+        # are zero, so that the block starts as its skip path (the identity where the width stays)
+        zero = []
+        for block in self.modules():
+            if isinstance(block, ResBlock):
+                zero += [block.conv2] + ([block.attn.proj] if block.attn is not None else [])
+        zero_init(*zero)
 
     @property
     def last_layer(self):  # where train_ae.py balances the adversarial loss against the others
         return self.decoder[-1]
 
     def encode(self, x):
-        """x (B, C, H, W) in [-1, 1] -> the posterior's mean and log-variance (None for a plain autoencoder)."""
+        """x (B, C, H, W) in [-1, 1] -> the posterior's mean and log-variance (None for a plain
+        autoencoder: the latent and None)."""
         h = run_sequence(self.encoder, x, self.activation_checkpointing)
         if not self.config.kl:
             return h, None
@@ -444,31 +531,34 @@ class Autoencoder(nn.Module):
         return run_sequence(self.decoder, z, self.activation_checkpointing)
 
     def forward(self, x, eps=None):
-        """Reconstruction of x from z = mean + exp(logvar / 2) eps (the mean when eps is None), mean, logvar."""
+        """The reconstruction of x from z = mean + exp(logvar / 2) eps (the mean when eps is None),
+        mean, logvar."""
         mean, logvar = self.encode(x)
-        z = mean if logvar is None or eps is None else mean + (0.5 * logvar).exp() * eps.to(mean.dtype)
+        z = mean
+        if logvar is not None and eps is not None:
+            z = mean + (0.5 * logvar).exp() * eps.to(mean.dtype)
         return self.decode(z), mean, logvar
 
     def flops_per_sample(self):
         """Forward FLOPs of encoding and decoding one image (a multiply-add is 2)."""
         if self._flops is None:
-            c = self.config
-            self._flops = count_flops(self, torch.zeros(1, c.in_channels, c.image_size, c.image_size,
-                                                         device=next(self.parameters()).device))
+            config, dev = self.config, next(self.parameters()).device
+            x = torch.zeros(1, config.in_channels, config.image_size, config.image_size, device=dev)
+            self._flops = count_flops(self, x)
         return self._flops
 
 class PatchDiscriminator(nn.Module):
-    """pix2pix's PatchGAN (Isola et al. 2017) as VQGAN and LDM use it: a map of logits, each judging one patch
-    (70 px wide with 3 layers). GroupNorm in place of BatchNorm: no batch statistics, so the same for any world size
-    or micro-batch, and no running averages to go stale."""
+    """pix2pix's PatchGAN (Isola et al. 2017) as VQGAN and LDM use it: a map of logits, each judging
+    one patch (70 px wide with 3 layers). GroupNorm in place of BatchNorm: no batch statistics, so
+    the same for any world size or micro-batch, and no running averages to go stale."""
     def __init__(self, in_channels, channels=64, num_layers=3):
         super().__init__()
         layers, cur = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
         for i in range(1, num_layers + 1):
-            out = channels * min(2 ** i, 8)
-            layers += [nn.Conv2d(cur, out, 4, 2 if i < num_layers else 1, 1, bias=False), nn.GroupNorm(32, out),
-                       nn.LeakyReLU(0.2)]
-            cur = out
+            width = channels * min(2 ** i, 8)
+            layers += [nn.Conv2d(cur, width, 4, 2 if i < num_layers else 1, 1, bias=False),
+                       nn.GroupNorm(32, width), nn.LeakyReLU(0.2)]
+            cur = width
         self.net = nn.Sequential(*layers, nn.Conv2d(cur, 1, 4, 1, 1))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -478,18 +568,25 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 class LPIPS(nn.Module):
-    """Zhang et al. 2018's learned perceptual distance on VGG16, from local files only: torchvision's VGG16 weights
-    (vgg16-397923af.pth) and the lpips package's linear heads (lpips/weights/v0.1/vgg.pth). Images in [-1, 1]."""
-    taps = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16().features
+    """Zhang et al. 2018's learned perceptual distance on VGG16, from local files only:
+    torchvision's VGG16 weights (vgg16-397923af.pth) and the lpips package's linear heads
+    (lpips/weights/v0.1/vgg.pth). Images in [-1, 1]."""
+    # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16().features
+    taps = (3, 8, 15, 22, 29)
 
     def __init__(self):
         super().__init__()
+        # torchvision's layers at its indices, so that its state dict loads as is; 'M': max-pooling
         layers, cin = [], 3
         for v in (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512):
-            layers += [nn.MaxPool2d(2, 2)] if v == 'M' else [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
-            cin = cin if v == 'M' else v
-        self.features = nn.Sequential(*layers)  # the same indices as torchvision's, so its state dict loads as is
-        self.lins = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in (64, 128, 256, 512, 512))
+            if v == 'M':
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+                cin = v
+        self.features = nn.Sequential(*layers)
+        widths = (64, 128, 256, 512, 512)
+        self.lins = nn.ModuleList(nn.Conv2d(width, 1, 1, bias=False) for width in widths)
         self.register_buffer('shift', torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer('scale', torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
         self.requires_grad_(False).eval()
@@ -499,45 +596,52 @@ class LPIPS(nn.Module):
         vgg = torch.load(vgg_path, map_location='cpu', weights_only=True)
         lin = torch.load(lin_path, map_location='cpu', weights_only=True)
         try:
-            self.features.load_state_dict({k[len('features.'):]: v for k, v in vgg.items() if k.startswith('features.')})
+            prefix = 'features.'
+            features = {k[len(prefix):]: v for k, v in vgg.items() if k.startswith(prefix)}
+            self.features.load_state_dict(features)
             for i, conv in enumerate(self.lins):
                 conv.weight.copy_(lin[f'lin{i}.model.1.weight'])
         except (RuntimeError, KeyError) as e:
-            raise ValueError(f"{vgg_path} and {lin_path} are not torchvision's VGG16 and LPIPS's vgg heads "
-                             f"({str(e).splitlines()[0][:120]})")
+            raise ValueError(f"{vgg_path} and {lin_path} are not torchvision's VGG16 and LPIPS's vgg "
+                             f"heads ({str(e).splitlines()[0][:120]})")
         return self
 
-    def forward(self, x, y):
-        """Per-image distance (B,) between image batches x and y (1 or 3 channels)."""
-        h = (torch.cat([x, y]).expand(-1, 3, -1, -1) - self.shift) / self.scale
+    def forward(self, a, b):
+        """Per-image distance (B,) between image batches a and b (1 or 3 channels)."""
+        h = (torch.cat([a, b]).expand(-1, 3, -1, -1) - self.shift) / self.scale
         d = 0
         for i, layer in enumerate(self.features[:self.taps[-1] + 1]):
             h = layer(h)
             if i in self.taps:
-                a, b = (h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)  # unit length per position
-                d = d + self.lins[self.taps.index(i)]((a - b) ** 2).mean(dim=(1, 2, 3))
+                # each position's features at unit length; the head weighs their squared difference
+                fa, fb = (h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)
+                d = d + self.lins[self.taps.index(i)]((fa - fb) ** 2).mean(dim=(1, 2, 3))
         return d
 
 # -----------------------------------------------------------------------------
-# GAN: R3GAN's generator and discriminator (Huang et al. 2024, "The GAN is dead; long live the GAN!"): ResNeXt-style
-# residual blocks with no normalisation, kept stable at initialisation by fix-up-style scaling (Zhang et al. 2019)
+# GAN: R3GAN's generator and discriminator (Huang et al. 2024, "The GAN is dead; long live the
+# GAN!"): ResNeXt-style residual blocks with no normalisation, kept stable at initialisation by
+# fix-up-style scaling (Zhang et al. 2019)
 
 @dataclass
 class GANConfig:
     image_size: int = 32
     in_channels: int = 3
-    widths: tuple = (256, 256, 256, 256)  # G's stage widths from its basis up, each stage at twice the resolution of
-    # the one before; D mirrors them. The basis is image_size / 2^(stages - 1) pixels wide (4 for 32 px, 4 stages)
+    # G's stage widths from its basis up, each stage at twice the resolution of the one before; D
+    # mirrors them. The basis is image_size / 2^(stages - 1) pixels wide (4 for 32 px, 4 stages)
+    widths: tuple = (256, 256, 256, 256)
     blocks: int = 2  # residual blocks per stage
     expansion: int = 2  # a block's hidden width / its stage's width
-    group_channels: int = 16  # channels per group of a block's grouped 3x3 convolution (cardinality = hidden / this)
+    # channels per group of a block's grouped 3x3 convolution (cardinality = hidden / this)
+    group_channels: int = 16
     z_dim: int = 64
     num_classes: int = 0  # 0 = unconditional
-    embed_dim: int = 64  # class embedding: concatenated to z in G, projected onto D's features (Miyato & Koyama 2018)
+    # class embedding: concatenated to z in G, projected onto D's features (Miyato & Koyama 2018)
+    embed_dim: int = 64
 
-# GAN-B is R3GAN's CIFAR-10 network; GAN-T (3 stages: a 7x7 basis for 28 px) trains on a CPU in minutes.
-GAN_PRESETS = {'GAN-T': dict(widths=(64, 32, 32), group_channels=8), 'GAN-S': dict(widths=(256,) * 4),
-               'GAN-B': dict(widths=(768,) * 4)}
+# GAN-B is R3GAN's CIFAR-10 network; GAN-T (3 stages: a 7x7 basis for 28 px) trains on a CPU in minutes
+GAN_PRESETS = {'GAN-T': dict(widths=(64, 32, 32), group_channels=8),
+               'GAN-S': dict(widths=(256,) * 4), 'GAN-B': dict(widths=(768,) * 4)}
 
 def msr_init(layer, gain=1.0):
     """He et al.'s fan-in initialisation: weights N(0, gain^2 / fan_in), biases zero."""
@@ -547,17 +651,19 @@ def msr_init(layer, gain=1.0):
     return layer
 
 class GANBlock(nn.Module):
-    """x + conv1x1(act(grouped conv3x3(act(conv1x1(x))))), act = leaky ReLU(0.2). Fix-up init: the first two convs
-    He-initialised and scaled by L^(-1/4) (L blocks in the network, 3 convs per branch: L^(-1/(2*3-2))), the last
-    one zero, so every block starts as the identity and no normalisation is needed."""
+    """x + conv1x1(act(grouped conv3x3(act(conv1x1(x))))), act = leaky ReLU(0.2). Fix-up init: the
+    first two convs He-initialised and scaled by L^(-1/4) (L blocks in the network, 3 convs per
+    branch: L^(-1/(2*3-2))), the last one zero, so every block starts as the identity and no
+    normalisation is needed."""
     def __init__(self, width, config, num_blocks):
         super().__init__()
-        c, hidden = config, width * config.expansion
-        if hidden % c.group_channels:
-            raise ValueError(f"a block's hidden width {hidden} is not a multiple of group_channels={c.group_channels}")
+        hidden, groups = width * config.expansion, config.group_channels
+        if hidden % groups:
+            raise ValueError(f"a block's hidden width {hidden} is not a multiple of "
+                             f"group_channels={groups}")
         gain = math.sqrt(2 / (1 + 0.2 ** 2)) * num_blocks ** -0.25
         self.conv1 = msr_init(nn.Conv2d(width, hidden, 1), gain)
-        self.conv2 = msr_init(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden // c.group_channels), gain)
+        self.conv2 = msr_init(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden // groups), gain)
         self.conv3 = msr_init(nn.Conv2d(hidden, width, 1, bias=False), 0.0)
 
     def forward(self, x):
@@ -565,8 +671,8 @@ class GANBlock(nn.Module):
         return x + self.conv3(F.leaky_relu(self.conv2(h), 0.2))
 
 class Resample(nn.Module):
-    """R3GAN's transition between stages: bilinear 2x upsampling or 2x2 average pooling, with a 1x1 convolution
-    where the width changes (on the narrower side)."""
+    """R3GAN's transition between stages: bilinear 2x upsampling or 2x2 average pooling, with a 1x1
+    convolution where the width changes (on the narrower side)."""
     def __init__(self, cin, cout, up):
         super().__init__()
         self.up = up
@@ -578,68 +684,74 @@ class Resample(nn.Module):
         return self.conv(F.avg_pool2d(x, 2))
 
 def gan_stages(config):
-    """The basis width (pixels) of a GANConfig and its number of residual blocks; raises ValueError on a size that
-    does not halve down to a whole basis."""
-    c, stages = config, len(config.widths)
-    if c.image_size % 2 ** (stages - 1):
-        raise ValueError(f"image_size {c.image_size} is not divisible by 2^{stages - 1}, the {stages - 1} resolution "
-                         f"doublings of widths={c.widths}; pick a preset with fewer stages (or pad the images)")
-    return c.image_size // 2 ** (stages - 1), stages * c.blocks
+    """The basis width (pixels) of a GANConfig and its number of residual blocks; raises ValueError
+    on a size that does not halve down to a whole basis."""
+    stages = len(config.widths)
+    if config.image_size % 2 ** (stages - 1):
+        raise ValueError(f"image_size {config.image_size} is not divisible by 2^{stages - 1}, the "
+                         f"{stages - 1} resolution doublings of widths={config.widths}; pick a preset "
+                         f"with fewer stages (or pad the images)")
+    return config.image_size // 2 ** (stages - 1), stages * config.blocks
 
 class Generator(nn.Module):
-    """z (and a class) -> a learned constant basis (width, b, b) scaled per channel by a linear map of them, stages
-    of residual blocks with bilinear upsampling between, a 1x1 convolution to pixels."""
+    """z (and a class) -> a learned constant basis (width, b, b) scaled per channel by a linear map
+    of them, stages of residual blocks with bilinear upsampling between, a 1x1 conv to pixels."""
     def __init__(self, config):
         super().__init__()
-        self.config = c = config
-        b, num_blocks = gan_stages(c)
-        self.embed = nn.Embedding(c.num_classes, c.embed_dim) if c.num_classes else None
-        self.z_proj = msr_init(nn.Linear(c.z_dim + (c.embed_dim if c.num_classes else 0), c.widths[0]))
-        self.basis = nn.Parameter(torch.randn(c.widths[0], b, b))
-        layers, cur = [], c.widths[0]
-        for i, width in enumerate(c.widths):
-            layers += ([Resample(cur, width, up=True)] if i else []) + [GANBlock(width, c, num_blocks) for _ in range(c.blocks)]
+        self.config = config
+        b, num_blocks = gan_stages(config)
+        embed_dim = config.embed_dim if config.num_classes else 0
+        self.embed = nn.Embedding(config.num_classes, embed_dim) if config.num_classes else None
+        self.z_proj = msr_init(nn.Linear(config.z_dim + embed_dim, config.widths[0]))
+        self.basis = nn.Parameter(torch.randn(config.widths[0], b, b))
+        layers, cur = [], config.widths[0]
+        for i, width in enumerate(config.widths):
+            layers += [Resample(cur, width, up=True)] if i else []
+            layers += [GANBlock(width, config, num_blocks) for _ in range(config.blocks)]
             cur = width
         self.net = nn.Sequential(*layers)
-        self.to_pixels = msr_init(nn.Conv2d(cur, c.in_channels, 1))
+        self.to_pixels = msr_init(nn.Conv2d(cur, config.in_channels, 1))
         self.activation_checkpointing = False
 
     def forward(self, z, y=None):
-        """z (B, z_dim), y (B,) int labels (ignored when unconditional) -> images (B, C, H, W), about [-1, 1]."""
+        """z (B, z_dim), y (B,) int labels (ignored when unconditional) -> images (B, C, H, W),
+        about [-1, 1]."""
         if self.embed is not None:
             z = torch.cat([z, self.embed(y)], dim=1)
         h = self.basis * self.z_proj(z)[:, :, None, None]
         return self.to_pixels(run_sequence(self.net, h, self.activation_checkpointing))
 
 class Discriminator(nn.Module):
-    """The generator mirrored: a 1x1 convolution from pixels, stages of residual blocks with 2x2 average pooling
-    between, a depthwise b x b convolution that removes the basis's spatial extent, a linear head: one logit per
-    image (projected onto the class embedding when conditional)."""
+    """The generator mirrored: a 1x1 convolution from pixels, stages of residual blocks with 2x2
+    average pooling between, a depthwise b x b convolution that removes the basis's spatial extent,
+    a linear head: one logit per image (projected onto the class embedding when conditional)."""
     def __init__(self, config):
         super().__init__()
-        self.config = c = config
-        b, num_blocks = gan_stages(c)
-        widths = c.widths[::-1]
-        self.from_pixels = msr_init(nn.Conv2d(c.in_channels, widths[0], 1))
+        self.config = config
+        b, num_blocks = gan_stages(config)
+        widths = config.widths[::-1]
+        self.from_pixels = msr_init(nn.Conv2d(config.in_channels, widths[0], 1))
         layers = []
         for i, width in enumerate(widths):
-            layers += [GANBlock(width, c, num_blocks) for _ in range(c.blocks)]
+            layers += [GANBlock(width, config, num_blocks) for _ in range(config.blocks)]
             layers += [Resample(width, widths[i + 1], up=False)] if i + 1 < len(widths) else []
         self.net = nn.Sequential(*layers)
         self.basis = msr_init(nn.Conv2d(widths[-1], widths[-1], b, groups=widths[-1]))
-        self.head = msr_init(nn.Linear(widths[-1], c.embed_dim if c.num_classes else 1))
-        self.embed = nn.Embedding(c.num_classes, c.embed_dim) if c.num_classes else None
+        self.head = msr_init(nn.Linear(widths[-1], config.embed_dim if config.num_classes else 1))
+        self.embed = nn.Embedding(config.num_classes, config.embed_dim) if config.num_classes else None
         self.activation_checkpointing = False
 
     def forward(self, x, y=None):
         """x (B, C, H, W), y (B,) int labels (ignored when unconditional) -> logits (B,)."""
-        h = self.head(self.basis(run_sequence(self.net, self.from_pixels(x), self.activation_checkpointing)).flatten(1))
+        h = run_sequence(self.net, self.from_pixels(x), self.activation_checkpointing)
+        h = self.head(self.basis(h).flatten(1))
         if self.embed is None:
             return h.squeeze(1)
         return (h * self.embed(y)).sum(1) / math.sqrt(h.shape[1])
 
 def create_model(arch, **kwargs):
-    """A network by preset name: create_model('DiT-B/4', image_size=32, in_channels=4, num_classes=1000)."""
+    """A network by preset name: create_model('DiT-B/4', image_size=32, in_channels=4,
+    num_classes=1000)."""
     if arch in DIT_PRESETS:
         return DiT(DiTConfig(**{**DIT_PRESETS[arch], **kwargs}))
     if arch in UNET_PRESETS:
@@ -680,39 +792,58 @@ def phema_coefficients(snapshots, t, sigma_rel):
     kkt = np.block([[dot[:n, :n], np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]])
     return np.linalg.lstsq(kkt, np.append(dot[:n, n], 1.0), rcond=None)[0][:n]
 
+def phema_weights(snapshots, t, sigma_rel):
+    """The weights of the EMA of sigma_rel at step t: the phema_coefficients combination of snapshots,
+    (step, gamma, weights by name) triples of train_diffusion.py's power-function EMAs. Summed in float64,
+    returned in float32, by name."""
+    x = phema_coefficients([(step, gamma) for step, gamma, _ in snapshots], t, sigma_rel)
+    out = {}
+    for xi, (_, _, weights) in zip(x, snapshots):
+        for name, w in weights.items():
+            out[name] = out.get(name, 0) + float(xi) * w.double()
+    return {name: w.float() for name, w in out.items()}
+
 # -----------------------------------------------------------------------------
 # Diffusion: schedules, prediction types and samplers, shared by train_diffusion.py, sample.py and
-# distill_consistency.py. The training loss (timestep sampling, weighting) is written out in train_diffusion.py.
+# distill_consistency.py. The training loss (timestep sampling, weighting) is written out in
+# train_diffusion.py.
 
 SCHEDULES = ('linear', 'cosine', 'flow', 'edm')
 PREDICTIONS = ('eps', 'v', 'x0', 'flow')
 SAMPLERS = ('ddpm', 'ddim', 'euler', 'heun')
 
 class Diffusion:
-    """Gaussian diffusion x_t = alpha_t x0 + sigma_t eps, the network's output F read as one prediction type.
+    """Gaussian diffusion x_t = alpha_t x0 + sigma_t eps, the network's output pred read as one
+    prediction type.
 
-    schedule  time t                          alpha_t, sigma_t
-    linear    0..T-1, the DDPM index          sqrt(abar_t), sqrt(1 - abar_t), betas 1e-4..0.02 (Ho et al. 2020)
-    cosine    0..T-1                          abar from Nichol & Dhariwal 2021, eq. 17
-    flow      (0, 1)                          1 - t, t: the linear interpolant (rectified flow, SiT, SD3)
-    edm       sigma in [0.002, 80]            1, sigma; the network sees x / sqrt(sigma^2 + sigma_data^2) (Karras 2022)
-    Between integers the DDPM schedules interpolate log(sigma / alpha), so ODE samplers may use any noise level.
+    schedule  time t                  alpha_t, sigma_t
+    linear    0..T-1, the DDPM index  sqrt(abar_t), sqrt(1 - abar_t), betas 1e-4..0.02 (Ho 2020)
+    cosine    0..T-1                  abar from Nichol & Dhariwal 2021, eq. 17
+    flow      (0, 1)                  1 - t, t: the linear interpolant (rectified flow, SiT, SD3)
+    edm       sigma in [0.002, 80]    1, sigma; the network sees x / sqrt(sigma^2 + sigma_data^2)
+                                      (Karras et al. 2022)
+    Between integers the DDPM schedules interpolate log(sigma / alpha), so ODE samplers may use any
+    noise level.
 
-    prediction  the network's target F = A x0 + B eps
-    eps         eps                              (Ho et al. 2020)
-    v           alpha eps - sigma x0             (Salimans & Ho 2022)
-    x0          x0; under the edm schedule EDM's preconditioned F = (x0 - c_skip x_t) / c_out (Karras 2022, eq. 7)
+    prediction  the network's target pred = A x0 + B eps
+    eps         eps                    (Ho et al. 2020)
+    v           alpha eps - sigma x0   (Salimans & Ho 2022)
+    x0          x0; under the edm schedule EDM's preconditioned output (x0 - c_skip x_t) / c_out
+                (Karras et al. 2022, eq. 7)
     flow        eps - x0, the velocity of the flow schedule (Liu et al. 2022; Lipman et al. 2022)
-    Since x_t = alpha x0 + sigma eps, every F gives back x0 = (B x_t - sigma F) / det and eps = (alpha F - A x_t) / det,
-    det = alpha B - sigma A: one formula for every conversion, and the prediction's error is det / sigma times the x0 error.
+    Since x_t = alpha x0 + sigma eps, every pred gives back x0 = (B x_t - sigma pred) / det and
+    eps = (alpha pred - A x_t) / det, det = alpha B - sigma A: one formula for every conversion, and
+    the prediction's error is det / sigma times the x0 error.
     """
     sigma_min, sigma_max, rho = 0.002, 80.0, 7.0  # EDM's range and its sampling grid's curvature
-    t_eps = 1e-5  # the flow schedule stays inside (t_eps, 1 - t_eps), where every prediction type is invertible
+    t_eps = 1e-5  # flow stays in (t_eps, 1 - t_eps), where every prediction type is invertible
 
     def __init__(self, schedule='linear', prediction_type='eps', num_timesteps=1000, sigma_data=0.5):
         if schedule not in SCHEDULES or prediction_type not in PREDICTIONS:
-            raise ValueError(f"schedule '{schedule}' / prediction_type '{prediction_type}': use one of {SCHEDULES} / {PREDICTIONS}")
-        self.schedule, self.prediction_type, self.num_timesteps, self.sigma_data = schedule, prediction_type, num_timesteps, sigma_data
+            raise ValueError(f"schedule '{schedule}' / prediction_type '{prediction_type}': use one "
+                             f"of {SCHEDULES} / {PREDICTIONS}")
+        self.schedule, self.prediction_type = schedule, prediction_type
+        self.num_timesteps, self.sigma_data = num_timesteps, sigma_data
         T = num_timesteps
         if schedule == 'linear':
             betas = np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=np.float64)
@@ -720,12 +851,14 @@ class Diffusion:
             f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2
             betas = np.clip(1 - f(np.arange(1, T + 1)) / f(np.arange(T)), 0, 0.999)
         if schedule in ('linear', 'cosine'):
+            # log(sigma / alpha) at the integer times, increasing in t
             alpha_bar = np.cumprod(1 - betas)
-            self.log_sigma_hat = torch.from_numpy(0.5 * np.log((1 - alpha_bar) / alpha_bar))  # increasing in t
+            self.log_sigma_hat = torch.from_numpy(0.5 * np.log((1 - alpha_bar) / alpha_bar))
 
     def t_from_u(self, u):
-        """Noise levels u in [0, 1), as the training's timestep sampling draws them, to the schedule's time. For edm
-        u = sigma / (1 + sigma), the flow time of the same signal-to-noise ratio: a logit-normal u is a log-normal sigma."""
+        """Noise levels u in [0, 1), as the training's timestep sampling draws them, to the
+        schedule's time. For edm u = sigma / (1 + sigma), the flow time of the same signal-to-noise
+        ratio: a logit-normal u is a log-normal sigma."""
         if self.schedule in ('linear', 'cosine'):
             return (u * self.num_timesteps).floor().clamp(max=self.num_timesteps - 1)
         if self.schedule == 'flow':
@@ -749,7 +882,8 @@ class Diffusion:
         return alpha, alpha * log_sigma_hat.exp()
 
     def t_from_sigma(self, s):
-        """The time at which sigma_t / alpha_t = s, float64: alpha_sigma's inverse in the variance-exploding view."""
+        """The time at which sigma_t / alpha_t = s, float64: alpha_sigma's inverse in the
+        variance-exploding view."""
         s = s.double()
         if self.schedule == 'edm':
             return s
@@ -761,37 +895,43 @@ class Diffusion:
         return i - 1 + (log_s - table[i - 1]) / (table[i] - table[i - 1])
 
     def denoiser(self, model, x, s, y):
-        """D(x, s): the network's x0 estimate for x = x0 + s eps, the variance-exploding view of x_t = alpha x0 +
-        sigma eps with s = sigma / alpha (Karras et al. 2022), whatever the schedule and prediction type: one
-        conversion, with gradients, per-image s of shape (B,)."""
+        """D(x, s): the network's x0 estimate for x = x0 + s eps, the variance-exploding view of x_t
+        = alpha x0 + sigma eps with s = sigma / alpha (Karras et al. 2022), whatever the schedule
+        and prediction type: one conversion, with gradients, per-image s of shape (B,)."""
         t = self.t_from_sigma(s)
         xt = bcast(self.alpha_sigma(t)[0], x) * x
-        return self.x0_eps(model(*self.net_inputs(xt, t), y).to(x.dtype), xt, t)[0]
+        pred = model(*self.net_inputs(xt, t), y).to(x.dtype)
+        return self.x0_eps(pred, xt, t)[0]
 
     def consistency(self, model, x, s, y, sigma_min):
-        """A consistency model's f(x, s) = c_skip x + c_out F with f(x, sigma_min) = x (Song et al. 2023, eq. 8;
-        c_skip = sd^2 / ((s - sigma_min)^2 + sd^2), c_out = sd (s - sigma_min) / sqrt(s^2 + sd^2)), where F is the
-        network read as EDM's preconditioned output, F = (D - c_skip' x) / c_out' (c_skip' = sd^2 / (s^2 + sd^2),
-        c_out' = sd s / sqrt(s^2 + sd^2)): then c_out / c_out' = (s - sigma_min) / s, and a diffusion network's f is
-        its own denoiser D wherever s >> sigma_min, the start distillation needs."""
+        """A consistency model's f(x, s) = c_skip x + c_out pred with f(x, sigma_min) = x (Song et
+        al. 2023, eq. 8; c_skip = sd^2 / ((s - sigma_min)^2 + sd^2), c_out = sd (s - sigma_min) /
+        sqrt(s^2 + sd^2)), where pred is the network read as EDM's preconditioned output, pred = (D
+        - c_skip' x) / c_out' (c_skip' = sd^2 / (s^2 + sd^2), c_out' = sd s / sqrt(s^2 + sd^2)):
+        then c_out / c_out' = (s - sigma_min) / s, and a diffusion network's f is its own denoiser D
+        wherever s >> sigma_min, the start distillation needs."""
         sd2 = self.sigma_data ** 2
         c_skip = sd2 / ((s - sigma_min) ** 2 + sd2)
-        D = self.denoiser(model, x, s, y)
-        return bcast(c_skip, x) * x + bcast((s - sigma_min) / s, x) * (D - bcast(sd2 / (s ** 2 + sd2), x) * x)
+        denoised = self.denoiser(model, x, s, y)
+        c_out_pred = bcast((s - sigma_min) / s, x) * (denoised - bcast(sd2 / (s ** 2 + sd2), x) * x)
+        return bcast(c_skip, x) * x + c_out_pred
 
     @torch.no_grad()
     def consistency_sample(self, model, z, y, sigmas, sigma_min, generator=None):
-        """Images from a consistency model in len(sigmas) network calls (Song et al. 2023, alg. 1): x0 = f(sigmas[0] z),
-        then for each next s, x0 = f(x0 + sqrt(s^2 - sigma_min^2) fresh noise, s)."""
-        x0 = self.consistency(model, sigmas[0] * z, torch.full((len(z),), float(sigmas[0]), device=z.device), y, sigma_min)
+        """Images from a consistency model in len(sigmas) network calls (Song et al. 2023, alg. 1):
+        x0 = f(sigmas[0] z), then for each next s, x0 = f(x0 + sqrt(s^2 - sigma_min^2) fresh noise,
+        s)."""
+        per_image = lambda s: torch.full((len(z),), float(s), device=z.device)
+        x0 = self.consistency(model, sigmas[0] * z, per_image(sigmas[0]), y, sigma_min)
         for s in sigmas[1:]:
             noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             x = x0 + math.sqrt(s ** 2 - sigma_min ** 2) * noise
-            x0 = self.consistency(model, x, torch.full((len(z),), float(s), device=z.device), y, sigma_min)
+            x0 = self.consistency(model, x, per_image(s), y, sigma_min)
         return x0
 
     def coefficients(self, t):
-        """(alpha, sigma, A, B) at times t, float64: x_t = alpha x0 + sigma eps and the target F = A x0 + B eps."""
+        """(alpha, sigma, A, B) at times t, float64: x_t = alpha x0 + sigma eps and the target
+        pred = A x0 + B eps."""
         alpha, sigma = self.alpha_sigma(t)
         one, zero = torch.ones_like(alpha), torch.zeros_like(alpha)
         if self.prediction_type == 'eps':
@@ -800,14 +940,16 @@ class Diffusion:
             return alpha, sigma, -sigma, alpha
         if self.prediction_type == 'flow':
             return alpha, sigma, -one, one
-        if self.schedule == 'edm':  # F = (x0 - c_skip x_t) / c_out with c_skip = sd^2 / s^2, c_out = sigma sd / s
+        # edm: pred = (x0 - c_skip x_t) / c_out with c_skip = sd^2 / s^2, c_out = sigma sd / s
+        if self.schedule == 'edm':
             s = (sigma ** 2 + self.sigma_data ** 2).sqrt()
             return alpha, sigma, sigma / (self.sigma_data * s), -self.sigma_data / s
         return alpha, sigma, one, zero
 
     def net_inputs(self, x, t):
-        """What the network sees for x_t at times t: c_in x_t and c_noise (the noise level on the DDPM index's scale,
-        which the sinusoidal time embedding is made for: t, 1000 t, or EDM's ln(sigma) / 4 times 1000)."""
+        """What the network sees for x_t at times t: c_in x_t and c_noise (the noise level on the
+        DDPM index's scale, which the sinusoidal time embedding is made for: t, 1000 t, or EDM's
+        ln(sigma) / 4 times 1000)."""
         if self.schedule in ('linear', 'cosine'):
             return x, t.float()
         if self.schedule == 'flow':
@@ -815,85 +957,110 @@ class Diffusion:
         c_in = (t.double() ** 2 + self.sigma_data ** 2).rsqrt()
         return x * bcast(c_in, x), 250 * t.double().log().float()
 
-    def x0_eps(self, F, x, t):
-        """The x0 and eps that the output F implies for x_t = x."""
+    def x0_eps(self, pred, x, t):
+        """The x0 and eps that the network's output pred implies for x_t = x."""
         alpha, sigma, A, B = self.coefficients(t)
         det = alpha * B - sigma * A
-        return bcast(B / det, x) * x - bcast(sigma / det, x) * F, bcast(alpha / det, x) * F - bcast(A / det, x) * x
+        x0 = bcast(B / det, x) * x - bcast(sigma / det, x) * pred
+        eps = bcast(alpha / det, x) * pred - bcast(A / det, x) * x
+        return x0, eps
 
     @torch.no_grad()
     def denoise(self, model, x, t, y, cfg_scale=1.0, clip_x0=False, control=None):
-        """x0 and eps estimates at one time t (a 0-d tensor) for every image of x. Classifier-free guidance
-        F_u + cfg_scale (F_c - F_u) acts on every output channel, null label = model.config.num_classes; both
-        halves see the control image, if any."""
+        """x0 and eps estimates at one time t (a 0-d tensor) for every image of x. Classifier-free
+        guidance pred_u + cfg_scale (pred_c - pred_u) acts on every output channel, null label =
+        model.config.num_classes; both halves see the control image, if any."""
         x_in, c_noise = self.net_inputs(x, t.expand(len(x)))
-        cond = () if control is None else (control,)  # models without a control image take (x, t, y)
+        # models without a control image take (x, t, y)
+        control_args = () if control is None else (control,)
         if cfg_scale == 1.0:
-            F = model(x_in, c_noise, y, *cond)
+            pred = model(x_in, c_noise, y, *control_args)
         else:
             null = torch.full_like(y, model.config.num_classes)
-            F_c, F_u = model(torch.cat([x_in, x_in]), torch.cat([c_noise, c_noise]), torch.cat([y, null]),
-                             *(torch.cat([c, c]) for c in cond)).chunk(2)
-            F = F_u + cfg_scale * (F_c - F_u)
-        x0, eps = self.x0_eps(F.to(x.dtype), x, t.view(1))
-        if clip_x0:  # pixel data lives in [-1, 1]; eps follows the clipped x0
+            twice = lambda v: torch.cat([v, v])
+            pred_c, pred_u = model(twice(x_in), twice(c_noise), torch.cat([y, null]),
+                                   *(twice(v) for v in control_args)).chunk(2)
+            pred = pred_u + cfg_scale * (pred_c - pred_u)
+        x0, eps = self.x0_eps(pred.to(x.dtype), x, t.view(1))
+        # pixel data lives in [-1, 1]; eps follows the clipped x0
+        if clip_x0:
             alpha, sigma = self.alpha_sigma(t)
             x0 = x0.clamp(-1, 1)
             eps = (x - alpha.item() * x0) / sigma.item()
         return x0, eps
 
     def grid(self, sampler, steps, shift=1.0):
-        """The sampler's times, noisiest first: t (steps,) where the network is called, and alpha, sigma (steps + 1,)
-        whose last entry is the clean end (1, 0). DDPM/DDIM on a DDPM schedule: evenly spaced integer timesteps (DDIM);
-        Euler/Heun on a DDPM schedule, and every sampler on edm: Karras et al.'s sigma/alpha spacing (rho = 7);
-        every sampler on flow: evenly spaced t, shifted by t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024)."""
+        """The sampler's times, noisiest first: t (steps,) where the network is called, and alpha,
+        sigma (steps + 1,) whose last entry is the clean end (1, 0). DDPM/DDIM on a DDPM schedule:
+        evenly spaced integer timesteps (DDIM); Euler/Heun on a DDPM schedule, and every sampler on
+        edm: Karras et al.'s sigma/alpha spacing (rho = 7); every sampler on flow: evenly spaced t,
+        shifted by t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024)."""
+        f64 = torch.float64
         if self.schedule == 'flow':
-            t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
+            t = torch.linspace(1, 0, steps + 1, dtype=f64)[:-1]
             t = (shift * t / (1 + (shift - 1) * t)).clamp(self.t_eps, 1 - self.t_eps)
         elif self.schedule != 'edm' and sampler in ('ddpm', 'ddim'):
-            t = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=torch.float64).round()
+            t = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=f64).round()
         else:
-            lo, hi = (self.sigma_min, self.sigma_max) if self.schedule == 'edm' else self.log_sigma_hat[[0, -1]].exp().tolist()
-            hi = min(hi, self.sigma_max)  # the cosine schedule's last step is at sigma/alpha ~ 6e3: no use starting there
-            ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
-            sigma_hat = (hi ** (1 / self.rho) + ramp * (lo ** (1 / self.rho) - hi ** (1 / self.rho))) ** self.rho
+            if self.schedule == 'edm':
+                lo, hi = self.sigma_min, self.sigma_max
+            else:
+                lo, hi = self.log_sigma_hat[[0, -1]].exp().tolist()
+            # the cosine schedule's last step is at sigma/alpha ~ 6e3: no use starting there
+            hi = min(hi, self.sigma_max)
+            ramp = torch.linspace(0, 1, steps, dtype=f64)  # [0] for one step
+            inv_rho = 1 / self.rho
+            sigma_hat = (hi ** inv_rho + ramp * (lo ** inv_rho - hi ** inv_rho)) ** self.rho
             t = self.t_from_sigma(sigma_hat)
         alpha, sigma = self.alpha_sigma(t)
-        return t, torch.cat([alpha, torch.ones(1, dtype=torch.float64)]), torch.cat([sigma, torch.zeros(1, dtype=torch.float64)])
+        return t, torch.cat([alpha, alpha.new_ones(1)]), torch.cat([sigma, sigma.new_zeros(1)])
 
     @torch.no_grad()
-    def sample(self, model, z, y, sampler='ddim', steps=50, eta=0.0, cfg_scale=1.0, cfg_interval=(0.0, float('inf')),
-               shift=1.0, clip_x0=False, generator=None, control=None):
-        """Images from noise z (B, C, H, W) with labels y. cfg_interval: guidance only where lo < sigma/alpha <= hi
-        (Kynkaanniemi et al. 2024). ddpm is DDIM with eta = 1 (the posterior q(x_s | x_t, x0) sampled; Ho et al.
-        2020), ddim takes eta (Song et al. 2021, eq. 12); euler and heun integrate the probability-flow ODE (Karras
-        et al. 2022, alg. 1) in the coordinates where it is straightest: (x / alpha, sigma / alpha), or (x, t) for
-        flow. DDIM with eta = 0 is Euler in either, so they share one step and differ by their grids."""
+    def sample(self, model, z, y, sampler='ddim', steps=50, eta=0.0, cfg_scale=1.0,
+               cfg_interval=(0.0, float('inf')), shift=1.0, clip_x0=False, generator=None, control=None):
+        """Images from noise z (B, C, H, W) with labels y. cfg_interval: guidance only where lo <
+        sigma/alpha <= hi (Kynkaanniemi et al. 2024). ddpm is DDIM with eta = 1 (the posterior q(x_s
+        | x_t, x0) sampled; Ho et al. 2020), ddim takes eta (Song et al. 2021, eq. 12); euler and
+        heun integrate the probability-flow ODE (Karras et al. 2022, alg. 1) in the coordinates
+        where it is straightest: (x / alpha, sigma / alpha), or (x, t) for flow. DDIM with eta = 0
+        is Euler in either, so they share one step and differ by their grids."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler '{sampler}'; use one of {SAMPLERS}")
-        t, alpha, sigma = (c.to(z.device) for c in self.grid(sampler, steps, shift))
-        scale = torch.ones_like(alpha) if self.schedule == 'flow' else alpha  # the ODE's state is x / scale
+        t, alpha, sigma = (v.to(z.device) for v in self.grid(sampler, steps, shift))
+        # the ODE's state is x / scale, its time b = sigma / scale; a = alpha / scale
+        scale = torch.ones_like(alpha) if self.schedule == 'flow' else alpha
         a, b = alpha / scale, sigma / scale
         eta = 1.0 if sampler == 'ddpm' else eta
-        denoise = lambda x, i: self.denoise(model, x, t[i], y, cfg_scale if cfg_interval[0] < sigma[i] / alpha[i] <= cfg_interval[1]
-                                            else 1.0, clip_x0, control)
-        x = sigma[0].item() * z  # + alpha[0] x0, which is ~0: alpha[0] is 1e-5 (flow), < 0.01 (DDPM schedules), 1 / 80 sigma (edm)
+
+        def denoise(x, i):
+            guided = cfg_interval[0] < sigma[i] / alpha[i] <= cfg_interval[1]
+            return self.denoise(model, x, t[i], y, cfg_scale if guided else 1.0, clip_x0, control)
+
+        # x = sigma z + alpha x0, the last ~0: alpha[0] is 1e-5 (flow), < 0.01 (DDPM), sigma / 80
+        # (edm)
+        x = sigma[0].item() * z
         for i in range(steps):
             x0, eps = denoise(x, i)
             if sampler in ('ddpm', 'ddim'):
-                var = (sigma[i] ** 2 - (alpha[i] / alpha[i + 1] * sigma[i + 1]) ** 2) * sigma[i + 1] ** 2 / sigma[i] ** 2
-                c = eta * var.clamp(min=0).sqrt()  # the posterior's standard deviation, times eta
-                x_next = alpha[i + 1] * x0 + (sigma[i + 1] ** 2 - c ** 2).clamp(min=0).sqrt() * eps
-                if c > 0:
-                    x_next = x_next + c * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                # the posterior's variance; eta times its standard deviation is the fresh noise's
+                var = ((sigma[i] ** 2 - (alpha[i] / alpha[i + 1] * sigma[i + 1]) ** 2)
+                       * sigma[i + 1] ** 2 / sigma[i] ** 2)
+                std = eta * var.clamp(min=0).sqrt()
+                x_next = alpha[i + 1] * x0 + (sigma[i + 1] ** 2 - std ** 2).clamp(min=0).sqrt() * eps
+                if std > 0:
+                    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    x_next = x_next + std * noise
             else:
                 x_next = alpha[i + 1] * x0 + sigma[i + 1] * eps  # Euler
-                if sampler == 'heun' and sigma[i + 1] > 0:  # average the ODE's slope at both ends
+                # Heun: the average of the ODE's slopes at both ends
+                if sampler == 'heun' and sigma[i + 1] > 0:
                     x0_2, eps_2 = denoise(x_next, i + 1)
-                    x_next = scale[i + 1] * (x / scale[i] + (a[i + 1] - a[i]) * (x0 + x0_2) / 2 + (b[i + 1] - b[i]) * (eps + eps_2) / 2)
+                    x_next = scale[i + 1] * (x / scale[i] + (a[i + 1] - a[i]) * (x0 + x0_2) / 2
+                                             + (b[i + 1] - b[i]) * (eps + eps_2) / 2)
             x = x_next.to(z.dtype)
         return x
 
-def bcast(c, x):
-    """Per-image coefficients c, shape (B,) or (1,), as x's dtype, broadcastable against x (B, ...)."""
-    return c.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+def bcast(coef, x):
+    """Per-image coefficients coef, shape (B,) or (1,), as x's dtype, broadcastable against x (B,
+    ...)."""
+    return coef.to(x.dtype).view(-1, *[1] * (x.dim() - 1))

@@ -1,11 +1,14 @@
-"""model.py: the DiT matches the paper's sizes and FLOPs and starts as adaLN-Zero; the UNet's shapes, init and FLOPs."""
+"""model.py: the DiT matches the paper's sizes and FLOPs and starts as adaLN-Zero; the UNet's shapes, init and
+FLOPs; each network's zero init and its shared attention against the closed form."""
+import math
 
 import pytest
 import torch
+import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import DIT_PRESETS, DiT, DiTConfig, Discriminator, UNet, UNetConfig, create_model
+from model import DIT_PRESETS, DiT, DiTBlock, DiTConfig, Discriminator, ResBlock, UNet, UNetConfig, create_model
 
 
 @pytest.mark.parametrize('name, params_m, gflops', [  # Peebles & Xie 2023, Table 1 and Table 4 (Gflops = 1 per MAC)
@@ -156,3 +159,134 @@ def test_unet_flops_count_the_convolutions():
     expected += 3 * (conv(2 * c, c, 3) + conv(c, c, 3) + conv(2 * c, c, 1)) + conv(c, 3, 3)  # up blocks, conv_out
     expected += 2 * (c * 4 * c + 4 * c * 4 * c) + 7 * 2 * 4 * c * 2 * c  # time MLP, the 7 blocks' embedding projections
     assert model.flops_per_sample() == expected
+
+
+def fresh(net):
+    """A network as its create_model call builds it, by name: the DiT with ControlNet, UNet-S, AE-S/f4."""
+    torch.manual_seed(0)
+    if net == 'DiT':
+        return create_model('DiT-N/4', image_size=8, in_channels=1, num_classes=3, control='controlnet',
+                            control_channels=1)
+    if net == 'UNet':
+        return create_model('UNet-S', image_size=8, in_channels=1, num_classes=3)
+    return create_model('AE-S/f4', image_size=8, in_channels=1)
+
+
+def zero_initialised(net, model):
+    """The layers each network's initialize_weights states as zero."""
+    if net == 'DiT':
+        return [*(block.adaLN_modulation[-1] for block in model.blocks), model.adaLN_final[-1], model.linear_final,
+                model.control_embedder, *model.control_out]
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    layers = [m.conv2 for m in blocks] + [m.attn.proj for m in blocks if m.attn is not None]
+    return layers + ([model.conv_out] if net == 'UNet' else [])
+
+
+@pytest.mark.parametrize('net', ['DiT', 'UNet', 'AE'])
+def test_zero_inits_hold_and_each_block_starts_as_its_skip_path(net):
+    """The layers initialize_weights zeroes are zero after construction, and no other weight is; so every
+    residual block starts as its skip path (a DiT block and a same-width ResBlock: the identity), the DiT's and
+    the UNet's outputs start at zero (the DiT's ControlNet silent), and the autoencoder starts as its network
+    without the residual branches."""
+    model = fresh(net)
+    zero = zero_initialised(net, model)
+    assert all(torch.count_nonzero(layer.weight) == 0 and torch.count_nonzero(layer.bias) == 0 for layer in zero)
+    stated = {id(layer.weight) for layer in zero}
+    assert {id(p) for n, p in model.named_parameters() if n.endswith('weight') and not p.any()} == stated
+    has_attention = [m for m in model.modules() if isinstance(m, ResBlock) and m.attn is not None]
+    assert net == 'DiT' or has_attention  # the attention's zero projection is among those checked
+
+    # every residual block's input and output in one forward pass (the DiT's ControlNet blocks are not
+    # zero-initialised: train_diffusion.py copies the base's blocks into them)
+    blocks = list(model.blocks) if net == 'DiT' else [m for m in model.modules() if isinstance(m, ResBlock)]
+    calls = []
+    for m in blocks:
+        m.register_forward_hook(lambda m, inputs, out: calls.append((m, inputs[0], out)))
+    x, control = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    t, y = torch.tensor([10.0, 900.0]), torch.tensor([0, 3])
+    out = model(x)[0] if net == 'AE' else model(x, t, y, control) if net == 'DiT' else model(x, t, y)
+    assert len(calls) == len(blocks)
+    for m, h, h_out in calls:
+        assert torch.equal(h_out, h if isinstance(m, DiTBlock) else m.skip(h))
+    assert any(isinstance(m, DiTBlock) or isinstance(m.skip, nn.Identity) for m, _, _ in calls)  # identities
+    if net == 'AE':
+        def skip_only(layers, h):
+            for layer in layers:
+                h = layer.skip(h) if isinstance(layer, ResBlock) else layer(h)
+            return h
+        mean = skip_only(model.encoder, x).chunk(2, dim=1)[0]
+        assert torch.equal(out, skip_only(model.decoder, mean))
+    else:
+        assert torch.equal(out, torch.zeros_like(out))
+
+
+def reference_attention(attn, x, grid=None):
+    """softmax(q k^T / sqrt(d)) v for each head, written out from attn's weights, token by token and head by head:
+    x (B, N, dim). qk_norm: q / rms(q) times the learned scale; grid: 2-D RoPE, the channel pair (2j, 2j + 1) of a
+    head as the complex number z_j, times exp(i theta_j), theta_j = column * 10000^(-j / (d/4)) for j < d/4, row *
+    10000^(-(j - d/4) / (d/4)) after."""
+    heads, dim = attn.num_heads, x.shape[-1]
+    d = dim // heads
+    rms = lambda v, w: v / (v.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * w
+    if grid:
+        n = torch.arange(grid * grid, dtype=torch.float64)
+        freqs = 10000.0 ** (-torch.arange(d // 4, dtype=torch.float64) / (d // 4))
+        theta = torch.cat([(n % grid)[:, None] * freqs, (n // grid)[:, None] * freqs], dim=1)  # (N, d/2)
+        turn = torch.polar(torch.ones_like(theta), theta)
+
+    def rotate(v):
+        z = torch.view_as_complex(v.double().reshape(-1, d // 2, 2).contiguous())
+        return torch.view_as_real(z * turn).reshape(-1, d).to(x.dtype)
+
+    out = torch.empty_like(x)
+    for b in range(len(x)):
+        qkv = x[b] @ attn.qkv.weight.T + attn.qkv.bias
+        q_all, k_all, v_all = qkv.split(dim, dim=-1)
+        for h in range(heads):
+            q, k, v = (m[:, h * d:(h + 1) * d] for m in (q_all, k_all, v_all))
+            if isinstance(attn.q_norm, nn.RMSNorm):
+                q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
+            if grid:
+                q, k = rotate(q), rotate(k)
+            out[b, :, h * d:(h + 1) * d] = torch.softmax(q @ k.T / math.sqrt(d), dim=-1) @ v
+        out[b] = out[b] @ attn.proj.weight.T + attn.proj.bias
+    return out
+
+
+@pytest.mark.parametrize('options', [{}, dict(qk_norm=True), dict(rope=True), dict(qk_norm=True, rope=True)],
+                         ids=['plain', 'qk_norm', 'rope', 'qk_norm+rope'])
+def test_dit_attention_is_the_closed_form(options):
+    """A DiT block's attention, as the block calls it (with the model's RoPE tables), is softmax(q k^T / sqrt(d)) v
+    per head written out."""
+    torch.manual_seed(0)
+    model = create_model('DiT-N/4', image_size=16, in_channels=1, num_classes=3, **options).double()
+    for p in model.parameters():  # the learned q/k scales too, away from 1
+        p.data.normal_(0, 0.2)
+    rope = (model.rope_cos, model.rope_sin) if options.get('rope') else None
+    x = torch.randn(2, model.grid ** 2, 128, dtype=torch.float64)
+    with torch.no_grad():
+        got = model.blocks[1].attn(x, rope)
+        want = reference_attention(model.blocks[1].attn, x, model.grid if rope else None)
+    # RoPE rotates in float32, as it does in training
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 if rope else 1e-10)
+
+
+@pytest.mark.parametrize('net', ['UNet', 'AE'])
+def test_image_attention_is_the_closed_form_over_pixels(net):
+    """A ResBlock's attention (the UNet's middle block: 4 heads; the autoencoder's: one) takes the H*W pixels in
+    raster order as tokens: with the residual branch silent (its zero init), the block is s + attention(norm(s)),
+    s = skip(x), the attention written out and its output put back pixel by pixel."""
+    model = fresh(net).double()
+    block = model.mid[0] if net == 'UNet' else next(m for m in model.encoder if isinstance(m, ResBlock) and m.attn)
+    assert block.attn.num_heads == (4 if net == 'UNet' else 1)
+    for layer in (block.attn.qkv, block.attn.proj, block.norm_attn):
+        for p in layer.parameters():
+            p.data.normal_(0, 0.2)
+    C = block.conv2.out_channels
+    x = torch.randn(2, block.conv1.in_channels, 4, 2, dtype=torch.float64)  # not square: rows and columns differ
+    emb = torch.randn(2, 4 * model.config.channels, dtype=torch.float64) if net == 'UNet' else None
+    with torch.no_grad():
+        s = block.skip(x)
+        tokens = block.norm_attn(s).permute(0, 2, 3, 1).reshape(2, 8, C)  # token n = pixel (n // 2, n % 2)
+        want = s + reference_attention(block.attn, tokens).reshape(2, 4, 2, C).permute(0, 3, 1, 2)
+        torch.testing.assert_close(block(x, emb), want, rtol=1e-10, atol=1e-10)
