@@ -32,9 +32,32 @@ from PIL import Image
 # config values
 
 
+# the keys that several scripts share, checked the same way wherever a script has them: (ok(value, config), rule)
+COMMON_RULES = {
+    'lr': (lambda v, c: v > 0, 'positive'),
+    'min_lr': (lambda v, c: 0 <= v <= c['lr'] or c.get('lr_schedule') == 'constant', 'in [0, lr] (the cosine '
+               'decays from lr to min_lr)'),
+    'warmup_steps': (lambda v, c: v >= 0, 'at least 0'),
+    'lr_decay_steps': (lambda v, c: v >= 0, 'at least 0 (0 = max_steps)'),
+    'weight_decay': (lambda v, c: v >= 0, 'at least 0'),
+    'beta1': (lambda v, c: 0 <= v < 1, 'in [0, 1)'),
+    'beta2': (lambda v, c: 0 <= v < 1, 'in [0, 1)'),
+    'grad_clip': (lambda v, c: v >= 0, 'at least 0 (0 = no clipping)'),
+    'ema_decay': (lambda v, c: 0 <= v < 1, 'in [0, 1)'),
+    'keep_last': (lambda v, c: v >= 0, 'at least 0'),
+    'max_minutes': (lambda v, c: v >= 0, 'at least 0 (0 = no limit)'),
+    'seed': (lambda v, c: 0 <= v < 2**63, 'in [0, 2^63)'),
+    'peak_tflops': (lambda v, c: v >= 0, 'at least 0 (0 = the known GPUs\' peak)'),
+    'cfg_scale': (lambda v, c: v >= 0, 'at least 0 (1 = no guidance)'),
+    'out_dir': (lambda v, c: v.strip() != '', 'a folder'),
+    'dataset': (lambda v, c: v.strip() != '', 'a prepared dataset, like mnist'),
+}
+
+
 def check_config(config, choices=(), counts=(), rules=()):
     """Stops at the first bad value: choices are (key, allowed values), counts keys that must be at least 1, and
-    rules (key, ok, what it must be)."""
+    rules (key, ok, what it must be); then the COMMON_RULES of the keys the script has."""
+    rules = [*rules, *[(k, ok(config[k], config), rule) for k, (ok, rule) in COMMON_RULES.items() if k in config]]
     for key, allowed in choices:
         if config[key] not in allowed:
             raise SystemExit(f"error: {key}={config[key]!r} is not one of {', '.join(map(str, allowed))}")
@@ -213,6 +236,17 @@ def load_state(net, state, path, key):
                          f"resume with the config it was trained with, or choose another out_dir")
 
 
+def check_writable(out_dir):
+    """Makes out_dir if need be, and stops now when nothing can be written there (a run, or sample.py, finds out
+    before its work rather than at its first file)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to out_dir='{out_dir}' ({e.strerror}); pass an --out_dir you can "
+                         f"write to")
+
+
 _LOCKS = {}  # out_dir (real path) -> the open lock file this process holds
 
 
@@ -282,12 +316,7 @@ class RunDir:
                              f"--init_from=scratch")
         self.init_from = init_from
         if master:
-            try:  # better to find out now than at the first checkpoint
-                os.makedirs(out_dir, exist_ok=True)
-                tempfile.TemporaryFile(dir=out_dir).close()
-            except OSError as e:
-                raise SystemExit(f"error: cannot write to out_dir='{out_dir}' ({e.strerror}); pass an --out_dir "
-                                 f"you can write to")
+            check_writable(out_dir)  # better to find out now than at the first checkpoint
             lock_out_dir(out_dir)
 
     def resume(self, device):

@@ -123,21 +123,21 @@ bk.check_config(config, choices=[
     counts=['batch_size', 'grad_accum', 'max_steps', 'log_interval', 'eval_interval', 'eval_images',
             'sample_interval', 'ckpt_interval', 'sample_steps', 'num_timesteps', 'ema_update_every',
             'max_nonfinite', 'phema_interval'],
-    rules=[('lr', lr > 0, 'positive'), ('ema_decay', 0 <= ema_decay < 1, 'in [0, 1)'),
-           ('class_dropout', 0 <= class_dropout < 1, 'in [0, 1)'), ('keep_last', keep_last >= 0, 'at least 0'),
-           ('max_minutes', max_minutes >= 0, 'at least 0 (0 = no limit)'),
-           ('grad_clip', grad_clip >= 0, 'at least 0 (0 = no clipping)'),
+    rules=[('class_dropout', 0 <= class_dropout < 1, 'in [0, 1)'),
            ('min_snr_gamma', min_snr_gamma > 0, "positive (loss_weighting='uniform' is the unweighted loss)"),
            ('mode_scale', -1 <= mode_scale <= 2 / (math.pi - 2), 'in [-1, 1.752], where mode sampling is monotone'),
            ('shift', shift == 1.0 or schedule == 'flow', "1.0 unless schedule='flow', whose grid it shifts"),
-           ('class_balance', 0 <= class_balance <= 1, 'in [0, 1]'),
+           ('shift', shift > 0, 'positive'), ('logit_std', logit_std > 0, 'positive'),
+           ('sigma_data', sigma_data > 0, 'positive'), ('class_balance', 0 <= class_balance <= 1, 'in [0, 1]'),
            ('cosine_loss', cosine_loss >= 0, 'at least 0 (0 = off)')])
 dit_options = dict(norm=norm, mlp=mlp, qk_norm=qk_norm, rope=rope)
-if not arch.startswith('DiT') and (control == 'controlnet' or
-                                   dit_options != dict(norm='layernorm', mlp='gelu', qk_norm=False, rope=False)):
-    raise SystemExit(f"error: norm, mlp, qk_norm, rope and control='controlnet' are DiT options, but arch='{arch}'")
+plain_dit = dict(norm='layernorm', mlp='gelu', qk_norm=False, rope=False)
+if not arch.startswith('DiT') and (control == 'controlnet' or dit_options != plain_dit):
+    raise SystemExit(f"error: norm, mlp, qk_norm, rope and control='controlnet' are DiT options, but "
+                     f"arch='{arch}'")
 if control == 'controlnet' and not init_base:
-    raise SystemExit("error: control='controlnet' trains beside a frozen base model; pass init_base=<its out_dir>")
+    raise SystemExit("error: control='controlnet' trains beside a frozen base model; pass "
+                     "init_base=<its out_dir>")
 try:
     phema_sigmas = [float(v) for v in phema_stds.split(',')] if phema_stds else []
     phema_gammas = [phema_gamma(v) for v in phema_sigmas]
@@ -193,7 +193,9 @@ if latent:
 # control images (N, H, W, C_ctrl) uint8, one per image, from data/prepare_control.py
 controls, C_ctrl = {}, 0
 if control:
-    try:
+    try:  # (meta.json names them: a dataset prepared again since has none until prepare_control.py runs again)
+        if not isinstance(meta.get('control'), dict):
+            raise OSError(2, 'meta.json has no control entry', os.path.join(data_dir, 'meta.json'))
         controls = {s: np.load(os.path.join(data_dir, f'{s}_control.npy'), mmap_mode='r') for s in data}
         C_ctrl = controls['train'].shape[-1]
     except (OSError, ValueError) as e:

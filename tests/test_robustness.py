@@ -77,7 +77,7 @@ def assert_same_state(a, b):
 
 def curve(out):
     """metrics.csv without its timing columns: every loss, norm and learning rate, step by step."""
-    timing = {'ms_per_step', 'img_per_s', 'tflops', 'mfu'}
+    timing = {'ms_per_step', 'img_per_s', 'tflops', 'mfu', 'peak_mem_gib'}
     return [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader(open(out / 'metrics.csv'))]
 
 
@@ -345,7 +345,7 @@ BAD_INPUT = [  # (case, args or setup(tmp, out) -> args, what the one line says)
     ('image size vs patch size', ['--arch=DiT-N/8'], "image_size 28 is not divisible by patch_size 8"),
     ('DiT option on a UNet', ['--arch=UNet-S', '--rope=True'], "rope and control='controlnet' are DiT options, but arch='UNet-S'"),
     ('ControlNet without a base', ['--control=controlnet'], "trains beside a frozen base model; pass init_base=<its out_dir>"),
-    ('no control images', ['--control=concat'], "holds no readable control images (No such file or directory: "),
+    ('no control images', ['--control=concat'], "holds no readable control images (meta.json has no control entry: "),
     ('class balance out of range', ['--class_balance=2'], "class_balance=2.0 must be in [0, 1]"),
     ('post-hoc EMA too long', ['--phema_stds=0.05,0.5'], "phema_stds='0.05,0.5' must be comma-separated sigma_rel values in (0, 0.28)"),
     ('post-hoc EMAs changed', ['--phema_stds=0.1'], "ckpt.pt tracks post-hoc EMAs phema_stds=''; resume with that value"),
