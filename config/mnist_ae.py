@@ -1,5 +1,5 @@
 # An f=4 autoencoder for MNIST's 28 x 28 digits, 4 x 7 x 7 latents: about 1 minute on a 2-core CPU, then 10 s to encode.
-#   python train_ae.py config/mnist_ae.py && python train_ae.py config/mnist_ae.py --mode=encode
+#   python train_ae.py config/mnist_ae.py && python data/prepare_latents.py --autoencoder=out-mnist-ae --dataset=mnist
 #   python train_diffusion.py config/mnist_ldm.py                       # latent diffusion on data/mnist-latents
 # The discriminator trains from step 200 and reaches the decoder from step 300, once it tells digits apart.
 out_dir = 'out-mnist-ae'

@@ -1,6 +1,6 @@
 # Latent diffusion on MNIST: a DiT on config/mnist_ae.py's 4 x 7 x 7 latents, trained by rectified flow
 # (config/recipe_flow.py's objective, as SiT and SD3 train latent models).
-#   python train_ae.py config/mnist_ae.py && python train_ae.py config/mnist_ae.py --mode=encode
+#   python train_ae.py config/mnist_ae.py && python data/prepare_latents.py --autoencoder=out-mnist-ae --dataset=mnist
 #   python train_diffusion.py config/mnist_ldm.py && python sample.py --out_dir=out-mnist-ldm --sampler=euler --steps=25
 out_dir = 'out-mnist-ldm'
 dataset = 'mnist-latents'

@@ -1,7 +1,10 @@
-"""train_ae.py, the autoencoder in model.py, the latents it encodes, and latent diffusion on them."""
+"""train_ae.py, the autoencoder in model.py, the latents data/prepare_latents.py encodes with it, and latent
+diffusion on them."""
 import csv
+import glob
 import json
 import os
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import MNIST, run, script_functions
-from model import AE_PRESETS, LPIPS, Autoencoder, AEConfig, create_model
+from model import AE_PRESETS, LPIPS, Autoencoder, AEConfig, PatchDiscriminator, create_model
 
 TINY = ['config/mnist_ae.py', '--batch_size=8', '--log_interval=2', '--eval_interval=2', '--eval_images=16',
         '--ckpt_interval=1000', '--warmup_steps=2', '--disc_start=1', '--adv_start=2']
@@ -17,6 +20,29 @@ TINY = ['config/mnist_ae.py', '--batch_size=8', '--log_interval=2', '--eval_inte
 
 def load(path):
     return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@pytest.fixture
+def digits(mnist, tmp_path):
+    """The first 50 training and 17 val digits of data/mnist as a dataset of their own, quick to encode (odd
+    counts: two ranks' shares and the batches in them are uneven)."""
+    folder = tmp_path / 'digits'
+    folder.mkdir()
+    for split, n in (('train', 50), ('val', 17)):
+        for kind in 'xy':
+            np.save(folder / f'{split}_{kind}.npy', np.load(os.path.join(MNIST, f'{split}_{kind}.npy'))[:n])
+    with open(folder / 'meta.json', 'w') as f:
+        json.dump({**mnist, 'num_train': 50, 'num_val': 17}, f)
+    return folder
+
+
+def untrained_autoencoder(folder, image_size=28):
+    """An out_dir whose best.pt holds an untrained AE-S/f4: enough for prepare_latents.py's checks."""
+    folder.mkdir()
+    ae = create_model('AE-S/f4', image_size=image_size, in_channels=1)
+    torch.save({'model_args': asdict(ae.config), 'ema': ae.state_dict(), 'step': 0, 'kind': 'autoencoder'},
+               folder / 'best.pt')
+    return folder
 
 
 def test_presets_downsample_by_f_and_kl_f8_has_ldms_size():
@@ -79,7 +105,7 @@ def test_lpips_reads_the_two_local_weight_files(tmp_path):
         LPIPS().load(tmp_path / 'wrong.pth', tmp_path / 'vgg.pth')
 
 
-def test_the_other_switches_run(mnist, tmp_path):
+def test_the_other_switches_run(digits, tmp_path):
     """A plain autoencoder (kl_weight=0) without middle attention, trained on L2 + SSIM + LPIPS (weight files made
     here) with flips, gradient accumulation and keep_last; the SSIM and LPIPS terms add to the logged loss; then
     encoded from ckpt.pt."""
@@ -98,9 +124,10 @@ def test_the_other_switches_run(mnist, tmp_path):
     assert sorted(f for f in os.listdir(out) if f.startswith('ckpt_')) == ['ckpt_0000003.pt', 'ckpt_0000004.pt']
     rows = [r for r in csv.DictReader(open(out / 'metrics.csv')) if r['loss']]
     assert all(float(r['loss']) > float(r['rec']) and float(r['kl']) == 0 for r in rows)
-    run('train_ae.py', 'config/mnist_ae.py', f'--out_dir={out}', '--mode=encode', '--encode_from=ckpt',
+    run('data/prepare_latents.py', f'--autoencoder={out}', f'--dataset={digits}', '--weights=ckpt',
         f'--latents={tmp_path / "latents"}')
-    assert np.load(tmp_path / 'latents' / 'val_x.npy').shape == (mnist['num_val'], 7, 7, 4)
+    assert np.load(tmp_path / 'latents' / 'val_x.npy').shape == (17, 7, 7, 4)
+    assert load(tmp_path / 'latents' / 'autoencoder.pt')['step'] == 4  # ckpt.pt's
 
 
 def test_resume_is_bit_exact_across_the_discriminator_switching_on(mnist, tmp_path):
@@ -110,7 +137,7 @@ def test_resume_is_bit_exact_across_the_discriminator_switching_on(mnist, tmp_pa
     run('train_ae.py', *TINY, f'--out_dir={tmp_path / "b"}', '--max_steps=6', '--max_minutes=0.001')
     assert load(tmp_path / 'b' / 'ckpt.pt')['step'] == 1
     p = run('train_ae.py', *TINY, f'--out_dir={tmp_path / "b"}', '--max_steps=6')
-    assert 'resuming' in p.stdout and 'adv' in p.stdout and 'd_loss' in p.stdout
+    assert 'changed since: max_minutes 0.001 -> 0.0' in p.stdout and 'adv' in p.stdout and 'd_loss' in p.stdout
     a, b = load(tmp_path / 'a' / 'ckpt.pt'), load(tmp_path / 'b' / 'ckpt.pt')
     assert a['step'] == b['step'] == 6
     for key in ('model', 'ema', 'disc'):
@@ -134,7 +161,7 @@ def test_two_ranks_match_one_process(mnist, tmp_path):
     run('torchrun', '--standalone', '--nproc_per_node=2', 'train_ae.py', *common, f'--out_dir={tmp_path / "ddp"}',
         env=one_thread)
     run('train_ae.py', *common, f'--out_dir={tmp_path / "one"}', env=one_thread)
-    skip = {'step', 'kimg', 'lr', 'skipped', 'ms_per_step', 'img_per_s', 'tflops', 'mfu'}
+    skip = {'step', 'kimg', 'lr', 'skipped', 'ms_per_step', 'img_per_s', 'tflops', 'mfu', 'peak_mem_gib'}
     a, b = (list(csv.DictReader(open(tmp_path / d / 'metrics.csv'))) for d in ('one', 'ddp'))
     assert len(a) == len(b) == 6 and float(a[-3]['adv_weight']) > 0
     for ra, rb in zip(a, b):
@@ -157,30 +184,107 @@ def test_early_stopping_keeps_the_best_and_stays_stopped(mnist, tmp_path):
     assert open(tmp_path / 'ckpt.pt', 'rb').read() == before
 
 
-def test_encode_on_two_ranks_then_train_and_sample_latent_diffusion(mnist, tmp_path):
-    """Encoding under torchrun (each rank its rows of one file) == one process; the flip file holds the latents of the
-    mirror images; train_diffusion.py trains on the latents by name and sample.py decodes through autoencoder.pt."""
+def test_seed_optimizer_clipping_ema_and_discriminator_keys_take_effect(mnist, tmp_path):
+    """One step with the gradient norm clipped to 1e-12 (far below Adam's eps: the step moves nothing) leaves
+    seed 1's initial weights, the 2-D ones decayed by lr * weight_decay; both optimizers keep the betas;
+    ema_decay=0 makes the EMA the weights; disc_channels sizes the discriminator. A resume with another
+    discriminator, or none, is refused with one line that names the difference; one with other betas applies
+    them."""
+    out = tmp_path / 'out'
+    args = [*TINY, f'--out_dir={out}', '--seed=1', '--grad_clip=1e-12', '--weight_decay=0.1', '--beta1=0.8',
+            '--beta2=0.95', '--ema_decay=0', '--disc_channels=32']
+    run('train_ae.py', *args, '--max_steps=1')
+    ckpt = load(out / 'ckpt.pt')
+    torch.manual_seed(1)
+    init = create_model('AE-S/f4', image_size=28, in_channels=1).state_dict()
+    torch.manual_seed(0)
+    seed0 = create_model('AE-S/f4', image_size=28, in_channels=1).state_dict()
+    decay = 1 - 1e-3 / 2 * 0.1  # config/mnist_ae.py's lr at the first of TINY's 2 warm-up steps
+    for name, w in ckpt['model'].items():
+        want = init[name] * decay if w.dim() >= 2 else init[name]
+        assert torch.allclose(w, want, rtol=0, atol=1e-7), name
+        assert torch.equal(ckpt['ema'][name], w), name
+    assert not torch.allclose(ckpt['model']['encoder.0.weight'], init['encoder.0.weight'], rtol=0, atol=1e-6)
+    assert not torch.allclose(ckpt['model']['encoder.0.weight'], seed0['encoder.0.weight'], atol=1e-3)
+    for key in ('optimizer', 'd_optimizer'):
+        groups = ckpt[key]['param_groups']
+        assert [(g['betas'], g['weight_decay']) for g in groups] == [((0.8, 0.95), 0.1), ((0.8, 0.95), 0)]
+    small, default = (sum(p.numel() for p in PatchDiscriminator(1, n, 2).parameters()) for n in (32, 64))
+    assert sum(w.numel() for w in ckpt['disc'].values()) == small < default
+    for change, saved in [('--disc_channels=64', "{'channels': 64, 'num_layers': 2}"),
+                          ('--disc_weight=0', 'None')]:
+        p = run('train_ae.py', *args, '--max_steps=2', change, check=False)
+        assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+            f"error: {out / 'ckpt.pt'} holds another autoencoder or discriminator (checkpoint vs config: "
+            f"{{'discriminator': ({{'channels': 32, 'num_layers': 2}}, {saved})}}); resume with the config it was "
+            f"trained with, or choose another out_dir")
+    assert load(out / 'ckpt.pt')['step'] == 1
+    p = run('train_ae.py', *args, '--max_steps=2', '--beta1=0.7')  # a resume applies this run's betas
+    assert 'changed since: max_steps 1 -> 2, beta1 0.8 -> 0.7' in p.stdout
+    assert all(g['betas'] == (0.7, 0.95) for key in ('optimizer', 'd_optimizer')
+               for g in load(out / 'ckpt.pt')[key]['param_groups'])
+
+
+def test_nonfinite_updates_are_skipped_and_max_nonfinite_in_a_row_stop_the_run(mnist, tmp_path):
+    """The first weight turns NaN in training forward 2 (tests/faults.py): from then on each update is skipped
+    and counted (the weight stays NaN), and the second in a row (max_nonfinite=2) stops the run before a
+    checkpoint of NaN weights, the last one intact."""
+    p = run('tests/faults.py', 'train_ae.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=8', '--log_interval=1',
+            '--ckpt_interval=2', '--max_nonfinite=2', '--disc_weight=0', env={'FAULT_NAN_WEIGHTS': '2'},
+            check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+        f"error: 2 updates in a row had a non-finite gradient norm and were skipped (max_nonfinite=2) by step 4; "
+        f"{tmp_path / 'ckpt.pt'} (step 2) is intact: resume it with a lower lr, grad_clip or dtype='float32'")
+    rows = [r for r in csv.DictReader(open(tmp_path / 'metrics.csv')) if r['loss']]
+    assert [(r['step'], r['skipped'], r['loss'] == 'nan') for r in rows] == [('1', '0', False), ('2', '0', False),
+                                                                            ('3', '1', True)]
+    ckpt = load(tmp_path / 'ckpt.pt')
+    assert ckpt['step'] == 2 and all(w.isfinite().all() for w in ckpt['model'].values())
+
+
+def test_wandb_offline_run(mnist, tmp_path):
+    pytest.importorskip('wandb')
+    run('train_ae.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=2', '--disc_weight=0', '--wandb_log=True',
+        '--wandb_project=kit-test-ae', '--wandb_run_name=tiny-ae',
+        env={'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true'})
+    runs = glob.glob(str(tmp_path / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
+    assert len(runs) == 1 and load(tmp_path / 'ckpt.pt')['wandb_id'] in runs[0]
+    records = open(runs[0], 'rb').read()  # protobuf records: names appear as their UTF-8 bytes
+    for name in ('kit-test-ae', 'tiny-ae', 'rec', 'val_psnr_ema', 'peak_mem_gib'):
+        assert name.encode() in records, name
+
+
+def test_prepare_latents_on_two_ranks_then_train_and_sample_latent_diffusion(digits, tmp_path):
+    """data/prepare_latents.py under torchrun (each rank its rows of one file) == one process; the flip file holds
+    the latents of the mirror images; train_diffusion.py trains on the latents and sample.py decodes them through
+    autoencoder.pt; without flips, hflip=True is refused with the command that encodes them."""
     out = tmp_path / 'ae'
     run('train_ae.py', *TINY, f'--out_dir={out}', '--max_steps=2', '--disc_weight=0')
     one, two = tmp_path / 'lat1', tmp_path / 'lat2'
-    run('train_ae.py', 'config/mnist_ae.py', f'--out_dir={out}', '--mode=encode', f'--latents={one}', '--batch_size=64',
-        '--encode_flips=True')
-    run('torchrun', '--standalone', '--nproc_per_node=2', 'train_ae.py', 'config/mnist_ae.py', f'--out_dir={out}',
-        '--mode=encode', f'--latents={two}', '--batch_size=64', env={'OMP_NUM_THREADS': '1'})
+    common = [f'--autoencoder={out}', f'--dataset={digits}', '--batch_size=16']
+    run('data/prepare_latents.py', *common, f'--latents={one}', '--flips')
+    run('torchrun', '--standalone', '--nproc_per_node=2', 'data/prepare_latents.py', *common, f'--latents={two}',
+        env={'OMP_NUM_THREADS': '1'})
     meta1, meta2 = (json.load(open(d / 'meta.json')) for d in (one, two))
-    assert meta1['image_size'] == 7 and meta1['channels'] == 4 and meta1['latent']['flips'] and not meta2['latent']['flips']
+    assert meta1['image_size'] == 7 and meta1['channels'] == 4 and meta1['num_train'] == 50
+    assert meta1['latent']['flips'] and not meta2['latent']['flips'] and meta1['latent']['dataset'] == str(digits)
+    assert (meta1['latent']['image_size'], meta1['latent']['channels']) == (28, 1)
     for split in ('train', 'val'):
         z1, z2 = np.load(one / f'{split}_x.npy'), np.load(two / f'{split}_x.npy')
         assert z1.dtype == np.float16 and z1.shape == (meta1[f'num_{split}'], 7, 7, 4)
-        assert np.abs(z1.astype(np.float32) - z2.astype(np.float32)).max() < 2e-3  # float16, summed in other orders
-        assert np.array_equal(np.load(one / f'{split}_y.npy'), np.load(os.path.join(MNIST, f'{split}_y.npy')))
+        # float16, of sums in other orders
+        assert np.abs(z1.astype(np.float32) - z2.astype(np.float32)).max() < 2e-3
+        assert np.array_equal(np.load(one / f'{split}_y.npy'), np.load(digits / f'{split}_y.npy'))
     assert np.allclose(meta1['latent']['mean'], meta2['latent']['mean'], atol=1e-5)
+    assert np.allclose(meta1['latent']['std'], meta2['latent']['std'], atol=1e-5)
     z = np.load(one / 'train_x.npy').astype(np.float64).reshape(-1, 4)
-    assert np.allclose(meta1['latent']['mean'], z.mean(0), atol=1e-3) and np.allclose(meta1['latent']['std'], z.std(0), atol=1e-3)
+    assert np.allclose(meta1['latent']['mean'], z.mean(0), atol=1e-3)
+    assert np.allclose(meta1['latent']['std'], z.std(0), atol=1e-3)
     saved = load(one / 'autoencoder.pt')
+    assert saved['step'] == load(out / 'best.pt')['step'] and saved['source'] == str(out / 'best.pt')
     ae = Autoencoder(AEConfig(**saved['model_args']))
     ae.load_state_dict(saved['weights'])
-    x = torch.from_numpy(np.load(os.path.join(MNIST, 'train_x.npy'))[:4]).permute(0, 3, 1, 2) / 127.5 - 1
+    x = torch.from_numpy(np.load(digits / 'train_x.npy')[:4]).permute(0, 3, 1, 2) / 127.5 - 1
     with torch.no_grad():
         flipped = ae.encode(x.flip(3))[0].permute(0, 2, 3, 1).numpy()
     assert np.abs(np.load(one / 'train_x_flip.npy')[:4] - flipped).max() < 2e-2  # float16 of values ~ 3
@@ -192,8 +296,27 @@ def test_encode_on_two_ranks_then_train_and_sample_latent_diffusion(mnist, tmp_p
     run('sample.py', f'--out_dir={tmp_path / "ldm"}', '--num_samples=3', '--steps=2', '--save_npz=True')
     images = np.load(tmp_path / 'ldm' / 'samples.npz')['arr_0']
     assert images.shape == (3, 28, 28, 1) and images.dtype == np.uint8
-    p = run('train_diffusion.py', *dit, f'--dataset={two}', '--hflip=True', f'--out_dir={tmp_path / "x"}', check=False)
-    assert p.returncode == 1 and 'holds no latents of mirror images' in p.stderr.strip().splitlines()[-1]
+    p = run('train_diffusion.py', *dit, f'--dataset={two}', '--hflip=True', f'--out_dir={tmp_path / "x"}',
+            check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and 'holds no latents of mirror images' in last and 'data/prepare_latents.py' in last
+
+
+def test_prepare_latents_replaces_a_latent_dataset_whole(digits, tmp_path):
+    """Encoding again into a latent dataset replaces all of it (here the flip file goes, as the new one has
+    none), by way of a new folder renamed into place: nothing of it is left beside the target."""
+    ae = untrained_autoencoder(tmp_path / 'ae')
+    target = tmp_path / 'latents'
+    run('data/prepare_latents.py', f'--autoencoder={ae}', f'--dataset={digits}', f'--latents={target}', '--flips')
+    first = np.load(target / 'train_x.npy')
+    assert os.path.exists(target / 'train_x_flip.npy')
+    run('data/prepare_latents.py', f'--autoencoder={ae}', f'--dataset={digits}', f'--latents={target}',
+        '--flips=False')
+    assert sorted(os.listdir(target)) == ['autoencoder.pt', 'meta.json', 'train_x.npy', 'train_y.npy', 'val_x.npy',
+                                          'val_y.npy']
+    assert not json.load(open(target / 'meta.json'))['latent']['flips']
+    assert np.array_equal(np.load(target / 'train_x.npy'), first)
+    assert sorted(os.listdir(tmp_path)) == ['ae', 'digits', 'latents']
 
 
 BAD_INPUT = [
@@ -204,7 +327,8 @@ BAD_INPUT = [
     ('float16', ['--dtype=float16'], "dtype='float16' is not one of float32, bfloat16"),
     ('unknown arch', ['--arch=AE-S/f3'], "arch='AE-S/f3' is not one of AE-S/f4"),
     ('f too large', ['--arch=AE-S/f16'], "error: AE-S/f16 on mnist: image_size 28 is not divisible by the downsampling"),
-    ('encode without a run', ['--mode=encode'], "best.pt not found; train an autoencoder in out_dir="),
+    ('disc channels', ['--disc_channels=40'], "disc_channels=40 must be a multiple of 16"),
+    ('resume without a checkpoint', ['--init_from=resume'], "does not exist; use --init_from=scratch"),
 ]
 
 
@@ -215,18 +339,64 @@ def test_bad_input_stops_with_one_clear_line(mnist, tmp_path, case, args, messag
     assert 'Traceback' not in p.stderr and not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
 
 
+PREPARE_BAD_INPUT = [
+    ('no run', ['--autoencoder={empty}'], "best.pt not found; train the autoencoder first (python train_ae.py "
+                                          "--out_dir="),
+    ('latents are the images', ['--latents=mnist'], "--latents=mnist is the image dataset itself"),
+    ('latents over other files', ['--latents={other}'], "exists and is no latent dataset"),
+    ('another image size', ['--autoencoder={ae32}'],
+     "encodes 32 px, 1-channel images, but dataset 'mnist' has 28 px"),
+    ('not an autoencoder', ['--autoencoder={dit}'], "best.pt is a diffusion checkpoint, which train_diffusion.py "
+                                                    "writes; this needs a"),
+    ('no autoencoder in it', ['--autoencoder={odd}'], "holds no train_ae.py autoencoder (TypeError"),
+    ('latents as images', ['--dataset={latent}'], "holds latents already; encode the image dataset they came from, "
+                                                  "--dataset=mnist"),
+]
+
+
+@pytest.mark.parametrize('case, args, message', PREPARE_BAD_INPUT, ids=[c[0] for c in PREPARE_BAD_INPUT])
+def test_prepare_latents_bad_input_stops_with_one_clear_line(mnist, tmp_path, case, args, message):
+    """Refused before anything is written: the images (and any other folder) stay as they were."""
+    folders = dict(empty=tmp_path / 'empty', other=tmp_path / 'other', latent=tmp_path / 'latent',
+                   ae=untrained_autoencoder(tmp_path / 'ae'), ae32=untrained_autoencoder(tmp_path / 'ae32', 32),
+                   dit=tmp_path / 'dit', odd=tmp_path / 'odd')
+    for name in ('empty', 'other', 'latent', 'dit', 'odd'):
+        folders[name].mkdir()
+    (folders['other'] / 'keep.txt').write_text('mine')
+    for name, kind in (('dit', 'diffusion'), ('odd', 'autoencoder')):
+        torch.save({'model_args': {'arch': 'DiT-N/4'}, 'ema': {}, 'step': 0, 'kind': kind},
+                   folders[name] / 'best.pt')
+    for split in ('train', 'val'):
+        np.save(folders['latent'] / f'{split}_x.npy', np.zeros((2, 7, 7, 4), np.float16))
+        np.save(folders['latent'] / f'{split}_y.npy', np.zeros(2, np.int64))
+    with open(folders['latent'] / 'meta.json', 'w') as f:
+        json.dump({'image_size': 7, 'channels': 4, 'num_classes': 10, 'latent': {'dataset': 'mnist'}}, f)
+    images = {name: open(os.path.join(MNIST, name), 'rb').read() for name in ('meta.json', 'train_x.npy')}
+    before = sorted(os.listdir(tmp_path)), sorted(os.listdir(os.path.dirname(MNIST)))
+    args = [f'--autoencoder={folders["ae"]}', '--dataset=mnist', f'--latents={tmp_path / "latents"}',
+            *(a.format(**folders) for a in args)]
+    p = run('data/prepare_latents.py', *args, check=False)
+    assert p.returncode == 1 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    assert 'Traceback' not in p.stderr
+    assert (sorted(os.listdir(tmp_path)), sorted(os.listdir(os.path.dirname(MNIST)))) == before
+    assert all(open(os.path.join(MNIST, name), 'rb').read() == data for name, data in images.items())
+    assert (folders['other'] / 'keep.txt').read_text() == 'mine'
+
+
 @pytest.mark.slow
 def test_autoencoder_and_latent_diffusion_learn_mnist(mnist, mnist_classifier, tmp_path):
-    """config/mnist_ae.py as typed reaches 24 dB PSNR on the val digits (its EMA weights, the ones it encodes with);
-    config/mnist_ldm.py, rectified flow on those latents, then draws samples that decode to the digit asked for: the
-    spine's bar, 80% of 200. (This is also the suite's rectified-flow learning test.)"""
+    """config/mnist_ae.py as typed reaches 24 dB PSNR on the val digits (its EMA weights, the ones that encode);
+    data/prepare_latents.py encodes MNIST with them, and config/mnist_ldm.py, rectified flow on those latents,
+    then draws samples that decode to the digit asked for: the spine's bar, 80% of 200. (This is also the
+    suite's rectified-flow learning test.)"""
     ae, latents, ldm = tmp_path / 'ae', tmp_path / 'latents', tmp_path / 'ldm'
     print(run('train_ae.py', 'config/mnist_ae.py', f'--out_dir={ae}').stdout[-1000:])
     rows = [r for r in csv.DictReader(open(ae / 'metrics.csv')) if r['val_psnr_ema']]
     best = load(ae / 'best.pt')['best_psnr']
     assert best == pytest.approx(max(float(r['val_psnr_ema']) for r in rows), abs=1e-5) and best >= 24
-    print(run('train_ae.py', 'config/mnist_ae.py', f'--out_dir={ae}', '--mode=encode', f'--latents={latents}').stdout)
-    print(run('train_diffusion.py', 'config/mnist_ldm.py', f'--dataset={latents}', f'--out_dir={ldm}').stdout[-1000:])
+    print(run('data/prepare_latents.py', f'--autoencoder={ae}', '--dataset=mnist', f'--latents={latents}').stdout)
+    p = run('train_diffusion.py', 'config/mnist_ldm.py', f'--dataset={latents}', f'--out_dir={ldm}')
+    print(p.stdout[-1000:])
     run('sample.py', f'--out_dir={ldm}', '--num_samples=200', '--save_npz=True', '--sampler=euler', '--steps=25')
     samples = np.load(ldm / 'samples.npz')
     accuracy = mnist_classifier(samples['arr_0'], samples['arr_1'])
