@@ -112,7 +112,8 @@ def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script=''):
     if latent:
         if not latent_ok:
             raise SystemExit(f"error: dataset '{dataset}' holds latents; {script} trains on images")
-        prepare = f"python data/prepare_latents.py --dataset={latent.get('dataset', '<images>')}"
+        prepare = (f"python data/prepare_latents.py --autoencoder=<its train_ae.py out_dir> "
+                   f"--dataset={latent.get('dataset', '<the images>')} --latents={dataset}")
     kind = 'float16' if latent else 'uint8'
     for split, (x, y) in data.items():
         where = os.path.join(data_dir, split)
@@ -182,9 +183,10 @@ def load_checkpoint(path, fix, device='cpu', kinds=None):
                          f"{fix}")
     kind = ckpt.get('kind')
     if kinds and kind not in kinds:
-        what = f"a {kind} checkpoint, which {KINDS[kind]} writes" if kind in KINDS else \
+        what = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} checkpoint, which {KINDS[kind]} writes" \
+            if kind in KINDS else \
             "not a checkpoint of this kit's scripts (it records no kind)"
-        wanted = ' or '.join(f"a {k} checkpoint ({KINDS[k]})" for k in kinds)
+        wanted = ' or '.join(f"{'an' if k[0] in 'aeiou' else 'a'} {k} checkpoint ({KINDS[k]})" for k in kinds)
         raise SystemExit(f"error: {path} is {what}; this needs {wanted}")
     if ckpt.get('format', FORMAT) > FORMAT:
         raise SystemExit(f"error: {path} has format {ckpt['format']}, newer than this kit's {FORMAT}; update the "

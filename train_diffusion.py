@@ -1,26 +1,29 @@
 """
 Trains a diffusion model (DiT or UNet) on a prepared image dataset: one file, top to bottom.
 
-    python data/mnist/prepare.py && python train_diffusion.py config/mnist_dit.py   # a laptop or one GPU
+    python data/mnist/prepare.py && python train_diffusion.py config/mnist_dit.py  # laptop, 1 GPU
     python train_diffusion.py config/mnist_ldm.py          # on latents from data/prepare_latents.py
-    torchrun --standalone --nproc_per_node=8 train_diffusion.py config/dit_b.py     # one node, 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train_diffusion.py config/dit_b.py    # 1 node, 8 GPUs
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
-             --rdzv_endpoint=$HEAD_NODE:29500 train_diffusion.py config/dit_b.py     # run on each node
+             --rdzv_endpoint=$HEAD_NODE:29500 train_diffusion.py config/dit_b.py   # on each node
 
-Objective: x_t = alpha_t x0 + sigma_t eps on a DDPM, flow or EDM schedule; the network predicts eps, v, x0 or
-the flow velocity; noise levels are drawn uniform, logit-normal or by mode sampling, and the loss is weighted
-uniform, by SNR, min-SNR-gamma or EDM's lambda (the schedules, conversions and samplers are model.Diffusion).
-Every random draw of a step (data indices, flips, timesteps, noise, label dropout) comes from a generator seeded
-by (seed, step) and is the same on every rank, each rank keeping its slice of the global batch: the run is the
-same for any world size or grad_accum, and a resumed run draws exactly what the uninterrupted one would have.
+Objective: x_t = alpha_t x0 + sigma_t eps on a DDPM, flow or EDM schedule; the network predicts eps,
+v, x0 or the flow velocity; noise levels are drawn uniform, logit-normal or by mode sampling, and
+the loss is weighted uniform, by SNR, min-SNR-gamma or EDM's lambda (the schedules, conversions and
+samplers are model.Diffusion). Every random draw of a step (data indices, flips, timesteps, noise,
+label dropout) comes from a generator seeded by (seed, step) and is the same on every rank, each
+rank keeping its slice of the global batch: the run is the same for any world size or grad_accum,
+and a resumed run draws exactly what the uninterrupted one would have.
 
-Off by default: LightningDiT's block options and cosine loss term, class-balanced draws, control images (extra
-input channels, or a ControlNet beside a frozen init_base), and post-hoc EMA snapshots (Karras et al. 2024).
+Off by default: LightningDiT's block options and cosine loss term, class-balanced draws, control
+images (extra input channels, or a ControlNet beside a frozen init_base), and post-hoc EMA snapshots
+(Karras et al. 2024).
 
-A run survives being killed at any moment: checkpoints are written atomically, and the default init_from='auto'
-resumes from out_dir when it holds one, so re-running the same command (by hand, by a scheduler, or by torchrun
---max-restarts) continues bit-exactly. SIGTERM or SIGUSR1 (SLURM's warning) and max_minutes make it finish the
-step, save and exit 0. An update whose gradient norm is not finite is skipped. (bookkeeping.py holds all that.)
+A run survives being killed at any moment: checkpoints are written atomically, and the default
+init_from='auto' resumes from out_dir when it holds one, so re-running the same command (by hand, by
+a scheduler, or by torchrun --max-restarts) continues bit-exactly. SIGTERM or SIGUSR1 (SLURM's
+warning) and max_minutes make it finish the step, save and exit 0. An update whose gradient norm is
+not finite is skipped. (bookkeeping.py holds all that.)
 """
 import copy
 import math
@@ -36,15 +39,17 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bookkeeping as bk
-from model import ARCHS, PREDICTIONS, SAMPLERS, SCHEDULES, AEConfig, Autoencoder, Diffusion, bcast, create_model, \
-    phema_gamma
+from model import (ARCHS, PREDICTIONS, SAMPLERS, SCHEDULES, AEConfig, Autoencoder, Diffusion, bcast,
+                   create_model, phema_gamma)
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by config/*.py and --key=value
 # I/O
 out_dir = 'out'
-init_from = 'auto'  # 'auto': 'resume' if out_dir holds ckpt.pt, else 'scratch' (never overwrites a checkpoint)
-keep_last = 0  # also keep the newest keep_last checkpoints as out_dir/ckpt_<step>.pt (hard links: no extra space)
+init_from = 'auto'  # 'auto': 'resume' if out_dir holds ckpt.pt, else 'scratch'
+#                     (never overwrites a checkpoint)
+keep_last = 0  # also keep the newest keep_last checkpoints as out_dir/ckpt_<step>.pt
+#                (hard links: no extra space)
 max_minutes = 0.0  # finish the step, save and exit 0 after this much wall time; 0 = no limit
 log_interval = 50  # steps between log lines (the only host syncs of the loop)
 eval_interval = 500  # steps between val-loss evaluations
@@ -58,25 +63,31 @@ wandb_run_name = 'dit'
 dataset = 'mnist'  # data/<dataset>/ (or a path): images from its prepare.py, or latents
 hflip = False  # random horizontal flips (of latents: the latents of the mirror images, if encoded)
 class_cond = True  # condition on the dataset's labels; False trains unconditionally
-class_balance = 0.0  # draw image i with weight count(class_i)^-class_balance: 0 = as the data, 1 = equal classes
-control = ''  # condition on the dataset's control images (data/prepare_control.py): 'concat' (extra input
-#               channels) or 'controlnet' (DiT: a trainable copy of half the blocks beside the frozen init_base)
-init_base = ''  # a new run starts from this train_diffusion.py out_dir's EMA weights (new control weights: zeros)
+class_balance = 0.0  # draw image i with weight count(class_i)^-class_balance: 0 = as the data,
+#                      1 = equal classes
+control = ''  # condition on the dataset's control images (data/prepare_control.py): 'concat'
+#               (extra input channels) or 'controlnet' (DiT: a trainable copy of half the blocks
+#               beside the frozen init_base)
+init_base = ''  # a new run starts from this train_diffusion.py out_dir's EMA weights
+#                 (new control weights: zeros)
 # model and diffusion
 arch = 'DiT-N/4'  # 'DiT-{N,Ti,S,B,L,XL}/{1,2,4,8}' or 'UNet-{S,B}' (model.py's presets)
 norm = 'layernorm'  # DiT, LightningDiT's options (Yao et al. 2025): 'rmsnorm'
 mlp = 'gelu'  # DiT: 'swiglu' (at 2/3 the width: the same parameters)
 qk_norm = False  # DiT: RMSNorm on queries and keys
 rope = False  # DiT: 2-D rotary position embedding in attention
-schedule = 'linear'  # 'linear' or 'cosine' (DDPM, T steps), 'flow' (x_t = (1 - t) x0 + t eps), 'edm'
+schedule = 'linear'  # 'linear', 'cosine' (DDPM, T steps), 'flow' (x_t = (1 - t) x0 + t eps), 'edm'
 prediction_type = 'eps'  # 'eps', 'v', 'x0' (on edm: with EDM's preconditioning), 'flow' (eps - x0)
 num_timesteps = 1000  # T of the DDPM schedules
 sigma_data = 0.5  # the data's standard deviation in EDM's preconditioning and weighting
-timestep_sampling = 'uniform'  # noise levels u in [0, 1): 'uniform', 'logit_normal' or 'mode' (Esser et al.)
-logit_mean = 0.0  # logit_normal: u = sigmoid(logit_mean + logit_std n); on edm (-1.2, 1.2) is EDM's sigma
+timestep_sampling = 'uniform'  # noise levels u in [0, 1): 'uniform', 'logit_normal' or 'mode'
+#                                (Esser et al.)
+logit_mean = 0.0  # logit_normal: u = sigmoid(logit_mean + logit_std n); on edm (-1.2, 1.2)
+#                   is EDM's sigma
 logit_std = 1.0
 mode_scale = 1.29  # mode sampling's s (Esser et al. 2024, eq. 20); 0 is uniform
-loss_weighting = 'min_snr'  # 'uniform' (the prediction's own MSE), 'snr', 'min_snr', 'edm' (on the x0 error)
+loss_weighting = 'min_snr'  # 'uniform' (the prediction's own MSE), 'snr', 'min_snr', 'edm'
+#                             (on the x0 error)
 min_snr_gamma = 5.0  # min_snr: the weight on the x0 error is min(snr, gamma) (Hang et al. 2023)
 class_dropout = 0.1  # probability of the null label, for classifier-free guidance
 cosine_loss = 0.0  # weight of LightningDiT's direction term 1 - cos(F_theta, F), per image
@@ -87,28 +98,32 @@ max_steps = 1000
 lr = 1e-3
 min_lr = 1e-4  # the cosine schedule's floor
 lr_schedule = 'cosine'  # after warm-up: 'cosine' to min_lr, or 'constant'
-lr_decay_steps = 0  # length of the cosine, warm-up included; 0 = max_steps (set it to stop early and resume)
+lr_decay_steps = 0  # length of the cosine, warm-up included; 0 = max_steps
+#                     (set it to stop early and resume)
 warmup_steps = 100
 weight_decay = 0.0  # AdamW, on weights of 2 or more dimensions only
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0  # max global gradient norm; 0 = no clipping (the norm is logged either way)
-max_nonfinite = 20  # updates with a non-finite gradient norm are skipped; this many in a row stop the run
+max_nonfinite = 20  # a non-finite grad norm skips the update; this many in a row stop the run
 ema_decay = 0.9999  # per step, with warm-up: min(ema_decay, (1 + step) / (10 + step))
 ema_update_every = 1  # steps between EMA updates (each applies the decay of that many steps)
-phema_stds = ''  # post-hoc EMA (Karras et al. 2024): sigma_rel of power-function EMAs to track, e.g. '0.05,0.1'
-phema_interval = 1000  # steps between their snapshots in out_dir/phema/ (one at every checkpoint too)
+phema_stds = ''  # post-hoc EMA (Karras et al. 2024): sigma_rel of power-function EMAs to track,
+#                  e.g. '0.05,0.1'
+phema_interval = 1000  # steps between their snapshots in out_dir/phema/ (and at every checkpoint)
 # sample grids during training
 sampler = 'ddim'  # 'ddpm', 'ddim', 'euler', 'heun' (model.Diffusion.sample)
 sample_steps = 50
 cfg_scale = 4.0  # classifier-free guidance scale (1 = none)
-shift = 1.0  # flow schedule: the sampling grid's timestep shift (Esser et al. 2024; > 1: more high-noise steps)
+shift = 1.0  # flow schedule: the sampling grid's timestep shift (Esser et al. 2024;
+#              > 1: more high-noise steps)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
-compile = torch.cuda.is_available()  # torch.compile the model (gains nothing on CPU but compile time)
-activation_checkpointing = False  # recompute each DiT / UNet block in the backward pass to save memory
-peak_tflops = 0.0  # per-device peak for MFU; 0 = known GPUs' dense bf16 (float32: TF32) peak, none on CPU
+compile = torch.cuda.is_available()  # torch.compile the model (on CPU it only costs compile time)
+activation_checkpointing = False  # recompute each DiT/UNet block in the backward pass: less memory
+peak_tflops = 0.0  # per-device peak for MFU; 0 = known GPUs' dense bf16 (float32: TF32) peak,
+#                    none on CPU
 seed = 0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -118,23 +133,28 @@ bk.check_config(config, choices=[
     ('init_from', ('auto', 'scratch', 'resume')), ('arch', ARCHS), ('schedule', SCHEDULES),
     ('prediction_type', PREDICTIONS), ('timestep_sampling', ('uniform', 'logit_normal', 'mode')),
     ('loss_weighting', ('uniform', 'snr', 'min_snr', 'edm')), ('sampler', SAMPLERS),
-    ('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu')), ('control', ('', 'concat', 'controlnet')),
-    ('lr_schedule', ('cosine', 'constant')), ('dtype', ('float32', 'bfloat16', 'float16'))],
+    ('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu')),
+    ('control', ('', 'concat', 'controlnet')), ('lr_schedule', ('cosine', 'constant')),
+    ('dtype', ('float32', 'bfloat16', 'float16'))],
     counts=['batch_size', 'grad_accum', 'max_steps', 'log_interval', 'eval_interval', 'eval_images',
             'sample_interval', 'ckpt_interval', 'sample_steps', 'num_timesteps', 'ema_update_every',
             'max_nonfinite', 'phema_interval'],
     rules=[('class_dropout', 0 <= class_dropout < 1, 'in [0, 1)'),
-           ('min_snr_gamma', min_snr_gamma > 0, "positive (loss_weighting='uniform' is the unweighted loss)"),
-           ('mode_scale', -1 <= mode_scale <= 2 / (math.pi - 2), 'in [-1, 1.752], where mode sampling is monotone'),
-           ('shift', shift == 1.0 or schedule == 'flow', "1.0 unless schedule='flow', whose grid it shifts"),
+           ('min_snr_gamma', min_snr_gamma > 0,
+            "positive (loss_weighting='uniform' is the unweighted loss)"),
+           ('mode_scale', -1 <= mode_scale <= 2 / (math.pi - 2),
+            'in [-1, 1.752], where mode sampling is monotone'),
+           ('shift', shift == 1.0 or schedule == 'flow',
+            "1.0 unless schedule='flow', whose grid it shifts"),
            ('shift', shift > 0, 'positive'), ('logit_std', logit_std > 0, 'positive'),
-           ('sigma_data', sigma_data > 0, 'positive'), ('class_balance', 0 <= class_balance <= 1, 'in [0, 1]'),
+           ('sigma_data', sigma_data > 0, 'positive'),
+           ('class_balance', 0 <= class_balance <= 1, 'in [0, 1]'),
            ('cosine_loss', cosine_loss >= 0, 'at least 0 (0 = off)')])
 dit_options = dict(norm=norm, mlp=mlp, qk_norm=qk_norm, rope=rope)
 plain_dit = dict(norm='layernorm', mlp='gelu', qk_norm=False, rope=False)
 if not arch.startswith('DiT') and (control == 'controlnet' or dit_options != plain_dit):
-    raise SystemExit(f"error: norm, mlp, qk_norm, rope and control='controlnet' are DiT options, but "
-                     f"arch='{arch}'")
+    raise SystemExit(f"error: norm, mlp, qk_norm, rope and control='controlnet' are DiT options, "
+                     f"but arch='{arch}'")
 if control == 'controlnet' and not init_base:
     raise SystemExit("error: control='controlnet' trains beside a frozen base model; pass "
                      "init_base=<its out_dir>")
@@ -142,8 +162,8 @@ try:
     phema_sigmas = [float(v) for v in phema_stds.split(',')] if phema_stds else []
     phema_gammas = [phema_gamma(v) for v in phema_sigmas]
 except ValueError as e:
-    raise SystemExit(f"error: phema_stds='{phema_stds}' must be comma-separated sigma_rel values in (0, 0.28), "
-                     f"like 0.05,0.1 ({e})")
+    raise SystemExit(f"error: phema_stds='{phema_stds}' must be comma-separated sigma_rel values "
+                     f"in (0, 0.28), like 0.05,0.1 ({e})")
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
 t_start = time.time()
@@ -151,25 +171,28 @@ device_type = bk.check_device(device)
 ddp = int(os.environ.get('RANK', -1)) != -1
 rank, local_rank, world_size = 0, 0, 1
 if ddp:
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    rank, local_rank, world_size = (int(os.environ[k])
+                                    for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
     if device_type == 'cuda':
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
     if rank == 0 and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) and \
             os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
-        print("warning: with the store torchrun shares by default, a restarted group can fail to reconnect "
-              "(pytorch/pytorch#167288); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
+        print("warning: with the store torchrun shares by default, a restarted group can fail to "
+              "reconnect (pytorch/pytorch#167288); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+              "before torchrun")
 master = rank == 0
 if batch_size % (world_size * grad_accum):
-    raise SystemExit(f"error: batch_size={batch_size} is not divisible by world_size x grad_accum = "
-                     f"{world_size} x {grad_accum}; pick a batch_size that is a multiple of {world_size * grad_accum}")
+    raise SystemExit(f"error: batch_size={batch_size} is not divisible by world_size x "
+                     f"grad_accum = {world_size} x {grad_accum}; pick a batch_size that is a "
+                     f"multiple of {world_size * grad_accum}")
 micro_batch = batch_size // (world_size * grad_accum)
 run = bk.RunDir(out_dir, init_from, keep_last, master, world_size, device_type, kind='diffusion',
                inputs=[('dataset', bk.data_path(dataset)), ('init_base', init_base)])
 if master:
-    print(f"{world_size} rank(s) on {device_type}, {micro_batch} images per micro-step, {grad_accum} "
-          f"micro-step(s), {batch_size} per optimizer step")
+    print(f"{world_size} rank(s) on {device_type}, {micro_batch} images per micro-step, "
+          f"{grad_accum} micro-step(s), {batch_size} per optimizer step")
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
@@ -186,39 +209,44 @@ num_classes = K if class_cond else 0
 latent = meta.get('latent')  # a latent dataset: float16 latents, their statistics and their decoder
 if latent:
     if hflip and not latent['flips']:
-        raise SystemExit(f"error: hflip=True but {data_dir} holds no latents of mirror images; encode them with "
-                         f"data/prepare_latents.py --flips=True, or train with --hflip=False")
+        raise SystemExit(f"error: hflip=True but {data_dir} holds no latents of mirror images; "
+                         f"encode them with data/prepare_latents.py --flips=True, or train with "
+                         f"--hflip=False")
     x_flip = np.load(os.path.join(data_dir, 'train_x_flip.npy'), mmap_mode='r') if hflip else None
-    latent_mean, latent_std = (torch.tensor(latent[k], device=device).view(1, C, 1, 1) for k in ('mean', 'std'))
+    latent_mean, latent_std = (torch.tensor(latent[k], device=device).view(1, C, 1, 1)
+                               for k in ('mean', 'std'))
 # control images (N, H, W, C_ctrl) uint8, one per image, from data/prepare_control.py
 controls, C_ctrl = {}, 0
 if control:
-    try:  # (meta.json names them: a dataset prepared again since has none until prepare_control.py runs again)
+    # meta.json names them: a dataset prepared again since has none until prepare_control.py
+    # runs again
+    try:
         if not isinstance(meta.get('control'), dict):
             raise OSError(2, 'meta.json has no control entry', os.path.join(data_dir, 'meta.json'))
-        controls = {s: np.load(os.path.join(data_dir, f'{s}_control.npy'), mmap_mode='r') for s in data}
+        controls = {s: np.load(os.path.join(data_dir, f'{s}_control.npy'), mmap_mode='r')
+                    for s in data}
         C_ctrl = controls['train'].shape[-1]
     except (OSError, ValueError) as e:
         why = f'{e.strerror}: {e.filename}' if isinstance(e, OSError) else repr(e)
-        raise SystemExit(f"error: control='{control}' but {data_dir} holds no readable control images ({why}); "
-                         f"run python data/prepare_control.py --dataset={dataset}")
+        raise SystemExit(f"error: control='{control}' but {data_dir} holds no readable control "
+                         f"images ({why}); run python data/prepare_control.py --dataset={dataset}")
     for split, ctrl in controls.items():
         if ctrl.dtype != np.uint8 or ctrl.shape[:3] != (len(data[split][0]), H, W):
-            raise SystemExit(f"error: {os.path.join(data_dir, split)}_control.npy is {ctrl.dtype} {ctrl.shape}, "
-                             f"not uint8 ({len(data[split][0])}, {H}, {W}, channels); re-run "
-                             f"data/prepare_control.py")
+            raise SystemExit(f"error: {os.path.join(data_dir, split)}_control.npy is "
+                             f"{ctrl.dtype} {ctrl.shape}, not uint8 ({len(data[split][0])}, {H}, "
+                             f"{W}, channels); re-run data/prepare_control.py")
 
 def class_weights(labels):
-    """Per-image sampling weights count(class)^-class_balance, normalised: class k is drawn with probability
-    proportional to count_k^(1 - class_balance)."""
+    """Per-image sampling weights count(class)^-class_balance, normalised: class k is drawn with
+    probability proportional to count_k^(1 - class_balance)."""
     counts = np.bincount(labels)
-    w = counts[labels].astype(np.float64) ** -class_balance
-    return torch.from_numpy(w / w.sum())
+    per_image = counts[labels].astype(np.float64) ** -class_balance
+    return torch.from_numpy(per_image / per_image.sum())
 sample_weights = class_weights(data['train'][1]) if class_balance else None
 
 def load_batch(split, idx, flip=None):
-    """Images idx of a split as floats in [-1, 1] (latents: normalised per channel), NCHW, on the device, their
-    labels, and their control images in [-1, 1] (None without control)."""
+    """Images idx of a split as floats in [-1, 1] (latents: normalised per channel), NCHW, on the
+    device, their labels, and their control images in [-1, 1] (None without control)."""
     x, y = (torch.from_numpy(a[idx]) for a in data[split])
     ctrl = torch.from_numpy(controls[split][idx]) if control else None
     if flip is not None:
@@ -230,13 +258,15 @@ def load_batch(split, idx, flip=None):
     return x, y, bk.to_device(ctrl, device) / 127.5 - 1 if control else None
 
 def my_slice(micro):
-    """This rank's part of the global batch in micro-step `micro`: micro-steps outside, ranks inside."""
+    """This rank's part of the global batch in micro-step `micro`: micro-steps outside, ranks
+    inside."""
     lo = (micro * world_size + rank) * micro_batch
     return slice(lo, lo + micro_batch)
 
 def draw_indices(g):
-    """The global batch's image indices, drawn with replacement: uniformly, or by sample_weights. Every rank draws
-    the same batch and keeps its slice, so weighted sampling is exact for any world size."""
+    """The global batch's image indices, drawn with replacement: uniformly, or by sample_weights.
+    Every rank draws the same batch and keeps its slice, so weighted sampling is exact for any world
+    size."""
     if class_balance:
         return torch.multinomial(sample_weights, batch_size, replacement=True, generator=g)
     return torch.randint(len(data['train'][0]), (batch_size,), generator=g)
@@ -252,24 +282,28 @@ def get_batch(step, micro):
 # model, EMA, optimizer, and the checkpoint to resume from
 torch.manual_seed(seed)  # the same initial weights on every rank
 try:
-    model = create_model(arch, image_size=H, in_channels=C, num_classes=num_classes, control=control,
-                         control_channels=C_ctrl, **(dit_options if arch.startswith('DiT') else {})).to(device)
+    model = create_model(arch, image_size=H, in_channels=C, num_classes=num_classes,
+                         control=control, control_channels=C_ctrl,
+                         **(dit_options if arch.startswith('DiT') else {})).to(device)
 except ValueError as e:
     raise SystemExit(f"error: {arch} on {dataset}: {e}")
 model_config = model.config
 # fine-tuning: a new run starts from a base model's EMA weights
 if init_base and run.init_from == 'scratch':
     base_path = os.path.join(init_base, 'ckpt.pt')
-    base = bk.load_checkpoint(base_path, "pass the out_dir of a train_diffusion.py run", device, ['diffusion'])
+    base = bk.load_checkpoint(base_path, "pass the out_dir of a train_diffusion.py run", device,
+                              ['diffusion'])
     base_args, weights = base['model_args'], base['ema']
     diff = {k: (v, base_args.get(k)) for k, v in asdict(model_config).items()
             if k not in ('control', 'control_channels') and base_args.get(k, v) != v}
-    diff.update({k: (config[k], base['config'][k]) for k in ('schedule', 'prediction_type', 'num_timesteps',
-                                                              'sigma_data') if config[k] != base['config'][k]})
+    diff.update({k: (config[k], base['config'][k])
+                 for k in ('schedule', 'prediction_type', 'num_timesteps', 'sigma_data')
+                 if config[k] != base['config'][k]})
     if diff or base_args.get('control', '') not in ('', control):
         raise SystemExit(f"error: init_base {base_path} is another model (this run vs the base: "
                          f"{diff or 'control'}); train with the base's config")
-    if control == 'concat' and not base_args.get('control'):  # the control's input channels start at zero
+    # the control's input channels start at zero
+    if control == 'concat' and not base_args.get('control'):
         name = 'x_embedder.weight' if arch.startswith('DiT') else 'conv_in.weight'
         w = weights[name]  # (out, in, k, k)
         weights[name] = torch.cat([w, w.new_zeros(w.shape[0], C_ctrl, *w.shape[2:])], dim=1)
@@ -277,7 +311,8 @@ if init_base and run.init_from == 'scratch':
     if unexpected or any(not k.startswith('control_') for k in missing):
         raise SystemExit(f"error: init_base {base_path} does not fit {arch}: missing {missing}, "
                          f"unexpected {unexpected}")
-    if control == 'controlnet' and not base_args.get('control'):  # a copy of the base's first blocks
+    # the ControlNet starts as a copy of the base's first blocks
+    if control == 'controlnet' and not base_args.get('control'):
         model.control_blocks.load_state_dict(model.blocks[:len(model.control_blocks)].state_dict())
     del base, weights
 ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -285,12 +320,13 @@ if control == 'controlnet':  # the base model stays frozen
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith('control_'))
 model.activation_checkpointing = activation_checkpointing
+# channels_last: the faster layout for convolutions on tensor cores
 if device_type == 'cuda' and arch.startswith('UNet'):
-    model = model.to(memory_format=torch.channels_last)  # the faster layout for convolutions on tensor cores
+    model = model.to(memory_format=torch.channels_last)
 diffusion = Diffusion(schedule, prediction_type, num_timesteps, sigma_data)
 null_label = model_config.num_classes
-trained = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
-params, ema_params = [p for p, _ in trained], [e for _, e in trained]
+trained = [(p, p_ema) for p, p_ema in zip(model.parameters(), ema.parameters()) if p.requires_grad]
+params, ema_params = [p for p, _ in trained], [p_ema for _, p_ema in trained]
 optimizer = bk.adamw(params, lr, (beta1, beta2), weight_decay)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 start_step, images_seen, wandb_id, ckpt = 0, 0, None, {}
@@ -301,8 +337,8 @@ if run.init_from == 'resume':
         bk.load_state(net, ckpt[key], run.ckpt_path, key)
     bk.load_optimizer(optimizer, ckpt['optimizer'], run.ckpt_path, 'optimizer')
     if ckpt['config'].get('phema_stds', '') != phema_stds:
-        raise SystemExit(f"error: {run.ckpt_path} tracks post-hoc EMAs "
-                         f"phema_stds='{ckpt['config'].get('phema_stds', '')}'; resume with that value")
+        raise SystemExit(f"error: {run.ckpt_path} tracks post-hoc EMAs phema_stds="
+                         f"'{ckpt['config'].get('phema_stds', '')}'; resume with that value")
     start_step, images_seen, wandb_id = ckpt['step'], ckpt['images_seen'], ckpt['wandb_id']
     changed = bk.changed_keys(ckpt['config'], config)
     if master:
@@ -310,7 +346,8 @@ if run.init_from == 'resume':
               + (f"; changed since: {', '.join(changed)}" if changed else ''))
 bk.restore_rng(ckpt.get('rng'), seed, rank, world_size, device_type)
 # the power-function EMAs (rank 0's), of the trained weights
-phema = (ckpt.get('phema') or [[p.detach().clone() for p in params] for _ in phema_gammas]) if master else []
+phema = ((ckpt.get('phema') or [[p.detach().clone() for p in params] for _ in phema_gammas])
+         if master else [])
 del ckpt
 raw_model = model
 if compile:
@@ -335,7 +372,8 @@ def get_lr(step):
 # the objective
 
 def sample_u(n, g):
-    """n noise levels u in [0, 1) drawn by timestep_sampling; diffusion.t_from_u turns them into times."""
+    """n noise levels u in [0, 1) drawn by timestep_sampling; diffusion.t_from_u turns them into
+    times."""
     if timestep_sampling == 'logit_normal':  # Esser et al. 2024, eq. 19
         return torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=g, device=g.device))
     u = torch.rand(n, generator=g, device=g.device)
@@ -344,21 +382,22 @@ def sample_u(n, g):
     return u
 
 def loss_weight(alpha, sigma, A, B):
-    """Weight of each image's prediction MSE. A weighting is a function lambda(snr) on the x0 error (Kingma & Gao
-    2023); a prediction F = A x0 + B eps errs det / sigma times as much as x0 (det = alpha B - sigma A), so its
-    MSE gets lambda (sigma / det)^2. For eps, min_snr is min(snr, gamma) / snr and for v min(snr, gamma) /
-    (snr + 1) (Hang et al. 2023, eq. 8); edm's lambda = snr + 1 / sigma_data^2 is Karras et al.'s
-    (sigma^2 + sd^2) / (sigma sd)^2, uniform on its preconditioned x0 output; 'snr' is the plain eps MSE in any
-    parameterisation."""
+    """Weight of each image's prediction MSE. A weighting is a function lambda(snr) on the x0 error
+    (Kingma & Gao 2023); a prediction F = A x0 + B eps errs det / sigma times as much as x0
+    (det = alpha B - sigma A), so its MSE gets lambda (sigma / det)^2. For eps, min_snr is
+    min(snr, gamma) / snr and for v min(snr, gamma) / (snr + 1) (Hang et al. 2023, eq. 8); edm's
+    lambda = snr + 1 / sigma_data^2 is Karras et al.'s (sigma^2 + sd^2) / (sigma sd)^2, uniform on
+    its preconditioned x0 output; 'snr' is the plain eps MSE in any parameterisation."""
     snr = (alpha / sigma) ** 2
     if loss_weighting == 'uniform':
         return torch.ones_like(snr)
-    lam = {'snr': snr, 'min_snr': snr.clamp(max=min_snr_gamma), 'edm': snr + sigma_data ** -2}[loss_weighting]
+    lam = {'snr': snr, 'min_snr': snr.clamp(max=min_snr_gamma),
+           'edm': snr + sigma_data ** -2}[loss_weighting]
     return lam * (sigma / (alpha * B - sigma * A)) ** 2
 
 def diffusion_loss(net, x0, y, u, eps, ctrl=None):
-    """Per-image loss || F_theta(x_t) - F ||^2 at noise levels u (ctrl: the control images), weighted, plus
-    cosine_loss (1 - cos(F_theta, F)); and the unweighted MSE."""
+    """Per-image loss || F_theta(x_t) - F ||^2 at noise levels u (ctrl: the control images),
+    weighted, plus cosine_loss (1 - cos(F_theta, F)); and the unweighted MSE."""
     t = diffusion.t_from_u(u)
     alpha, sigma, A, B = diffusion.coefficients(t)  # float64
     xt = bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
@@ -374,8 +413,9 @@ def diffusion_loss(net, x0, y, u, eps, ctrl=None):
 
 @torch.no_grad()
 def estimate_val_loss(net):
-    """Mean loss and MSE over the first eval_images val images at noise levels u spread evenly over (0, 1) and
-    fixed noise: low variance and comparable across runs. Rank r takes every world_size-th micro-batch."""
+    """Mean loss and MSE over the first eval_images val images at noise levels u spread evenly over
+    (0, 1) and fixed noise: low variance and comparable across runs. Rank r takes every
+    world_size-th micro-batch."""
     n = min(eval_images, len(data['val'][0]))
     u_all = (torch.arange(n, device=device) + 0.5) / n
     eps_all = torch.randn((n, C, H, W), generator=rng(0, 2, device), device=device)
@@ -385,20 +425,24 @@ def estimate_val_loss(net):
         idx = np.arange(lo, min(lo + micro_batch, n))
         x0, y, ctrl = load_batch('val', idx)
         y = y if class_cond else torch.full_like(y, null_label)
-        total += torch.stack([l.sum() for l in diffusion_loss(net, x0, y, u_all[idx], eps_all[idx], ctrl)])
+        loss, mse = diffusion_loss(net, x0, y, u_all[idx], eps_all[idx], ctrl)
+        total += torch.stack([loss.sum(), mse.sum()])
     net.train(net is raw_model)  # the EMA stays in eval mode
     if ddp:
         dist.all_reduce(total)
     return (total / n).tolist()
 
 def save_phema(step):
-    """The power-function EMAs at this step to out_dir/phema/phema-<step>.pt, atomically: the trained weights
-    only (sample.py takes the others from ckpt.pt and combines the snapshots into the EMA it is asked for)."""
+    """The power-function EMAs at this step to out_dir/phema/phema-<step>.pt, atomically: the
+    trained weights only (sample.py takes the others from ckpt.pt and combines the snapshots into
+    the EMA it is asked for)."""
     path = os.path.join(out_dir, 'phema', f'phema-{step:07d}.pt')
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    names = [name for name, p in raw_model.named_parameters() if p.requires_grad]  # the order of params
+    # the names of the trained weights, in the order of params
+    names = [name for name, p in raw_model.named_parameters() if p.requires_grad]
     torch.save({'step': step, 'sigma_rel': phema_sigmas, 'gamma': phema_gammas,
-                'ema': [dict(zip(names, (w.cpu() for w in tracked))) for tracked in phema]}, path + '.tmp')
+                'ema': [dict(zip(names, (w.cpu() for w in tracked))) for tracked in phema]},
+               path + '.tmp')
     os.replace(path + '.tmp', path)
 
 # -----------------------------------------------------------------------------
@@ -407,13 +451,17 @@ grid_z = torch.randn((64, C, H, W), generator=rng(0, 3, device), device=device)
 grid_y = torch.arange(64, device=device) % num_classes if num_classes else \
     torch.full((64,), null_label, device=device)
 grid_ctrl = None
-if control:  # a control model's grid follows the first 64 val images' controls (and labels)
+# a control model's grid follows the first 64 val images' controls (and labels)
+if control:
     _, val_y, grid_ctrl = load_batch('val', np.arange(64) % len(data['val'][0]))
     grid_y = val_y if num_classes else grid_y
-if latent and master:  # the grids' latents are decoded by the autoencoder that encoded the dataset
+# the grids' latents are decoded by the autoencoder that encoded the dataset
+if latent and master:
     ae_path = os.path.join(data_dir, latent['autoencoder'])
-    ae_ckpt = bk.load_checkpoint(ae_path, f"re-encode the dataset with data/prepare_latents.py", device)
-    autoencoder = Autoencoder(AEConfig(**ae_ckpt['model_args'])).to(device).eval().requires_grad_(False)
+    ae_ckpt = bk.load_checkpoint(ae_path, f"re-encode the dataset with data/prepare_latents.py",
+                                 device)
+    ae_config = AEConfig(**ae_ckpt['model_args'])
+    autoencoder = Autoencoder(ae_config).to(device).eval().requires_grad_(False)
     bk.load_state(autoencoder, ae_ckpt['weights'], ae_path, 'weights')
 
 def to_pixels(x):
@@ -421,14 +469,16 @@ def to_pixels(x):
     return autoencoder.decode(x * latent_std + latent_mean).clamp(-1, 1) if latent else x
 
 # -----------------------------------------------------------------------------
-# logging: stdout, out_dir/metrics.csv, and wandb (val_loss_unweighted: the prediction's plain MSE, comparable
-# across loss weightings and cosine_loss; loss_u<i>: the unweighted loss at noise levels u in [i/10, (i+1)/10))
+# logging: stdout, out_dir/metrics.csv, and wandb (val_loss_unweighted: the prediction's plain MSE,
+# comparable across loss weightings and cosine_loss; loss_u<i>: the unweighted loss at noise levels
+# u in [i/10, (i+1)/10))
 num_bins = 10
 fields = ['step', 'kimg', 'loss', 'loss_unweighted', 'lr', 'grad_norm', 'skipped', *bk.SPEED_FIELDS,
           'val_loss', 'val_loss_ema', 'val_loss_unweighted', 'val_loss_unweighted_ema',
           *[f'loss_u{i}' for i in range(num_bins)]]
 if master:
-    wandb_run = bk.start_wandb(wandb_project, wandb_run_name, config, out_dir, wandb_id) if wandb_log else None
+    wandb_run = (bk.start_wandb(wandb_project, wandb_run_name, config, out_dir, wandb_id)
+                 if wandb_log else None)
     wandb_id = wandb_run.id if wandb_log else None
     metrics = bk.Metrics(os.path.join(out_dir, 'metrics.csv'), fields, start_step, wandb_run)
 
@@ -439,8 +489,9 @@ skips = bk.SkipCounter(device)
 if master and start_step >= max_steps:
     print(f"{run.ckpt_path} is at step {start_step} of max_steps={max_steps}: nothing to do "
           f"(raise max_steps to go on)")
-x0, y, ctrl = get_batch(start_step, 0)  # the first batch; each later one is fetched while the step runs
-loss_sum = torch.zeros(2, device=device)  # loss, unweighted loss, summed over the steps since the last log line
+# the first batch; each later one is fetched while the step runs
+x0, y, ctrl = get_batch(start_step, 0)
+loss_sum = torch.zeros(2, device=device)  # loss, unweighted loss: sums since the last log line
 bin_sums = torch.zeros(2, num_bins, device=device)  # per noise-level bin: loss sum, count
 bin_losses = []  # as of the last log line
 t_log, steps_since_log = time.time(), 0
@@ -451,7 +502,8 @@ for step in range(start_step, max_steps):
     g = rng(step, 1, device)
     u_all = sample_u(batch_size, g)
     eps_all = torch.randn((batch_size, C, H, W), generator=g, device=device)
-    drop_all = torch.rand(batch_size, generator=g, device=device) < (class_dropout if class_cond else 1.0)
+    drop_all = (torch.rand(batch_size, generator=g, device=device)
+                < (class_dropout if class_cond else 1.0))
     step_sums, step_bins = torch.zeros(2, device=device), torch.zeros(2, num_bins, device=device)
     for micro in range(grad_accum):
         sl = my_slice(micro)
@@ -462,13 +514,15 @@ for step in range(start_step, max_steps):
         bins = (u_all[sl] * num_bins).long().clamp(max=num_bins - 1)
         step_bins.index_add_(1, bins, torch.stack([mse.detach(), torch.ones_like(mse)]))
         loss = loss.mean() / grad_accum
-        if micro + 1 < grad_accum or step + 1 < max_steps:  # fetch the next batch while this step runs
-            x0, y, ctrl = get_batch(step, micro + 1) if micro + 1 < grad_accum else get_batch(step + 1, 0)
+        # fetch the next batch while this step runs
+        if micro + 1 < grad_accum or step + 1 < max_steps:
+            x0, y, ctrl = (get_batch(step, micro + 1) if micro + 1 < grad_accum
+                           else get_batch(step + 1, 0))
         scaler.scale(loss).backward()
         step_sums += torch.stack([loss.detach(), mse.detach().mean() / grad_accum])
-    # clip, then skip a non-finite update on the device (fused AdamW reads found_inf; no host sync). A non-finite
-    # loss makes the norm so too; the gradients are all-reduced, so every rank agrees. (float16: the scaler sets
-    # found_inf itself, from the same gradients.)
+    # clip, then skip a non-finite update on the device (fused AdamW reads found_inf; no host
+    # sync). A non-finite loss makes the norm so too; the gradients are all-reduced, so every rank
+    # agrees. (float16: the scaler sets found_inf itself, from the same gradients.)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
     bad = ~grad_norm.isfinite()
@@ -476,8 +530,8 @@ for step in range(start_step, max_steps):
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    # the EMA with warm-up (a skipped update leaves it alone), and the post-hoc EMAs (rank 0's) at t = step + 1:
-    # beta_t = (1 - 1/t)^(gamma + 1)
+    # the EMA with warm-up (a skipped update leaves it alone), and the post-hoc EMAs (rank 0's):
+    # beta = (1 - 1 / (step + 1))^(gamma + 1)
     with torch.no_grad():
         if (step + 1) % ema_update_every == 0:
             weight = (1 - min(ema_decay, (1 + step) / (10 + step)) ** ema_update_every) * ~bad
@@ -497,18 +551,22 @@ for step in range(start_step, max_steps):
         if ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             dist.all_reduce(bin_sums)
-        n_skipped = skips.read(max_nonfinite, step + 1, run.last_good(), "a lower lr, grad_clip or "
-                               "dtype='float32'")  # the host sync
-        loss_avg, mse_avg = (loss_sum / (steps_since_log - n_skipped)).tolist()  # nan if all were skipped
-        bin_losses = (bin_sums[0] / bin_sums[1]).tolist()  # nan where a bin drew no image
+        # the host sync
+        n_skipped = skips.read(max_nonfinite, step + 1, run.last_good(),
+                               "a lower lr, grad_clip or dtype='float32'")
+        # nan if every update was skipped, and where a bin drew no image
+        loss_avg, mse_avg = (loss_sum / (steps_since_log - n_skipped)).tolist()
+        bin_losses = (bin_sums[0] / bin_sums[1]).tolist()
         dt = (time.time() - t_log) / steps_since_log
         row = dict(step=step + 1, kimg=images_seen / 1e3, loss=loss_avg, loss_unweighted=mse_avg,
                    lr=get_lr(step), grad_norm=grad_norm.item(), skipped=n_skipped,
-                   **bk.speed(dt, batch_size, flops_per_image, peak_tflops, world_size, device_type),
+                   **bk.speed(dt, batch_size, flops_per_image, peak_tflops, world_size,
+                              device_type),
                    **{f'loss_u{i}': v for i, v in enumerate(bin_losses) if v == v})
         if master:
-            print(f"step {step + 1}/{max_steps} | {row['kimg']:.1f} kimg | loss {loss_avg:.4f} (unweighted "
-                  f"{mse_avg:.4f}) | lr {row['lr']:.2e} | grad norm {row['grad_norm']:.3f} | "
+            print(f"step {step + 1}/{max_steps} | {row['kimg']:.1f} kimg | loss {loss_avg:.4f} "
+                  f"(unweighted {mse_avg:.4f}) | lr {row['lr']:.2e} | "
+                  f"grad norm {row['grad_norm']:.3f} | "
                   + bk.speed_text(row, max_steps - step - 1)
                   + (f" | {n_skipped} non-finite update(s) skipped" if n_skipped else ''))
             metrics.log(row)
@@ -516,17 +574,19 @@ for step in range(start_step, max_steps):
         bin_sums.zero_()
         steps_since_log = 0
     if (step + 1) % eval_interval == 0 or last:
-        (val_loss, val_mse), (val_loss_ema, val_mse_ema) = estimate_val_loss(raw_model), estimate_val_loss(ema)
+        val_loss, val_mse = estimate_val_loss(raw_model)
+        val_loss_ema, val_mse_ema = estimate_val_loss(ema)
         if master:
-            print(f"step {step + 1}: val loss {val_loss:.4f}, EMA {val_loss_ema:.4f} (unweighted {val_mse:.4f}, "
-                  f"EMA {val_mse_ema:.4f}); train loss by noise level u (low to high, last log): "
-                  f"{' '.join(f'{v:.3g}' for v in bin_losses)}")
+            print(f"step {step + 1}: val loss {val_loss:.4f}, EMA {val_loss_ema:.4f} "
+                  f"(unweighted {val_mse:.4f}, EMA {val_mse_ema:.4f}); train loss by noise level "
+                  f"u (low to high, last log): {' '.join(f'{v:.3g}' for v in bin_losses)}")
             metrics.log(dict(step=step + 1, val_loss=val_loss, val_loss_ema=val_loss_ema,
                              val_loss_unweighted=val_mse, val_loss_unweighted_ema=val_mse_ema))
     if master and ((step + 1) % sample_interval == 0 or last):
         with ctx:  # pixels: x0 clipped to [-1, 1] on the way
-            x = diffusion.sample(ema, grid_z, grid_y, sampler, sample_steps, cfg_scale=cfg_scale, shift=shift,
-                                 clip_x0=not latent, generator=rng(0, 4, device), control=grid_ctrl)
+            x = diffusion.sample(ema, grid_z, grid_y, sampler, sample_steps, cfg_scale=cfg_scale,
+                                 shift=shift, clip_x0=not latent, generator=rng(0, 4, device),
+                                 control=grid_ctrl)
             x = to_pixels(x)
         bk.save_grid(x, os.path.join(out_dir, f'samples_{step + 1:07d}.png'))
     checkpoint = (step + 1) % ckpt_interval == 0 or last or stop
@@ -540,10 +600,12 @@ for step in range(start_step, max_steps):
                  params + ema_params, "resume it with a lower lr, grad_clip or dtype='float32'")
     if stop and not last:
         if master:
-            print(f"stopped at step {step + 1} of {max_steps} ({stop}); the same command continues the run")
+            print(f"stopped at step {step + 1} of {max_steps} ({stop}); the same command "
+                  f"continues the run")
         break
+    # the evaluation, sample grid and checkpoint of a log step are not step time
     if log_step:
-        t_log = time.time()  # the evaluation, sample grid and checkpoint of a log step are not step time
+        t_log = time.time()
 
 if master and wandb_log:
     wandb_run.finish()
