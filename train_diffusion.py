@@ -458,8 +458,8 @@ if control:
 # the grids' latents are decoded by the autoencoder that encoded the dataset
 if latent and master:
     ae_path = os.path.join(data_dir, latent['autoencoder'])
-    ae_ckpt = bk.load_checkpoint(ae_path, f"re-encode the dataset with data/prepare_latents.py",
-                                 device)
+    ae_ckpt = bk.load_checkpoint(ae_path, "re-encode the dataset with data/prepare_latents.py", device,
+                                 ['latent decoder'])
     ae_config = AEConfig(**ae_ckpt['model_args'])
     autoencoder = Autoencoder(ae_config).to(device).eval().requires_grad_(False)
     bk.load_state(autoencoder, ae_ckpt['weights'], ae_path, 'weights')
