@@ -106,20 +106,28 @@ consistency = ckpt.get('consistency')  # a distill_consistency.py run: its teach
 train_config = ckpt['teacher_config'] if consistency else ckpt['config']
 gan = ckpt['kind'] == 'gan'  # a train_gan.py checkpoint: its generator, z to images
 model = create_model(train_config['arch'], **ckpt['model_args'])
-model.load_state_dict(ckpt['ema' if use_ema else 'model'])
+bk.load_state(model, ckpt['ema' if use_ema else 'model'], ckpt_path, 'ema' if use_ema else 'model')
 if ema_std:  # the post-hoc EMA of the trained weights (the others stay the EMA's)
     files = sorted(glob.glob(os.path.join(out_dir, 'phema', 'phema-*.pt')))
-    # mmap: each snapshot is read as it is summed
-    snaps = [torch.load(f, map_location='cpu', weights_only=True, mmap=True) for f in files]
-    snaps = [(s['step'], g, w) for s in snaps if s['step'] <= ckpt['step']
-             for g, w in zip(s['gamma'], s['ema'])]
+    try:  # mmap: each snapshot is read as it is summed
+        snaps = [torch.load(f, map_location='cpu', weights_only=True, mmap=True) for f in files]
+        snaps = [(s['step'], g, w) for s in snaps if s['step'] <= ckpt['step']
+                 for g, w in zip(s['gamma'], s['ema'])]
+    except Exception as e:
+        raise SystemExit(f"error: cannot read the post-hoc EMA snapshots in {out_dir}/phema/ "
+                         f"({str(e).splitlines()[0][:200]}); remove the broken one, or sample with ema_std=0")
     if not snaps:
         raise SystemExit(f"error: ema_std={ema_std} but {out_dir}/phema/ holds no snapshots; train "
                          f"with phema_stds set, or sample the checkpoint's EMA with ema_std=0")
+    # the profiles are rebuilt at the checkpoint's step: without a snapshot there, the EMA would be wrong
+    if max(step for step, _, _ in snaps) != ckpt['step']:
+        raise SystemExit(f"error: ema_std={ema_std}: the newest snapshot in {out_dir}/phema/ is at step "
+                         f"{max(step for step, _, _ in snaps)}, the checkpoint at step {ckpt['step']}; resume "
+                         f"the run to its next snapshot, or sample the checkpoint's EMA with ema_std=0")
     try:
         model.load_state_dict(phema_weights(snaps, ckpt['step'], ema_std), strict=False)
-    except ValueError as e:
-        raise SystemExit(f"error: ema_std={ema_std}: {e}")
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: ema_std={ema_std}: {str(e).splitlines()[0][:200]}")
 model.to(device).eval()
 diffusion = None if gan else Diffusion(train_config['schedule'], train_config['prediction_type'],
                                        train_config['num_timesteps'], train_config['sigma_data'])

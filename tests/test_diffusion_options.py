@@ -39,6 +39,25 @@ def test_posthoc_ema_rebuilds_a_profile_it_also_tracked(mnist, tmp_path):
                                                 "averages are not power-function EMAs", p.stderr[-1000:]
 
 
+def test_posthoc_ema_has_a_snapshot_at_every_checkpoint(mnist, tmp_path):
+    """A run stopped between phema_interval steps (max_minutes, a signal) still snapshots at its checkpoint's step,
+    so sample.py rebuilds the EMA of that step; where the newest snapshot misses it (a snapshot lost), it refuses
+    instead of rebuilding a wrong EMA."""
+    out = tmp_path / 'run'
+    common = [*TINY, f'--out_dir={out}', '--phema_stds=0.05,0.1', '--phema_interval=4']
+    run('train_diffusion.py', *common, '--max_steps=30', '--max_minutes=0.0001')  # stops after one step
+    step = load_ckpt(out)['step']
+    assert step < 4 and os.path.exists(out / 'phema' / f'phema-{step:07d}.pt')
+    run('sample.py', f'--out_dir={out}', '--ema_std=0.07', '--num_samples=2', '--steps=2')
+    os.remove(out / 'phema' / f'phema-{step:07d}.pt')
+    torch.save({'step': 0, 'sigma_rel': [0.05], 'gamma': [phema_gamma(0.05)], 'ema': [{}]},
+               out / 'phema' / 'phema-0000000.pt')
+    p = run('sample.py', f'--out_dir={out}', '--ema_std=0.07', '--num_samples=2', '--steps=2', check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+        f"error: ema_std=0.07: the newest snapshot in {out}/phema/ is at step 0, the checkpoint at step {step}; "
+        f"resume the run to its next snapshot, or sample the checkpoint's EMA with ema_std=0")
+
+
 @pytest.mark.parametrize('class_balance', [0.0, 0.5, 1.0])
 def test_class_balanced_sampling_hits_its_target_frequencies(class_balance):
     """On classes of 2000, 800, 300, 100 and 40 images, class k is drawn with probability proportional to
