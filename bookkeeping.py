@@ -1,11 +1,12 @@
 """
-What every run does around its training loop, written once for train_diffusion.py, train_ae.py, train_gan.py,
-distill_consistency.py and sample.py: config checks, the prepared dataset and its checks, the out_dir and its
-checkpoints (atomic writes, safe loads, init_from, keep_last, RNG state), the metrics file, stop signals and the
-per-step stop vote, non-finite update counting, the device peak and memory, and the sample-grid writer.
+What every run does around its training loop, written once for train_diffusion.py, train_ae.py,
+train_gan.py, distill_consistency.py and sample.py: config checks, the prepared dataset and its
+checks, the out_dir and its checkpoints (atomic writes, safe loads, init_from, keep_last, RNG
+state), the metrics file, stop signals and the per-step stop vote, non-finite update counting, the
+device peak and memory, and the sample-grid writer.
 
-Each function takes what it needs as arguments and reads no script's globals; every error is one line that names
-the value and the fix (a SystemExit, so no traceback reaches the user).
+Each function takes what it needs as arguments and reads no script's globals; every error is one
+line that names the value and the fix (a SystemExit, so no traceback reaches the user).
 """
 import atexit
 import csv
@@ -19,6 +20,7 @@ import resource
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 import zlib
@@ -32,11 +34,12 @@ from PIL import Image
 # config values
 
 
-# the keys that several scripts share, checked the same way wherever a script has them: (ok(value, config), rule)
+# the keys that several scripts share, checked the same way wherever a script has them:
+# (ok(value, config), rule)
 COMMON_RULES = {
     'lr': (lambda v, c: v > 0, 'positive'),
-    'min_lr': (lambda v, c: 0 <= v <= c['lr'] or c.get('lr_schedule') == 'constant', 'in [0, lr] (the cosine '
-               'decays from lr to min_lr)'),
+    'min_lr': (lambda v, c: 0 <= v <= c['lr'] or c.get('lr_schedule') == 'constant',
+               'in [0, lr] (the cosine decays from lr to min_lr)'),
     'warmup_steps': (lambda v, c: v >= 0, 'at least 0'),
     'lr_decay_steps': (lambda v, c: v >= 0, 'at least 0 (0 = max_steps)'),
     'weight_decay': (lambda v, c: v >= 0, 'at least 0'),
@@ -46,7 +49,7 @@ COMMON_RULES = {
     'ema_decay': (lambda v, c: 0 <= v < 1, 'in [0, 1)'),
     'keep_last': (lambda v, c: v >= 0, 'at least 0'),
     'max_minutes': (lambda v, c: v >= 0, 'at least 0 (0 = no limit)'),
-    'seed': (lambda v, c: 0 <= v < 2**63, 'in [0, 2^63)'),
+    'seed': (lambda v, c: 0 <= v < 2**31, 'in [0, 2^31)'),
     'peak_tflops': (lambda v, c: v >= 0, 'at least 0 (0 = the known GPUs\' peak)'),
     'cfg_scale': (lambda v, c: v >= 0, 'at least 0 (1 = no guidance)'),
     'out_dir': (lambda v, c: v.strip() != '', 'a folder'),
@@ -54,13 +57,30 @@ COMMON_RULES = {
 }
 
 
+def out_of_memory(kind, error, tb):
+    """sys.excepthook: memory the run asked for and could not have (a batch or a count too large for
+    this machine) is one line naming the fix; every other exception keeps its traceback (that is a
+    bug)."""
+    text = str(error)
+    if isinstance(error, MemoryError) or 'out of memory' in text or "can't allocate memory" in text:
+        why = text.splitlines()[0][:160] if text else kind.__name__
+        print(f"error: out of memory ({why}); lower batch_size (or grad_accum it), the model's "
+              f"size or the count that asked for it", file=sys.stderr)
+        sys.exit(1)
+    sys.__excepthook__(kind, error, tb)
+
+
 def check_config(config, choices=(), counts=(), rules=()):
-    """Stops at the first bad value: choices are (key, allowed values), counts keys that must be at least 1, and
-    rules (key, ok, what it must be); then the COMMON_RULES of the keys the script has."""
-    rules = [*rules, *[(k, ok(config[k], config), rule) for k, (ok, rule) in COMMON_RULES.items() if k in config]]
+    """Stops at the first bad value: choices are (key, allowed values), counts keys that must be at
+    least 1, and rules (key, ok, what it must be); then the COMMON_RULES of the keys the script has.
+    From then on, running out of memory ends in one line too (out_of_memory)."""
+    sys.excepthook = out_of_memory
+    rules = [*rules, *[(k, ok(config[k], config), rule)
+                       for k, (ok, rule) in COMMON_RULES.items() if k in config]]
     for key, allowed in choices:
         if config[key] not in allowed:
-            raise SystemExit(f"error: {key}={config[key]!r} is not one of {', '.join(map(str, allowed))}")
+            raise SystemExit(f"error: {key}={config[key]!r} is not one of "
+                             f"{', '.join(map(str, allowed))}")
     for key in counts:
         if config[key] < 1:
             raise SystemExit(f"error: {key}={config[key]} must be at least 1")
@@ -70,13 +90,21 @@ def check_config(config, choices=(), counts=(), rules=()):
 
 
 def check_device(device):
+    """'cuda' or 'cpu', the device's type; one line for a device that is not one or not here."""
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"error: device={device!r} is not a device; "
+                         f"pass cpu, cuda or cuda:<index>")
     if device.startswith('cuda') and not torch.cuda.is_available():
-        raise SystemExit(f"error: device='{device}' but CUDA is not available here; pass --device=cpu")
+        raise SystemExit(f"error: device='{device}' but CUDA is not available here; "
+                         f"pass --device=cpu")
     return 'cuda' if device.startswith('cuda') else 'cpu'
 
 
 def seeded(seed, step, stream, device='cpu'):
-    """A generator seeded by (seed, step, stream): the same on every rank, and the same again after a resume."""
+    """A generator seeded by (seed, step, stream): the same on every rank, and the same again
+    after a resume."""
     state = np.random.SeedSequence([seed, step, stream]).generate_state(1)[0]
     return torch.Generator(device).manual_seed(int(state))
 
@@ -91,23 +119,25 @@ def data_path(dataset):
 
 
 def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script=''):
-    """meta.json and the memory-mapped arrays of each split, checked against each other: (data_dir, meta, {split:
-    (x, y)}). Images are uint8 (N, H, W, C) and latents (latent_ok) float16; labels are integers in
-    [0, num_classes)."""
+    """meta.json and the memory-mapped arrays of each split, checked against each other: (data_dir,
+    meta, {split: (x, y)}). Images are uint8 (N, H, W, C) and latents (latent_ok) float16; labels
+    are integers in [0, num_classes)."""
     data_dir = data_path(dataset)
-    prepare = f"python data/{dataset}/prepare.py" if os.path.basename(dataset) == dataset else "its prepare.py"
+    prepare = (f"python data/{dataset}/prepare.py" if os.path.basename(dataset) == dataset
+               else "its prepare.py")
     try:
         with open(os.path.join(data_dir, 'meta.json')) as f:
             meta = json.load(f)
         H, C, K = (meta[k] for k in ('image_size', 'channels', 'num_classes'))
         if not all(isinstance(v, int) and v > 0 for v in (H, C, K)):
-            raise ValueError(f"image_size, channels and num_classes are {H!r}, {C!r}, {K!r}: positive integers")
+            raise ValueError(f"image_size, channels and num_classes are {H!r}, {C!r}, {K!r}: "
+                             f"positive integers")
         data = {s: (np.load(os.path.join(data_dir, f'{s}_x.npy'), mmap_mode='r'),
                     np.load(os.path.join(data_dir, f'{s}_y.npy'))) for s in splits}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         why = f'{e.strerror}: {e.filename}' if isinstance(e, OSError) else repr(e)
-        raise SystemExit(f"error: dataset '{dataset}' is missing or unreadable in {data_dir} ({why}); "
-                         f"run {prepare} first")
+        raise SystemExit(f"error: dataset '{dataset}' is missing or unreadable in {data_dir} "
+                         f"({why}); run {prepare} first")
     latent = meta.get('latent')
     if latent:
         if not latent_ok:
@@ -117,20 +147,22 @@ def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script=''):
     kind = 'float16' if latent else 'uint8'
     for split, (x, y) in data.items():
         where = os.path.join(data_dir, split)
-        if x.dtype != kind or x.shape[1:] != (H, H, C) or y.shape != (len(x),) or y.dtype.kind not in 'iu':
-            raise SystemExit(f"error: {where}_x.npy is {x.dtype} {x.shape} with {y.dtype} {y.shape} labels, but "
-                             f"meta.json says {kind} (N, {H}, {H}, {C}) and N integer labels; re-run {prepare}")
+        if (x.dtype != kind or x.shape[1:] != (H, H, C) or y.shape != (len(x),)
+                or y.dtype.kind not in 'iu'):
+            raise SystemExit(f"error: {where}_x.npy is {x.dtype} {x.shape} with {y.dtype} "
+                             f"{y.shape} labels, but meta.json says {kind} (N, {H}, {H}, {C}) "
+                             f"and N integer labels; re-run {prepare}")
         if len(x) == 0:
             raise SystemExit(f"error: {where}_x.npy holds no images; re-run {prepare}")
         if y.min() < 0 or y.max() >= K:
-            raise SystemExit(f"error: {where}_y.npy has labels in [{y.min()}, {y.max()}] but meta.json says {K} "
-                             f"classes; re-run {prepare}")
+            raise SystemExit(f"error: {where}_y.npy has labels in [{y.min()}, {y.max()}] but "
+                             f"meta.json says {K} classes; re-run {prepare}")
     return data_dir, meta, data
 
 
 def to_device(x, device):
-    """A (B, H, W, C) uint8 or float16 CPU tensor as float32 NCHW on the device (a view of NHWC memory: the
-    channels_last layout); on CUDA a pinned, non-blocking copy."""
+    """A (B, H, W, C) uint8 or float16 CPU tensor as float32 NCHW on the device (a view of NHWC
+    memory: the channels_last layout); on CUDA a pinned, non-blocking copy."""
     if device.startswith('cuda'):
         x = x.pin_memory().to(device, non_blocking=True)
     return x.to(device).permute(0, 3, 1, 2).float()
@@ -141,13 +173,15 @@ def to_device(x, device):
 
 
 # what each kind of checkpoint is and which script writes it; the format of what RunDir.save writes
-KINDS = {'diffusion': 'train_diffusion.py', 'consistency': 'distill_consistency.py', 'gan': 'train_gan.py',
-         'autoencoder': 'train_ae.py', 'latent decoder': 'data/prepare_latents.py'}
+KINDS = {'diffusion': 'train_diffusion.py', 'consistency': 'distill_consistency.py',
+         'gan': 'train_gan.py', 'autoencoder': 'train_ae.py',
+         'latent decoder': 'data/prepare_latents.py'}
 FORMAT = 1
 
 
 def checksum(state):
-    """CRC-32 of a nested state's keys, plain values and tensor bytes, in order: what torch.load does not check."""
+    """CRC-32 of a nested state's keys, plain values and tensor bytes, in order: what torch.load
+    does not check."""
     crc = 0
 
     def walk(v):
@@ -168,40 +202,49 @@ def checksum(state):
 
 
 def load_checkpoint(path, fix, device='cpu', kinds=None):
-    """A checkpoint as tensors and plain types (weights_only: nothing in the file can run code), its checksum
-    verified before any weight is used, and (given kinds) refused when another script wrote it."""
+    """A checkpoint as tensors and plain types (weights_only: nothing in the file can run code),
+    its checksum verified before any weight is used, and (given kinds) refused when another script
+    wrote it."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        why = 'it holds objects other than tensors and plain types' if isinstance(e, pickle.UnpicklingError) \
-            else str(e).split('. ')[0].splitlines()[0][:200]
+        why = ('it holds objects other than tensors and plain types'
+               if isinstance(e, pickle.UnpicklingError)
+               else str(e).split('. ')[0].splitlines()[0][:200])
         raise SystemExit(f"error: cannot load {path} ({why}); {fix}")
     if not isinstance(ckpt, dict):
-        raise SystemExit(f"error: {path} holds a {type(ckpt).__name__}, not a checkpoint of this kit; {fix}")
-    if 'checksum' in ckpt and checksum({k: v for k, v in ckpt.items() if k != 'checksum'}) != ckpt['checksum']:
-        raise SystemExit(f"error: {path} is corrupt: its contents do not match the checksum written with them; "
-                         f"{fix}")
+        raise SystemExit(f"error: {path} holds a {type(ckpt).__name__}, not a checkpoint of this "
+                         f"kit; {fix}")
+    if ('checksum' in ckpt
+            and checksum({k: v for k, v in ckpt.items() if k != 'checksum'}) != ckpt['checksum']):
+        raise SystemExit(f"error: {path} is corrupt: its contents do not match the checksum "
+                         f"written with them; {fix}")
     kind = ckpt.get('kind')
     if kinds and kind not in kinds:
-        what = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} checkpoint, which {KINDS[kind]} writes" \
-            if kind in KINDS else \
-            "not a checkpoint of this kit's scripts (it records no kind)"
-        wanted = ' or '.join(f"{'an' if k[0] in 'aeiou' else 'a'} {k} checkpoint ({KINDS[k]})" for k in kinds)
+        what = (f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} checkpoint, "
+                f"which {KINDS[kind]} writes" if kind in KINDS
+                else "not a checkpoint of this kit's scripts (it records no kind)")
+        wanted = ' or '.join(f"{'an' if k[0] in 'aeiou' else 'a'} {k} checkpoint ({KINDS[k]})"
+                             for k in kinds)
         raise SystemExit(f"error: {path} is {what}; this needs {wanted}")
     if ckpt.get('format', FORMAT) > FORMAT:
-        raise SystemExit(f"error: {path} has format {ckpt['format']}, newer than this kit's {FORMAT}; update the "
-                         f"kit")
+        raise SystemExit(f"error: {path} has format {ckpt['format']}, newer than this kit's "
+                         f"{FORMAT}; update the kit")
     return ckpt
 
 
 def rng_state(device_type):
-    """This process's global RNGs (for what a fork draws from them; the scripts' own draws are seeded)."""
-    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
-            'numpy': [np.random.get_state()[1].tolist(), *np.random.get_state()[2:]], 'python': random.getstate()}
+    """This process's global RNGs (for what a fork draws from them; the scripts' own draws are
+    seeded)."""
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
+            'numpy': [np.random.get_state()[1].tolist(), *np.random.get_state()[2:]],
+            'python': random.getstate()}
 
 
 def restore_rng(states, seed, rank, world_size, device_type):
-    """The global RNGs as a checkpoint saved them for this rank (same world size), else seeded by seed + rank."""
+    """The global RNGs as a checkpoint saved them for this rank (same world size), else seeded by
+    seed + rank."""
     state = states[rank] if states and len(states) == world_size else None
     if state is None:
         torch.manual_seed(seed + rank)
@@ -211,7 +254,8 @@ def restore_rng(states, seed, rank, world_size, device_type):
     torch.set_rng_state(state['torch'].cpu())
     if device_type == 'cuda' and state['cuda'] is not None:
         torch.cuda.set_rng_state(state['cuda'].cpu())
-    np.random.set_state(('MT19937', np.array(state['numpy'][0], dtype=np.uint32), *state['numpy'][1:]))
+    np.random.set_state(('MT19937', np.array(state['numpy'][0], dtype=np.uint32),
+                         *state['numpy'][1:]))
     random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
 
 
@@ -221,12 +265,12 @@ def changed_keys(saved, config):
 
 
 def check_same(what, saved, current, path):
-    """Stops when a checkpoint's record (model_args and the like, dicts) differs from this run's; keys added since
-    it was written take their defaults."""
+    """Stops when a checkpoint's record (model_args and the like, dicts) differs from this run's;
+    keys added since it was written take their defaults."""
     diff = {k: (v, current.get(k)) for k, v in saved.items() if current.get(k, v) != v}
     if diff:
-        raise SystemExit(f"error: {path} holds another {what} (checkpoint vs config: {diff}); resume with the "
-                         f"config it was trained with, or choose another out_dir")
+        raise SystemExit(f"error: {path} holds another {what} (checkpoint vs config: {diff}); "
+                         f"resume with the config it was trained with, or choose another out_dir")
 
 
 def load_state(net, state, path, key):
@@ -234,27 +278,29 @@ def load_state(net, state, path, key):
     try:
         net.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: {path}'s {key} does not fit this run ({str(e).splitlines()[-1].strip()[:200]}); "
+        raise SystemExit(f"error: {path}'s {key} does not fit this run "
+                         f"({str(e).splitlines()[-1].strip()[:200]}); "
                          f"resume with the config it was trained with, or choose another out_dir")
 
 
 def check_writable(out_dir):
-    """Makes out_dir if need be, and stops now when nothing can be written there (a run, or sample.py, finds out
-    before its work rather than at its first file)."""
+    """Makes out_dir if need be, and stops now when nothing can be written there (a run, or
+    sample.py, finds out before its work rather than at its first file)."""
     try:
         os.makedirs(out_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as e:
-        raise SystemExit(f"error: cannot write to out_dir='{out_dir}' ({e.strerror}); pass an --out_dir you can "
-                         f"write to")
+        raise SystemExit(f"error: cannot write to out_dir='{out_dir}' ({e.strerror}); "
+                         f"pass an --out_dir you can write to")
 
 
 _LOCKS = {}  # out_dir (real path) -> the open lock file this process holds
 
 
 def lock_out_dir(out_dir):
-    """Takes out_dir/run.lock for this process (an flock: the kernel drops it when the process dies, so a killed
-    run leaves no block behind); a second run on the same out_dir stops at once, naming the holder."""
+    """Takes out_dir/run.lock for this process (an flock: the kernel drops it when the process dies,
+    so a killed run leaves no block behind); a second run on the same out_dir stops at once, naming
+    the holder."""
     key = os.path.realpath(out_dir)
     if key in _LOCKS:  # this process holds it already (a script run again in-process)
         return
@@ -267,14 +313,15 @@ def lock_out_dir(out_dir):
             f.seek(0)
             holder = f.read().strip() or 'another process'
             f.close()
-            raise SystemExit(f"error: out_dir='{out_dir}' is in use by {holder}; wait for that run to end (or "
-                             f"stop it), or pass another --out_dir")
+            raise SystemExit(f"error: out_dir='{out_dir}' is in use by {holder}; wait for that run "
+                             f"to end (or stop it), or pass another --out_dir")
         if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
             break  # (else the holder removed the file as we opened it: lock the new one)
         f.close()
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} "
+            f"since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     f.flush()
     _LOCKS[key] = f
 
@@ -286,33 +333,35 @@ def lock_out_dir(out_dir):
 
 
 class RunDir:
-    """A run's out_dir, held by one run at a time (lock_out_dir): init_from resolved ('auto' resumes when ckpt.pt
-    exists; 'scratch' never overwrites one), checked writable and apart from the run's inputs before any work, and
-    its checkpoints written atomically (a temporary file, flushed to disk, renamed over the last one, which stays
-    whole until that moment) by rank 0 with every rank's RNG state, the kind of run that wrote them and a
-    checksum. inputs: (what, path) pairs of folders the run reads (a teacher, a base model, its dataset)."""
+    """A run's out_dir, held by one run at a time (lock_out_dir): init_from resolved ('auto' resumes
+    when ckpt.pt exists; 'scratch' never overwrites one), checked writable and apart from the run's
+    inputs before any work, and its checkpoints written atomically (a temporary file, flushed to
+    disk, renamed over the last one, which stays whole until that moment) by rank 0 with every
+    rank's RNG state, the kind of run that wrote them and a checksum. inputs: (what, path) pairs of
+    folders the run reads (a teacher, a base model, its dataset)."""
 
-    def __init__(self, out_dir, init_from, keep_last=0, master=True, world_size=1, device_type='cpu',
-                 kind=None, inputs=()):
+    def __init__(self, out_dir, init_from, keep_last=0, master=True, world_size=1,
+                 device_type='cpu', kind=None, inputs=()):
         self.out_dir, self.keep_last, self.master, self.kind = out_dir, keep_last, master, kind
         self.world_size, self.device_type = world_size, device_type
         self.ckpt_path = os.path.join(out_dir, 'ckpt.pt')
         self.saved_step = None
         for what, path in inputs:
             if path and os.path.realpath(path) == os.path.realpath(out_dir):
-                raise SystemExit(f"error: out_dir='{out_dir}' is the {what}'s folder, which this run reads; pass "
-                                 f"another --out_dir")
+                raise SystemExit(f"error: out_dir='{out_dir}' is the {what}'s folder, which this "
+                                 f"run reads; pass another --out_dir")
         kept = sorted(glob.glob(os.path.join(out_dir, 'ckpt_[0-9]*.pt')))
         if init_from == 'auto':
             if kept and not os.path.exists(self.ckpt_path):
-                raise SystemExit(f"error: {out_dir} holds kept checkpoints ({os.path.basename(kept[-1])} the "
-                                 f"newest) but no ckpt.pt; copy the one to go on from to ckpt.pt, or start in "
-                                 f"another --out_dir")
+                raise SystemExit(f"error: {out_dir} holds kept checkpoints "
+                                 f"({os.path.basename(kept[-1])} the newest) but no ckpt.pt; copy "
+                                 f"the one to go on from to ckpt.pt, or start in another --out_dir")
             init_from = 'resume' if os.path.exists(self.ckpt_path) else 'scratch'
         elif init_from == 'scratch' and (os.path.exists(self.ckpt_path) or kept):
-            raise SystemExit(f"error: {self.ckpt_path if os.path.exists(self.ckpt_path) else kept[-1]} exists and "
-                             f"init_from='scratch' would overwrite it; continue that run with --init_from=auto, "
-                             f"or start this one in another --out_dir")
+            raise SystemExit(f"error: "
+                             f"{self.ckpt_path if os.path.exists(self.ckpt_path) else kept[-1]} "
+                             f"exists and init_from='scratch' would overwrite it; continue that "
+                             f"run with --init_from=auto, or start this one in another --out_dir")
         elif init_from == 'resume' and not os.path.exists(self.ckpt_path):
             raise SystemExit(f"error: init_from='resume' but {self.ckpt_path} does not exist; use "
                              f"--init_from=scratch")
@@ -322,17 +371,18 @@ class RunDir:
             lock_out_dir(out_dir)
 
     def resume(self, device):
-        """The checkpoint to resume from (rank 0 says so once the script has restored it). Kept copies newer than
-        it belong to another history: the run stops rather than mix them with this one's."""
-        ckpt = load_checkpoint(self.ckpt_path, "restore a checkpoint this script wrote (keep_last keeps "
-                               "ckpt_<step>.pt copies), or start in another --out_dir", device,
-                               [self.kind] if self.kind else None)
+        """The checkpoint to resume from (rank 0 says so once the script has restored it). Kept
+        copies newer than it belong to another history: the run stops rather than mix them with this
+        one's."""
+        ckpt = load_checkpoint(self.ckpt_path, "restore a checkpoint this script wrote (keep_last "
+                               "keeps ckpt_<step>.pt copies), or start in another --out_dir",
+                               device, [self.kind] if self.kind else None)
         newer = [f for f in glob.glob(os.path.join(self.out_dir, 'ckpt_[0-9]*.pt'))
                  if int(os.path.basename(f)[5:-3]) > ckpt['step']]
         if newer:
-            raise SystemExit(f"error: {self.out_dir} keeps {os.path.basename(max(newer))}, newer than ckpt.pt "
-                             f"(step {ckpt['step']}): another history of this run; move the newer copies away "
-                             f"to go on from ckpt.pt")
+            raise SystemExit(f"error: {self.out_dir} keeps {os.path.basename(max(newer))}, newer "
+                             f"than ckpt.pt (step {ckpt['step']}): another history of this run; "
+                             f"move the newer copies away to go on from ckpt.pt")
         self.saved_step = ckpt['step']
         return ckpt
 
@@ -342,13 +392,14 @@ class RunDir:
         return f"no checkpoint was written to {self.out_dir}"
 
     def save(self, step, state, weights, fix, path=None):
-        """Writes state (a dict of tensors and plain types; 'step', every rank's 'rng', 'kind', 'format' and the
-        'checksum' are added) to path (ckpt.pt by default). Collective: every rank calls it. Non-finite weights
-        are never saved."""
+        """Writes state (a dict of tensors and plain types; 'step', every rank's 'rng', 'kind',
+        'format' and the 'checksum' are added) to path (ckpt.pt by default). Collective: every rank
+        calls it. Non-finite weights are never saved."""
         path = path or self.ckpt_path
-        if not torch.stack([w.isfinite().all() for w in weights]).all():  # the same on every rank
-            raise SystemExit(f"error: the weights are not finite at step {step}, so they are not saved; "
-                             f"{self.last_good()}: {fix}")
+        # the same on every rank
+        if not torch.stack([w.isfinite().all() for w in weights]).all():
+            raise SystemExit(f"error: the weights are not finite at step {step}, "
+                             f"so they are not saved; {self.last_good()}: {fix}")
         states = [None] * self.world_size
         if self.world_size > 1:
             dist.all_gather_object(states, rng_state(self.device_type))
@@ -363,17 +414,22 @@ class RunDir:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(path + '.tmp', path)
-            except (OSError, RuntimeError) as e:  # a full disk surfaces from torch.save as a RuntimeError
+            # a full disk surfaces from torch.save as a RuntimeError
+            except (OSError, RuntimeError) as e:
                 os.remove(path + '.tmp')
                 why = e.strerror if isinstance(e, OSError) else 'torch.save could not write it'
                 free = shutil.disk_usage(self.out_dir).free / 2**30
-                raise SystemExit(f"error: writing {path} failed at step {step} ({why}; {free:.1f} GiB free); "
+                raise SystemExit(f"error: writing {path} failed at step {step} "
+                                 f"({why}; {free:.1f} GiB free); "
                                  f"{self.last_good()}: make room and re-run the same command")
-            if self.keep_last and path == self.ckpt_path:  # a second name for the same file: no extra space
+            # a second name for the same file: no extra space
+            if self.keep_last and path == self.ckpt_path:
                 kept = os.path.join(self.out_dir, f'ckpt_{step:07d}.pt')
                 os.link(path, kept + '.tmp')
-                os.replace(kept + '.tmp', kept)  # (over a copy of this step from an abandoned history)
-                for old in sorted(glob.glob(os.path.join(self.out_dir, 'ckpt_[0-9]*.pt')))[:-self.keep_last]:
+                # (over a copy of this step from an abandoned history)
+                os.replace(kept + '.tmp', kept)
+                for old in sorted(glob.glob(
+                        os.path.join(self.out_dir, 'ckpt_[0-9]*.pt')))[:-self.keep_last]:
                     os.remove(old)
             print(f"saved {path} at step {step}")
         if path == self.ckpt_path:
@@ -385,16 +441,22 @@ class RunDir:
 
 
 class Metrics:
-    """Rows of out_dir/metrics.csv, and of wandb when wandb_run is given. A resumed run first drops the rows logged
-    after its checkpoint (and a row cut short by a crash): the file then reads as one uninterrupted run."""
+    """Rows of out_dir/metrics.csv, and of wandb when wandb_run is given. A resumed run first drops
+    the rows logged after its checkpoint (and a row cut short by a crash): the file then reads as
+    one uninterrupted run."""
 
     def __init__(self, path, fields, start_step=0, wandb_run=None):
         self.path, self.fields, self.wandb_run = path, fields, wandb_run
         rows = []
         if start_step and os.path.exists(path):
-            with open(path, newline='') as f:
-                rows = [r for r in csv.DictReader(f) if None not in r.values() and r.get('step', '').isdigit()
-                        and int(r['step']) <= start_step]
+            try:
+                with open(path, newline='') as f:
+                    rows = [r for r in csv.DictReader(f) if None not in r.values()
+                            and r.get('step', '').isdigit() and int(r['step']) <= start_step]
+            except (OSError, ValueError) as e:  # (a folder, no permission, bytes that are not text)
+                why = e.strerror if isinstance(e, OSError) else 'not a text file'
+                raise SystemExit(f"error: cannot read {path} ({why}); move it away and re-run the "
+                                 f"same command (the run goes on, logging to a new metrics.csv)")
 
         def write(f):
             csv.DictWriter(f, fields).writeheader()
@@ -407,16 +469,19 @@ class Metrics:
             with open(self.path, 'a', newline='') as f:
                 csv.DictWriter(f, self.fields).writerow(row)
         except OSError as e:
-            raise SystemExit(f"error: writing {self.path} failed at step {row['step']} ({e.strerror}); make room "
-                             f"and re-run the same command (the run resumes from its last checkpoint)")
+            raise SystemExit(f"error: writing {self.path} failed at step {row['step']} "
+                             f"({e.strerror}); make room and re-run the same command (the run "
+                             f"resumes from its last checkpoint)")
         if self.wandb_run:
             self.wandb_run.log(row, step=row['step'])
 
 
 def start_wandb(project, name, config, out_dir, run_id):
-    """A wandb run that a resumed run continues (run_id from its checkpoint); imported only when asked for."""
+    """A wandb run that a resumed run continues (run_id from its checkpoint); imported only when
+    asked for."""
     import wandb
-    return wandb.init(project=project, name=name, config=config, dir=out_dir, id=run_id, resume='allow')
+    return wandb.init(project=project, name=name, config=config, dir=out_dir, id=run_id,
+                      resume='allow')
 
 
 # -----------------------------------------------------------------------------
@@ -424,9 +489,10 @@ def start_wandb(project, name, config, out_dir, run_id):
 
 
 class StopSignals:
-    """SIGTERM (a scheduler, torchrun), SIGUSR1 (SLURM's --signal warning) and Ctrl-C (SIGINT) ask the loop to
-    finish its step, save and exit 0; a second Ctrl-C exits at once. vote() says, at every step, whether to stop
-    now: the same answer on every rank (a vote on the host, over a gloo group, that does not wait for the GPU)."""
+    """SIGTERM (a scheduler, torchrun), SIGUSR1 (SLURM's --signal warning) and Ctrl-C (SIGINT) ask
+    the loop to finish its step, save and exit 0; a second Ctrl-C exits at once. vote() says, at
+    every step, whether to stop now: the same answer on every rank (a vote on the host, over a gloo
+    group, that does not wait for the GPU)."""
 
     def __init__(self, max_minutes, t_start, ddp):
         self.max_minutes, self.t_start, self.signum = max_minutes, t_start, 0
@@ -436,12 +502,12 @@ class StopSignals:
 
     def request(self, signum, frame):
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise SystemExit("error: interrupted twice: stopped at once, without saving; the last checkpoint "
-                             "stays as it was")
+            raise SystemExit("error: interrupted twice: stopped at once, without saving; "
+                             "the last checkpoint stays as it was")
+        self.signum = signum  # before the print: a Ctrl-C that interrupts it is the second
         if signum == signal.SIGINT:
-            print("\nCtrl-C: finishing the step, saving and stopping (Ctrl-C again: stop at once, no save)",
-                  flush=True)
-        self.signum = signum
+            print("\nCtrl-C: finishing the step, saving and stopping "
+                  "(Ctrl-C again: stop at once, no save)", flush=True)
 
     def vote(self):
         """None, or why every rank stops now."""
@@ -455,7 +521,8 @@ class StopSignals:
 
 
 class SkipCounter:
-    """Counts updates skipped for a non-finite gradient norm on the device (no host sync until read)."""
+    """Counts updates skipped for a non-finite gradient norm on the device (no host sync
+    until read)."""
 
     def __init__(self, device):
         self.skipped, self.streak, self.worst = (torch.zeros((), device=device) for _ in range(3))
@@ -466,11 +533,13 @@ class SkipCounter:
         self.worst = torch.maximum(self.worst, self.streak)
 
     def read(self, max_nonfinite, step, last_good, fix):
-        """The updates skipped since the last read; stops the run when max_nonfinite came in a row."""
+        """The updates skipped since the last read; stops the run when max_nonfinite came in
+        a row."""
         skipped, worst = int(self.skipped.item()), int(self.worst.item())
         if worst >= max_nonfinite:
-            raise SystemExit(f"error: {worst} updates in a row had a non-finite gradient norm and were skipped "
-                             f"(max_nonfinite={max_nonfinite}) by step {step}; {last_good}: resume it with {fix}")
+            raise SystemExit(f"error: {worst} updates in a row had a non-finite gradient norm and "
+                             f"were skipped (max_nonfinite={max_nonfinite}) by step {step}; "
+                             f"{last_good}: resume it with {fix}")
         self.skipped.zero_()
         self.worst.zero_()
         return skipped
@@ -481,8 +550,8 @@ class SkipCounter:
 
 
 def device_peak_tflops(device_type, dtype):
-    """Known GPUs' dense tensor-core peak (bf16's, SXM unless named; float32 runs at TF32's, half of it); 0 when
-    unknown (then pass peak_tflops) and on CPUs."""
+    """Known GPUs' dense tensor-core peak (bf16's, SXM unless named; float32 runs at TF32's, half of
+    it); 0 when unknown (then pass peak_tflops) and on CPUs."""
     if device_type != 'cuda':
         return 0.0
     name = torch.cuda.get_device_name()
@@ -501,7 +570,8 @@ SPEED_FIELDS = ['ms_per_step', 'img_per_s', 'tflops', 'mfu', 'peak_mem_gib']
 
 
 def speed(dt, batch_size, flops_per_image, peak_tflops, world_size, device_type):
-    """The SPEED_FIELDS of a row: a step of dt seconds over batch_size images, against world_size peaks."""
+    """The SPEED_FIELDS of a row: a step of dt seconds over batch_size images, against world_size
+    peaks."""
     tflops = flops_per_image * batch_size / dt / 1e12
     return dict(ms_per_step=dt * 1e3, img_per_s=batch_size / dt, tflops=tflops,
                 mfu=tflops / (peak_tflops * world_size) if peak_tflops else float('nan'),
@@ -511,8 +581,9 @@ def speed(dt, batch_size, flops_per_image, peak_tflops, world_size, device_type)
 def speed_text(row, steps_left):
     """The log line's tail for a row with SPEED_FIELDS."""
     mfu = f"{row['mfu']:.1%}" if row['mfu'] == row['mfu'] else 'n/a'
-    return (f"{row['ms_per_step']:.0f} ms/step | {row['img_per_s']:.0f} img/s | {row['tflops']:.2f} TFLOP/s | "
-            f"mfu {mfu} | {row['peak_mem_gib']:.2f} GiB | eta {row['ms_per_step'] * steps_left / 6e4:.1f} min")
+    return (f"{row['ms_per_step']:.0f} ms/step | {row['img_per_s']:.0f} img/s | "
+            f"{row['tflops']:.2f} TFLOP/s | mfu {mfu} | {row['peak_mem_gib']:.2f} GiB | "
+            f"eta {row['ms_per_step'] * steps_left / 6e4:.1f} min")
 
 
 # -----------------------------------------------------------------------------
@@ -520,8 +591,8 @@ def speed_text(row, steps_left):
 
 
 def write_file(path, write, mode='wb'):
-    """Writes a file whole or not at all: write(f) fills a temporary file, renamed over path at the end; a full
-    disk or an unwritable folder is one line, and no half-written file is left."""
+    """Writes a file whole or not at all: write(f) fills a temporary file, renamed over path at the
+    end; a full disk or an unwritable folder is one line, and no half-written file is left."""
     try:
         with open(path + '.tmp', mode, **({} if 'b' in mode else {'newline': ''})) as f:
             write(f)
@@ -531,16 +602,18 @@ def write_file(path, write, mode='wb'):
             os.remove(path + '.tmp')
         folder = os.path.dirname(os.path.abspath(path))
         free = shutil.disk_usage(folder).free / 2**30 if os.path.isdir(folder) else 0.0
-        raise SystemExit(f"error: writing {path} failed ({e.strerror}; {free:.1f} GiB free); make room (or pass "
-                         f"a folder you can write to) and re-run the same command")
+        raise SystemExit(f"error: writing {path} failed ({e.strerror}; {free:.1f} GiB free); make "
+                         f"room (or pass a folder you can write to) and re-run the same command")
 
 
 def save_grid(x, path, ncol=8):
-    """Images in [-1, 1], (B, C, H, W), to one PNG grid of ncol columns (the last row padded with black)."""
+    """Images in [-1, 1], (B, C, H, W), to one PNG grid of ncol columns (the last row padded with
+    black)."""
     x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
     x = torch.cat([x, x.new_zeros((-len(x) % ncol, *x.shape[1:]))])
     B, C, H, W = x.shape
-    grid = x.view(B // ncol, ncol, C, H, W).permute(0, 3, 1, 4, 2).reshape(B // ncol * H, ncol * W, C)
+    grid = (x.view(B // ncol, ncol, C, H, W).permute(0, 3, 1, 4, 2)
+            .reshape(B // ncol * H, ncol * W, C))
     write_file(path, lambda f: Image.fromarray(grid.squeeze(-1).numpy()).save(f, format='PNG'))
 
 
@@ -554,8 +627,9 @@ def adamw(params, lr, betas, weight_decay):
 
 
 def load_optimizer(optimizer, state, path, key):
-    """Restores an optimizer's moments and step counts, then applies this run's hyperparameters (betas, weight
-    decay, eps) to them: a key changed since the checkpoint takes effect (lr is set at every step anyway)."""
+    """Restores an optimizer's moments and step counts, then applies this run's hyperparameters
+    (betas, weight decay, eps) to them: a key changed since the checkpoint takes effect (lr is set
+    at every step anyway)."""
     now = [{k: v for k, v in group.items() if k not in ('params', 'lr', 'initial_lr')}
            for group in optimizer.param_groups]
     load_state(optimizer, state, path, key)
