@@ -269,6 +269,10 @@ def karras_grid():
     cdf = torch.special.erf((sigmas.log() - p_mean) / (math.sqrt(2) * p_std))
     return sigmas, cdf[1:] - cdf[:-1]
 sigmas, p_interval = (v.to(device) for v in karras_grid())
+if mode == 'cd' and not (sigmas.isfinite().all() and p_interval.sum() > 1e-12):
+    raise SystemExit(f"error: rho={rho}, p_mean={p_mean}, p_std={p_std} put no noise level on the grid from "
+                     f"sigma_min={sigma_min} to sigma_max={sigma_max}; use a log-normal centred inside it "
+                     f"(iCT: p_mean=-1.1, p_std=2.0) and rho near 7")
 
 def draw_sigmas(step, g):
     """Each image's pair of noise levels (hi, lo), hi > lo >= sigma_min, for the global batch of
