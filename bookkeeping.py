@@ -11,6 +11,7 @@ line that names the value and the fix (a SystemExit, so no traceback reaches the
 import atexit
 import csv
 import fcntl
+import functools
 import glob
 import json
 import os
@@ -158,6 +159,32 @@ def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script=''):
             raise SystemExit(f"error: {where}_y.npy has labels in [{y.min()}, {y.max()}] but "
                              f"meta.json says {K} classes; re-run {prepare}")
     return data_dir, meta, data
+
+
+def save_dataset(out_dir, arrays, meta):
+    """The arrays as out_dir/{name}.npy and meta.json, whole or absent. Every file goes to a .tmp
+    name first; then the old meta.json is removed, the arrays get their names and meta.json comes
+    last, so a kill leaves the old dataset, none (a loader says to re-run) or the new one."""
+    files = {f"{name}.npy": functools.partial(np.save, arr=arr) for name, arr in arrays.items()}
+    files["meta.json"] = lambda f: f.write(json.dumps(meta, indent=2).encode())
+    paths = [os.path.join(out_dir, name) for name in files]
+    try:
+        for path, write in zip(paths, files.values()):
+            with open(path + ".tmp", "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        if os.path.lexists(paths[-1]):
+            os.remove(paths[-1])
+        for path in paths:
+            os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise SystemExit(f"error: writing {e.filename or out_dir} failed ({e.strerror or e}); "
+                         f"make room or pass another --out_dir")
+    finally:  # remove what a failure left behind
+        for path in paths:
+            if os.path.lexists(path + ".tmp"):
+                os.remove(path + ".tmp")
 
 
 def to_device(x, device):

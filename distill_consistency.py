@@ -214,7 +214,7 @@ params, ema_params = list(model.parameters()), list(ema.parameters())
 target_params = list(target_net.parameters())
 optimizer = bk.adamw(params, lr, (beta1, beta2), weight_decay)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-start_step, wandb_id, ckpt = 0, None, {}
+start_step, images_seen, wandb_id, ckpt = 0, 0, None, {}
 if run.init_from == 'resume':
     ckpt = run.resume(device)
     bk.check_same('model shape', ckpt['model_args'], asdict(model_config), run.ckpt_path)
@@ -229,7 +229,7 @@ if run.init_from == 'resume':
     # a run that switches to target='ema' starts it from the student, as a new run does
     if target == 'ema':
         bk.load_state(target_net, ckpt.get('target', ckpt['model']), run.ckpt_path, 'target')
-    start_step, wandb_id = ckpt['step'], ckpt['wandb_id']
+    start_step, images_seen, wandb_id = ckpt['step'], ckpt['images_seen'], ckpt['wandb_id']
     changed = bk.changed_keys(ckpt['config'], config)
     if master:
         print(f"resuming {run.ckpt_path} at step {start_step}"
@@ -383,6 +383,7 @@ for step in range(start_step, max_steps):
     loss_sum += torch.where(bad, 0, step_loss)
     skips.add(bad)
     steps_since_log += 1
+    images_seen += batch_size  # (kept true when a resumed run changes batch_size)
 
     last = step + 1 == max_steps
     stop = stopper.vote()
@@ -395,7 +396,7 @@ for step in range(start_step, max_steps):
         loss_avg = (loss_sum / (steps_since_log - n_skipped)).item()  # nan if all were skipped
         dt = (time.time() - t_log) / steps_since_log
         stage = step * ect_stages // max_steps if mode == 'ect' else ''
-        row = dict(step=step + 1, kimg=(step + 1) * batch_size / 1e3, loss=loss_avg, lr=lr_now,
+        row = dict(step=step + 1, kimg=images_seen / 1e3, loss=loss_avg, lr=lr_now,
                    grad_norm=grad_norm.item(), skipped=n_skipped, ect_stage=stage,
                    **bk.speed(dt, batch_size, flops_per_image, peak_tflops, world_size,
                               device_type))
@@ -417,7 +418,7 @@ for step in range(start_step, max_steps):
         run.save(step + 1, {'model': raw_model.state_dict(), 'ema': ema.state_dict(),
                             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                             'model_args': asdict(model_config),
-                            'images_seen': (step + 1) * batch_size,
+                            'images_seen': images_seen,
                             'config': config, 'wandb_id': wandb_id, 'teacher_config': tconf,
                             'consistency': {'sigma_min': sigma_min, 'sigma_max': sigma_max},
                             **({'target': target_net.state_dict()} if target == 'ema' else {})},

@@ -208,7 +208,7 @@ if device_type == 'cuda':
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 optimizer = bk.adamw(model.parameters(), lr, (beta1, beta2), weight_decay)
 d_optimizer = bk.adamw(disc.parameters(), lr, (beta1, beta2), weight_decay) if disc else None
-start_step, wandb_id, best_psnr, stale_evals, ckpt = 0, None, -math.inf, 0, {}
+start_step, images_seen, wandb_id, best_psnr, stale_evals, ckpt = 0, 0, None, -math.inf, 0, {}
 if run.init_from == 'resume':
     ckpt = run.resume(device)
     # the autoencoder's shape, and the discriminator's (None: none), are the checkpoint's
@@ -222,7 +222,7 @@ if run.init_from == 'resume':
     if disc:
         bk.load_state(disc, ckpt['disc'], run.ckpt_path, 'disc')
         bk.load_optimizer(d_optimizer, ckpt['d_optimizer'], run.ckpt_path, 'd_optimizer')
-    start_step, wandb_id = ckpt['step'], ckpt['wandb_id']
+    start_step, images_seen, wandb_id = ckpt['step'], ckpt['images_seen'], ckpt['wandb_id']
     best_psnr, stale_evals = ckpt['best_psnr'], ckpt['stale_evals']
     changed = bk.changed_keys(ckpt['config'], config)
     if master:
@@ -312,7 +312,7 @@ def train_state(step):
     return {'model': raw_model.state_dict(), 'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(),
             'disc': raw_disc.state_dict() if disc else None,
             'd_optimizer': d_optimizer.state_dict() if disc else None, 'model_args': asdict(model_config),
-            'disc_args': disc_args, 'images_seen': step * batch_size, 'config': config,
+            'disc_args': disc_args, 'images_seen': images_seen, 'config': config,
             'wandb_id': wandb_id, 'best_psnr': best_psnr, 'stale_evals': stale_evals}
 
 # the same val images in every grid of reconstructions, a multiple of its columns
@@ -404,6 +404,7 @@ for step in range(start_step, max_steps):
     sums += torch.where(bad, 0, step_sums)
     skips.add(bad)
     steps_since_log += 1
+    images_seen += batch_size  # (kept true when a resumed run changes batch_size)
 
     last = step + 1 == max_steps
     stop = stopper.vote()
@@ -414,7 +415,7 @@ for step in range(start_step, max_steps):
         n_skipped = skips.read(max_nonfinite, step + 1, run.last_good(), remedy)  # the host sync
         avg = dict(zip(terms, (sums / (steps_since_log - n_skipped)).tolist()))  # nan if all were skipped
         dt = (time.time() - t_log) / steps_since_log
-        row = dict(step=step + 1, kimg=(step + 1) * batch_size / 1e3, **avg, lr=get_lr(step),
+        row = dict(step=step + 1, kimg=images_seen / 1e3, **avg, lr=get_lr(step),
                    grad_norm=grad_norm.item(), d_grad_norm=d_grad_norm.item(), skipped=n_skipped,
                    **bk.speed(dt, batch_size, flops_per_image(step), peak_tflops, world_size, device_type))
         if master:

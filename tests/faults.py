@@ -5,8 +5,11 @@ Runs a script with faults injected, for tests/test_robustness.py:
 
 FAULT_SLOW_SAVE=1      every torch.save writes the first half of its bytes, prints 'mid-save' and hangs, so that a
                        test can kill the process in the middle of writing a checkpoint
-FAULT_NAN_STEPS=3,4    the network's output is NaN in those training forwards (counted from 0 in this process)
+FAULT_NAN_STEPS=3,4    the network's output is NaN in those training forwards (counted from 0 in this process); of
+                       a network that returns a tuple (the autoencoder's xrec, mean, logvar), its first element
 FAULT_NAN_WEIGHTS=3    in that training forward the network's first weight is set to NaN, and stays so
+FAULT_SLOW_STEPS=0.5   every training forward first sleeps this many seconds, so that a test has time to send a
+                       second signal within one step
 The script runs in this process (runpy), so it imports the patched torch.save and model.create_model.
 """
 import io
@@ -35,6 +38,7 @@ if os.environ.get('FAULT_SLOW_SAVE'):
 
 nan_steps = {int(s) for s in os.environ.get('FAULT_NAN_STEPS', '').split(',') if s}
 nan_weights = int(os.environ.get('FAULT_NAN_WEIGHTS', -1))
+slow_steps = float(os.environ.get('FAULT_SLOW_STEPS', 0))
 _create_model = model.create_model
 
 
@@ -48,9 +52,12 @@ def create_model(*args, **kwargs):
             if len(calls) - 1 == nan_weights:
                 with torch.no_grad():
                     next(module.parameters()).fill_(float('nan'))
+            time.sleep(slow_steps)
 
     def output(module, inputs, out):
         if module.training and len(calls) - 1 in nan_steps:
+            if isinstance(out, tuple):
+                return (out[0] * float('nan'), *out[1:])
             return out * float('nan')
 
     net.register_forward_pre_hook(count)

@@ -1,6 +1,7 @@
 """Never lose a run: SIGKILL anywhere then resume, preemption signals, torchrun restarts, non-finite updates,
 untrusted checkpoints, and bad input that stops with one clear line and leaves the previous run as it was."""
 import csv
+import glob
 import os
 import pickle
 import random
@@ -8,8 +9,11 @@ import re
 import resource
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -65,13 +69,17 @@ def load(path):
 
 
 def assert_same_state(a, b):
-    """Model, EMA, optimizer and RNG states identical to the bit."""
+    """Model, EMA, target, discriminator, both optimizers' and RNG states identical to the bit."""
     assert a['step'] == b['step'] and a['images_seen'] == b['images_seen']
-    for key in ('model', 'ema', 'target'):
-        for name, w in a.get(key, {}).items():
+    assert a.get('best_psnr') == b.get('best_psnr') and a.get('stale_evals') == b.get('stale_evals')
+    for key in ('model', 'ema', 'target', 'disc'):
+        assert (a.get(key) is None) == (b.get(key) is None), (a['step'], key)
+        for name, w in (a.get(key) or {}).items():
             assert torch.equal(w, b[key][name]), (a['step'], key, name)
-    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values(), strict=True):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa), a['step']
+    for key in ('optimizer', 'd_optimizer'):
+        assert (a.get(key) is None) == (b.get(key) is None), (a['step'], key)
+        for sa, sb in zip(*[(c.get(key) or {}).get('state', {}).values() for c in (a, b)], strict=True):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa), (a['step'], key)
     assert [torch.equal(ra['torch'], rb['torch']) for ra, rb in zip(a['rng'], b['rng'])] == [True] * len(a['rng'])
 
 
@@ -82,19 +90,34 @@ def curve(out):
 
 
 def snapshot(out):
-    return {f: open(os.path.join(out, f), 'rb').read() for f in sorted(os.listdir(out))} if os.path.isdir(out) else {}
+    """The bytes of every file in out, a folder's as a dict of its own: what a run that stops must leave as it was."""
+    if not os.path.isdir(out):
+        return {}
+    return {f: snapshot(path) if os.path.isdir(path := os.path.join(out, f)) else open(path, 'rb').read()
+            for f in sorted(os.listdir(out))}
+
+
+def value(args, key):
+    """The int value of --key=value in a list of arguments."""
+    return int(next(a for a in args if a.startswith(f'--{key}=')).split('=')[1])
 
 
 def reference_run(script, base, out):
     """The uninterrupted run, keeping every checkpoint (ckpt_<step>.pt) to compare the interrupted ones against."""
     run(script, *base, f'--out_dir={out}', '--keep_last=100')
-    assert sorted(os.listdir(out)).count('ckpt.pt') == 1 and len([f for f in os.listdir(out) if f.startswith('ckpt_')]) == 10
+    kept = [f for f in os.listdir(out) if f.startswith('ckpt_')]
+    assert 'ckpt.pt' in os.listdir(out) and len(kept) == value(base, 'max_steps') // value(base, 'ckpt_interval')
     return out
 
 
 @pytest.fixture(scope='module')
 def reference(mnist, tmp_path_factory):
     return reference_run('train_diffusion.py', BASE, tmp_path_factory.mktemp('reference'))
+
+
+@pytest.fixture(scope='module')
+def diffusion_setup(reference):
+    return BASE, reference
 
 
 @pytest.fixture(scope='module')
@@ -107,19 +130,47 @@ def distill_setup(mnist, tmp_path_factory):
     return base, reference_run('distill_consistency.py', base, tmp_path_factory.mktemp('reference_cd'))
 
 
-@pytest.mark.parametrize('script', ['train_diffusion.py', 'distill_consistency.py'])
+@pytest.fixture(scope='module')
+def gan_setup(mnist, tmp_path_factory):
+    """train_gan.py's 12 steps (penalties every other step, DiffAugment, the EMA's ramp-up), and its reference."""
+    base = ['--arch=GAN-T', '--batch_size=8', '--log_interval=1', '--sample_interval=6', '--ckpt_interval=2',
+            '--max_steps=12', '--reg_interval=2', '--augment=color,translation,cutout', '--warmup_steps=2']
+    return base, reference_run('train_gan.py', base, tmp_path_factory.mktemp('reference_gan'))
+
+
+@pytest.fixture(scope='module')
+def ae_setup(mnist, tmp_path_factory):
+    """train_ae.py's 12 steps, the discriminator training from step 5 and reaching the decoder from step 8,
+    validations (and best.pt) every 4; and its reference."""
+    base = ['--arch=AE-S/f4', '--batch_size=8', '--log_interval=1', '--eval_interval=4', '--eval_images=16',
+            '--ckpt_interval=2', '--max_steps=12', '--warmup_steps=2', '--disc_start=5', '--adv_start=8',
+            '--disc_layers=2']
+    return base, reference_run('train_ae.py', base, tmp_path_factory.mktemp('reference_ae'))
+
+
+# each script's killed run: the fixture of its arguments and reference run, the line printed once it has resumed (or
+# started), the number of kills, those of them that come halfway through a checkpoint write, and how many steps
+# past its start a run may go before it is killed
+KILLED = {'train_diffusion.py': ('diffusion_setup', r'^(resuming .* at step (\d+)|DiT-N/4: )', 10, (2, 5, 8), 8),
+          'distill_consistency.py': ('distill_setup', r'^(resuming .* at step (\d+)|1 rank\(s\))', 10, (2, 5, 8), 8),
+          'train_gan.py': ('gan_setup', r'^(resuming .* at step (\d+)|GAN-T: )', 4, (1,), 4),
+          'train_ae.py': ('ae_setup', r'^(resuming .* at step (\d+)|AE-S/f4: )', 4, (1,), 4)}
+
+
+@pytest.mark.parametrize('script', KILLED)
 def test_sigkill_anywhere_then_resume_is_bit_exact(request, tmp_path, script):
-    """10 SIGKILLs at random moments of one run, 3 of them halfway through writing a checkpoint. After each, ckpt.pt is
-    whole and bit-identical to the uninterrupted run's checkpoint of its step, and the same command resumes from it;
-    the final state and the whole loss curve, pieced together from 11 processes, equal the uninterrupted run's
-    (which also shows that a fixed seed gives one loss curve). For each script that trains."""
-    if script == 'train_diffusion.py':
-        base, reference, started = BASE, request.getfixturevalue('reference'), r'^(resuming .* at step (\d+)|DiT-N/4: )'
-    else:
-        (base, reference), started = request.getfixturevalue('distill_setup'), r'^(resuming .* at step (\d+)|1 rank\(s\))'
+    """SIGKILLs at random moments of one run (10 of train_diffusion.py's and distill_consistency.py's, 4 of the
+    others'), some of them halfway through writing a checkpoint. After each, ckpt.pt is whole and bit-identical to
+    the uninterrupted run's checkpoint of its step, and the lock the killed run left behind does not stop the same
+    command from resuming it; the final state (best.pt's too) and the whole loss curve, pieced together from the
+    processes, equal the uninterrupted run's (which also shows that a fixed seed gives one loss curve). For each
+    script that trains."""
+    setup, started, kills, mid_saves, ahead = KILLED[script]
+    base, reference = request.getfixturevalue(setup)
+    max_steps = value(base, 'max_steps')
     out, rnd, resumed = tmp_path / 'run', random.Random(0), []
-    for trial in range(10):
-        mid_save = trial in (2, 5, 8)
+    for trial in range(kills):
+        mid_save = trial in mid_saves
         p = launch(out, faults={'FAULT_SLOW_SAVE': '1'} if mid_save else None, script=script, base=base)
         m, _ = read_until(p, started)  # (a resume is announced before that line)
         start = int(m[2]) if m[2] else 0
@@ -127,19 +178,22 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(request, tmp_path, script):
         if mid_save:
             read_until(p, r'^mid-save')
         else:
-            read_until(p, rf'^step {min(start + rnd.randint(2, 8), 29)}/')
+            read_until(p, rf'^step {min(start + rnd.randint(2, ahead), max_steps - 1)}/')
             p.stdout.readline() if rnd.random() < 0.5 else None  # a little later, somewhere in the step
         p.kill()
         p.communicate()
-        assert p.returncode == -signal.SIGKILL
-        assert os.path.exists(out / 'ckpt.pt.tmp') or not mid_save  # it died inside a checkpoint write
+        assert p.returncode == -signal.SIGKILL and os.path.exists(out / 'run.lock')  # (no exit handler ran)
+        # it died inside a checkpoint write (train_ae.py's may be best.pt's)
+        assert glob.glob(str(out / '*.pt.tmp')) or not mid_save
         if os.path.exists(out / 'ckpt.pt'):
             ckpt = load(out / 'ckpt.pt')
             assert_same_state(ckpt, load(reference / f"ckpt_{ckpt['step']:07d}.pt"))
-    assert resumed[0] == 0 and max(resumed) >= 12, resumed
+    assert resumed[0] == 0 and max(resumed) >= max_steps * 2 // 5, resumed
     p = run(script, *base, f'--out_dir={out}')
-    assert 'resuming' in p.stdout
+    assert 'resuming' in p.stdout and not os.path.exists(out / 'run.lock')
     assert_same_state(load(out / 'ckpt.pt'), load(reference / 'ckpt.pt'))
+    if os.path.exists(reference / 'best.pt'):
+        assert_same_state(load(out / 'best.pt'), load(reference / 'best.pt'))
     assert curve(out) == curve(reference)
     print('resumed from steps', resumed)
 
@@ -386,3 +440,324 @@ def test_bad_input_stops_with_one_clear_line(prior, tmp_path, case, args, messag
     if case == 'disk full during a save':  # it trained a step and logged it; the checkpoint is as it was
         assert after.pop('metrics.csv') != before.pop('metrics.csv')
     assert after == before  # nothing lost, nothing half-written left behind
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what bookkeeping.py guarantees every script, by class of input: each case feeds one script (parametrized over the
+# scripts it applies to) and checks the one line, the exit, and that the out_dir and the inputs are as they were
+
+TRAIN_SCRIPTS = ['train_diffusion.py', 'train_gan.py', 'train_ae.py', 'distill_consistency.py']
+# each script's smallest run: a log line per step; evaluations, grids and a checkpoint at the end
+TINY = {'train_diffusion.py': ['--arch=DiT-N/4', '--batch_size=8', '--log_interval=1', '--eval_images=16',
+                               '--sample_steps=2', '--warmup_steps=2'],
+        'train_gan.py': ['--arch=GAN-T', '--batch_size=8', '--log_interval=1', '--reg_interval=2'],
+        'train_ae.py': ['--arch=AE-S/f4', '--batch_size=8', '--log_interval=1', '--eval_images=16',
+                        '--warmup_steps=2', '--disc_weight=0'],
+        'distill_consistency.py': ['--batch_size=8', '--log_interval=1', '--num_scales=6', '--sample_sigmas=80,6']}
+
+
+@pytest.fixture(scope='module')
+def runs(mnist, tmp_path_factory):
+    """runs(script): a finished 2-step run of the script, a checkpoint at each step and both kept (made when first
+    asked for). The cases copy these, or give them to other scripts; they are never changed."""
+    made = {}
+
+    def get(script):
+        if script not in made:
+            out = tmp_path_factory.mktemp(script[:-3])
+            run(script, *tiny(script, get), '--max_steps=2', '--ckpt_interval=1', '--keep_last=2', f'--out_dir={out}')
+            made[script] = out
+        return made[script]
+    return get
+
+
+def tiny(script, runs):
+    """TINY's arguments; distill_consistency.py's teacher is the 2-step train_diffusion.py run."""
+    teacher = [f"--teacher={runs('train_diffusion.py')}"] if script == 'distill_consistency.py' else []
+    return [*TINY[script], *teacher]
+
+
+def lone_checkpoint(run_dir, folder):
+    """A folder holding only a copy of run_dir's ckpt.pt."""
+    os.makedirs(folder)
+    shutil.copy(run_dir / 'ckpt.pt', folder / 'ckpt.pt')
+    return folder
+
+
+def assert_one_line(p, message):
+    """A non-zero exit, no traceback, and a last stderr line 'error: ...' that holds message."""
+    assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: ') and message in last, p.stderr[-3000:]
+    return last
+
+
+# 1. a checkpoint knows what it is: given to a script that reads another kind, it is refused, named
+KINDS = [  # (script, the run whose checkpoint it is given, given how, what the line says it is)
+    ('train_diffusion.py', 'train_gan.py', 'resume', 'a gan checkpoint, which train_gan.py writes; this needs a '
+     'diffusion checkpoint (train_diffusion.py)'),
+    ('distill_consistency.py', 'train_gan.py', 'teacher', 'a gan checkpoint, which train_gan.py writes; this needs '
+     'a diffusion checkpoint (train_diffusion.py)'),
+    ('distill_consistency.py', 'train_ae.py', 'teacher', 'an autoencoder checkpoint, which train_ae.py writes; this '
+     'needs a diffusion checkpoint (train_diffusion.py)'),
+    ('distill_consistency.py', 'distill_consistency.py', 'teacher', 'a consistency checkpoint, which '
+     'distill_consistency.py writes; this needs a diffusion checkpoint (train_diffusion.py)'),
+    ('sample.py', 'train_ae.py', 'out_dir', 'an autoencoder checkpoint, which train_ae.py writes; this needs a '
+     'diffusion checkpoint (train_diffusion.py)'),
+    ('train_gan.py', 'train_diffusion.py', 'resume', 'a diffusion checkpoint, which train_diffusion.py writes; this '
+     'needs a gan checkpoint (train_gan.py)'),
+    ('train_ae.py', 'train_diffusion.py', 'resume', 'a diffusion checkpoint, which train_diffusion.py writes; this '
+     'needs an autoencoder checkpoint (train_ae.py)'),
+]
+
+
+@pytest.mark.parametrize('script, other, how, what', KINDS, ids=[f'{c[1]} to {c[0]} ({c[2]})' for c in KINDS])
+def test_a_checkpoint_of_another_script_is_refused_by_name(runs, tmp_path, script, other, how, what):
+    """Another script's checkpoint, to resume, as a teacher or to sample: the line says what it is, which script
+    wrote it and what this one needs, before anything is written."""
+    given = lone_checkpoint(runs(other), tmp_path / 'given')
+    out = given if how in ('resume', 'out_dir') else tmp_path / 'out'
+    args = TINY.get(script, ['--num_samples=8', '--steps=2']) + ([f'--teacher={given}'] if how == 'teacher' else [])
+    before = snapshot(given)
+    p = run(script, *args, f'--out_dir={out}', check=False)
+    assert_one_line(p, f"error: {given / 'ckpt.pt'} is {what}")
+    assert snapshot(given) == before
+    assert out == given or snapshot(out) == {}  # (a new out_dir: left empty)
+
+
+# 2. one writer per out_dir; a killed run's lock blocks nothing (test_sigkill_anywhere_then_resume_is_bit_exact)
+@pytest.mark.parametrize('script', ['train_diffusion.py', 'train_gan.py'])
+def test_a_second_run_on_a_busy_out_dir_stops_at_once(runs, tmp_path, script):
+    """While a run holds its out_dir (here stopped by SIGSTOP after its first log line, so that it holds it for as
+    long as the test needs), a second run of the same command stops at once, naming the holder, and changes
+    nothing; the first then goes on and finishes, and leaves no lock behind."""
+    out, args = tmp_path / 'run', [*tiny(script, runs), '--max_steps=6']
+    first = launch(out, script=script, base=args)
+    read_until(first, r'^step 1/')
+    first.send_signal(signal.SIGSTOP)
+    before = snapshot(out)
+    p = run(script, *args, f'--out_dir={out}', check=False)
+    last = assert_one_line(p, f"error: out_dir='{out}' is in use by pid {first.pid} on {socket.gethostname()} since ")
+    assert last.endswith('; wait for that run to end (or stop it), or pass another --out_dir')
+    assert snapshot(out) == before
+    first.send_signal(signal.SIGCONT)
+    rest = first.communicate(timeout=300)[0]
+    assert first.returncode == 0 and f"saved {out / 'ckpt.pt'} at step 6" in rest, rest[-3000:]
+    assert load(out / 'ckpt.pt')['step'] == 6 and not os.path.exists(out / 'run.lock')
+
+
+# 3. no script writes into its inputs
+def small_dataset(folder):
+    os.makedirs(folder)
+    for split in ('train', 'val'):
+        np.save(folder / f'{split}_x.npy', np.zeros((16, 8, 8, 1), np.uint8))
+        np.save(folder / f'{split}_y.npy', np.arange(16) % 4)
+    (folder / 'meta.json').write_text('{"image_size": 8, "channels": 1, "num_classes": 4}')
+    return folder
+
+
+INPUTS = [('distill_consistency.py', 'teacher'), ('train_diffusion.py', 'init_base'),
+          ('train_diffusion.py', 'dataset'), ('train_gan.py', 'dataset'), ('train_ae.py', 'dataset')]
+
+
+@pytest.mark.parametrize('script, what', INPUTS, ids=[f'{s} into its {w}' for s, w in INPUTS])
+def test_no_script_writes_into_its_inputs(runs, tmp_path, script, what):
+    """An out_dir that is (however spelled: a symlink, a path through ..) a folder the run reads is refused before
+    anything is written there."""
+    if what == 'dataset':
+        folder = small_dataset(tmp_path / 'data')
+        args, out = [f'--dataset={folder}'], f'{folder}/../data'
+    else:
+        folder = lone_checkpoint(runs('train_diffusion.py'), tmp_path / what)
+        args, out = [f'--{what}={folder}'], tmp_path / 'link'
+        os.symlink(folder, out)
+    before = snapshot(folder)
+    p = run(script, *TINY[script], *args, f'--out_dir={out}', check=False)
+    assert_one_line(p, f"error: out_dir='{out}' is the {what}'s folder, which this run reads; pass another --out_dir")
+    assert snapshot(folder) == before
+
+
+# 4. a resumed run does what its command says
+@pytest.mark.parametrize('script', ['train_diffusion.py', 'train_gan.py', 'train_ae.py', 'distill_consistency.py'])
+def test_a_resumed_run_takes_its_new_optimizer_values_and_counts_images_true(runs, tmp_path, script):
+    """Resumed with another beta2, weight decay (train_gan.py's Adam has none) and batch size: the optimizers' moments
+    and step counts are the checkpoint's and their hyperparameters the command's, and images_seen (and the kimg
+    column) count each step's batch as it was."""
+    out = tmp_path / 'out'
+    shutil.copytree(runs(script), out)
+    decay = [] if script == 'train_gan.py' else ['--weight_decay=0.05']
+    p = run(script, *tiny(script, runs), '--max_steps=4', '--beta2=0.95', *decay, '--batch_size=16', f'--out_dir={out}')
+    assert 'resuming' in p.stdout and 'batch_size 8 -> 16' in p.stdout
+    ckpt = load(out / 'ckpt.pt')
+    for key in ('optimizer', 'd_optimizer'):
+        if ckpt.get(key):
+            groups, states = ckpt[key]['param_groups'], ckpt[key]['state'].values()
+            assert [g['betas'][1] for g in groups] == [0.95] * len(groups) and states, key
+            assert all(float(s['step']) == 4 for s in states), key  # restored, not started again
+            if decay:  # on the weights of 2 or more dimensions only
+                assert [g['weight_decay'] for g in groups] == [0.05, 0.0], key
+    assert ckpt['images_seen'] == 2 * 8 + 2 * 16
+    kimg = [float(r['kimg']) for r in csv.DictReader(open(out / 'metrics.csv')) if r['kimg']]
+    assert kimg == [0.008, 0.016, 0.032, 0.048]
+
+
+# 5. integrity: what torch.load does not check, the checksum does
+def flip_bytes(path):
+    """Overwrites 4 bytes in the middle of the largest tensor's data in a torch.save zip, as a failing disk could."""
+    with zipfile.ZipFile(path) as z:
+        entry = max((i for i in z.infolist() if '/data/' in i.filename), key=lambda i: i.file_size)
+    with open(path, 'r+b') as f:
+        f.seek(entry.header_offset)
+        name_len, extra_len = struct.unpack('<26xHH', f.read(30))  # the entry's local header
+        f.seek(entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2)
+        data = f.read(4)
+        f.seek(-4, os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+@pytest.mark.parametrize('script', [*TRAIN_SCRIPTS, 'sample.py', 'distill_consistency.py --teacher'])
+def test_a_checkpoint_changed_on_disk_is_refused_as_corrupt(runs, tmp_path, script):
+    """4 bytes of a weight tensor changed in ckpt.pt: a resume, sample.py and a distillation's teacher refuse it
+    before using it."""
+    script, teacher = script.split()[0], script.endswith('--teacher')
+    source = 'train_diffusion.py' if script == 'sample.py' or teacher else script
+    folder = lone_checkpoint(runs(source), tmp_path / 'run')
+    flip_bytes(folder / 'ckpt.pt')
+    args = ['--num_samples=8', '--steps=2'] if script == 'sample.py' else \
+        [*TINY[script], f'--teacher={folder}'] if teacher else tiny(script, runs)
+    out = tmp_path / 'out' if teacher else folder
+    before = snapshot(folder)
+    p = run(script, *args, f'--out_dir={out}', check=False)
+    assert_one_line(p, f"error: {folder / 'ckpt.pt'} is corrupt: its contents do not match the checksum written with "
+                       f"them; ")
+    assert snapshot(folder) == before
+
+
+# 6. stopping: Ctrl-C as SIGTERM; twice, at once
+@pytest.mark.parametrize('script', TRAIN_SCRIPTS)
+def test_ctrl_c_stops_cleanly_and_twice_stops_at_once(runs, tmp_path, script):
+    """Ctrl-C (SIGINT) finishes the step, saves and exits 0, as SIGTERM does. A second Ctrl-C within the step after
+    the first (each step slowed to 0.5 s by a fault) exits at once, non-zero, without saving: ckpt.pt stays as it
+    was and no half-written file is left."""
+    out, args = tmp_path / 'run', [*tiny(script, runs), '--max_steps=50']
+    p = launch(out, script=script, base=args)
+    read_until(p, r'^step 2/')
+    p.send_signal(signal.SIGINT)
+    rest = p.communicate(timeout=300)[0]
+    stop = re.search(r'stopped at step (\d+) of 50 \(SIGINT\); the same command continues the run', rest)
+    assert p.returncode == 0 and 'Ctrl-C: finishing the step, saving and stopping' in rest and stop, rest[-3000:]
+    assert load(out / 'ckpt.pt')['step'] == int(stop[1]) >= 2
+    saved = open(out / 'ckpt.pt', 'rb').read()
+    p = launch(out, script=script, base=args, faults={'FAULT_SLOW_STEPS': '0.5'})
+    read_until(p, rf'^step {int(stop[1]) + 1}/')
+    p.send_signal(signal.SIGINT)
+    read_until(p, r'^Ctrl-C: ')
+    p.send_signal(signal.SIGINT)
+    rest = p.communicate(timeout=60)[0]
+    assert p.returncode == 1 and 'Traceback' not in rest and rest.strip().splitlines()[-1] == (
+        "error: interrupted twice: stopped at once, without saving; the last checkpoint stays as it was"), rest[-3000:]
+    assert open(out / 'ckpt.pt', 'rb').read() == saved and not glob.glob(str(out / '*.tmp'))
+
+
+# 7. full disks and unwritable files at writes other than the checkpoint
+GRIDS = {'train_diffusion.py': 'samples_0000003.png', 'train_gan.py': 'samples_0000003.png',
+         'train_ae.py': 'recon_0000003.png', 'distill_consistency.py': 'samples_0000003.png', 'sample.py': 'samples.png'}
+
+
+@pytest.mark.parametrize('script', GRIDS)
+def test_a_sample_grid_that_cannot_be_written_stops_with_one_line(runs, tmp_path, script):
+    """The grid's file is a folder (each run writes its grid before its checkpoint): one line, and the out_dir as it
+    was but for the step's rows in metrics.csv; no half-written file is left."""
+    out = tmp_path / 'out'
+    if script == 'sample.py':
+        lone_checkpoint(runs('train_gan.py'), out)
+        args = ['--num_samples=8']
+    else:
+        shutil.copytree(runs(script), out)
+        args = [*tiny(script, runs), '--max_steps=3', '--ckpt_interval=1', '--keep_last=2']
+    os.makedirs(out / GRIDS[script])
+    before = snapshot(out)
+    p = run(script, *args, f'--out_dir={out}', check=False)
+    assert_one_line(p, f"error: writing {out / GRIDS[script]} failed (Is a directory; ")
+    after = snapshot(out)
+    if script != 'sample.py':  # the step's rows were logged before its grid
+        assert after.pop('metrics.csv') != before.pop('metrics.csv')
+    assert after == before
+
+
+@pytest.mark.parametrize('script, resumed', [('train_diffusion.py', True), ('train_gan.py', False),
+                                             ('train_ae.py', True), ('distill_consistency.py', False)])
+def test_a_metrics_file_that_cannot_be_written_stops_with_one_line(runs, tmp_path, script, resumed):
+    """metrics.csv is a folder, in a new run's out_dir or in one it resumes: one line, the out_dir as it was."""
+    out = tmp_path / 'out'
+    if resumed:
+        shutil.copytree(runs(script), out)
+        os.remove(out / 'metrics.csv')
+    os.makedirs(out / 'metrics.csv')
+    before = snapshot(out)
+    p = run(script, *tiny(script, runs), '--max_steps=3', f'--out_dir={out}', check=False)
+    last = assert_one_line(p, f"{out / 'metrics.csv'} ")
+    assert ('cannot read' if resumed else 'failed') in last and '(Is a directory' in last
+    assert snapshot(out) == before
+
+
+def file_size_limit(n):
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+
+
+def test_a_full_disk_at_a_sample_grid_stops_with_one_line(runs, tmp_path):
+    """A file size limit, as a full disk, of half the size of a sample grid (some 10 KiB): of a resumed run's writes,
+    metrics.csv stays below it and the grid is the first to reach it, before the checkpoint. One line names it; the
+    checkpoints are as they were."""
+    out = tmp_path / 'out'
+    shutil.copytree(runs('train_diffusion.py'), out)
+    limit = os.path.getsize(out / 'samples_0000002.png') // 2
+    assert os.path.getsize(out / 'metrics.csv') + 1000 < limit
+    before = snapshot(out)
+    p = run('train_diffusion.py', *TINY['train_diffusion.py'], '--max_steps=3', '--ckpt_interval=1', '--keep_last=2',
+            f'--out_dir={out}', check=False, preexec_fn=file_size_limit(limit))
+    assert_one_line(p, f"error: writing {out / 'samples_0000003.png'} failed (File too large; ")
+    after = snapshot(out)
+    assert after.pop('metrics.csv') != before.pop('metrics.csv') and after == before
+
+
+def test_a_full_disk_at_a_log_row_stops_with_one_line(runs, tmp_path):
+    """A file size limit just above metrics.csv's header: the first row is the first write to reach it. One line,
+    and no temporary file left."""
+    header = open(runs('train_gan.py') / 'metrics.csv').readline()
+    out = tmp_path / 'out'
+    p = run('train_gan.py', *TINY['train_gan.py'], '--max_steps=3', f'--out_dir={out}', check=False,
+            preexec_fn=file_size_limit(len(header) + 8))
+    assert_one_line(p, f"error: writing {out / 'metrics.csv'} failed at step 1 (File too large); make room and re-run "
+                       f"the same command")
+    assert sorted(os.listdir(out)) == ['metrics.csv'] and open(out / 'metrics.csv').readline() == header
+
+
+# 8. keep_last and init_from='auto'
+@pytest.mark.parametrize('script', TRAIN_SCRIPTS)
+def test_kept_checkpoints_without_ckpt_pt_are_not_started_over(runs, tmp_path, script):
+    """An out_dir with kept copies ckpt_<step>.pt but no ckpt.pt: init_from='auto' stops, rather than start a new run
+    over the old one's metrics."""
+    out = tmp_path / 'out'
+    shutil.copytree(runs(script), out)
+    os.remove(out / 'ckpt.pt')
+    before = snapshot(out)
+    p = run(script, *tiny(script, runs), '--max_steps=3', f'--out_dir={out}', check=False)
+    assert_one_line(p, f"error: {out} holds kept checkpoints (ckpt_0000002.pt the newest) but no ckpt.pt; copy the "
+                       f"one to go on from to ckpt.pt, or start in another --out_dir")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize('script', TRAIN_SCRIPTS)
+def test_a_ckpt_pt_older_than_a_kept_copy_is_not_resumed(runs, tmp_path, script):
+    """An old kept copy copied over ckpt.pt: resuming it would mix two histories in one out_dir, so the run stops,
+    naming the newer copy."""
+    out = tmp_path / 'out'
+    shutil.copytree(runs(script), out)
+    os.remove(out / 'ckpt.pt')  # (not written through: with keep_last, ckpt.pt is a second name of a kept copy)
+    shutil.copy(out / 'ckpt_0000001.pt', out / 'ckpt.pt')
+    before = snapshot(out)
+    p = run(script, *tiny(script, runs), '--max_steps=3', f'--out_dir={out}', check=False)
+    assert_one_line(p, f"error: {out} keeps ckpt_0000002.pt, newer than ckpt.pt (step 1): another history of this "
+                       f"run; move the newer copies away to go on from ckpt.pt")
+    assert snapshot(out) == before

@@ -11,17 +11,20 @@ The arrays and meta.json are written whole or not at all (see save_dataset): a f
 leaves the dataset that was in out_dir before, or none, never a mix.
 """
 import argparse
-import functools
 import hashlib
 import http.client
 import json
 import os
+import sys
 import shutil
 import tarfile
 import urllib.request
 import zlib
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from bookkeeping import save_dataset  # noqa: E402 (the kit's dataset format, written whole)
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 MD5 = "c32a1d4ab5d03f1284b67883e8d87530"  # as listed on https://www.cs.toronto.edu/~kriz/cifar.html
@@ -55,32 +58,6 @@ def read_archive(archive):
             raise SystemExit(f"error: {archive} has no {FOLDER}/{name}; pass the official cifar-10-binary.tar.gz "
                              f"(the binary version, not the python one)")
     return files
-
-
-def save_dataset(out_dir, arrays, meta):
-    """The arrays as out_dir/{name}.npy and meta.json, whole or absent. Every file goes to a .tmp
-    name first; then the old meta.json is removed, the arrays get their names and meta.json comes
-    last, so a kill leaves the old dataset, none (a loader says to re-run) or the new one."""
-    files = {f"{name}.npy": functools.partial(np.save, arr=arr) for name, arr in arrays.items()}
-    files["meta.json"] = lambda f: f.write(json.dumps(meta, indent=2).encode())
-    paths = [os.path.join(out_dir, name) for name in files]
-    try:
-        for path, write in zip(paths, files.values()):
-            with open(path + ".tmp", "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        if os.path.lexists(paths[-1]):
-            os.remove(paths[-1])
-        for path in paths:
-            os.replace(path + ".tmp", path)
-    except OSError as e:
-        raise SystemExit(f"error: writing {e.filename or out_dir} failed ({e.strerror or e}); "
-                         f"make room or pass another --out_dir")
-    finally:  # remove what a failure left behind
-        for path in paths:
-            if os.path.lexists(path + ".tmp"):
-                os.remove(path + ".tmp")
 
 
 def records(files, names, num_classes):

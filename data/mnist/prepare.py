@@ -12,7 +12,6 @@ The arrays and meta.json are written whole or not at all (see save_dataset): a f
 leaves the dataset that was in out_dir before, or none, never a mix.
 """
 import argparse
-import functools
 import gzip
 import hashlib
 import http.client
@@ -30,6 +29,9 @@ import zlib
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from bookkeeping import save_dataset  # noqa: E402 (the kit's dataset format, written whole)
+
 MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
 IDX_MD5 = {  # as listed in torchvision.datasets.MNIST.resources
     "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
@@ -45,32 +47,6 @@ def save_atomic(path, write):
     with open(path + ".tmp", "wb") as f:
         write(f)
     os.replace(path + ".tmp", path)
-
-
-def save_dataset(out_dir, arrays, meta):
-    """The arrays as out_dir/{name}.npy and meta.json, whole or absent. Every file goes to a .tmp
-    name first; then the old meta.json is removed, the arrays get their names and meta.json comes
-    last, so a kill leaves the old dataset, none (a loader says to re-run) or the new one."""
-    files = {f"{name}.npy": functools.partial(np.save, arr=arr) for name, arr in arrays.items()}
-    files["meta.json"] = lambda f: f.write(json.dumps(meta, indent=2).encode())
-    paths = [os.path.join(out_dir, name) for name in files]
-    try:
-        for path, write in zip(paths, files.values()):
-            with open(path + ".tmp", "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        if os.path.lexists(paths[-1]):
-            os.remove(paths[-1])
-        for path in paths:
-            os.replace(path + ".tmp", path)
-    except OSError as e:
-        raise SystemExit(f"error: writing {e.filename or out_dir} failed ({e.strerror or e}); "
-                         f"make room or pass another --out_dir")
-    finally:  # remove what a failure left behind
-        for path in paths:
-            if os.path.lexists(path + ".tmp"):
-                os.remove(path + ".tmp")
 
 
 def md5(path):
