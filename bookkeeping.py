@@ -620,16 +620,18 @@ def speed_text(row, steps_left):
 def write_file(path, write, mode='wb'):
     """Writes a file whole or not at all: write(f) fills a temporary file, renamed over path at the
     end; a full disk or an unwritable folder is one line, and no half-written file is left."""
+    folder = os.path.dirname(os.path.abspath(path))
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(path + '.tmp', mode, **({} if 'b' in mode else {'newline': ''})) as f:
             write(f)
         os.replace(path + '.tmp', path)
-    except OSError as e:
-        if os.path.exists(path + '.tmp'):
+    except (OSError, RuntimeError) as e:  # (a full disk surfaces from torch.save as a RuntimeError)
+        if os.path.isfile(path + '.tmp'):
             os.remove(path + '.tmp')
-        folder = os.path.dirname(os.path.abspath(path))
+        why = e.strerror if isinstance(e, OSError) else 'the write failed'
         free = shutil.disk_usage(folder).free / 2**30 if os.path.isdir(folder) else 0.0
-        raise SystemExit(f"error: writing {path} failed ({e.strerror}; {free:.1f} GiB free); make "
+        raise SystemExit(f"error: writing {path} failed ({why}; {free:.1f} GiB free); make "
                          f"room (or pass a folder you can write to) and re-run the same command")
 
 

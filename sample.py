@@ -237,7 +237,7 @@ if rank == 0:
             write_png(images[i:i + 1], os.path.join(out_dir, 'samples', f'{i:06d}.png'))
     if save_npz:
         arrays = {'arr_0': images, **({'arr_1': labels.astype(np.int64)} if num_classes else {})}
-        np.savez(os.path.join(out_dir, 'samples.npz'), **arrays)
+        bk.write_file(os.path.join(out_dir, 'samples.npz'), lambda f: np.savez(f, **arrays))
     print(f"wrote {os.path.join(out_dir, 'samples.png')}" + (", samples/*.png" if save_png else "")
           + (", samples.npz" if save_npz else ""))
     if memorization:

@@ -437,13 +437,11 @@ def save_phema(step):
     trained weights only (sample.py takes the others from ckpt.pt and combines the snapshots into
     the EMA it is asked for)."""
     path = os.path.join(out_dir, 'phema', f'phema-{step:07d}.pt')
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     # the names of the trained weights, in the order of params
     names = [name for name, p in raw_model.named_parameters() if p.requires_grad]
-    torch.save({'step': step, 'sigma_rel': phema_sigmas, 'gamma': phema_gammas,
-                'ema': [dict(zip(names, (w.cpu() for w in tracked))) for tracked in phema]},
-               path + '.tmp')
-    os.replace(path + '.tmp', path)
+    snapshot = {'step': step, 'sigma_rel': phema_sigmas, 'gamma': phema_gammas,
+                'ema': [dict(zip(names, (w.cpu() for w in tracked))) for tracked in phema]}
+    bk.write_file(path, lambda f: torch.save(snapshot, f))
 
 # -----------------------------------------------------------------------------
 # the sample grids: fixed noise and labels, the same picture of progress at every sample_interval

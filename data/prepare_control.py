@@ -59,16 +59,34 @@ def main():
         sample = images['train'][:: max(1, len(images['train']) // 2000)]
         scale = 255 / max(np.percentile(sobel(sample), 99.9), 1e-6)
     channels = meta['channels'] if args.kind == 'downsample4' else 1
-    for split, x in images.items():
-        path = os.path.join(data_dir, f'{split}_control.npy')
-        out = np.lib.format.open_memmap(path + '.tmp', mode='w+', dtype=np.uint8, shape=(len(x), H, H, channels))
-        for lo in range(0, len(x), args.chunk):
-            out[lo:lo + args.chunk] = np.clip(np.rint(derive(np.asarray(x[lo:lo + args.chunk])) * scale), 0, 255)
-        out.flush()
-        del out
-        os.replace(path + '.tmp', path)  # np.load reads .npy files by content, not by name
-        print(f"wrote {path}: {len(x)} x {H} x {H} x {channels}")
-    meta['control'] = {'kind': args.kind, 'channels': channels}
+    # both splits to temporary files first; then meta.json without a control entry (train_diffusion.py then
+    # refuses the controls), the files renamed, and the entry last: a kill leaves the old controls, none, or the
+    # new ones, never a mix of the two
+    paths = {split: os.path.join(data_dir, f'{split}_control.npy') for split in images}
+    try:
+        for split, x in images.items():
+            out = np.lib.format.open_memmap(paths[split] + '.tmp', mode='w+', dtype=np.uint8,
+                                            shape=(len(x), H, H, channels))
+            for lo in range(0, len(x), args.chunk):
+                out[lo:lo + args.chunk] = np.clip(np.rint(derive(np.asarray(x[lo:lo + args.chunk])) * scale),
+                                                  0, 255)
+            out.flush()
+            del out
+        write_meta(data_dir, {k: v for k, v in meta.items() if k != 'control'})
+        for split, path in paths.items():
+            os.replace(path + '.tmp', path)  # (np.load reads .npy files by content, not by name)
+            print(f"wrote {path}: {len(images[split])} x {H} x {H} x {channels}")
+        write_meta(data_dir, {**meta, 'control': {'kind': args.kind, 'channels': channels}})
+    except OSError as e:
+        raise SystemExit(f"error: writing the control images into {data_dir} failed ({e.strerror}); make room "
+                         f"and re-run the same command")
+    finally:
+        for path in paths.values():
+            if os.path.exists(path + '.tmp'):
+                os.remove(path + '.tmp')
+
+
+def write_meta(data_dir, meta):
     with open(os.path.join(data_dir, 'meta.json.tmp'), 'w') as f:
         json.dump(meta, f, indent=2)
     os.replace(os.path.join(data_dir, 'meta.json.tmp'), os.path.join(data_dir, 'meta.json'))
