@@ -54,8 +54,11 @@ script_args, seen = [], {}
 for arg in sys.argv[1:]:
     key, _, value = arg[2:].partition('=')
     if arg.startswith('--') and key in bench:
-        bench[key] = (value if isinstance(bench[key], str)
-                      else type(bench[key])(ast.literal_eval(value)))
+        try:
+            bench[key] = (value if isinstance(bench[key], str)
+                          else type(bench[key])(ast.literal_eval(value)))
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"error: --{key}={value} is not {type(bench[key]).__name__} (default {bench[key]!r})")
         continue
     script_args.append(arg)
     if arg.startswith('--'):
@@ -159,15 +162,16 @@ print(f"{script}: {arch} on {ns['C']} x {ns['H']} x {ns['W']}, {K} classes, batc
       f"{tflops / img_per_s * 1e3:.4f} GFLOP per image per step")
 peak = (f"{mfu:.1%} of {tflops / mfu:.0f} TFLOP/s" if mfu == mfu and mfu > 0
         else "n/a (pass --peak_tflops)")
-where = 'on the GPU' if device.startswith('cuda') else 'resident'
+cuda = device.startswith('cuda')
+where = 'on the GPU' if cuda else 'resident'
 print(f"step: {ms:.1f} ms | {img_per_s:.0f} img/s | {tflops:.3f} TFLOP/s | MFU {peak} | "
       f"peak memory {memory:.2f} GiB {where} (the log's line at step {warmup + steps}, after "
       f"{warmup} warm-up steps)")
 
 # the matmul ceiling, measured here: bf16 on GPUs, float32 on CPUs (where bf16 matmuls are emulated
 # and slow, and oneDNN's convolutions can outrun the matmul: a step above 100% of it is no error)
-sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
-n, mm_dtype = (8192, torch.bfloat16) if device.startswith('cuda') else (2048, torch.float32)
+sync = torch.cuda.synchronize if cuda else (lambda: None)
+n, mm_dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
 a = torch.randn(n, n, device=device, dtype=mm_dtype)
 b = torch.randn(n, n, device=device, dtype=mm_dtype)
 for i in range(13):
@@ -195,11 +199,11 @@ print(f"data path: {dt_data * 1e3:.2f} ms per step's batches ({grad_accum} x "
 if bench['profile']:
     from torch.profiler import ProfilerActivity, profile
     activities = ([ProfilerActivity.CPU]
-                  + ([ProfilerActivity.CUDA] if device.startswith('cuda') else []))
+                  + ([ProfilerActivity.CUDA] if cuda else []))
     with profile(activities=activities) as prof:
         timed_run(os.path.join(bench_dir, 'profile'), 4, 1)
         sync()
-    sort = 'cuda_time_total' if device.startswith('cuda') else 'cpu_time_total'
+    sort = 'cuda_time_total' if cuda else 'cpu_time_total'
     print(prof.key_averages().table(sort_by=sort, row_limit=15))
     trace = os.path.join(bench_dir, 'bench_trace.json')
     prof.export_chrome_trace(trace)
