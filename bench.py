@@ -58,7 +58,8 @@ for arg in sys.argv[1:]:
             bench[key] = (value if isinstance(bench[key], str)
                           else type(bench[key])(ast.literal_eval(value)))
         except (ValueError, SyntaxError):
-            raise SystemExit(f"error: --{key}={value} is not {type(bench[key]).__name__} (default {bench[key]!r})")
+            raise SystemExit(f"error: --{key}={value} is not {type(bench[key]).__name__} "
+                             f"(default {bench[key]!r})")
         continue
     script_args.append(arg)
     if arg.startswith('--'):
