@@ -310,6 +310,74 @@ def load_state(net, state, path, key):
                          f"resume with the config it was trained with, or choose another out_dir")
 
 
+# released checkpoints (model.Autoencoder.from_pretrained, model.DiT.from_pretrained): their files
+RELEASED = ("Stable Diffusion's VAE: a diffusers folder (config.json with diffusion_pytorch_model."
+            "safetensors or .bin) or an LDM .ckpt/.safetensors; DiT's or SiT's .pt")
+
+
+def read_weights(path):
+    """The tensors of a released checkpoint by name, and the config.json of its diffusers folder
+    (None for other files). path: a folder holding config.json and diffusion_pytorch_model.
+    safetensors or .bin (a diffusers pipeline's vae/ folder too), such a weights file (its
+    config.json beside it), a .safetensors file (read with the safetensors package, imported only
+    here), or a torch file read weights_only: a state dict, an LDM {'state_dict': ...}, or the
+    'ema' weights of a DiT or SiT train.py checkpoint. Raises ValueError with what to do."""
+    if os.path.isdir(os.path.join(path, 'vae')) and not os.path.exists(os.path.join(path, 'config.json')):
+        path = os.path.join(path, 'vae')  # a whole diffusers pipeline: its VAE
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.isdir(path):
+        names = [n for n in ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
+                 if os.path.exists(os.path.join(path, n))]
+        if not names:
+            raise ValueError(f"{path} is a folder without diffusion_pytorch_model.safetensors or "
+                             f".bin; pass a diffusers model folder, or one file ({RELEASED})")
+        path = os.path.join(path, names[0])
+    if not os.path.exists(path):
+        raise ValueError(f"{path} not found; download it first ({RELEASED})")
+    config = None
+    if os.path.basename(path).startswith('diffusion_pytorch_model.'):
+        try:
+            with open(os.path.join(folder, 'config.json')) as f:
+                config = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{folder} has no config.json beside {os.path.basename(path)}: a "
+                             f"diffusers model's scaling_factor is there; download it with the weights")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {folder}/config.json ({e}); download it again")
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            weights = load_file(path)
+        else:
+            import argparse  # DiT's and SiT's train.py save their arguments with the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                weights = torch.load(path, map_location='cpu', weights_only=True)
+    except ImportError:
+        raise ValueError(f"{path} is a safetensors file: pip install safetensors to read it")
+    except Exception as e:
+        why = ('it holds objects other than tensors and plain types'
+               if isinstance(e, pickle.UnpicklingError) else str(e).splitlines()[0][:200])
+        raise ValueError(f"cannot read {path} ({why}); it may be truncated: download it again")
+    if isinstance(weights, dict) and 'kind' in weights and 'format' in weights:
+        raise ValueError(f"{path} is this kit's {weights['kind']} checkpoint, not a released one; "
+                         f"pass its out_dir to the script that reads it")
+    for key in ('state_dict', 'ema'):  # LDM's wrapper; DiT's and SiT's train.py checkpoints
+        if isinstance(weights, dict) and isinstance(weights.get(key), dict):
+            weights = weights[key]
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise ValueError(f"{path} holds no state dict (a {type(weights).__name__}); pass "
+                         f"{RELEASED}")
+    return weights, config
+
+
+def from_pretrained(cls, path, **kwargs):
+    """cls.from_pretrained(path, **kwargs), a bad file ending the run in one line."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
 def check_writable(out_dir):
     """Makes out_dir if need be, and stops now when nothing can be written there (a run, or
     sample.py, finds out before its work rather than at its first file)."""

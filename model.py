@@ -6,6 +6,7 @@ DiT: Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (arXiv:22
 UNet: Ho et al. 2020 and Dhariwal & Nichol 2021 (ADM). Diffusion: see the class's docstring.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,6 +108,13 @@ class DiTConfig:
     # half of the blocks reads it, joined to the base blocks through zero-initialised projections
     control: str = ''
     control_channels: int = 0
+    # released checkpoints (DiT.from_pretrained): learn_sigma doubles the output channels, the
+    # prediction then DiT's variance interpolation v (Nichol & Dhariwal 2021, eq. 15), which the
+    # ddpm sampler uses; convention='sit': the weights are SiT's (Ma et al. 2024), which read the
+    # linear interpolant's time as s = 1 - t (1: data) and predict the velocity x0 - eps. forward
+    # converts, so that the network takes model.Diffusion's 1000 t and gives its eps - x0
+    learn_sigma: bool = False
+    convention: str = 'kit'
 
 # name -> (depth, hidden_size, num_heads): S/B/L/XL are the paper's Table 1, Ti and N small for CPUs
 DIT_SIZES = {'N': (4, 128, 4), 'Ti': (6, 192, 3), 'S': (12, 384, 6), 'B': (12, 768, 12),
@@ -183,7 +191,8 @@ class DiT(nn.Module):
             raise ValueError(f"hidden_size {dim} must split into {config.num_heads} heads of a size "
                              f"divisible by {multiple}")
         for key, allowed in [('norm', ('layernorm', 'rmsnorm')), ('mlp', ('gelu', 'swiglu')),
-                             ('control', ('', 'concat', 'controlnet'))]:
+                             ('control', ('', 'concat', 'controlnet')),
+                             ('convention', ('kit', 'sit'))]:
             if getattr(config, key) not in allowed:
                 raise ValueError(f"{key}='{getattr(config, key)}' is not one of {allowed}")
         if bool(config.control) != (config.control_channels > 0):
@@ -211,7 +220,8 @@ class DiT(nn.Module):
             self.control_out = nn.ModuleList([nn.Linear(dim, dim) for _ in range(half)])
         self.norm_final = norm_layer(config.norm, dim)
         self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear_final = nn.Linear(dim, p ** 2 * config.in_channels)
+        self.out_channels = config.in_channels * (2 if config.learn_sigma else 1)
+        self.linear_final = nn.Linear(dim, p ** 2 * self.out_channels)
         # recompute each block in the backward pass: less memory, about a third more compute
         self.activation_checkpointing = False
         self.initialize_weights()
@@ -248,6 +258,8 @@ class DiT(nn.Module):
             x = torch.cat([x, control.to(x.dtype)], dim=1)
         # tokens (B, N, D), N = g*g, and the conditioning vector (B, D)
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+        if config.convention == 'sit':
+            t = 1 - t / 1000
         cond = self.t_embedder(timestep_embedding(t, 256)) + self.y_embedder(y)
         rope = (self.rope_cos, self.rope_sin) if config.rope else None
         checkpointing = self.activation_checkpointing
@@ -264,8 +276,63 @@ class DiT(nn.Module):
         shift, scale = self.adaLN_final(cond).chunk(2, dim=1)
         x = self.linear_final(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
         # unpatchify
-        x = x.view(-1, g, g, p, p, config.in_channels).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(-1, config.in_channels, g * p, g * p)
+        x = x.view(-1, g, g, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
+        x = x.reshape(-1, self.out_channels, g * p, g * p)
+        return -x if config.convention == 'sit' else x
+
+    # what the released checkpoints were trained as (model.Diffusion's arguments), and the sampling
+    # of their papers' FIDs (DiT: FID 2.27; SiT: 2.06 with its own SDE sampler, for which the kit's
+    # ddpm sampler on the flow schedule stands in), read by sample.py
+    RELEASED = {'DiT': dict(schedule='linear', prediction_type='eps', num_timesteps=1000,
+                            sampler='ddpm', steps=250, cfg_scale=1.5, cfg_channels=3),
+                'SiT': dict(schedule='flow', prediction_type='flow', num_timesteps=1000,
+                            sampler='ddpm', steps=250, cfg_scale=1.5, cfg_channels=3)}
+
+    @classmethod
+    def from_pretrained(cls, path, family=None):
+        """A released checkpoint of facebookresearch/DiT (DiT-XL-2-256x256.pt, -512x512.pt: a DDPM
+        eps model with learned variance) or willisma/SiT (SiT-XL-2-256x256.pt: the same network as
+        a velocity model of the linear interpolant), or the EMA weights of either repository's
+        train.py checkpoint, from a local file. family 'DiT' or 'SiT' (the two layouts are the same;
+        None: from the file's name). The architecture is read from the shapes. SiT's unused
+        variance channels are dropped. Eval mode, with .objective: RELEASED[family]."""
+        import bookkeeping as bk
+        name = os.path.basename(path).lower()
+        family = family or ('SiT' if name.startswith('sit') else 'DiT' if name.startswith('dit')
+                            else None)
+        if family not in cls.RELEASED:
+            raise ValueError(f"{path}: say whether it is a DiT or a SiT checkpoint (family='DiT' or "
+                             f"'SiT'; the file name does not start with either)")
+        weights, _ = bk.read_weights(path)
+        if 'x_embedder.proj.weight' not in weights or 'pos_embed' not in weights:
+            raise ValueError(f"{path} holds no DiT or SiT models.py state dict (no "
+                             f"x_embedder.proj.weight, pos_embed); pass {bk.RELEASED}")
+        dim, C, p, _ = weights['x_embedder.proj.weight'].shape
+        out = weights['final_layer.linear.weight'].shape[0] // p ** 2
+        depth = 1 + max(int(k.split('.')[1]) for k in weights if k.startswith('blocks.'))
+        config = DiTConfig(
+            image_size=math.isqrt(weights['pos_embed'].shape[1]) * p, in_channels=C, patch_size=p,
+            hidden_size=dim, depth=depth, num_heads=dim // 64,  # every DiT size's heads are 64 wide
+            mlp_ratio=weights['blocks.0.mlp.fc1.weight'].shape[0] / dim,
+            num_classes=weights['y_embedder.embedding_table.weight'].shape[0] - 1,
+            learn_sigma=family == 'DiT' and out == 2 * C,
+            convention='sit' if family == 'SiT' else 'kit')
+        net = cls(config)
+        if not torch.allclose(weights['pos_embed'][0].float(), net.pos_embed[0], atol=1e-5):
+            raise ValueError(f"{path}'s pos_embed is not DiT's fixed sine-cosine embedding")
+        if out == 2 * C and not config.learn_sigma:  # SiT's variance channels: its forward drops them
+            for leaf in ('weight', 'bias'):
+                w = weights[f'final_layer.linear.{leaf}']
+                weights[f'final_layer.linear.{leaf}'] = w.view(p * p, 2, C, -1)[:, 0].reshape(-1, *w.shape[1:])
+        renames = {'x_embedder': 'x_embedder.proj', 'y_embedder': 'y_embedder.embedding_table',
+                   'linear_final': 'final_layer.linear', 'adaLN_final.1': 'final_layer.adaLN_modulation.1',
+                   **{f't_embedder.{i}': f't_embedder.mlp.{i}' for i in (0, 2)},
+                   **{f'blocks.{b}.mlp.{i}': f'blocks.{b}.mlp.fc{i // 2 + 1}'
+                      for b in range(depth) for i in (0, 2)}}
+        weights.pop('pos_embed')
+        load_renamed(net, weights, {k: [v] for k, v in renames.items()}, path)
+        net.objective = dict(cls.RELEASED[family], family=family, source=os.path.abspath(path))
+        return net.eval()
 
     def flops_per_sample(self):
         """Forward FLOPs for one image, a multiply-add counted as 2 (the DiT paper's Gflops count it
@@ -277,7 +344,7 @@ class DiT(nn.Module):
         per_block = 2 * N * (3 * dim * dim + dim * dim + mlp) + 2 * 2 * N * N * dim + 2 * dim * 6 * dim
         # patches and timestep MLP; final adaLN and linear layer; the ControlNet's blocks, control_out
         embed = patch * (config.in_channels + config.control_channels) + 2 * (256 * dim + dim * dim)
-        final = 2 * dim * 2 * dim + patch * config.in_channels
+        final = 2 * dim * 2 * dim + patch * self.out_channels
         controlnet = (config.depth // 2) * (per_block + 2 * N * dim * dim)
         if config.control != 'controlnet':
             controlnet = 0
@@ -315,15 +382,15 @@ class ResBlock(nn.Module):
     with act = SiLU, norm = GroupNorm, the second norm scaled and shifted by the time+class embedding
     (ADM's scale-shift norm; none when emb_dim is 0, as in the autoencoder), and skip a 1x1 conv
     where the width changes. With num_heads, self-attention over the pixels follows, added to its
-    input."""
-    def __init__(self, cin, cout, emb_dim, dropout, num_heads=0):
+    input. eps: the GroupNorms' (ADM's 1e-5; LDM's autoencoder's 1e-6)."""
+    def __init__(self, cin, cout, emb_dim, dropout, num_heads=0, eps=1e-5):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(32, cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm1, self.conv1 = nn.GroupNorm(32, cin, eps), nn.Conv2d(cin, cout, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, 2 * cout) if emb_dim else None
-        self.norm2, self.dropout = nn.GroupNorm(32, cout), nn.Dropout(dropout)
+        self.norm2, self.dropout = nn.GroupNorm(32, cout, eps), nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-        self.norm_attn = nn.GroupNorm(32, cout) if num_heads else None
+        self.norm_attn = nn.GroupNorm(32, cout, eps) if num_heads else None
         self.attn = Attention(cout, num_heads) if num_heads else None
 
     def forward(self, x, emb=None):
@@ -458,17 +525,20 @@ class AEConfig:
     kl: bool = True  # a diagonal-Gaussian posterior (mean, log-variance); False: a plain autoencoder
     dropout: float = 0.0
 
-# AE-B/f8 is LDM's kl-f8 (the Stable Diffusion VAE's layout, 84M); S is a small one for CPUs.
+# AE-B/f8 is LDM's kl-f8, the Stable Diffusion VAE (84M; Autoencoder.from_pretrained loads its
+# released weights); S is a small one for CPUs.
 # f = 2^(levels - 1).
 AE_SIZES = {'S': dict(channels=32, num_res_blocks=1), 'B': dict(channels=128, num_res_blocks=2)}
 AE_PRESETS = {f'AE-{size}/f{f}': dict(kw, channel_mult=(1, 2, 4, 4, 4)[:levels])
               for size, kw in AE_SIZES.items() for f, levels in ((4, 3), (8, 4), (16, 5))}
 
 class Autoencoder(nn.Module):
-    """Encoder: conv, levels of residual blocks with stride-2 convolutions between them, a middle
-    block (residual, attention, residual), then GroupNorm, SiLU and a conv to 2 z_channels (mean,
-    log-variance) or z_channels. The decoder mirrors it with nearest-neighbour upsampling. Latents
-    are (B, z_channels, H / f, W / f)."""
+    """LDM's AutoencoderKL, layer for layer. Encoder: conv, levels of residual blocks with a stride-2
+    convolution between levels (its input padded by one row and column at the bottom and right, as
+    LDM's), a middle block (residual, attention, residual), GroupNorm, SiLU and a conv to 2
+    z_channels (mean, log-variance) or z_channels, then a 1x1 conv (quant_conv). The decoder: a
+    1x1 conv (post_quant_conv), then the mirror image with nearest-neighbour upsampling. Latents
+    are (B, z_channels, H / f, W / f); every GroupNorm has eps 1e-6."""
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -479,8 +549,11 @@ class Autoencoder(nn.Module):
             raise ValueError(f"image_size {config.image_size} is not divisible by the downsampling "
                              f"factor {self.factor}; pick a smaller f (or pad the images)")
         # residual blocks without a time embedding, attention with one head; the middle block
-        res_block = lambda cin, cout, attn=False: ResBlock(cin, cout, 0, config.dropout, int(attn))
+        res_block = lambda cin, cout, attn=False: ResBlock(cin, cout, 0, config.dropout, int(attn),
+                                                           eps=1e-6)
         mid = lambda width: [res_block(width, width, config.mid_attention), res_block(width, width)]
+        out = lambda width, channels: [nn.GroupNorm(32, width, 1e-6), nn.SiLU(),
+                                       nn.Conv2d(width, channels, 3, padding=1)]
         z_out = 2 * config.z_channels if config.kl else config.z_channels
         cur = widths[0]
         enc = [nn.Conv2d(config.in_channels, cur, 3, padding=1)]
@@ -489,8 +562,9 @@ class Autoencoder(nn.Module):
                 enc.append(res_block(cur, width))
                 cur = width
             if level + 1 < len(widths):
-                enc.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
-        enc += [*mid(cur), nn.GroupNorm(32, cur), nn.SiLU(), nn.Conv2d(cur, z_out, 3, padding=1)]
+                enc.append(nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)),
+                                         nn.Conv2d(cur, cur, 3, stride=2)))
+        enc += [*mid(cur), *out(cur, z_out)]
         dec = [nn.Conv2d(config.z_channels, cur, 3, padding=1), *mid(cur)]
         for level, width in reversed(list(enumerate(widths))):
             for _ in range(config.num_res_blocks + 1):
@@ -499,8 +573,10 @@ class Autoencoder(nn.Module):
             if level > 0:
                 dec.append(nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'),
                                          nn.Conv2d(cur, cur, 3, padding=1)))
-        dec += [nn.GroupNorm(32, cur), nn.SiLU(), nn.Conv2d(cur, config.in_channels, 3, padding=1)]
+        dec += out(cur, config.in_channels)
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
+        self.quant_conv = nn.Conv2d(z_out, z_out, 1)
+        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
         self.activation_checkpointing = False
         self._flops = None
         self.initialize_weights()
@@ -514,6 +590,56 @@ class Autoencoder(nn.Module):
                 zero += [block.conv2] + ([block.attn.proj] if block.attn is not None else [])
         zero_init(*zero)
 
+    @classmethod
+    def from_pretrained(cls, path, scaling_factor=None):
+        """Stable Diffusion's VAE (sd-vae-ft-ema, -ft-mse, SDXL's: any AutoencoderKL of LDM's
+        layout) from a local file or folder, in either layout it is released in: diffusers'
+        AutoencoderKL (a folder with config.json and diffusion_pytorch_model.safetensors or .bin) or
+        CompVis/LDM's checkpoint (.ckpt or .safetensors of the VAE, or a whole Stable Diffusion
+        checkpoint's first_stage_model.*). Eval mode, with .scaling_factor and .shift_factor: a
+        diffusion model sees (z - shift_factor) * scaling_factor (config.json's; for an LDM file
+        scaling_factor, default 0.18215, and 0)."""
+        import bookkeeping as bk
+        weights, config_json = bk.read_weights(path)
+        if any(k.startswith('first_stage_model.') for k in weights):  # a whole SD checkpoint
+            weights = {k[18:]: v for k, v in weights.items() if k.startswith('first_stage_model.')}
+        weights = {k: v for k, v in weights.items()  # not LDM's loss (discriminator and LPIPS)
+                   if k.split('.')[0] in ('encoder', 'decoder', 'quant_conv', 'post_quant_conv')}
+        layout = ('diffusers' if 'encoder.down_blocks.0.resnets.0.conv1.weight' in weights else
+                  'ldm' if 'encoder.down.0.block.0.conv1.weight' in weights else None)
+        if layout is None:
+            raise ValueError(f"{path} holds no Stable Diffusion VAE (no encoder.down_blocks.* of "
+                             f"diffusers' layout, nor LDM's encoder.down.*); pass {bk.RELEASED}")
+        if layout == 'diffusers' and config_json is None:
+            raise ValueError(f"{path} is in diffusers' layout: pass its folder, with the config.json "
+                             f"that holds its scaling_factor")
+        # the architecture, from the shapes: widths, blocks per level, latent channels
+        down, block = ('down_blocks', 'resnets') if layout == 'diffusers' else ('down', 'block')
+        levels = len({k.split('.')[2] for k in weights if k.startswith(f'encoder.{down}.')})
+        widths = [weights[f'encoder.{down}.{i}.{block}.0.conv1.weight'].shape[0]
+                  for i in range(levels)]
+        conv_in, z_in = weights['encoder.conv_in.weight'], weights['decoder.conv_in.weight']
+        config = AEConfig(
+            image_size=(config_json or {}).get('sample_size', 256), in_channels=conv_in.shape[1],
+            channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
+            num_res_blocks=len({k.split('.')[4] for k in weights
+                                if k.startswith(f'encoder.{down}.0.{block}.')}),
+            z_channels=z_in.shape[1],
+            mid_attention=any('attn_1' in k or 'attentions' in k for k in weights),
+            kl=weights['encoder.conv_out.weight'].shape[0] == 2 * z_in.shape[1])
+        ae = cls(config)
+        # a config without quant convolutions (use_quant_conv: false) has them as the identity
+        for name, conv in (('quant_conv', ae.quant_conv), ('post_quant_conv', ae.post_quant_conv)):
+            if f'{name}.weight' not in weights:
+                eye = torch.eye(conv.out_channels)[:, :, None, None]
+                weights.update({f'{name}.weight': eye, f'{name}.bias': torch.zeros(len(eye))})
+        load_renamed(ae, weights, sd_vae_names(config, layout, 'encoder.mid_block.attentions.0.'
+                                               'query.weight' in weights), path)
+        cfg = config_json or {}
+        ae.scaling_factor = float(cfg.get('scaling_factor', scaling_factor or 0.18215))
+        ae.shift_factor = float(cfg.get('shift_factor') or 0.0)
+        return ae.eval()
+
     @property
     def last_layer(self):  # where train_ae.py balances the adversarial loss against the others
         return self.decoder[-1]
@@ -521,14 +647,14 @@ class Autoencoder(nn.Module):
     def encode(self, x):
         """x (B, C, H, W) in [-1, 1] -> the posterior's mean and log-variance (None for a plain
         autoencoder: the latent and None)."""
-        h = run_sequence(self.encoder, x, self.activation_checkpointing)
+        h = self.quant_conv(run_sequence(self.encoder, x, self.activation_checkpointing))
         if not self.config.kl:
             return h, None
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z):
-        return run_sequence(self.decoder, z, self.activation_checkpointing)
+        return run_sequence(self.decoder, self.post_quant_conv(z), self.activation_checkpointing)
 
     def forward(self, x, eps=None):
         """The reconstruction of x from z = mean + exp(logvar / 2) eps (the mean when eps is None),
@@ -546,6 +672,70 @@ class Autoencoder(nn.Module):
             x = torch.zeros(1, config.in_channels, config.image_size, config.image_size, device=dev)
             self._flops = count_flops(self, x)
         return self._flops
+
+def sd_vae_names(config, layout, old_attention=False):
+    """{kit module: the names it has in Stable Diffusion's VAE files} for an Autoencoder of config:
+    layout 'diffusers' (AutoencoderKL; old_attention: the query/key/value/proj_attn names of files
+    saved before diffusers 0.14, as the sd-vae-ft-* releases are) or 'ldm' (CompVis). The
+    attention's q, k and v are the kit's one qkv layer, in that order."""
+    d, L, n = layout == 'diffusers', len(config.channel_mult), config.num_res_blocks
+    mid = ['mid_block.resnets.0', 'mid_block.resnets.1'] if d else ['mid.block_1', 'mid.block_2']
+    out = ['conv_norm_out' if d else 'norm_out', None, 'conv_out']
+    enc, dec = ['conv_in'], ['conv_in', *mid]
+    for level in range(L):  # a diffusers decoder numbers its levels from the bottom
+        enc += [f'down_blocks.{level}.resnets.{j}' if d else f'down.{level}.block.{j}'
+                for j in range(n)]
+        up = L - 1 - level
+        dec += [f'up_blocks.{level}.resnets.{j}' if d else f'up.{up}.block.{j}' for j in range(n + 1)]
+        if level + 1 < L:
+            enc.append(f'down_blocks.{level}.downsamplers.0.conv' if d else f'down.{level}.downsample.conv')
+            dec.append(f'up_blocks.{level}.upsamplers.0.conv' if d else f'up.{up}.upsample.conv')
+    names = {'quant_conv': ['quant_conv'], 'post_quant_conv': ['post_quant_conv']}
+    qkv = (['query', 'key', 'value'] if old_attention else ['to_q', 'to_k', 'to_v']) if d else ['q', 'k', 'v']
+    attn = {'norm_attn': ['group_norm' if d else 'norm'], 'attn.qkv': qkv,
+            'attn.proj': [('proj_attn' if old_attention else 'to_out.0') if d else 'proj_out']}
+    for part, layers in (('encoder', enc + mid + out), ('decoder', dec + out)):
+        for i, name in enumerate(layers):
+            if name is None:
+                continue
+            if 'sample' in name:  # the kit's (padding or upsampling, conv)
+                names[f'{part}.{i}.1'] = [f'{part}.{name}']
+            elif 'resnets' in name or 'block' in name:  # a ResBlock, and the attention it holds
+                for sub in ('norm1', 'conv1', 'norm2', 'conv2'):
+                    names[f'{part}.{i}.{sub}'] = [f'{part}.{name}.{sub}']
+                names[f'{part}.{i}.skip'] = [f'{part}.{name}.{"conv" if d else "nin"}_shortcut']
+                if name in ('mid_block.resnets.0', 'mid.block_1'):
+                    prefix = f'{part}.mid_block.attentions.0' if d else f'{part}.mid.attn_1'
+                    for kit, theirs in attn.items():
+                        names[f'{part}.{i}.{kit}'] = [f'{prefix}.{t}' for t in theirs]
+            else:
+                names[f'{part}.{i}'] = [f'{part}.{name}']
+    return names
+
+def load_renamed(net, weights, names, path):
+    """Loads weights into net, where names maps each module of net to its name(s) in weights (two
+    or more: concatenated, e.g. q, k, v), each reshaped to the kit's (a 1x1 conv as a linear
+    layer); every weight of net and every entry of weights used once, or ValueError."""
+    state, used = {}, set()
+    for key, want in net.state_dict().items():
+        module, leaf = key.rsplit('.', 1)
+        theirs = [f'{name}.{leaf}' for name in names.get(module, [module])]
+        missing = [k for k in theirs if k not in weights]
+        if missing:
+            raise ValueError(f"{path} lacks {missing[0]} (for this model's {key}); it is not "
+                             f"the model it is read as, or it is damaged")
+        parts = [weights[k].float().reshape(-1, *want.shape[1:]) for k in theirs]
+        value = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if value.shape != want.shape:
+            raise ValueError(f"{path}'s {theirs[0]} has shape {tuple(weights[theirs[0]].shape)} "
+                             f"where this model has {tuple(want.shape)}")
+        state[key] = value
+        used.update(theirs)
+    unused = sorted(set(weights) - used)
+    if unused:
+        raise ValueError(f"{path} holds {len(unused)} weights this model has no place for, such as "
+                         f"{unused[0]}; it is another architecture")
+    net.load_state_dict(state)
 
 class PatchDiscriminator(nn.Module):
     """pix2pix's PatchGAN (Isola et al. 2017) as VQGAN and LDM use it: a map of logits, each judging
@@ -966,10 +1156,12 @@ class Diffusion:
         return x0, eps
 
     @torch.no_grad()
-    def denoise(self, model, x, t, y, cfg_scale=1.0, clip_x0=False, control=None):
-        """x0 and eps estimates at one time t (a 0-d tensor) for every image of x. Classifier-free
-        guidance pred_u + cfg_scale (pred_c - pred_u) acts on every output channel, null label =
-        model.config.num_classes; both halves see the control image, if any."""
+    def denoise(self, model, x, t, y, cfg_scale=1.0, clip_x0=False, control=None, cfg_channels=0):
+        """x0 and eps estimates at one time t (a 0-d tensor) for every image of x, and the learned
+        variance interpolation v of a learn_sigma network (None otherwise). Classifier-free guidance
+        pred_u + cfg_scale (pred_c - pred_u) acts on the prediction's channels (its first
+        cfg_channels only, if set: DiT's and SiT's released numbers guided 3 of 4), null label =
+        model.config.num_classes; v is the conditional one's; both halves see the control image."""
         x_in, c_noise = self.net_inputs(x, t.expand(len(x)))
         # models without a control image take (x, t, y)
         control_args = () if control is None else (control,)
@@ -978,16 +1170,21 @@ class Diffusion:
         else:
             null = torch.full_like(y, model.config.num_classes)
             twice = lambda v: torch.cat([v, v])
-            pred_c, pred_u = model(twice(x_in), twice(c_noise), torch.cat([y, null]),
-                                   *(twice(v) for v in control_args)).chunk(2)
-            pred = pred_u + cfg_scale * (pred_c - pred_u)
+            pred, pred_u = model(twice(x_in), twice(c_noise), torch.cat([y, null]),
+                                 *(twice(v) for v in control_args)).chunk(2)
+            k = cfg_channels or x.shape[1]
+            pred = torch.cat([pred_u[:, :k] + cfg_scale * (pred[:, :k] - pred_u[:, :k]),
+                              pred[:, k:]], dim=1)
+        v = None
+        if pred.shape[1] == 2 * x.shape[1]:  # learn_sigma: the prediction, then v
+            pred, v = pred.chunk(2, dim=1)
         x0, eps = self.x0_eps(pred.to(x.dtype), x, t.view(1))
         # pixel data lives in [-1, 1]; eps follows the clipped x0
         if clip_x0:
             alpha, sigma = self.alpha_sigma(t)
             x0 = x0.clamp(-1, 1)
             eps = (x - alpha.item() * x0) / sigma.item()
-        return x0, eps
+        return x0, eps, v
 
     def grid(self, sampler, steps, shift=1.0):
         """The sampler's times, noisiest first: t (steps,) where the network is called, and alpha,
@@ -1017,13 +1214,16 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, model, z, y, sampler='ddim', steps=50, eta=0.0, cfg_scale=1.0,
-               cfg_interval=(0.0, float('inf')), shift=1.0, clip_x0=False, generator=None, control=None):
+               cfg_interval=(0.0, float('inf')), shift=1.0, clip_x0=False, generator=None, control=None,
+               cfg_channels=0):
         """Images from noise z (B, C, H, W) with labels y. cfg_interval: guidance only where lo <
         sigma/alpha <= hi (Kynkaanniemi et al. 2024). ddpm is DDIM with eta = 1 (the posterior q(x_s
         | x_t, x0) sampled; Ho et al. 2020), ddim takes eta (Song et al. 2021, eq. 12); euler and
         heun integrate the probability-flow ODE (Karras et al. 2022, alg. 1) in the coordinates
         where it is straightest: (x / alpha, sigma / alpha), or (x, t) for flow. DDIM with eta = 0
-        is Euler in either, so they share one step and differ by their grids."""
+        is Euler in either, so they share one step and differ by their grids. A learn_sigma network's
+        ddpm steps draw their noise with its learned variance exp(f log beta + (1 - f) log
+        beta_tilde), f = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15), beta of the step taken."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler '{sampler}'; use one of {SAMPLERS}")
         t, alpha, sigma = (v.to(z.device) for v in self.grid(sampler, steps, shift))
@@ -1034,27 +1234,31 @@ class Diffusion:
 
         def denoise(x, i):
             guided = cfg_interval[0] < sigma[i] / alpha[i] <= cfg_interval[1]
-            return self.denoise(model, x, t[i], y, cfg_scale if guided else 1.0, clip_x0, control)
+            return self.denoise(model, x, t[i], y, cfg_scale if guided else 1.0, clip_x0, control,
+                                cfg_channels)
 
         # x = sigma z + alpha x0, the last ~0: alpha[0] is 1e-5 (flow), < 0.01 (DDPM), sigma / 80
         # (edm)
         x = sigma[0].item() * z
         for i in range(steps):
-            x0, eps = denoise(x, i)
+            x0, eps, v = denoise(x, i)
             if sampler in ('ddpm', 'ddim'):
                 # the posterior's variance; eta times its standard deviation is the fresh noise's
                 var = ((sigma[i] ** 2 - (alpha[i] / alpha[i + 1] * sigma[i + 1]) ** 2)
                        * sigma[i + 1] ** 2 / sigma[i] ** 2)
                 std = eta * var.clamp(min=0).sqrt()
                 x_next = alpha[i + 1] * x0 + (sigma[i + 1] ** 2 - std ** 2).clamp(min=0).sqrt() * eps
-                if std > 0:
+                if std > 0 and v is not None and sampler == 'ddpm':
+                    f, log_beta = (v.double() + 1) / 2, (1 - (alpha[i] / alpha[i + 1]) ** 2).log()
+                    std = (0.5 * (f * log_beta + (1 - f) * var.log())).exp().to(x.dtype)
+                if std.any():
                     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                     x_next = x_next + std * noise
             else:
                 x_next = alpha[i + 1] * x0 + sigma[i + 1] * eps  # Euler
                 # Heun: the average of the ODE's slopes at both ends
                 if sampler == 'heun' and sigma[i + 1] > 0:
-                    x0_2, eps_2 = denoise(x_next, i + 1)
+                    x0_2, eps_2, _ = denoise(x_next, i + 1)
                     x_next = scale[i + 1] * (x / scale[i] + (a[i + 1] - a[i]) * (x0 + x0_2) / 2
                                              + (b[i + 1] - b[i]) * (eps + eps_2) / 2)
             x = x_next.to(z.dtype)

@@ -195,7 +195,7 @@ def test_guidance_acts_on_every_channel_within_its_interval():
         return x * 0.1 + (y != 3).float().view(-1, 1, 1, 1) * torch.arange(1, 5.0).view(1, 4, 1, 1)
     model.config = SimpleNamespace(num_classes=3)
     x, y, t = torch.randn(2, 4, 2, 2), torch.tensor([0, 1]), torch.tensor(500.0, dtype=f64)
-    x0_guided, eps_guided = diffusion.denoise(model, x, t, y, cfg_scale=3.0)
+    x0_guided, eps_guided, _ = diffusion.denoise(model, x, t, y, cfg_scale=3.0)
     F_c, F_u = model(x, None, y), model(x, None, torch.full_like(y, 3))
     x0_want, eps_want = diffusion.x0_eps(F_u + 3 * (F_c - F_u), x, t.view(1))
     torch.testing.assert_close(eps_guided, x0_want * 0 + eps_want)

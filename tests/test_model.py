@@ -214,8 +214,8 @@ def test_zero_inits_hold_and_each_block_starts_as_its_skip_path(net):
             for layer in layers:
                 h = layer.skip(h) if isinstance(layer, ResBlock) else layer(h)
             return h
-        mean = skip_only(model.encoder, x).chunk(2, dim=1)[0]
-        assert torch.equal(out, skip_only(model.decoder, mean))
+        mean = model.quant_conv(skip_only(model.encoder, x)).chunk(2, dim=1)[0]
+        assert torch.equal(out, skip_only(model.decoder, model.post_quant_conv(mean)))
     else:
         assert torch.equal(out, torch.zeros_like(out))
 
