@@ -178,6 +178,26 @@ class DiTBlock(nn.Module):
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
 
+def dit_names(depth):
+    """{kit module: [its name in facebookresearch/DiT's and willisma/SiT's models.py]} where they
+    differ, for a DiT of depth blocks (their pos_embed is the kit's fixed sincos buffer)."""
+    names = {'x_embedder': 'x_embedder.proj', 'y_embedder': 'y_embedder.embedding_table',
+             'linear_final': 'final_layer.linear', 'adaLN_final.1': 'final_layer.adaLN_modulation.1',
+             **{f't_embedder.{i}': f't_embedder.mlp.{i}' for i in (0, 2)},
+             **{f'blocks.{b}.mlp.{i}': f'blocks.{b}.mlp.fc{i // 2 + 1}'
+                for b in range(depth) for i in (0, 2)}}
+    return {kit: [theirs] for kit, theirs in names.items()}
+
+def released_family(path, family=None):
+    """'DiT' or 'SiT': family if given, else the file name's start (as released: DiT-XL-2-256x256.pt,
+    SiT-XL-2-256x256.pt); the two layouts are the same, so nothing in the file tells them apart."""
+    name = os.path.basename(path).lower()
+    family = family or ('SiT' if name.startswith('sit') else 'DiT' if name.startswith('dit') else '')
+    if family not in ('DiT', 'SiT'):
+        raise ValueError(f"{path}: say whether it is a DiT or a SiT checkpoint (family 'DiT' or "
+                         f"'SiT'; the file name starts with neither)")
+    return family
+
 class DiT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -297,12 +317,7 @@ class DiT(nn.Module):
         None: from the file's name). The architecture is read from the shapes. SiT's unused
         variance channels are dropped. Eval mode, with .objective: RELEASED[family]."""
         import bookkeeping as bk
-        name = os.path.basename(path).lower()
-        family = family or ('SiT' if name.startswith('sit') else 'DiT' if name.startswith('dit')
-                            else None)
-        if family not in cls.RELEASED:
-            raise ValueError(f"{path}: say whether it is a DiT or a SiT checkpoint (family='DiT' or "
-                             f"'SiT'; the file name does not start with either)")
+        family = released_family(path, family)
         weights, _ = bk.read_weights(path)
         if 'x_embedder.proj.weight' not in weights or 'pos_embed' not in weights:
             raise ValueError(f"{path} holds no DiT or SiT models.py state dict (no "
@@ -310,9 +325,11 @@ class DiT(nn.Module):
         dim, C, p, _ = weights['x_embedder.proj.weight'].shape
         out = weights['final_layer.linear.weight'].shape[0] // p ** 2
         depth = 1 + max(int(k.split('.')[1]) for k in weights if k.startswith('blocks.'))
+        # the heads are in no shape: DIT_SIZES' for its widths (DiT's S to XL: 64 wide), else 64 wide
+        heads = {width: h for _, width, h in DIT_SIZES.values()}
         config = DiTConfig(
             image_size=math.isqrt(weights['pos_embed'].shape[1]) * p, in_channels=C, patch_size=p,
-            hidden_size=dim, depth=depth, num_heads=dim // 64,  # every DiT size's heads are 64 wide
+            hidden_size=dim, depth=depth, num_heads=heads.get(dim, dim // 64),
             mlp_ratio=weights['blocks.0.mlp.fc1.weight'].shape[0] / dim,
             num_classes=weights['y_embedder.embedding_table.weight'].shape[0] - 1,
             learn_sigma=family == 'DiT' and out == 2 * C,
@@ -324,13 +341,8 @@ class DiT(nn.Module):
             for leaf in ('weight', 'bias'):
                 w = weights[f'final_layer.linear.{leaf}']
                 weights[f'final_layer.linear.{leaf}'] = w.view(p * p, 2, C, -1)[:, 0].reshape(-1, *w.shape[1:])
-        renames = {'x_embedder': 'x_embedder.proj', 'y_embedder': 'y_embedder.embedding_table',
-                   'linear_final': 'final_layer.linear', 'adaLN_final.1': 'final_layer.adaLN_modulation.1',
-                   **{f't_embedder.{i}': f't_embedder.mlp.{i}' for i in (0, 2)},
-                   **{f'blocks.{b}.mlp.{i}': f'blocks.{b}.mlp.fc{i // 2 + 1}'
-                      for b in range(depth) for i in (0, 2)}}
         weights.pop('pos_embed')
-        load_renamed(net, weights, {k: [v] for k, v in renames.items()}, path)
+        load_renamed(net, weights, dit_names(depth), path)
         net.objective = dict(cls.RELEASED[family], family=family, source=os.path.abspath(path))
         return net.eval()
 

@@ -1,6 +1,7 @@
 """
 Samples images from a train_diffusion.py, distill_consistency.py or train_gan.py checkpoint (EMA
-weights by default); a model of latents is decoded by the autoencoder its latent dataset names.
+weights by default), or from a released DiT or SiT checkpoint (pretrained); a model of latents is
+decoded by the autoencoder its latent dataset names, or by Stable Diffusion's VAE (vae).
 
     python sample.py --out_dir=out-mnist-dit                            # out-mnist-dit/samples.png
     python sample.py --out_dir=out-mnist-dit --class_labels=3,7 --cfg_scale=2 --save_png=True
@@ -9,26 +10,41 @@ weights by default); a model of latents is decoded by the autoencoder its latent
     python sample.py --out_dir=out-mnist-gan --save_npz=True        # a GAN: one call, z ~ N(0, I)
     python sample.py --out_dir=out-mnist-dit --ema_std=0.1          # a post-hoc EMA (phema_stds)
     python sample.py --out_dir=out-mnist-dit --memorization=True    # the nearest training images
+    # a released checkpoint, sampled as for DiT-XL/2's published FID (SiT-XL/2's the same):
+    python sample.py --pretrained=DiT-XL-2-256x256.pt --vae=sd-vae-ft-ema --sampler=ddpm \
+        --steps=250 --cfg_scale=1.5 --cfg_channels=3 --num_samples=50000 --save_npz=True
+    torchrun --nproc_per_node=8 sample.py --pretrained=DiT-XL-2-256x256.pt --vae=sd-vae-ft-ema \
+        --sampler=ddpm --steps=250 --cfg_scale=1.5 --cfg_channels=3 --num_samples=50000 \
+        --save_npz=True
 
 Sample i starts from noise seeded by (seed, i), so (for the deterministic samplers) the images do
 not depend on batch size or world size; under torchrun each rank samples its share and rank 0 writes
 the files. A control model draws sample i under val image i's control image (and label, unless
 class_labels says otherwise). The .npz is the ADM format the standard FID tools read: arr_0 uint8
-(N, H, W, C), arr_1 the class labels when the model is conditional.
+(N, H, W, C), arr_1 the class labels when the model is conditional; samples.json beside it holds
+every setting, the checkpoint's checksum, the decoder and the labels: what an FID needs reported.
 """
 import glob
+import hashlib
+import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import bookkeeping as bk
-from model import SAMPLERS, AEConfig, Autoencoder, Diffusion, create_model, phema_weights
+from model import SAMPLERS, AEConfig, Autoencoder, DiT, Diffusion, create_model, phema_weights
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # holds ckpt.pt; the samples are written here too
+# a released DiT or SiT .pt file (model.DiT.from_pretrained), sampled in place of out_dir's ckpt.pt
+pretrained = ''
+family = ''  # 'DiT' or 'SiT', pretrained's family ('' = from its file name)
+# Stable Diffusion's VAE (a diffusers folder or LDM file) decoding the latents: pretrained needs one
+vae = ''  # with a kit checkpoint: in place of its latent dataset's autoencoder
 use_ema = True  # the EMA weights (False: the raw weights)
 ema_std = 0.0  # > 0: the post-hoc EMA of this sigma_rel, from out_dir/phema/ (Karras et al. 2024)
 num_samples = 64
@@ -36,7 +52,8 @@ class_labels = 'all'  # 'all' cycles through the classes; or comma-separated lab
 sampler = 'ddim'  # 'ddpm', 'ddim', 'euler' or 'heun' (model.Diffusion.sample), on any schedule
 steps = 50  # sampling steps (heun calls the network about twice per step)
 eta = 0.0  # ddim's noise: 0 deterministic, 1 is ddpm
-cfg_scale = 4.0  # classifier-free guidance scale (1 = none), on every channel
+cfg_scale = 4.0  # classifier-free guidance scale (1 = none)
+cfg_channels = 0  # guide only the first k channels (0: all; DiT's, SiT's published FIDs guided 3)
 # guidance only where cfg_sigma_min < sigma/alpha <= cfg_sigma_max (Kynkaanniemi et al. 2024)
 cfg_sigma_min = 0.0
 cfg_sigma_max = float('inf')
@@ -50,7 +67,7 @@ save_npz = False  # also out_dir/samples.npz for FID tools
 # each sample's two nearest training images (L2 in pixels): a report, and memorization.png
 memorization = False
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+dtype = 'float32'  # fp32 sampling unless asked: the published protocols sample in fp32
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
@@ -59,12 +76,22 @@ bk.check_config(config, counts=['num_samples', 'steps', 'batch_size'],
                 choices=[('sampler', SAMPLERS), ('dtype', ('float32', 'bfloat16', 'float16'))],
                 rules=[('eta', 0 <= eta <= 1, 'in [0, 1] (0: deterministic, 1: ddpm)'),
                        ('ema_std', ema_std >= 0, "at least 0 (0: the checkpoint's EMA)"),
-                       ('cfg_sigma_max', cfg_sigma_min < cfg_sigma_max, 'above cfg_sigma_min')])
+                       ('cfg_sigma_max', cfg_sigma_min < cfg_sigma_max, 'above cfg_sigma_min'),
+                       ('cfg_channels', cfg_channels >= 0, 'at least 0 (0: every channel)'),
+                       ('family', family in ('', 'DiT', 'SiT') and (pretrained or not family),
+                        "'DiT' or 'SiT' with pretrained ('': from the file's name)"),
+                       # a released checkpoint comes without its training images and EMA snapshots
+                       ('memorization', not (pretrained and memorization),
+                        'False with pretrained (no training images come with it)'),
+                       ('ema_std', not (pretrained and ema_std), '0 with pretrained (no snapshots)'),
+                       ('vae', vae or not pretrained, "set with pretrained: Stable Diffusion's VAE "
+                        "decodes its latents (README, 'Released weights': e.g. "
+                        "stabilityai/sd-vae-ft-ema on Hugging Face: config.json and "
+                        "diffusion_pytorch_model.safetensors)")])
 
 def nearest_training_images(images, train, chunk=4096):
-    """RMS pixel distances ([0, 1] scale) from each of images (N, H, W, C) uint8 to its two nearest
-    images of train (M, H, W, C) uint8, read chunk by chunk, and their indices: (N, 2) each, nearest
-    first."""
+    """RMS pixel distances ([0, 1] scale) from each uint8 image (N, H, W, C) to its two nearest of
+    train (M, H, W, C), read chunk by chunk, and their indices: (N, 2) each, nearest first."""
     x = torch.from_numpy(np.asarray(images)).to(device).flatten(1).float() / 255
     best_d = torch.full((len(x), 2), float('inf'), device=device)
     best_i = torch.zeros((len(x), 2), dtype=torch.long, device=device)
@@ -95,19 +122,29 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 ctx = torch.autocast(device_type=device_type, dtype=ptdtype, enabled=dtype != 'float32')
 
 # the checkpoint; out_dir, where the samples go, is checked writable now rather than after sampling
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-runs = "pass the out_dir of a train_diffusion.py, distill_consistency.py or train_gan.py run"
+ckpt_path = pretrained or os.path.join(out_dir, 'ckpt.pt')
+runs = "pass the out_dir of a train_diffusion.py, distill_consistency.py or train_gan.py run" \
+    if not pretrained else "pass a released DiT or SiT .pt file (README, 'Released weights')"
 if not os.path.exists(ckpt_path):
     raise SystemExit(f"error: {ckpt_path} not found; {runs}")
 if rank == 0:
     bk.check_writable(out_dir)
-ckpt = bk.load_checkpoint(ckpt_path, runs, kinds=['diffusion', 'consistency', 'gan'])
-consistency = ckpt.get('consistency')  # a distill_consistency.py run: its teacher's diffusion
-train_config = ckpt['teacher_config'] if consistency else ckpt['config']
-gan = ckpt['kind'] == 'gan'  # a train_gan.py checkpoint: its generator, z to images
-model = create_model(train_config['arch'], **ckpt['model_args'])
-bk.load_state(model, ckpt['ema' if use_ema else 'model'], ckpt_path, 'ema' if use_ema else 'model')
-if ema_std:  # the post-hoc EMA of the trained weights (the others stay the EMA's)
+if pretrained:  # a released DiT or SiT: its diffusion as it was trained, and no dataset
+    model = bk.from_pretrained(DiT, pretrained, family=family or None)
+    published, gan, consistency = model.objective, False, None
+    train_config = dict(published, sigma_data=0.5, dataset='')
+    checkpoint = {'path': published['source'], 'family': published['family']}
+else:
+    ckpt = bk.load_checkpoint(ckpt_path, runs, kinds=['diffusion', 'consistency', 'gan'])
+    consistency = ckpt.get('consistency')  # a distill_consistency.py run: its teacher's diffusion
+    train_config = ckpt['teacher_config'] if consistency else ckpt['config']
+    gan = ckpt['kind'] == 'gan'  # a train_gan.py checkpoint: its generator, z to images
+    model = create_model(train_config['arch'], **ckpt['model_args'])
+    bk.load_state(model, ckpt['ema' if use_ema else 'model'], ckpt_path,
+                  'ema' if use_ema else 'model')
+    checkpoint = {'path': os.path.abspath(ckpt_path), 'step': ckpt['step'], 'kind': ckpt['kind'],
+                  **({'checksum': ckpt['checksum']} if 'checksum' in ckpt else {})}
+if ema_std:  # the post-hoc EMA of the trained weights (the others stay the EMA's); never pretrained
     files = sorted(glob.glob(os.path.join(out_dir, 'phema', 'phema-*.pt')))
     try:  # mmap: each snapshot is read as it is summed
         snaps = [torch.load(f, map_location='cpu', weights_only=True, mmap=True) for f in files]
@@ -140,14 +177,19 @@ z_shape = (model.config.z_dim,) if gan else (model.config.in_channels, size, siz
 
 # the dataset, read (and checked) where needed: a latent dataset's meta.json names the autoencoder
 # that decodes the samples, a control model takes the val images' controls and labels, memorization
-# the training images
+# the training images; a released checkpoint has none
 dataset, control = train_config['dataset'], getattr(model.config, 'control', '')
 data_dir, meta, data = bk.data_path(dataset), {}, {}
 splits = ('val',) * bool(control) + ('train',) * memorization
-if splits or os.path.exists(os.path.join(data_dir, 'meta.json')):
+if dataset and (splits or os.path.exists(os.path.join(data_dir, 'meta.json'))):
     _, meta, data = bk.load_dataset(dataset, splits, latent_ok=True)
-latent = meta.get('latent')
-if latent:
+latent, decoder = meta.get('latent'), None
+if vae:  # a diffusion model of Stable Diffusion's latents sees (z - shift_factor) * scaling_factor
+    autoencoder = bk.from_pretrained(Autoencoder, vae).to(device)
+    latent_mean, latent_std = autoencoder.shift_factor, 1 / autoencoder.scaling_factor
+    decoder = dict(vae=os.path.abspath(vae), scaling_factor=autoencoder.scaling_factor,
+                   shift_factor=autoencoder.shift_factor)
+elif latent:
     ae_path = os.path.join(data_dir, latent['autoencoder'])
     ae_ckpt = bk.load_checkpoint(ae_path, "re-encode the dataset with data/prepare_latents.py: its "
                                  "autoencoder decodes this model's samples",
@@ -157,6 +199,11 @@ if latent:
     autoencoder.to(device).eval()
     latent_mean, latent_std = (torch.tensor(latent[k], device=device).view(1, -1, 1, 1)
                                for k in ('mean', 'std'))
+    decoder = dict(autoencoder=os.path.abspath(ae_path), mean=latent['mean'], std=latent['std'])
+if decoder:
+    if autoencoder.config.z_channels != model.config.in_channels:
+        raise SystemExit(f"error: {vae or ae_path} decodes {autoencoder.config.z_channels}-channel "
+                         f"latents, and this model makes {model.config.in_channels} channels")
     clip_x0 = False  # x0 is a latent: no [-1, 1] to clip to
 if control:
     try:
@@ -174,7 +221,9 @@ try:
 except ValueError:
     wanted = [-1]
 bk.check_config(config, rules=[('class_labels', all(0 <= v < num_classes for v in wanted),
-                                f"'all' or comma-separated labels in 0..{num_classes - 1}")])
+                                f"'all' or comma-separated labels in 0..{num_classes - 1}"),
+                               ('cfg_channels', cfg_channels <= model.config.in_channels,
+                                f"at most the model's {model.config.in_channels} channels")])
 labels = np.resize(wanted, num_samples) if wanted else np.arange(num_samples) % max(num_classes, 1)
 if control and num_classes and not wanted:
     labels = data['val'][1][np.arange(num_samples) % len(data['val'][1])]
@@ -188,9 +237,21 @@ if consistency:
     bk.check_config(config, rules=[('sigmas', ok, f"decreasing sigmas above sigma_min={sigma_min}, "
                                     f"comma-separated, like 80 or 80,0.8")])
 how = f"consistency model, {len(cm_sigmas)} step(s) at sigmas {cm_sigmas}" if consistency else \
-    'GAN generator' if gan else f"{sampler} with {steps} steps, cfg {cfg_scale}"
-print(f"rank {rank}: sampling {num_samples} images from {ckpt_path} (step {ckpt['step']}, "
-      f"{'EMA' if use_ema else 'raw'} weights), {how}")
+    'GAN generator' if gan else f"{sampler} with {steps} steps, cfg {cfg_scale}" + \
+    (f" on {cfg_channels} channels" if cfg_channels else '')
+if vae:
+    how += (f"; decoded by {vae} with its scaling_factor {autoencoder.scaling_factor} and "
+            f"shift_factor {autoencoder.shift_factor}"
+            + (", in place of the latent dataset's autoencoder and mean/std" if latent else ''))
+if pretrained:  # this run's sampling beside that of the published FID
+    protocol = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+    differs = ', '.join(f"{k}={v}" for k, v in protocol.items() if v != published[k])
+    if differs and rank == 0:
+        print(f"note: {published['family']}'s published FID used "
+              f"{' '.join(f'{k}={published[k]}' for k in protocol)}; this run differs in {differs}")
+weights = f"a released {published['family']} checkpoint" if pretrained else \
+    f"step {ckpt['step']}, {'EMA' if use_ema else 'raw'} weights"
+print(f"rank {rank}: sampling {num_samples} images from {ckpt_path} ({weights}), {how}")
 
 # a round from index lo: rank r samples lo + r*n ... lo + r*n + n-1, n <= batch_size the same on
 # every rank (the last round is smaller); all_gather puts them in order on rank 0
@@ -213,8 +274,9 @@ for lo in range(0, num_samples, world_size * batch_size):
             x = diffusion.consistency_sample(model, z, y, cm_sigmas, sigma_min, generator)
         else:
             x = diffusion.sample(model, z, y, sampler, steps, eta, cfg_scale,
-                                 (cfg_sigma_min, cfg_sigma_max), shift, clip_x0, generator, ctrl)
-        if latent:
+                                 (cfg_sigma_min, cfg_sigma_max), shift, clip_x0, generator, ctrl,
+                                 cfg_channels)
+        if decoder:
             x = autoencoder.decode(x * latent_std + latent_mean)
     x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     x = x.permute(0, 2, 3, 1).contiguous()  # NHWC, the .npz layout
@@ -238,8 +300,28 @@ if rank == 0:
     if save_npz:
         arrays = {'arr_0': images, **({'arr_1': labels.astype(np.int64)} if num_classes else {})}
         bk.write_file(os.path.join(out_dir, 'samples.npz'), lambda f: np.savez(f, **arrays))
+        # every setting beside the samples (the rounds too: ddpm and eta > 0 draw noise per round)
+        if pretrained:  # the released file's sha256, read in chunks
+            digest = hashlib.sha256()
+            with open(pretrained, 'rb') as f:
+                for chunk in iter(lambda: f.read(1 << 24), b''):
+                    digest.update(chunk)
+            checkpoint.update(bytes=os.path.getsize(pretrained), sha256=digest.hexdigest())
+        counts = {str(c): int(n) for c, n in zip(*np.unique(labels, return_counts=True))}
+        if num_classes and class_labels == 'all' and not control and num_samples % num_classes == 0:
+            counts = f"each of {num_classes} classes {num_samples // num_classes} times"
+        record = dict(
+            config={k: str(v) if v in (math.inf, -math.inf) else v for k, v in config.items()},
+            checkpoint=checkpoint,
+            diffusion='GAN' if gan else {'consistency_sigmas': cm_sigmas, 'sigma_min': sigma_min}
+            if consistency else {k: getattr(diffusion, k) for k in
+                                 ('schedule', 'prediction_type', 'num_timesteps', 'sigma_data')},
+            decoder=decoder, labels=counts if num_classes else 'unconditional',
+            world_size=world_size, batch_size=batch_size, torch=torch.__version__, argv=sys.argv)
+        bk.write_file(os.path.join(out_dir, 'samples.json'),
+                      lambda f: f.write(json.dumps(record, indent=2) + '\n'), 'w')
     print(f"wrote {os.path.join(out_dir, 'samples.png')}" + (", samples/*.png" if save_png else "")
-          + (", samples.npz" if save_npz else ""))
+          + (", samples.npz, samples.json" if save_npz else ""))
     if memorization:
         train = data['train'][0]
         near_d, near_i = nearest_training_images(images, train)

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bookkeeping as bk
-from model import (ARCHS, PREDICTIONS, SAMPLERS, SCHEDULES, AEConfig, Autoencoder, Diffusion, bcast,
-                   create_model, phema_gamma)
+from model import (ARCHS, PREDICTIONS, SAMPLERS, SCHEDULES, AEConfig, Autoencoder, DiT, Diffusion,
+                   bcast, create_model, phema_gamma, released_family)
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by config/*.py and --key=value
@@ -68,14 +68,17 @@ class_balance = 0.0  # draw image i with weight count(class_i)^-class_balance: 0
 control = ''  # condition on the dataset's control images (data/prepare_control.py): 'concat'
 #               (extra input channels) or 'controlnet' (DiT: a trainable copy of half the blocks
 #               beside the frozen init_base)
-init_base = ''  # a new run starts from this train_diffusion.py out_dir's EMA weights
-#                 (new control weights: zeros)
+init_base = ''  # a new run starts from this train_diffusion.py out_dir's EMA weights (new
+#                 control weights: zeros), or from a released DiT-*.pt or SiT-*.pt file
+#                 (model.DiT.from_pretrained; its objective and time convention with it)
 # model and diffusion
 arch = 'DiT-N/4'  # 'DiT-{N,Ti,S,B,L,XL}/{1,2,4,8}' or 'UNet-{S,B}' (model.py's presets)
 norm = 'layernorm'  # DiT, LightningDiT's options (Yao et al. 2025): 'rmsnorm'
 mlp = 'gelu'  # DiT: 'swiglu' (at 2/3 the width: the same parameters)
 qk_norm = False  # DiT: RMSNorm on queries and keys
 rope = False  # DiT: 2-D rotary position embedding in attention
+learn_sigma = False  # DiT: also predict the variance, learned by the VLB term (Nichol & Dhariwal
+#                      2021; DiT's recipe); DDPM schedules only; the ddpm sampler draws with it
 schedule = 'linear'  # 'linear', 'cosine' (DDPM, T steps), 'flow' (x_t = (1 - t) x0 + t eps), 'edm'
 prediction_type = 'eps'  # 'eps', 'v', 'x0' (on edm: with EDM's preconditioning), 'flow' (eps - x0)
 num_timesteps = 1000  # T of the DDPM schedules
@@ -149,12 +152,24 @@ bk.check_config(config, choices=[
            ('shift', shift > 0, 'positive'), ('logit_std', logit_std > 0, 'positive'),
            ('sigma_data', sigma_data > 0, 'positive'),
            ('class_balance', 0 <= class_balance <= 1, 'in [0, 1]'),
-           ('cosine_loss', cosine_loss >= 0, 'at least 0 (0 = off)')])
-dit_options = dict(norm=norm, mlp=mlp, qk_norm=qk_norm, rope=rope)
-plain_dit = dict(norm='layernorm', mlp='gelu', qk_norm=False, rope=False)
+           ('cosine_loss', cosine_loss >= 0, 'at least 0 (0 = off)'),
+           ('learn_sigma', not learn_sigma or schedule in ('linear', 'cosine'),
+            "False unless schedule is 'linear' or 'cosine' (the VLB's steps are DDPM's)")])
+# a released base file: SiT's weights read time their own way (model.DiTConfig.convention)
+released = init_base if os.path.isfile(init_base) else ''
+try:
+    convention = 'sit' if released and released_family(released) == 'SiT' else 'kit'
+except ValueError:
+    raise SystemExit(f"error: init_base={init_base} is a file, so a released DiT or SiT "
+                     f"checkpoint, but its name starts with neither; name it as released "
+                     f"(DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt)")
+dit_options = dict(norm=norm, mlp=mlp, qk_norm=qk_norm, rope=rope, learn_sigma=learn_sigma,
+                   convention=convention)
+plain_dit = dict(norm='layernorm', mlp='gelu', qk_norm=False, rope=False, learn_sigma=False,
+                 convention='kit')
 if not arch.startswith('DiT') and (control == 'controlnet' or dit_options != plain_dit):
-    raise SystemExit(f"error: norm, mlp, qk_norm, rope and control='controlnet' are DiT options, "
-                     f"but arch='{arch}'")
+    raise SystemExit(f"error: norm, mlp, qk_norm, rope, learn_sigma, control='controlnet' and a "
+                     f"released init_base are DiT options, but arch='{arch}'")
 if control == 'controlnet' and not init_base:
     raise SystemExit("error: control='controlnet' trains beside a frozen base model; pass "
                      "init_base=<its out_dir>")
@@ -290,9 +305,14 @@ except ValueError as e:
 model_config = model.config
 # fine-tuning: a new run starts from a base model's EMA weights
 if init_base and run.init_from == 'scratch':
-    base_path = os.path.join(init_base, 'ckpt.pt')
-    base = bk.load_checkpoint(base_path, "pass the out_dir of a train_diffusion.py run", device,
-                              ['diffusion'])
+    base_path = released or os.path.join(init_base, 'ckpt.pt')
+    if released:
+        base = bk.from_pretrained(DiT, released)
+        base = {'model_args': asdict(base.config), 'ema': base.state_dict(),
+                'config': {**base.objective, 'sigma_data': sigma_data}}
+    else:
+        base = bk.load_checkpoint(base_path, "pass the out_dir of a train_diffusion.py run",
+                                  device, ['diffusion'])
     base_args, weights = base['model_args'], base['ema']
     diff = {k: (v, base_args.get(k)) for k, v in asdict(model_config).items()
             if k not in ('control', 'control_channels') and base_args.get(k, v) != v}
@@ -395,6 +415,24 @@ def loss_weight(alpha, sigma, A, B):
            'edm': snr + sigma_data ** -2}[loss_weighting]
     return lam * (sigma / (alpha * B - sigma * A)) ** 2
 
+def variance_loss(x0, xt, t, x0_pred, v):
+    """DiT's variance term, per image: the KL from the posterior q(x_s | x_t, x0), s = t - 1, to
+    the model's Gaussian of the same form around x0_pred (no gradient: only v learns here) with
+    variance exp(f log beta_t + (1 - f) log beta~_t), f = (v + 1) / 2, in bits per dimension
+    (Nichol & Dhariwal 2021, eqs. 10-16). At t = 0 the term (a decoder likelihood) is left out."""
+    t1 = t.clamp(min=1)  # t = 0's finite stand-in, masked out below
+    (alpha, sigma), (alpha_s, sigma_s) = diffusion.alpha_sigma(t1), diffusion.alpha_sigma(t1 - 1)
+    beta = 1 - (alpha / alpha_s) ** 2
+    log_var_q = (beta * sigma_s ** 2 / sigma ** 2).log()
+    # the posterior mean c1 x0 + c2 x_t
+    c1, c2 = alpha_s * beta / sigma ** 2, alpha / alpha_s * sigma_s ** 2 / sigma ** 2
+    f = (v + 1) / 2
+    log_var_p = f * bcast(beta.log(), v) + (1 - f) * bcast(log_var_q, v)
+    log_var_q = bcast(log_var_q, v)
+    kl = 0.5 * (log_var_p - log_var_q - 1 + (log_var_q - log_var_p).exp()
+                + (bcast(c1, v) * (x0 - x0_pred)) ** 2 * (-log_var_p).exp())
+    return kl.mean(dim=(1, 2, 3)) / math.log(2) * (t > 0)
+
 def diffusion_loss(net, x0, y, u, eps, ctrl=None):
     """Per-image loss || F_theta(x_t) - F ||^2 at noise levels u (ctrl: the control images),
     weighted, plus cosine_loss (1 - cos(F_theta, F)); and the unweighted MSE."""
@@ -405,8 +443,12 @@ def diffusion_loss(net, x0, y, u, eps, ctrl=None):
     target = bcast(A, x0) * x0 + bcast(B, x0) * eps
     with ctx:
         pred = net(*diffusion.net_inputs(xt, t), y, ctrl).float()
+    if learn_sigma:  # the prediction, then the variance channels v
+        pred, v = pred.chunk(2, dim=1)
     mse = (pred - target).pow(2).mean(dim=(1, 2, 3))
     loss = loss_weight(alpha, sigma, A, B).float() * mse
+    if learn_sigma:
+        loss = loss + variance_loss(x0, xt, t, diffusion.x0_eps(pred.detach(), xt, t)[0], v)
     if cosine_loss:  # LightningDiT's velocity direction term, over each whole image
         loss = loss + cosine_loss * (1 - F.cosine_similarity(pred.flatten(1), target.flatten(1)))
     return loss, mse

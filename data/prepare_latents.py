@@ -1,14 +1,19 @@
 """
-Encode a prepared image dataset into the latents of a train_ae.py autoencoder, for latent diffusion: the
-posterior mean of every image as float16 (N, H/f, W/f, z_channels) in {train,val}_x.npy (with --flips also
-train_x_flip.npy, the latents of the mirror images, for train_diffusion.py's hflip), the labels beside them,
-the per-channel mean and std in meta.json's 'latent' entry, and autoencoder.pt, a copy of the weights that
-train_diffusion.py's sample grids and sample.py decode through.
+Encode a prepared image dataset into the latents of a train_ae.py autoencoder or of Stable Diffusion's VAE
+(--vae: model.Autoencoder.from_pretrained), for latent diffusion: the posterior mean of every image as float16
+(N, H/f, W/f, z_channels) in {train,val}_x.npy (with --flips also train_x_flip.npy, the latents of the mirror
+images, for train_diffusion.py's hflip, as fast-DiT encodes them), the labels beside them, the scaling in
+meta.json's 'latent' entry, and autoencoder.pt, a copy of the weights that train_diffusion.py's sample grids
+and sample.py decode through. A diffusion model sees (z - mean) / std per channel: --scaling=stats computes
+mean and std from the training latents (the default for a train_ae.py autoencoder); --scaling=vae takes the
+VAE's shift_factor and 1 / scaling_factor (0 and 1 / 0.18215 for SD's VAE: the latents DiT and SiT were
+trained on, the default with --vae). Decoding undoes exactly the recorded scaling.
 
     python train_ae.py config/mnist_ae.py          # an autoencoder, out-mnist-ae/best.pt
     python data/prepare_latents.py --autoencoder=out-mnist-ae --dataset=mnist     # data/mnist-latents/
     python train_diffusion.py config/mnist_ldm.py  # latent diffusion on them
-    torchrun --standalone --nproc_per_node=8 data/prepare_latents.py --autoencoder=out-ae --dataset=imagenet
+    torchrun --standalone --nproc_per_node=8 data/prepare_latents.py --vae=sd-vae-ft-ema --dataset=imagenet256 \
+        --flips=True                               # data/imagenet256-latents/: 32 x 32 x 4, as DiT's
 
 Under torchrun each rank encodes a contiguous share of the rows into the same memory-mapped files (CUDA: under
 bf16 autocast). The latent dataset is written into a new folder beside the target, <latents>.tmp-<pid>, then
@@ -31,6 +36,16 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bookkeeping as bk  # noqa: E402
 from model import AEConfig, Autoencoder  # noqa: E402
+
+
+def load_vae(path, H, C, dataset):
+    """Stable Diffusion's VAE from path (its folder or file), checked against the dataset's images; and a
+    stand-in for the checkpoint's entries."""
+    ae = bk.from_pretrained(Autoencoder, path)
+    if C != ae.config.in_channels or H % ae.factor:
+        raise SystemExit(f"error: {path} encodes {ae.config.in_channels}-channel images of a size divisible by "
+                         f"{ae.factor}, but dataset '{dataset}' has {H} px, {C}-channel ones")
+    return ae.requires_grad_(False), {'step': 'released', 'ema': ae.state_dict()}
 
 
 def read_meta(folder):
@@ -83,7 +98,12 @@ def encode_rows(ae, images, out, rows, flip, batch_size, device, ctx):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--autoencoder', required=True, help="the out_dir of a train_ae.py run")
+    parser.add_argument('--autoencoder', default='', help="the out_dir of a train_ae.py run")
+    parser.add_argument('--vae', default='', help="or Stable Diffusion's VAE: a diffusers folder (config.json, "
+                        "diffusion_pytorch_model.safetensors) or an LDM .ckpt/.safetensors")
+    parser.add_argument('--scaling', choices=('stats', 'vae'), default='',
+                        help="'stats': each channel's mean and std over the training latents (the default "
+                        "with --autoencoder); 'vae': the VAE's shift_factor and scaling_factor (with --vae)")
     parser.add_argument('--dataset', required=True, help='data/<dataset>/ (or a path), from its prepare.py')
     parser.add_argument('--latents', default='',
                         help='the latent dataset to write: data/<latents>/ (or a path); <dataset>-latents '
@@ -96,6 +116,13 @@ def main():
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args()
     flips = args.flips == 'True'
+    if bool(args.autoencoder) == bool(args.vae):
+        raise SystemExit("error: pass one of --autoencoder=<a train_ae.py out_dir> and --vae=<Stable Diffusion's "
+                         "VAE>")
+    scaling = args.scaling or ('vae' if args.vae else 'stats')
+    if scaling == 'vae' and not args.vae:
+        raise SystemExit("error: --scaling=vae takes a VAE's scaling_factor; a train_ae.py autoencoder has none "
+                         "(use --scaling=stats)")
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch_size={args.batch_size} must be at least 1")
     device_type = bk.check_device(args.device)
@@ -115,8 +142,9 @@ def main():
     if os.path.exists(target) and not read_meta(target).get('latent'):
         raise SystemExit(f"error: {target} exists and is no latent dataset (its meta.json has no 'latent' "
                          f"entry), and writing the latents there would delete it; pass another --latents")
-    source = os.path.join(args.autoencoder, f'{args.weights}.pt')
-    ae, ckpt = load_autoencoder(source, H, C, args.dataset)
+    source = args.vae or os.path.join(args.autoencoder, f'{args.weights}.pt')
+    ae, ckpt = load_vae(source, H, C, args.dataset) if args.vae else load_autoencoder(source, H, C, args.dataset)
+    weights = 'released weights' if args.vae else f"step {ckpt['step']}, EMA weights"
     h, zc = H // ae.factor, ae.config.z_channels
 
     # distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; each rank encodes a share of every file
@@ -141,8 +169,8 @@ def main():
         for (split, flip), name in jobs.items():
             np.lib.format.open_memmap(os.path.join(folder[0], name), mode='w+', dtype=np.float16,
                                       shape=(len(data[split][0]), h, h, zc))
-        print(f"encoding {args.dataset} with {source} (step {ckpt['step']}, EMA weights) into {target}: "
-              f"{h} x {h} x {zc} latents, f={ae.factor}")
+        print(f"encoding {args.dataset} with {source} ({weights}) into {target}: {h} x {h} x {zc} latents, "
+              f"f={ae.factor}, scaling '{scaling}'")
     if ddp:
         dist.broadcast_object_list(folder)
     folder = folder[0]
@@ -162,6 +190,9 @@ def main():
         if master:
             mean = train_sums[1] / train_sums[0]
             std = (train_sums[2] / train_sums[0] - mean ** 2).clamp(min=0).sqrt()
+            stats = f"per-channel mean {np.round(mean.tolist(), 3).tolist()}, std {np.round(std.tolist(), 3).tolist()}"
+            if scaling == 'vae':  # what the VAE's users divide by and subtract: one number each
+                mean, std = torch.full_like(mean, ae.shift_factor), torch.full_like(std, 1 / ae.scaling_factor)
             for split in ('train', 'val'):
                 np.save(os.path.join(folder, f'{split}_y.npy'), data[split][1])
             source, step = os.path.abspath(source), ckpt['step']
@@ -171,9 +202,8 @@ def main():
             # the image dataset's entries (but 'control': its control images stay behind), the latents' shape,
             # and the 'latent' entry that train_diffusion.py and sample.py read
             latent = {'autoencoder': 'autoencoder.pt', 'mean': mean.tolist(), 'std': std.tolist(),
-                      'image_size': H, 'channels': C, 'flips': flips, 'dataset': args.dataset,
-                      'source': f"{args.dataset} encoded by {source} (step {step}, EMA weights): posterior "
-                                f"means"}
+                      'scaling': scaling, 'image_size': H, 'channels': C, 'flips': flips, 'dataset': args.dataset,
+                      'source': f"{args.dataset} encoded by {source} ({weights}): posterior means"}
             entries = {k: v for k, v in meta.items() if k != 'control'}
             with open(os.path.join(folder, 'meta.json'), 'w') as f:
                 json.dump({**entries, 'image_size': h, 'channels': zc, 'latent': latent}, f, indent=2)
@@ -185,8 +215,7 @@ def main():
             shutil.rmtree(old, ignore_errors=True)
             count, dt = sum(len(data[split][0]) for split, _ in jobs), time.time() - t0
             print(f"encoded {count} images in {dt:.1f} s ({count / dt:.0f} img/s over {world_size} rank(s)); "
-                  f"per-channel mean {np.round(mean.tolist(), 3).tolist()}, std "
-                  f"{np.round(std.tolist(), 3).tolist()}; train with --dataset={latents}")
+                  f"{stats}; train with --dataset={latents}")
     finally:
         # a run that stopped early leaves no half-written folder behind
         if master:
