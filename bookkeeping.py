@@ -126,6 +126,9 @@ def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script=''):
     data_dir = data_path(dataset)
     prepare = (f"python data/{dataset}/prepare.py" if os.path.basename(dataset) == dataset
                else "its prepare.py")
+    if dataset.rstrip('/').endswith('-latents'):  # prepare_latents.py's default name
+        prepare = (f"python data/prepare_latents.py --vae=<Stable Diffusion's VAE> (or --autoencoder="
+                   f"<a train_ae.py out_dir>) --dataset={dataset.rstrip('/')[:-8]}")
     try:
         with open(os.path.join(data_dir, 'meta.json')) as f:
             meta = json.load(f)
@@ -143,8 +146,8 @@ def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script=''):
     if latent:
         if not latent_ok:
             raise SystemExit(f"error: dataset '{dataset}' holds latents; {script} trains on images")
-        prepare = (f"python data/prepare_latents.py --autoencoder=<its train_ae.py out_dir> "
-                   f"--dataset={latent.get('dataset', '<the images>')} --latents={dataset}")
+        prepare = (f"python data/prepare_latents.py --vae=<its VAE> (or --autoencoder=<its train_ae.py "
+                   f"out_dir>) --dataset={latent.get('dataset', '<the images>')} --latents={dataset}")
     kind = 'float16' if latent else 'uint8'
     for split, (x, y) in data.items():
         where = os.path.join(data_dir, split)

@@ -300,13 +300,16 @@ class DiT(nn.Module):
         x = x.reshape(-1, self.out_channels, g * p, g * p)
         return -x if config.convention == 'sit' else x
 
-    # what the released checkpoints were trained as (model.Diffusion's arguments), and the sampling
-    # of their papers' FIDs (DiT: FID 2.27; SiT: 2.06 with its own SDE sampler, for which the kit's
-    # ddpm sampler on the flow schedule stands in), read by sample.py
+    # what the released checkpoints were trained as (model.Diffusion's arguments), their papers' FID
+    # and the kit's sampling settings nearest it, read by sample.py
     RELEASED = {'DiT': dict(schedule='linear', prediction_type='eps', num_timesteps=1000,
-                            sampler='ddpm', steps=250, cfg_scale=1.5, cfg_channels=3),
+                            sampler='ddpm', steps=250, cfg_scale=1.5, cfg_channels=3,
+                            published='FID-50K 2.27: DDPM with the learned variance, 250 steps, '
+                                      'cfg 1.5 on 3 channels'),
                 'SiT': dict(schedule='flow', prediction_type='flow', num_timesteps=1000,
-                            sampler='ddpm', steps=250, cfg_scale=1.5, cfg_channels=3)}
+                            sampler='ddpm', steps=250, cfg_scale=1.5, cfg_channels=3,
+                            published='FID-50K 2.06: its own SDE sampler (not in the kit), 250 '
+                                      'steps, cfg 1.5 on 3 channels')}
 
     @classmethod
     def from_pretrained(cls, path, family=None):

@@ -247,7 +247,7 @@ if pretrained:  # this run's sampling beside that of the published FID
     protocol = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
     differs = ', '.join(f"{k}={v}" for k, v in protocol.items() if v != published[k])
     if differs and rank == 0:
-        print(f"note: {published['family']}'s published FID used "
+        print(f"note: {published['family']}'s {published['published']}; the kit's nearest: "
               f"{' '.join(f'{k}={published[k]}' for k in protocol)}; this run differs in {differs}")
 weights = f"a released {published['family']} checkpoint" if pretrained else \
     f"step {ckpt['step']}, {'EMA' if use_ema else 'raw'} weights"

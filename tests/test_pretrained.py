@@ -138,6 +138,34 @@ def test_vae_round_trip_in_every_layout(tmp_path, layout):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize('old_names', [False, True], ids=['to_q', 'query'])
+def test_the_vae_attention_reads_q_k_v_and_the_output_projection_by_their_names(tmp_path, old_names):
+    """The middle attention of a diffusers-layout file, its weights set by name, is what diffusers computes from
+    them: x + to_out(softmax(q k^T / sqrt(C)) v) over the pixels, q = to_q(group_norm(x)), and so on (a swap of q
+    and k, or of the output projection, would pass the round trip but not this)."""
+    ae = small_vae()
+    folder = diffusers_vae(tmp_path / 'vae', ae, old_attention=old_names)
+    from safetensors.torch import load_file, save_file
+    weights = load_file(folder / 'diffusion_pytorch_model.safetensors')
+    prefix = 'encoder.mid_block.attentions.0.'
+    names = ['query', 'key', 'value', 'proj_attn'] if old_names else ['to_q', 'to_k', 'to_v', 'to_out.0']
+    g = torch.Generator().manual_seed(1)
+    for name in names + ['group_norm']:
+        for leaf in ('weight', 'bias'):
+            weights[prefix + f'{name}.{leaf}'] = torch.randn(weights[prefix + f'{name}.{leaf}'].shape, generator=g)
+    save_file(weights, folder / 'diffusion_pytorch_model.safetensors')
+    block = next(m for m in Autoencoder.from_pretrained(str(folder)).encoder if getattr(m, 'attn', None))
+    x = torch.randn(2, 128, 3, 5)
+    w = {name: (weights[prefix + f'{name}.weight'], weights[prefix + f'{name}.bias']) for name in names}
+    h = torch.nn.functional.group_norm(x, 32, *(weights[prefix + f'group_norm.{leaf}'] for leaf in ('weight', 'bias')),
+                                       eps=1e-6).flatten(2).transpose(1, 2)
+    q, k, v = (h @ w[n][0].T + w[n][1] for n in names[:3])
+    want = (torch.softmax(q @ k.transpose(1, 2) / math.sqrt(128), -1) @ v) @ w[names[3]][0].T + w[names[3]][1]
+    with torch.no_grad():
+        got = block.attn(block.norm_attn(x).flatten(2).transpose(1, 2))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_dit_and_sit_round_trip_and_sits_time_convention(tmp_path):
     """A DiT release reads back as the same network (2C outputs: learned variance) recording DDPM eps; the same file
     named as SiT's reads as a velocity model of the linear interpolant: SiT's network f(x, s, y), s = 1 - t (1:
@@ -321,7 +349,7 @@ def test_sample_py_on_released_dit_and_sit_files_writes_every_setting(tmp_path):
     out = tmp_path / 'out'
     p = run('sample.py', f'--pretrained={dit_path}', f'--vae={vae}', f'--out_dir={out}', '--num_samples=20',
             '--sampler=ddpm', '--steps=3', '--cfg_scale=1.5', '--cfg_channels=3', '--save_npz=True', '--device=cpu')
-    assert "note: DiT's published FID" in p.stdout and 'steps=3' in p.stdout.split('differs in')[1].splitlines()[0]
+    assert "note: DiT's FID-50K 2.27" in p.stdout and 'steps=3' in p.stdout.split('differs in')[1].splitlines()[0]
     record = json.loads((out / 'samples.json').read_text())
     assert record['checkpoint']['sha256'] == hashlib.sha256(dit_path.read_bytes()).hexdigest()
     assert record['diffusion'] == {'schedule': 'linear', 'prediction_type': 'eps', 'num_timesteps': 1000,
