@@ -127,8 +127,8 @@ def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script=''):
     prepare = (f"python data/{dataset}/prepare.py" if os.path.basename(dataset) == dataset
                else "its prepare.py")
     if dataset.rstrip('/').endswith('-latents'):  # prepare_latents.py's default name
-        prepare = (f"python data/prepare_latents.py --vae=<Stable Diffusion's VAE> (or --autoencoder="
-                   f"<a train_ae.py out_dir>) --dataset={dataset.rstrip('/')[:-8]}")
+        prepare = (f"python data/prepare_latents.py --vae=<Stable Diffusion's VAE> (or "
+                   f"--autoencoder=<a train_ae.py out_dir>) --dataset={dataset.rstrip('/')[:-8]}")
     try:
         with open(os.path.join(data_dir, 'meta.json')) as f:
             meta = json.load(f)
@@ -146,8 +146,9 @@ def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script=''):
     if latent:
         if not latent_ok:
             raise SystemExit(f"error: dataset '{dataset}' holds latents; {script} trains on images")
-        prepare = (f"python data/prepare_latents.py --vae=<its VAE> (or --autoencoder=<its train_ae.py "
-                   f"out_dir>) --dataset={latent.get('dataset', '<the images>')} --latents={dataset}")
+        prepare = (f"python data/prepare_latents.py --vae=<its VAE> (or --autoencoder=<its "
+                   f"train_ae.py out_dir>) --dataset={latent.get('dataset', '<the images>')} "
+                   f"--latents={dataset}")
     kind = 'float16' if latent else 'uint8'
     for split, (x, y) in data.items():
         where = os.path.join(data_dir, split)
@@ -325,8 +326,9 @@ def read_weights(path):
     config.json beside it), a .safetensors file (read with the safetensors package, imported only
     here), or a torch file read weights_only: a state dict, an LDM {'state_dict': ...}, or the
     'ema' weights of a DiT or SiT train.py checkpoint. Raises ValueError with what to do."""
-    if os.path.isdir(os.path.join(path, 'vae')) and not os.path.exists(os.path.join(path, 'config.json')):
-        path = os.path.join(path, 'vae')  # a whole diffusers pipeline: its VAE
+    pipeline = os.path.join(path, 'vae')  # a whole diffusers pipeline: its VAE
+    if os.path.isdir(pipeline) and not os.path.exists(os.path.join(path, 'config.json')):
+        path = pipeline
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     if os.path.isdir(path):
         names = [n for n in ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
@@ -344,7 +346,8 @@ def read_weights(path):
                 config = json.load(f)
         except FileNotFoundError:
             raise ValueError(f"{folder} has no config.json beside {os.path.basename(path)}: a "
-                             f"diffusers model's scaling_factor is there; download it with the weights")
+                             f"diffusers model's scaling_factor is there; download it with the "
+                             f"weights")
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read {folder}/config.json ({e}); download it again")
     try:
@@ -359,7 +362,8 @@ def read_weights(path):
         raise ValueError(f"{path} is a safetensors file: pip install safetensors to read it")
     except Exception as e:
         why = ('it holds objects other than tensors and plain types'
-               if isinstance(e, pickle.UnpicklingError) else str(e).splitlines()[0][:200])
+               if isinstance(e, pickle.UnpicklingError)
+               else str(e).split('. ')[0].splitlines()[0][:200])
         raise ValueError(f"cannot read {path} ({why}); it may be truncated: download it again")
     if isinstance(weights, dict) and 'kind' in weights and 'format' in weights:
         raise ValueError(f"{path} is this kit's {weights['kind']} checkpoint, not a released one; "

@@ -324,7 +324,7 @@ class DiT(nn.Module):
         weights, _ = bk.read_weights(path)
         if 'x_embedder.proj.weight' not in weights or 'pos_embed' not in weights:
             raise ValueError(f"{path} holds no DiT or SiT models.py state dict (no "
-                             f"x_embedder.proj.weight, pos_embed); pass {bk.RELEASED}")
+                             f"x_embedder.proj.weight, pos_embed); pass a DiT or SiT release")
         dim, C, p, _ = weights['x_embedder.proj.weight'].shape
         out = weights['final_layer.linear.weight'].shape[0] // p ** 2
         depth = 1 + max(int(k.split('.')[1]) for k in weights if k.startswith('blocks.'))
@@ -624,7 +624,8 @@ class Autoencoder(nn.Module):
                   'ldm' if 'encoder.down.0.block.0.conv1.weight' in weights else None)
         if layout is None:
             raise ValueError(f"{path} holds no Stable Diffusion VAE (no encoder.down_blocks.* of "
-                             f"diffusers' layout, nor LDM's encoder.down.*); pass {bk.RELEASED}")
+                             f"diffusers' layout, nor LDM's encoder.down.*); pass its diffusers "
+                             f"folder or its LDM .ckpt or .safetensors")
         if layout == 'diffusers' and config_json is None:
             raise ValueError(f"{path} is in diffusers' layout: pass its folder, with the config.json "
                              f"that holds its scaling_factor")
