@@ -424,8 +424,8 @@ def variance_loss(x0, xt, t, x0_pred, v):
     (alpha, sigma), (alpha_s, sigma_s) = diffusion.alpha_sigma(t1), diffusion.alpha_sigma(t1 - 1)
     beta = 1 - (alpha / alpha_s) ** 2
     log_var_q = (beta * sigma_s ** 2 / sigma ** 2).log()
-    # the posterior mean c1 x0 + c2 x_t
-    c1, c2 = alpha_s * beta / sigma ** 2, alpha / alpha_s * sigma_s ** 2 / sigma ** 2
+    # the posterior mean is c1 x0 + c2 x_t: the two means differ by c1 (x0 - x0_pred)
+    c1 = alpha_s * beta / sigma ** 2
     f = (v + 1) / 2
     log_var_p = f * bcast(beta.log(), v) + (1 - f) * bcast(log_var_q, v)
     log_var_q = bcast(log_var_q, v)
