@@ -325,6 +325,10 @@ class DiT(nn.Module):
         if 'x_embedder.proj.weight' not in weights or 'pos_embed' not in weights:
             raise ValueError(f"{path} holds no DiT or SiT models.py state dict (no "
                              f"x_embedder.proj.weight, pos_embed); pass a DiT or SiT release")
+        for key in ('final_layer.linear.weight', 'blocks.0.mlp.fc1.weight',
+                    'y_embedder.embedding_table.weight'):  # what the shapes are read from
+            if key not in weights:
+                raise ValueError(f"{path} lacks {key}; it is damaged, or another model")
         dim, C, p, _ = weights['x_embedder.proj.weight'].shape
         out = weights['final_layer.linear.weight'].shape[0] // p ** 2
         depth = 1 + max(int(k.split('.')[1]) for k in weights if k.startswith('blocks.'))
@@ -342,8 +346,9 @@ class DiT(nn.Module):
             raise ValueError(f"{path}'s pos_embed is not DiT's fixed sine-cosine embedding")
         if out == 2 * C and not config.learn_sigma:  # SiT's variance channels: its forward drops them
             for leaf in ('weight', 'bias'):
-                w = weights[f'final_layer.linear.{leaf}']
-                weights[f'final_layer.linear.{leaf}'] = w.view(p * p, 2, C, -1)[:, 0].reshape(-1, *w.shape[1:])
+                w = weights[f'final_layer.linear.{leaf}']  # rows: (patch position, half, channel)
+                kept = w.view(p * p, 2, C, -1)[:, 0]
+                weights[f'final_layer.linear.{leaf}'] = kept.reshape(-1, *w.shape[1:])
         weights.pop('pos_embed')
         load_renamed(net, weights, dit_names(depth), path)
         net.objective = dict(cls.RELEASED[family], family=family, source=os.path.abspath(path))
@@ -626,6 +631,9 @@ class Autoencoder(nn.Module):
             raise ValueError(f"{path} holds no Stable Diffusion VAE (no encoder.down_blocks.* of "
                              f"diffusers' layout, nor LDM's encoder.down.*); pass its diffusers "
                              f"folder or its LDM .ckpt or .safetensors")
+        for key in ('encoder.conv_in.weight', 'encoder.conv_out.weight', 'decoder.conv_in.weight'):
+            if key not in weights:  # what the shapes are read from
+                raise ValueError(f"{path} lacks {key}; it is damaged, or another model")
         if layout == 'diffusers' and config_json is None:
             raise ValueError(f"{path} is in diffusers' layout: pass its folder, with the config.json "
                              f"that holds its scaling_factor")
