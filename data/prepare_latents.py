@@ -15,8 +15,8 @@ trained on, the default with --vae). Decoding undoes exactly the recorded scalin
     torchrun --standalone --nproc_per_node=8 data/prepare_latents.py --vae=sd-vae-ft-ema --dataset=imagenet256 \
         --flips=True                               # data/imagenet256-latents/: 32 x 32 x 4, as DiT's
 
-Under torchrun each rank encodes a contiguous share of the rows into the same memory-mapped files (CUDA: under
-bf16 autocast). The latent dataset is written into a new folder beside the target, <latents>.tmp-<pid>, then
+Under torchrun each rank encodes a contiguous share of the rows into the same memory-mapped files (float32 unless
+--dtype=bfloat16). The latent dataset is written into a new folder beside the target, <latents>.tmp-<pid>, then
 renamed into place: a kill leaves the old latent dataset or the new one, never a mix of the two (in the moment
 between the two renames, the old one is <latents>.old-<pid>).
 """
@@ -113,6 +113,8 @@ def main():
     parser.add_argument('--flips', nargs='?', const='True', default='False', choices=('True', 'False'),
                         help="also encode each training image's mirror image, for train_diffusion.py's hflip")
     parser.add_argument('--batch_size', type=int, default=256, help='images per forward pass on each rank')
+    parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                        help="float32, as fast-DiT encodes (it is done once); bfloat16 autocast is faster on GPUs")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args()
     flips = args.flips == 'True'
@@ -157,8 +159,7 @@ def main():
         dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
     master = rank == 0
     ae.to(device)
-    bf16 = device_type == 'cuda' and torch.cuda.is_bf16_supported()
-    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == 'bfloat16' else nullcontext()
 
     # the files, created once by rank 0 in a new folder beside the target
     jobs = {(split, flip): f"{split}_x{'_flip' * flip}.npy" for split, flip in
