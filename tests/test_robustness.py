@@ -397,7 +397,7 @@ BAD_INPUT = [  # (case, args or setup(tmp, out) -> args, what the one line says)
     ('labels out of range', dataset(y=np.arange(16)), "train_y.npy has labels in [0, 15] but meta.json says 4 classes"),
     ('no images', dataset(x=np.zeros((0, 8, 8, 1), np.uint8), y=np.zeros(0, np.int64)), "train_x.npy holds no images"),
     ('image size vs patch size', ['--arch=DiT-N/8'], "image_size 28 is not divisible by patch_size 8"),
-    ('DiT option on a UNet', ['--arch=UNet-S', '--rope=True'], "rope and control='controlnet' are DiT options, but arch='UNet-S'"),
+    ('DiT option on a UNet', ['--arch=UNet-S', '--rope=True'], "learn_sigma, control='controlnet' and a released init_base are DiT options, but arch='UNet-S'"),
     ('ControlNet without a base', ['--control=controlnet'], "trains beside a frozen base model; pass init_base=<its out_dir>"),
     ('no control images', ['--control=concat'], "holds no readable control images (meta.json has no control entry: "),
     ('class balance out of range', ['--class_balance=2'], "class_balance=2.0 must be in [0, 1]"),
