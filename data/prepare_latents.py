@@ -41,6 +41,8 @@ from model import AEConfig, Autoencoder  # noqa: E402
 def load_vae(path, H, C, dataset):
     """Stable Diffusion's VAE from path (its folder or file), checked against the dataset's images; and a
     stand-in for the checkpoint's entries."""
+    if os.path.exists(os.path.join(path, 'best.pt')):
+        raise SystemExit(f"error: {path} is a train_ae.py run, not a released VAE; pass it as --autoencoder={path}")
     ae = bk.from_pretrained(Autoencoder, path)
     if C != ae.config.in_channels or H % ae.factor:
         raise SystemExit(f"error: {path} encodes {ae.config.in_channels}-channel images of a size divisible by "
