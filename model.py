@@ -325,10 +325,8 @@ class DiT(nn.Module):
         if 'x_embedder.proj.weight' not in weights or 'pos_embed' not in weights:
             raise ValueError(f"{path} holds no DiT or SiT models.py state dict (no "
                              f"x_embedder.proj.weight, pos_embed); pass a DiT or SiT release")
-        for key in ('final_layer.linear.weight', 'blocks.0.mlp.fc1.weight',
-                    'y_embedder.embedding_table.weight'):  # what the shapes are read from
-            if key not in weights:
-                raise ValueError(f"{path} lacks {key}; it is damaged, or another model")
+        require(weights, ['final_layer.linear.weight', 'blocks.0.mlp.fc1.weight',  # shapes read
+                          'y_embedder.embedding_table.weight'], path)
         dim, C, p, _ = weights['x_embedder.proj.weight'].shape
         out = weights['final_layer.linear.weight'].shape[0] // p ** 2
         depth = 1 + max(int(k.split('.')[1]) for k in weights if k.startswith('blocks.'))
@@ -631,9 +629,8 @@ class Autoencoder(nn.Module):
             raise ValueError(f"{path} holds no Stable Diffusion VAE (no encoder.down_blocks.* of "
                              f"diffusers' layout, nor LDM's encoder.down.*); pass its diffusers "
                              f"folder or its LDM .ckpt or .safetensors")
-        for key in ('encoder.conv_in.weight', 'encoder.conv_out.weight', 'decoder.conv_in.weight'):
-            if key not in weights:  # what the shapes are read from
-                raise ValueError(f"{path} lacks {key}; it is damaged, or another model")
+        require(weights, ['encoder.conv_in.weight', 'encoder.conv_out.weight',  # shapes read
+                          'decoder.conv_in.weight'], path)
         if layout == 'diffusers' and config_json is None:
             raise ValueError(f"{path} is in diffusers' layout: pass its folder, with the config.json "
                              f"that holds its scaling_factor")
@@ -736,6 +733,12 @@ def sd_vae_names(config, layout, old_attention=False):
                 names[f'{part}.{i}'] = [f'{part}.{name}']
     return names
 
+def require(weights, keys, path, what=''):
+    """ValueError naming the first of keys that weights (a released file's, from path) lacks."""
+    missing = [k for k in keys if k not in weights]
+    if missing:
+        raise ValueError(f"{path} lacks {missing[0]}{what}; it is damaged, or another model")
+
 def load_renamed(net, weights, names, path):
     """Loads weights into net, where names maps each module of net to its name(s) in weights (two
     or more: concatenated, e.g. q, k, v), each reshaped to the kit's (a 1x1 conv as a linear
@@ -744,10 +747,7 @@ def load_renamed(net, weights, names, path):
     for key, want in net.state_dict().items():
         module, leaf = key.rsplit('.', 1)
         theirs = [f'{name}.{leaf}' for name in names.get(module, [module])]
-        missing = [k for k in theirs if k not in weights]
-        if missing:
-            raise ValueError(f"{path} lacks {missing[0]} (for this model's {key}); it is not "
-                             f"the model it is read as, or it is damaged")
+        require(weights, theirs, path, f" (for this model's {key})")
         parts = [weights[k].float().reshape(-1, *want.shape[1:]) for k in theirs]
         value = torch.cat(parts) if len(parts) > 1 else parts[0]
         if value.shape != want.shape:
