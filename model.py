@@ -34,6 +34,14 @@ def run_sequence(layers, h, checkpointing=False):
         h = run_block(layer, h, checkpointing=checkpointing and residual)
     return h
 
+@torch.compiler.disable
+def run_eager(layer, h):
+    """layer(h), never compiled: inside a torch.compile'd network a graph break before and after.
+    The autoencoder's last layer runs so, because train_ae.py's adaptive weight takes two gradients
+    there (autograd.grad with retain_graph), which a compiled backward refuses when it has donated
+    its buffers (torch 2.5 and later on CUDA); eager, they never enter a compiled graph."""
+    return layer(h)
+
 def zero_init(*layers):
     """Sets the layers' weights and biases to zero."""
     for layer in layers:
@@ -675,7 +683,8 @@ class Autoencoder(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z):
-        return run_sequence(self.decoder, self.post_quant_conv(z), self.activation_checkpointing)
+        h = run_sequence(self.decoder[:-1], self.post_quant_conv(z), self.activation_checkpointing)
+        return run_eager(self.last_layer, h)
 
     def forward(self, x, eps=None):
         """The reconstruction of x from z = mean + exp(logvar / 2) eps (the mean when eps is None),

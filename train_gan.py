@@ -243,13 +243,15 @@ g_flops = count_flops(model, torch.zeros(1, model_config.z_dim, device=device),
                       torch.zeros(1, dtype=torch.long, device=device))
 d_flops = count_flops(disc, torch.zeros(1, C, H, W, device=device),
                       torch.zeros(1, dtype=torch.long, device=device))
-# raw_disc computes the penalties (torch.compile has no double backward), frozen_disc (compiled)
-# G's loss, and disc (DDP over frozen_disc) D's loss, whose backward all-reduces the gradients of
-# both D passes
+# raw_disc computes the penalties (eager: a compiled graph has no double backward), g_disc (compiled)
+# G's loss, and disc (DDP over g_disc) D's loss, whose backward all-reduces the gradients of both D
+# passes. D's weights require grad in every call, never toggled: a compiled graph is specialised on
+# requires_grad, and one traced with D frozen, met again with D training, returns logits without a
+# graph (torch 2.11 on CUDA). G's backward then takes gradients for G's weights alone (inputs=).
 raw_model, raw_disc = model, disc
 if compile:
     model, disc = torch.compile(model), torch.compile(disc)
-frozen_disc = disc
+g_disc = disc
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
     disc = DDP(disc, device_ids=[local_rank] if device_type == 'cuda' else None)
@@ -261,11 +263,11 @@ if master:
           f"per image in D; " + (f"{num_classes} classes" if num_classes else 'unconditional'))
 
 # FLOPs per real image of a step: D on a real and a fake (forward + backward, 3x the forward) after
-# G's forward; G forward + backward through D's forward and its backward to the input only (D is
-# frozen: 2x the forward; and D's forward on the real, for rpgan); the penalty pass on a real and a
-# fake (forward 1, backward to the input 1, and the backward of that 4: 6 forwards each, as torch's
+# G's forward; G forward + backward through D's forward and backward (3x: D's weight gradients are
+# computed and left unused; and D's forward on the real, for rpgan); the penalty pass on a real and
+# a fake (forward 1, backward to the input 1, and the backward of that 4: 6 forwards each, as torch's
 # FlopCounterMode counts them) once every reg_interval steps
-flops_per_image = 4 * g_flops + (8 + (loss == 'rpgan') + 12 * (gamma > 0) / reg_interval) * d_flops
+flops_per_image = 4 * g_flops + (9 + (loss == 'rpgan') + 12 * (gamma > 0) / reg_interval) * d_flops
 peak_tflops = peak_tflops or bk.device_peak_tflops(device_type, dtype)
 
 def get_lr(step):
@@ -351,24 +353,21 @@ for step in range(start_step, max_steps):
     d_optimizer.found_inf = d_bad.float()
     d_optimizer.step()
     d_optimizer.zero_grad(set_to_none=True)
-    # G: through the updated D, whose weights stay as they are (frozen, and outside DDP, which then
-    # waits for no gradients of them)
-    raw_disc.requires_grad_(False)
+    # G: through the updated D, outside DDP; D's weights get no gradient (inputs=params), and the
+    # real logits, constants to G, none at all
     for micro, (x, y) in enumerate(batches):
         sl = my_slice(micro)
         if ddp:
             model.require_backward_grad_sync = micro == grad_accum - 1
         with ctx:
             fake = model(z_g[sl], y).float()
-            logits_fake = frozen_disc(diff_augment(fake, aug[2, 1, sl]), y).float()
-            if loss == 'rpgan':
-                logits_real = frozen_disc(diff_augment(x, aug[2, 0, sl]), y).float()
-            else:
-                logits_real = torch.zeros_like(logits_fake)
+            logits_fake = g_disc(diff_augment(fake, aug[2, 1, sl]), y).float()
+            with torch.no_grad():
+                logits_real = g_disc(diff_augment(x, aug[2, 0, sl]), y).float() \
+                    if loss == 'rpgan' else torch.zeros_like(logits_fake)
         g_loss = adversarial_losses(logits_real, logits_fake)[1].mean()
-        (g_loss / grad_accum).backward()
+        (g_loss / grad_accum).backward(inputs=params)
         step_sums[1] += g_loss.detach() / grad_accum
-    raw_disc.requires_grad_(True)
     if step + 1 < max_steps:  # the next step's real images, gathered while this step's kernels run
         batches = [get_batch(step + 1, micro) for micro in range(grad_accum)]
     g_grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
