@@ -13,7 +13,7 @@ step.
     python bench.py --script=distill_consistency.py config/mnist_cd.py  # reads the config's teacher
     python bench.py --script=distill_consistency.py --teacher_arch=DiT-S/2 \
                     --image_size=32 --channels=4
-    python bench.py config/mnist_dit.py --profile=True        # and a torch.profiler table and trace
+    python bench.py config/mnist_dit.py --profile=True        # and a profile of 2 training steps
 
 With --image_size and --channels (or when the dataset is not prepared) it writes a random uint8
 dataset of that shape; distillation with --teacher_arch first trains a one-step teacher of that arch
@@ -32,6 +32,7 @@ import time
 import numpy as np
 import torch
 
+import bookkeeping
 from bookkeeping import data_path
 
 # -----------------------------------------------------------------------------
@@ -47,7 +48,7 @@ bench = dict(
     #                  rounded up to bench_steps
     teacher_arch='',  # distill_consistency.py: a random teacher of this arch, not the config's
     bench_dir='out-bench',  # bench.py's data, teacher, run and trace (emptied first)
-    profile=False,  # a second, 4-step run under torch.profiler: a table, bench_dir/bench_trace.json
+    profile=False,  # a second, 5-step run, 2 of its steps profiled: a table, bench_dir/bench_trace.json
 )
 # seen: the keys the config files and overrides set (dataset, teacher, reg_interval)
 script_args, seen = [], {}
@@ -198,14 +199,22 @@ print(f"data path: {dt_data * 1e3:.2f} ms per step's batches ({grad_accum} x "
       f"get_batch; in training it overlaps the step on CUDA)")
 
 if bench['profile']:
-    from torch.profiler import ProfilerActivity, profile
-    activities = ([ProfilerActivity.CPU]
-                  + ([ProfilerActivity.CUDA] if cuda else []))
-    with profile(activities=activities) as prof:
-        timed_run(os.path.join(bench_dir, 'profile'), 4, 1)
-        sync()
-    sort = 'cuda_time_total' if cuda else 'cpu_time_total'
-    print(prof.key_averages().table(sort_by=sort, row_limit=15))
+    from torch.profiler import ProfilerActivity, profile, schedule
     trace = os.path.join(bench_dir, 'bench_trace.json')
-    prof.export_chrome_trace(trace)
-    print(f"trace of 4 steps (the first one warm-up): {trace}")
+
+    def report(prof):
+        sort = 'cuda_time_total' if cuda else 'cpu_time_total'
+        print(prof.key_averages().table(sort_by=sort, row_limit=15))
+        prof.export_chrome_trace(trace)
+        print(f"trace of 2 training steps (after a warm-up step and one more): {trace}")
+
+    # every train script calls StopSignals.vote once a step, after its update: the profiler's step.
+    # Of 5 steps it records the third and fourth, not the last one's log line, grid and checkpoint.
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=2, repeat=1),
+                   on_trace_ready=report)
+    vote = bookkeeping.StopSignals.vote
+    bookkeeping.StopSignals.vote = lambda self: (prof.step(), vote(self))[1]
+    with prof:
+        timed_run(os.path.join(bench_dir, 'profile'), 5, 5)
+    bookkeeping.StopSignals.vote = vote

@@ -2,12 +2,15 @@
 but the intended one, no recompilation after the first step), the gradients that a compiled graph cannot give
 kept out of it by construction, and the memory that checkpointing saves, compiled and eager. tests/test_cuda.py
 runs the same on a GPU with the CUDA defaults."""
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import run
+from conftest import REPO, run
 from model import AEConfig, Autoencoder, create_model
 
 # the smallest run of each train script: three steps, the first of which compiles; the autoencoder's adaptive
@@ -35,9 +38,13 @@ def test_compiled_step_has_no_graph_break_and_compiles_once(script, mnist, tmp_p
         run('train_diffusion.py', 'config/mnist_dit.py', f'--out_dir={teacher}', '--max_steps=1', '--batch_size=4',
             '--eval_images=8', '--sample_steps=1', '--compile=False')
         args = [*args, f'--teacher={teacher}']
-    p = run(script, *args, *STEPS, f'--out_dir={tmp_path / "run"}', stderr=-2,
-            env={'TORCH_LOGS': 'recompiles,graph_breaks', 'PYTHONUNBUFFERED': '1'})
+    # stdout and stderr in one stream, in the order they were written
+    p = subprocess.run([sys.executable, script, *args, *STEPS, f'--out_dir={tmp_path / "run"}'], cwd=REPO,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
+                       env={**os.environ, 'WANDB_MODE': 'disabled', 'PYTHONUNBUFFERED': '1',
+                            'TORCH_LOGS': 'recompiles,graph_breaks'})
     log = p.stdout
+    assert p.returncode == 0, log[-3000:]
     assert 'step 3/3' in log, log[-3000:]
     after_first_step = log[log.index('step 1/3'):]
     assert 'Recompiling' not in after_first_step, after_first_step[-3000:]

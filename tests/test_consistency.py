@@ -188,7 +188,8 @@ def teacher(mnist, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize('mode', [['--mode=cd', '--cfg_scale=2.0', '--target=ema'], ['--mode=ect']], ids=['cd', 'ect'])
+# cd's resume is held to the bit through SIGKILLs in test_robustness.py; ect's here
+@pytest.mark.parametrize('mode', [['--mode=ect']], ids=['ect'])
 def test_resume_is_bit_exact(teacher, tmp_path, mode):
     """6 steps straight == 3, stop, resume to 6 (saying which keys changed): student, EMA, target and optimizer
     identical to the bit; then sample.py draws from the result in one step and in two; bad teachers and sigmas
