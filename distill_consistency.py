@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bookkeeping as bk
-from model import Diffusion, bcast, create_model
+from model import Diffusion, bcast, compile_for_training, create_model
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by config/*.py and --key=value
@@ -243,8 +243,8 @@ if master:
           f"{batch_size} per step; teacher {teacher_path}: {tconf['arch']}, "
           f"{tconf['schedule']} schedule, {tconf['prediction_type']} prediction")
 raw_model = model
-if compile:
-    model = torch.compile(model)
+if compile:  # (model.compile_for_training says what runs compiled, and why)
+    model = compile_for_training(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 # FLOPs per image of a step: the student's forward and backward (3 forwards), the target's forward,

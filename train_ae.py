@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bookkeeping as bk
-from model import AE_PRESETS, LPIPS, PatchDiscriminator, count_flops, create_model
+from model import (AE_PRESETS, LPIPS, PatchDiscriminator, compile_for_training, count_flops,
+                   create_model)
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by config/*.py and --key=value
@@ -231,8 +232,8 @@ if run.init_from == 'resume':
 bk.restore_rng(ckpt.get('rng'), seed, rank, world_size, device_type)
 del ckpt
 raw_model, raw_disc = model, disc
-if compile:
-    model = torch.compile(model)
+if compile:  # (model.compile_for_training says what runs compiled, and why)
+    model = compile_for_training(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
     disc = DDP(disc, device_ids=[local_rank] if device_type == 'cuda' else None) if disc else None

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bookkeeping as bk
 from model import (ARCHS, PREDICTIONS, SAMPLERS, SCHEDULES, AEConfig, Autoencoder, DiT, Diffusion,
-                   bcast, create_model, phema_gamma, released_family)
+                   bcast, compile_for_training, create_model, phema_gamma, released_family)
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by config/*.py and --key=value
@@ -370,8 +370,8 @@ phema = ((ckpt.get('phema') or [[p.detach().clone() for p in params] for _ in ph
          if master else [])
 del ckpt
 raw_model = model
-if compile:
-    model = torch.compile(model)
+if compile:  # (model.compile_for_training says what runs compiled, and why)
+    model = compile_for_training(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 flops_per_image = 3 * raw_model.flops_per_sample()  # forward + backward (twice the forward)

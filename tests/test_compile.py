@@ -1,7 +1,7 @@
 """torch.compile and activation checkpointing on the CPU: each train script's compiled step (no graph break
 but the intended one, no recompilation after the first step), the gradients that a compiled graph cannot give
 kept out of it by construction, and the memory that checkpointing saves, compiled and eager. tests/test_cuda.py
-runs the same on a GPU with the CUDA defaults."""
+runs the scripts on a GPU with the CUDA defaults."""
 import os
 import re
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, run
-from model import AEConfig, Autoencoder, create_model
+from model import AEConfig, Autoencoder, compile_for_training, create_model
 
 # the smallest run of each train script: three steps, the first of which compiles; the autoencoder's adaptive
 # weight and the GAN's penalties are on in them
@@ -22,8 +22,18 @@ COMPILED_RUNS = {
     'train_ae.py': ['config/mnist_ae.py', '--batch_size=4', '--eval_interval=1000', '--disc_start=0',
                     '--adv_start=0'],
     'train_gan.py': ['config/mnist_gan.py', '--batch_size=4', '--sample_interval=1000', '--reg_interval=2'],
-    'distill_consistency.py': ['config/mnist_cd.py', '--batch_size=4', '--sample_interval=1000'],
+    # with activation checkpointing: the DiT compiled block by block (model.compile_for_training)
+    'distill_consistency.py': ['config/mnist_cd.py', '--batch_size=4', '--sample_interval=1000',
+                               '--activation_checkpointing=True'],
 }
+
+
+# runs a script with torch.compile's backend 'aot_eager': Dynamo's graphs, guards and graph breaks, and
+# AOTAutograd's forward and backward graphs, as on a GPU, without inductor's code generation (a minute a script
+# on 2 CPU cores, which tests nothing of Dynamo's)
+AOT_EAGER = ("import functools, runpy, sys, torch; "
+             "torch.compile = functools.partial(torch.compile, backend='aot_eager'); "
+             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 @pytest.mark.slow
@@ -39,8 +49,8 @@ def test_compiled_step_has_no_graph_break_and_compiles_once(script, mnist, tmp_p
             '--eval_images=8', '--sample_steps=1', '--compile=False')
         args = [*args, f'--teacher={teacher}']
     # stdout and stderr in one stream, in the order they were written
-    p = subprocess.run([sys.executable, script, *args, *STEPS, f'--out_dir={tmp_path / "run"}'], cwd=REPO,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
+    p = subprocess.run([sys.executable, '-c', AOT_EAGER, script, *args, *STEPS, f'--out_dir={tmp_path / "run"}'],
+                       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
                        env={**os.environ, 'WANDB_MODE': 'disabled', 'PYTHONUNBUFFERED': '1',
                             'TORCH_LOGS': 'recompiles,graph_breaks'})
     log = p.stdout
@@ -111,11 +121,12 @@ def saved_bytes(net, *inputs):
 
 @pytest.mark.slow
 def test_activation_checkpointing_keeps_the_block_inputs_only_compiled_or_not():
-    """A DiT step's saved tensors with activation checkpointing, eager and under torch.compile: at most the blocks'
-    inputs plus one block's activations (the block being recomputed), against every block's activations without
-    it. The compiled runs without checkpointing must save about what eager does, or the measure would be blind."""
+    """A DiT step's saved tensors with activation checkpointing, eager and compiled as the scripts compile it
+    (model.compile_for_training: block by block): at most the blocks' inputs plus one block's activations (the block
+    being recomputed), against every block's activations without it. The compiled run without checkpointing must
+    save about what eager does, or the measure would be blind."""
     torch.manual_seed(0)
-    net = create_model('DiT-Ti/2', image_size=8, in_channels=4, num_classes=10)
+    net = create_model('DiT-N/2', image_size=8, in_channels=4, num_classes=10)
     x, t, y = torch.randn(16, 4, 8, 8), torch.rand(16) * 999, torch.randint(0, 10, (16,))
     tokens = net.x_embedder(x).flatten(2).transpose(1, 2).detach()
     cond = (net.t_embedder[0].weight[:, 0] * t[:, None]).detach()  # (B, D), the shape of a block's second input
@@ -127,7 +138,7 @@ def test_activation_checkpointing_keeps_the_block_inputs_only_compiled_or_not():
         for checkpointing in (False, True):
             net.activation_checkpointing = checkpointing
             torch._dynamo.reset()
-            step = torch.compile(net) if compiled else net
+            step = compile_for_training(net) if compiled else net
             step(x, t, y).sum().backward()  # compile outside the measure
             measured[compiled, checkpointing] = saved_bytes(step, x, t, y)
             net.zero_grad(set_to_none=True)

@@ -130,21 +130,41 @@ def distill_setup(mnist, tmp_path_factory):
     return base, reference_run('distill_consistency.py', base, tmp_path_factory.mktemp('reference_cd'))
 
 
+@pytest.fixture(scope='module')
+def gan_setup(mnist, tmp_path_factory):
+    """train_gan.py's 12 steps (penalties every other step, DiffAugment, the EMA's ramp-up), and its reference."""
+    base = ['--arch=GAN-T', '--batch_size=8', '--log_interval=1', '--sample_interval=6', '--ckpt_interval=2',
+            '--max_steps=12', '--reg_interval=2', '--augment=color,translation,cutout', '--warmup_steps=2']
+    return base, reference_run('train_gan.py', base, tmp_path_factory.mktemp('reference_gan'))
+
+
+@pytest.fixture(scope='module')
+def ae_setup(mnist, tmp_path_factory):
+    """train_ae.py's 12 steps, the discriminator training from step 5 and reaching the decoder from step 8,
+    validations (and best.pt) every 4; and its reference."""
+    base = ['--arch=AE-S/f4', '--batch_size=8', '--log_interval=1', '--eval_interval=4', '--eval_images=16',
+            '--ckpt_interval=2', '--max_steps=12', '--warmup_steps=2', '--disc_start=5', '--adv_start=8',
+            '--disc_layers=2']
+    return base, reference_run('train_ae.py', base, tmp_path_factory.mktemp('reference_ae'))
+
+
 # each script's killed run: the fixture of its arguments and reference run, the line printed once it has resumed (or
 # started), the number of kills, those of them that come halfway through a checkpoint write, and how many steps
 # past its start a run may go before it is killed
 KILLED = {'train_diffusion.py': ('diffusion_setup', r'^(resuming .* at step (\d+)|DiT-N/4: )', 10, (2, 5, 8), 8),
-          'distill_consistency.py': ('distill_setup', r'^(resuming .* at step (\d+)|1 rank\(s\))', 10, (2, 5, 8), 8)}
+          'distill_consistency.py': ('distill_setup', r'^(resuming .* at step (\d+)|1 rank\(s\))', 10, (2, 5, 8), 8),
+          'train_gan.py': ('gan_setup', r'^(resuming .* at step (\d+)|GAN-T: )', 4, (1,), 4),
+          'train_ae.py': ('ae_setup', r'^(resuming .* at step (\d+)|AE-S/f4: )', 4, (1,), 4)}
 
 
 @pytest.mark.parametrize('script', KILLED)
 def test_sigkill_anywhere_then_resume_is_bit_exact(request, tmp_path, script):
-    """10 SIGKILLs at random moments of one run, 3 of them halfway through writing a checkpoint. After each, ckpt.pt
-    is whole and bit-identical to the uninterrupted run's checkpoint of its step, and the lock the killed run left
-    behind does not stop the same command from resuming it; the final state and the whole loss curve, pieced
-    together from the processes, equal the uninterrupted run's (which also shows that a fixed seed gives one loss
-    curve). The checkpoint writes and locks are bookkeeping.py's, one for all scripts; train_gan.py's and
-    train_ae.py's own resume state is held to the bit in test_gan.py and test_autoencoder.py."""
+    """SIGKILLs at random moments of one run (10 of train_diffusion.py's and distill_consistency.py's, 4 of the
+    others'), some of them halfway through writing a checkpoint. After each, ckpt.pt is whole and bit-identical to
+    the uninterrupted run's checkpoint of its step, and the lock the killed run left behind does not stop the same
+    command from resuming it; the final state (best.pt's too) and the whole loss curve, pieced together from the
+    processes, equal the uninterrupted run's (which also shows that a fixed seed gives one loss curve). For each
+    script that trains."""
     setup, started, kills, mid_saves, ahead = KILLED[script]
     base, reference = request.getfixturevalue(setup)
     max_steps = value(base, 'max_steps')
@@ -163,7 +183,7 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(request, tmp_path, script):
         p.kill()
         p.communicate()
         assert p.returncode == -signal.SIGKILL and os.path.exists(out / 'run.lock')  # (no exit handler ran)
-        # it died inside a checkpoint write
+        # it died inside a checkpoint write (train_ae.py's may be best.pt's)
         assert glob.glob(str(out / '*.pt.tmp')) or not mid_save
         if os.path.exists(out / 'ckpt.pt'):
             ckpt = load(out / 'ckpt.pt')
@@ -172,6 +192,8 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(request, tmp_path, script):
     p = run(script, *base, f'--out_dir={out}')
     assert 'resuming' in p.stdout and not os.path.exists(out / 'run.lock')
     assert_same_state(load(out / 'ckpt.pt'), load(reference / 'ckpt.pt'))
+    if os.path.exists(reference / 'best.pt'):
+        assert_same_state(load(out / 'best.pt'), load(reference / 'best.pt'))
     assert curve(out) == curve(reference)
     print('resumed from steps', resumed)
 
