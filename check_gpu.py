@@ -4,7 +4,7 @@ compile and bf16, alone and under torchrun, resumed and sampled), then bench.py 
 on 32 x 32 x 4 latents at batch 256 (XL/2 once more with activation checkpointing). Prints one report and
 writes it to out-gpu-check/report.md; exits 1 if any check failed.
 
-    python check_gpu.py                       # about 8 minutes on one H100 or H200
+    python check_gpu.py        # sized for under 8 minutes on one H100 or H200 (not yet timed on one)
 """
 import os
 import re

@@ -1,5 +1,5 @@
 """The kit on a GPU with each script's CUDA defaults (torch.compile on, bf16 autocast): skipped without CUDA.
-A few minutes on one H100/H200; check_gpu.py runs it and then bench.py, and writes one report.
+Sized for a few minutes on one H100/H200; check_gpu.py runs it, then bench.py, and writes one report.
 
     python -m pytest tests/test_cuda.py -v
 
