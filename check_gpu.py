@@ -36,6 +36,8 @@ def run(args, log_name):
 # -----------------------------------------------------------------------------
 # the tests: one line per test, and the numbers they print
 junit = os.path.join(out_dir, 'test_cuda.xml')
+if os.path.exists(junit):
+    os.remove(junit)  # a run that dies before writing it reports no stale results
 p, seconds = run(['-m', 'pytest', 'tests/test_cuda.py', '-v', '-s', f'--junitxml={junit}'],
                  'test_cuda.log')
 lines += [f"## tests/test_cuda.py: {'passed' if p.returncode == 0 else 'FAILED'} in {seconds:.0f} s", '',
@@ -47,8 +49,9 @@ if os.path.exists(junit):
         lines.append(f"| {case.get('name')} | {outcome} | {float(case.get('time', 0)):.0f} |")
 else:
     lines.append(f"| (no report: see {out_dir}/test_cuda.log) | FAILED | |")
-lines += [''] + [f"- {m}" for m in re.findall(r'^(bf16 vs float32.*|DiT-B/2 step peak memory.*)$',
-                                              p.stdout, re.M)]
+# (pytest -s prints them after the test's name, on its line)
+lines += [''] + [f"- {m}" for m in re.findall(r'(bf16 vs float32.*|DiT-B/2 step peak memory.*)',
+                                              p.stdout)]
 
 # -----------------------------------------------------------------------------
 # the benchmarks: bench.py's step line for each

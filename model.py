@@ -530,8 +530,10 @@ def compile_for_training(net):
     backward, and the memory a step holds is the blocks' inputs plus one block's activations, by
     construction. One graph of all the blocks may schedule every block's recomputation at once
     (pytorch/pytorch#193193): a compiled DiT-XL/2 so kept its peak memory, 91 GiB, with checkpointing
-    as without (torch 2.11, H200). Its blocks are alike, so that they share one graph; otherwise, and
-    for the other networks, whose blocks differ in shape, the whole network is one graph."""
+    as without (torch 2.11, H200). Its blocks are alike, so that they share one graph (from torch 2.5,
+    which inlines nn modules; on 2.4 blocks past the eighth run eager: the same math, slower).
+    Otherwise, and for the other networks, whose blocks differ in shape, the whole network is one
+    graph."""
     if isinstance(net, DiT) and net.activation_checkpointing:
         net.run_block = torch.compile(run_block)
         return net

@@ -263,11 +263,13 @@ if master:
           f"per image in D; " + (f"{num_classes} classes" if num_classes else 'unconditional'))
 
 # FLOPs per real image of a step: D on a real and a fake (forward + backward, 3x the forward) after
-# G's forward; G forward + backward through D's forward and backward (3x: D's weight gradients are
-# computed and left unused; and D's forward on the real, for rpgan); the penalty pass on a real and
-# a fake (forward 1, backward to the input 1, and the backward of that 4: 6 forwards each, as torch's
-# FlopCounterMode counts them) once every reg_interval steps
-flops_per_image = 4 * g_flops + (9 + (loss == 'rpgan') + 12 * (gamma > 0) / reg_interval) * d_flops
+# G's forward; G forward + backward through D's forward and its backward to the input (2x; 3x when
+# compiled, as a compiled backward also computes D's weight gradients, left unused; and D's forward
+# on the real, for rpgan); the penalty pass on a real and a fake (forward 1, backward to the input 1,
+# and the backward of that 4: 6 forwards each, as torch's FlopCounterMode counts them) once every
+# reg_interval steps
+flops_per_image = 4 * g_flops + (8 + compile + (loss == 'rpgan') + 12 * (gamma > 0) / reg_interval) \
+    * d_flops
 peak_tflops = peak_tflops or bk.device_peak_tflops(device_type, dtype)
 
 def get_lr(step):
