@@ -16,11 +16,11 @@ import xml.etree.ElementTree as ET
 import torch
 
 root = os.path.dirname(os.path.abspath(__file__))
-out_dir = os.path.join(root, 'out-gpu-check')
-os.makedirs(out_dir, exist_ok=True)
 if not torch.cuda.is_available():
     raise SystemExit("error: no CUDA device: check_gpu.py checks a GPU machine (tests/test_cuda.py "
                      "is skipped without one)")
+out_dir = os.path.join(root, 'out-gpu-check')
+os.makedirs(out_dir, exist_ok=True)
 lines = [f"# GPU check, {time.strftime('%Y-%m-%d %H:%M')}", '',
          f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}", '']
 t_start = time.time()

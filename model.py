@@ -39,7 +39,7 @@ def run_eager(layer, h):
     """layer(h), never compiled: inside a torch.compile'd network a graph break before and after.
     The autoencoder's last layer runs so, because train_ae.py's adaptive weight takes two gradients
     there (autograd.grad with retain_graph), which a compiled backward refuses when it has donated
-    its buffers (torch 2.5 and later on CUDA); eager, they never enter a compiled graph."""
+    its buffers (as torch 2.11 does on CUDA); eager, they never enter a compiled graph."""
     return layer(h)
 
 def zero_init(*layers):

@@ -365,8 +365,8 @@ for step in range(start_step, max_steps):
             fake = model(z_g[sl], y).float()
             logits_fake = g_disc(diff_augment(fake, aug[2, 1, sl]), y).float()
             with torch.no_grad():
-                logits_real = g_disc(diff_augment(x, aug[2, 0, sl]), y).float() \
-                    if loss == 'rpgan' else torch.zeros_like(logits_fake)
+                logits_real = (g_disc(diff_augment(x, aug[2, 0, sl]), y).float() if loss == 'rpgan'
+                               else torch.zeros_like(logits_fake))
         g_loss = adversarial_losses(logits_real, logits_fake)[1].mean()
         (g_loss / grad_accum).backward(inputs=params)
         step_sums[1] += g_loss.detach() / grad_accum
