@@ -1,19 +1,22 @@
 """
-What every run does around its training loop, written once for train_diffusion.py, train_ae.py,
-train_gan.py, distill_consistency.py and sample.py: config checks, the prepared dataset and its
-checks, the out_dir and its checkpoints (atomic writes, safe loads, init_from, keep_last, RNG
-state), the metrics file, stop signals and the per-step stop vote, non-finite update counting, the
-device peak and memory, and the sample-grid writer.
+What every run does around its training loop, written once: the run's lifecycle as one object
+(start_run -> Run: resume, named sums, the end of a step, log, save, finish), which the train
+scripts call in loop order, and what they and sample.py share: config checks, the prepared dataset
+and its checks, checkpoints (atomic writes, checksummed safe loads, init_from, keep_last, RNG
+state), the lock on out_dir, metrics.csv, stop signals and the per-step stop vote, non-finite update
+counting, the learning-rate schedule, AdamW, the device's peak and memory, and the sample grids.
 
 Each function takes what it needs as arguments and reads no script's globals; every error is one
 line that names the value and the fix (a SystemExit, so no traceback reaches the user).
 """
 import atexit
+import contextlib
 import csv
 import fcntl
 import functools
 import glob
 import json
+import math
 import os
 import pickle
 import random
@@ -73,9 +76,7 @@ def out_of_memory(kind, error, tb):
 
 def check_config(config, choices=(), counts=(), rules=()):
     """Stops at the first bad value: choices are (key, allowed values), counts keys that must be at
-    least 1, and rules (key, ok, what it must be); then the COMMON_RULES of the keys the script has.
-    From then on, running out of memory ends in one line too (out_of_memory)."""
-    sys.excepthook = out_of_memory
+    least 1, and rules (key, ok, what it must be); then the COMMON_RULES of the keys the script has."""
     rules = [*rules, *[(k, ok(config[k], config), rule)
                        for k, (ok, rule) in COMMON_RULES.items() if k in config]]
     for key, allowed in choices:
@@ -203,7 +204,8 @@ def to_device(x, device):
 # the out_dir: checkpoints, RNG state, keep_last
 
 
-# what each kind of checkpoint is and which script writes it; the format of what RunDir.save writes
+# the kit's kinds of checkpoint and the scripts that write them (a checkpoint also names its script,
+# so a fork's kind needs no entry here); the format of what Run.save writes
 KINDS = {'diffusion': 'train_diffusion.py', 'consistency': 'distill_consistency.py',
          'gan': 'train_gan.py', 'autoencoder': 'train_ae.py',
          'latent decoder': 'data/prepare_latents.py'}
@@ -252,11 +254,12 @@ def load_checkpoint(path, fix, device='cpu', kinds=None):
                          f"written with them; {fix}")
     kind = ckpt.get('kind')
     if kinds and kind not in kinds:
+        writer = ckpt.get('script') or KINDS.get(kind)
         what = (f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} checkpoint, "
-                f"which {KINDS[kind]} writes" if kind in KINDS
+                f"which {writer} writes" if writer
                 else "not a checkpoint of this kit's scripts (it records no kind)")
-        wanted = ' or '.join(f"{'an' if k[0] in 'aeiou' else 'a'} {k} checkpoint ({KINDS[k]})"
-                             for k in kinds)
+        wanted = ' or '.join(f"{'an' if k[0] in 'aeiou' else 'a'} {k} checkpoint"
+                             + (f" ({KINDS[k]})" if k in KINDS else '') for k in kinds)
         raise SystemExit(f"error: {path} is {what}; this needs {wanted}")
     if ckpt.get('format', FORMAT) > FORMAT:
         raise SystemExit(f"error: {path} has format {ckpt['format']}, newer than this kit's "
@@ -298,7 +301,10 @@ def changed_keys(saved, config):
 def check_same(what, saved, current, path):
     """Stops when a checkpoint's record (model_args and the like, dicts) differs from this run's;
     keys added since it was written take their defaults."""
-    diff = {k: (v, current.get(k)) for k, v in saved.items() if current.get(k, v) != v}
+    if isinstance(saved, dict) and isinstance(current, dict):
+        diff = {k: (v, current.get(k)) for k, v in saved.items() if current.get(k, v) != v}
+    else:
+        diff = (saved, current) if saved != current else None
     if diff:
         raise SystemExit(f"error: {path} holds another {what} (checkpoint vs config: {diff}); "
                          f"resume with the config it was trained with, or choose another out_dir")
@@ -434,52 +440,201 @@ def lock_out_dir(out_dir):
     atexit.register(release)
 
 
-class RunDir:
-    """A run's out_dir, held by one run at a time (lock_out_dir): init_from resolved ('auto' resumes
-    when ckpt.pt exists; 'scratch' never overwrites one), checked writable and apart from the run's
-    inputs before any work, and its checkpoints written atomically (a temporary file, flushed to
-    disk, renamed over the last one, which stays whole until that moment) by rank 0 with every
-    rank's RNG state, the kind of run that wrote them and a checksum. inputs: (what, path) pairs of
-    folders the run reads (a teacher, a base model, its dataset)."""
+# what every kit checkpoint says of a run that went wrong: the one spelling of the fix
+FIX = "resume it with a lower lr, grad_clip or dtype='float32'"
 
-    def __init__(self, out_dir, init_from, keep_last=0, master=True, world_size=1,
-                 device_type='cpu', kind=None, inputs=()):
-        self.out_dir, self.keep_last, self.master, self.kind = out_dir, keep_last, master, kind
-        self.world_size, self.device_type = world_size, device_type
-        self.ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-        self.saved_step = None
+
+def cosine_lr(step, lr, min_lr, warmup_steps, decay_steps, schedule='cosine'):
+    """The learning rate of a step: a linear warm-up over warmup_steps, then constant, or a cosine
+    from lr down to min_lr at decay_steps (warm-up included) that stays there."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == 'constant':
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def start_run(config, kind, device, inputs=()):
+    """Starts the run a train script's config describes, after the script's torchrun setup: a Run.
+    Its side effects, here and nowhere else: out_dir is made and locked for this process (rank 0),
+    SIGTERM, SIGUSR1 and Ctrl-C ask the loop to stop, running out of memory ends in one line (not a
+    traceback), TF32 matmuls are allowed, and under torchrun a gloo group carries the stop vote.
+    kind names what the checkpoints hold ('diffusion', 'gan', ...: what readers ask for); inputs are
+    (what, path) pairs of folders the run reads, which out_dir must not be."""
+    sys.excepthook = out_of_memory
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if device.startswith('cuda'):
+        torch.cuda.set_device(device)
+    return Run(config, kind, device, inputs)
+
+
+class Run:
+    """One training run around its loop, called by the script in loop order; it never owns the
+    loop, calls a model or holds a callback.
+
+        run = bk.start_run(config, 'diffusion', device)  # rank, world_size, ctx, micro_batch, slice
+        ckpt = run.resume(model=model, ema=ema, optimizer=optimizer, model_args=args)
+        for step in range(run.step, max_steps):
+            ...                                   # the step; run.add(loss=loss) per micro-step
+            run.end_step(bad, flops_per_image)    # sums, skips, stop vote; a log step's host sync
+            if run.due(ckpt_interval) or run.stop:
+                run.save(model=model, ema=ema, optimizer=optimizer, model_args=args)
+            if run.log_step:
+                run.log(lr=lr_now, grad_norm=grad_norm)
+            if run.stop:
+                break
+        run.finish()
+
+    The out_dir is held by one run at a time (lock_out_dir); init_from is resolved here ('auto'
+    resumes when ckpt.pt exists; 'scratch' never overwrites one); checkpoints are written atomically
+    (a temporary file, flushed, renamed over the last one, which stays whole until that moment) by
+    rank 0 with every rank's RNG state, the run's kind and script, and a checksum."""
+
+    def __init__(self, config, kind, device, inputs=()):
+        self.config, self.kind, self.device = config, kind, device
+        self.device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+        self.ddp = dist.is_initialized()
+        self.rank = dist.get_rank() if self.ddp else 0
+        self.world_size = dist.get_world_size() if self.ddp else 1
+        self.master = self.rank == 0
+        batch_size, grad_accum = config['batch_size'], config.get('grad_accum', 1)
+        if batch_size % (self.world_size * grad_accum):
+            raise SystemExit(f"error: batch_size={batch_size} is not divisible by world_size x "
+                             f"grad_accum = {self.world_size} x {grad_accum}; pick a batch_size "
+                             f"that is a multiple of {self.world_size * grad_accum}")
+        self.micro_batch = batch_size // (self.world_size * grad_accum)
+        dtype = {'float32': None, 'bfloat16': torch.bfloat16,
+                 'float16': torch.float16}[config['dtype']]
+        self.ctx = (torch.autocast(self.device_type, dtype=dtype) if dtype
+                    else contextlib.nullcontext())
+        if (self.master and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0))
+                and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'):
+            print("warning: with the store torchrun shares by default, a restarted group can fail "
+                  "to reconnect (pytorch/pytorch#167288); export "
+                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
+        self.out_dir, self.ckpt_path = config['out_dir'], os.path.join(config['out_dir'], 'ckpt.pt')
+        self.init_from = self._resolve(config['init_from'], inputs)
+        if self.master:
+            print(f"{self.world_size} rank(s) on {self.device_type}, {self.micro_batch} images "
+                  f"per micro-step, {grad_accum} micro-step(s), {batch_size} per optimizer step")
+        # the counters a checkpoint carries, and what the log has summed since its last line
+        self.step, self.images_seen, self.wandb_id, self.saved_step = 0, 0, None, None
+        self.last = self.log_step = False
+        self.stop, self.averages = None, {}
+        self._step_sums, self._sums, self._added = {}, {}, set()
+        self._steps, self._step_time, self._mark = 0, 0.0, time.time()
+        self._metrics = None
+        self._stopper = StopSignals(config.get('max_minutes', 0), time.time(), self.ddp)
+        self._skips = SkipCounter(device)
+        self.peak_tflops = (config.get('peak_tflops', 0)
+                            or device_peak_tflops(self.device_type, config['dtype']))
+
+    def _resolve(self, init_from, inputs):
+        """init_from as 'resume' or 'scratch', out_dir checked and (rank 0) locked."""
+        out_dir = self.out_dir
         for what, path in inputs:
             if path and os.path.realpath(path) == os.path.realpath(out_dir):
                 raise SystemExit(f"error: out_dir='{out_dir}' is the {what}'s folder, which this "
                                  f"run reads; pass another --out_dir")
         kept = sorted(glob.glob(os.path.join(out_dir, 'ckpt_[0-9]*.pt')))
+        exists = os.path.exists(self.ckpt_path)
         if init_from == 'auto':
-            if kept and not os.path.exists(self.ckpt_path):
+            if kept and not exists:
                 raise SystemExit(f"error: {out_dir} holds kept checkpoints "
                                  f"({os.path.basename(kept[-1])} the newest) but no ckpt.pt; copy "
                                  f"the one to go on from to ckpt.pt, or start in another --out_dir")
-            init_from = 'resume' if os.path.exists(self.ckpt_path) else 'scratch'
-        elif init_from == 'scratch' and (os.path.exists(self.ckpt_path) or kept):
-            raise SystemExit(f"error: "
-                             f"{self.ckpt_path if os.path.exists(self.ckpt_path) else kept[-1]} "
-                             f"exists and init_from='scratch' would overwrite it; continue that "
-                             f"run with --init_from=auto, or start this one in another --out_dir")
-        elif init_from == 'resume' and not os.path.exists(self.ckpt_path):
+            init_from = 'resume' if exists else 'scratch'
+        elif init_from == 'scratch' and (exists or kept):
+            raise SystemExit(f"error: {self.ckpt_path if exists else kept[-1]} exists and "
+                             f"init_from='scratch' would overwrite it; continue that run with "
+                             f"--init_from=auto, or start this one in another --out_dir")
+        elif init_from == 'resume' and not exists:
             raise SystemExit(f"error: init_from='resume' but {self.ckpt_path} does not exist; use "
                              f"--init_from=scratch")
-        self.init_from = init_from
-        if master:
+        if self.master:
             check_writable(out_dir)  # better to find out now than at the first checkpoint
             lock_out_dir(out_dir)
+        return init_from
 
-    def resume(self, device):
-        """The checkpoint to resume from (rank 0 says so once the script has restored it). Kept
-        copies newer than it belong to another history: the run stops rather than mix them with this
-        one's."""
+    def slice(self, micro):
+        """This rank's part of the global batch in micro-step `micro`: micro-steps outside, ranks
+        inside, so that any world size and grad_accum train on the same images."""
+        lo = (micro * self.world_size + self.rank) * self.micro_batch
+        return slice(lo, lo + self.micro_batch)
+
+    def rng(self, step, stream, device='cpu'):
+        """A generator seeded by (seed, step, stream): the same on every rank, and the same again
+        after a resume."""
+        return seeded(self.config['seed'], step, stream, device)
+
+    def path(self, name):
+        """out_dir/name: the run folder's files (ckpt.pt, best.pt, metrics.csv, grids, phema/)."""
+        return os.path.join(self.out_dir, name)
+
+    def last_good(self):
+        if self.saved_step:
+            return f"{self.ckpt_path} (step {self.saved_step}) is intact"
+        return f"no checkpoint was written to {self.out_dir}"
+
+    # -------------------------------------------------------------------------
+    # resume and save: what a checkpoint holds, by name
+
+    def resume(self, **named):
+        """Restores the checkpoint when init_from resolved to 'resume', and returns it ({} for a
+        new run) for what the script keeps itself. Each named object with a state dict (a network,
+        an optimizer, a GradScaler; None is skipped) gets the one saved under its name, an
+        optimizer with this run's betas, weight decay and eps; each plain value (a network's
+        arguments) must equal the saved one. Then the step, images seen, wandb id and every RNG;
+        one line says what config keys changed. Also opens metrics.csv (and wandb) where it
+        stopped."""
+        ckpt = {}
+        if self.init_from == 'resume':
+            ckpt = self._load()
+            stateful = {k: v for k, v in named.items() if hasattr(v, 'load_state_dict')}
+            # the plain values first: a network of another shape is named as such
+            for key, value in named.items():
+                if key not in stateful:
+                    check_same(key, ckpt.get(key), value, self.ckpt_path)
+            for key, value in stateful.items():
+                if key not in ckpt:
+                    raise SystemExit(f"error: {self.ckpt_path} holds no {key}; resume with the "
+                                     f"config it was trained with, or choose another out_dir")
+                if isinstance(value, torch.optim.Optimizer):
+                    load_optimizer(value, ckpt[key], self.ckpt_path, key)
+                else:
+                    load_state(value, ckpt[key], self.ckpt_path, key)
+            self.step, self.images_seen = ckpt['step'], ckpt['images_seen']
+            self.wandb_id = ckpt.get('wandb_id')
+            changed = changed_keys(ckpt['config'], self.config)
+            if self.master:
+                print(f"resuming {self.ckpt_path} at step {self.step} "
+                      f"({self.images_seen / 1e3:.1f} kimg)"
+                      + (f"; changed since: {', '.join(changed)}" if changed else ''))
+        restore_rng(ckpt.get('rng'), self.config['seed'], self.rank, self.world_size,
+                    self.device_type)
+        if self.master and self.step >= self.config['max_steps']:
+            print(f"{self.ckpt_path} is at step {self.step} of max_steps="
+                  f"{self.config['max_steps']}: nothing to do (raise max_steps to go on)")
+        if self.master:
+            wandb_run = None
+            if self.config.get('wandb_log'):
+                import wandb
+                wandb_run = wandb.init(project=self.config['wandb_project'],
+                                       name=self.config['wandb_run_name'], config=self.config,
+                                       dir=self.out_dir, id=self.wandb_id, resume='allow')
+                self.wandb_id = wandb_run.id
+            self._metrics = Metrics(self.path('metrics.csv'), self.step, wandb_run)
+        return ckpt
+
+    def _load(self):
+        """ckpt.pt, of this run's kind. Kept copies newer than it belong to another history: the
+        run stops rather than mix them with this one's."""
         ckpt = load_checkpoint(self.ckpt_path, "restore a checkpoint this script wrote (keep_last "
                                "keeps ckpt_<step>.pt copies), or start in another --out_dir",
-                               device, [self.kind] if self.kind else None)
-        newer = [f for f in glob.glob(os.path.join(self.out_dir, 'ckpt_[0-9]*.pt'))
+                               self.device, [self.kind])
+        newer = [f for f in glob.glob(self.path('ckpt_[0-9]*.pt'))
                  if int(os.path.basename(f)[5:-3]) > ckpt['step']]
         if newer:
             raise SystemExit(f"error: {self.out_dir} keeps {os.path.basename(max(newer))}, newer "
@@ -488,54 +643,150 @@ class RunDir:
         self.saved_step = ckpt['step']
         return ckpt
 
-    def last_good(self):
-        if self.saved_step:
-            return f"{self.ckpt_path} (step {self.saved_step}) is intact"
-        return f"no checkpoint was written to {self.out_dir}"
-
-    def save(self, step, state, weights, fix, path=None):
-        """Writes state (a dict of tensors and plain types; 'step', every rank's 'rng', 'kind',
-        'format' and the 'checksum' are added) to path (ckpt.pt by default). Collective: every rank
-        calls it. Non-finite weights are never saved."""
+    def save(self, path=None, **named):
+        """Writes the named objects' state dicts and plain values, with the step, images seen,
+        config, wandb id and every rank's RNG state, to path (ckpt.pt by default; keep_last keeps
+        copies). Collective: every rank calls it. Weights that are not finite are never saved."""
         path = path or self.ckpt_path
+        weights = [p for v in named.values() if isinstance(v, torch.nn.Module)
+                   for p in v.parameters()]
         # the same on every rank
-        if not torch.stack([w.isfinite().all() for w in weights]).all():
-            raise SystemExit(f"error: the weights are not finite at step {step}, "
-                             f"so they are not saved; {self.last_good()}: {fix}")
+        if weights and not torch.stack([w.isfinite().all() for w in weights]).all():
+            raise SystemExit(f"error: the weights are not finite at step {self.step}, "
+                             f"so they are not saved; {self.last_good()}: {FIX}")
         states = [None] * self.world_size
-        if self.world_size > 1:
+        if self.ddp:
             dist.all_gather_object(states, rng_state(self.device_type))
         else:
             states = [rng_state(self.device_type)]
         if self.master:
-            state = {**state, 'step': step, 'rng': states, 'kind': self.kind, 'format': FORMAT}
+            state = {k: v.state_dict() if hasattr(v, 'state_dict') else v
+                     for k, v in named.items()}
+            state.update(step=self.step, images_seen=self.images_seen, config=self.config,
+                         wandb_id=self.wandb_id, rng=states, kind=self.kind,
+                         script=os.path.basename(sys.argv[0]), format=FORMAT)
             state['checksum'] = checksum(state)
-            try:
-                with open(path + '.tmp', 'wb') as f:
-                    torch.save(state, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(path + '.tmp', path)
-            # a full disk surfaces from torch.save as a RuntimeError
-            except (OSError, RuntimeError) as e:
-                os.remove(path + '.tmp')
-                why = e.strerror if isinstance(e, OSError) else 'torch.save could not write it'
-                free = shutil.disk_usage(self.out_dir).free / 2**30
-                raise SystemExit(f"error: writing {path} failed at step {step} "
-                                 f"({why}; {free:.1f} GiB free); "
-                                 f"{self.last_good()}: make room and re-run the same command")
-            # a second name for the same file: no extra space
-            if self.keep_last and path == self.ckpt_path:
-                kept = os.path.join(self.out_dir, f'ckpt_{step:07d}.pt')
-                os.link(path, kept + '.tmp')
-                # (over a copy of this step from an abandoned history)
-                os.replace(kept + '.tmp', kept)
-                for old in sorted(glob.glob(
-                        os.path.join(self.out_dir, 'ckpt_[0-9]*.pt')))[:-self.keep_last]:
-                    os.remove(old)
-            print(f"saved {path} at step {step}")
+            self._write(path, state)
         if path == self.ckpt_path:
-            self.saved_step = step
+            self.saved_step = self.step
+
+    def _write(self, path, state):
+        try:
+            with open(path + '.tmp', 'wb') as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(path + '.tmp', path)
+        # a full disk surfaces from torch.save as a RuntimeError
+        except (OSError, RuntimeError) as e:
+            os.remove(path + '.tmp')
+            why = e.strerror if isinstance(e, OSError) else 'torch.save could not write it'
+            free = shutil.disk_usage(self.out_dir).free / 2**30
+            raise SystemExit(f"error: writing {path} failed at step {self.step} "
+                             f"({why}; {free:.1f} GiB free); "
+                             f"{self.last_good()}: make room and re-run the same command")
+        # a second name for the same file: no extra space
+        keep_last = self.config.get('keep_last', 0)
+        if keep_last and path == self.ckpt_path:
+            kept = self.path(f'ckpt_{self.step:07d}.pt')
+            os.link(path, kept + '.tmp')
+            # (over a copy of this step from an abandoned history)
+            os.replace(kept + '.tmp', kept)
+            for old in sorted(glob.glob(self.path('ckpt_[0-9]*.pt')))[:-keep_last]:
+                os.remove(old)
+        print(f"saved {path} at step {self.step}")
+
+    # -------------------------------------------------------------------------
+    # the loop's tail: sums, the end of a step, the log
+
+    def add(self, **named):
+        """Adds device tensors (a micro-step's loss terms, no host sync) to the step's named sums;
+        the log shows each one's mean over the additions of the steps since its last line that
+        were not skipped."""
+        for name, value in named.items():
+            total, count = self._step_sums.get(name, (0, 0))
+            self._step_sums[name] = (total + value.detach().float(), count + 1)
+
+    def end_step(self, bad, flops_per_image):
+        """After the update: the step's sums count unless its update was skipped (bad, a device
+        bool), the skip counter, the step and images counters, and the stop vote (run.stop: None or
+        why every rank stops now). On a log step (every log_interval-th, the last, one that stops)
+        the one host sync of the loop: the sums' means over ranks as run.averages, the skipped
+        updates (max_nonfinite in a row stop the run), and the step's speed."""
+        for name, (total, count) in self._step_sums.items():
+            s, n = self._sums.get(name, (0, 0))
+            kept = torch.where(bad, 0, torch.full_like(total, count))  # (per element of total)
+            self._sums[name] = (s + torch.where(bad, 0, total), n + kept)
+            self._added.add(name)
+        self._step_sums = {}
+        self._skips.add(bad)
+        now = time.time()
+        self._step_time, self._mark = self._step_time + now - self._mark, now
+        self._steps += 1
+        self.step += 1
+        self.images_seen += self.config['batch_size']  # (true when a resumed run changes it)
+        self.last = self.step == self.config['max_steps']
+        self.stop = self._stopper.vote()
+        self.log_step = self.due(self.config['log_interval']) or bool(self.stop)
+        self.averages = {}
+        if self.log_step:
+            self._sync(flops_per_image)
+
+    def _sync(self, flops_per_image):
+        names = sorted(self._sums)
+        flat = [torch.cat([torch.as_tensor(v, device=self.device).float().reshape(-1)
+                           for v in self._sums[k]]) for k in names]
+        if self.ddp and flat:
+            packed = torch.cat(flat)
+            dist.all_reduce(packed, op=dist.ReduceOp.AVG)
+            flat = packed.split([len(f) for f in flat])
+        skipped = self._skips.read(self.config['max_nonfinite'], self.step, self.last_good())
+        for name, values in zip(names, flat):
+            total, count = values.tolist()[:len(values) // 2], values.tolist()[len(values) // 2:]
+            means = [t / c if c else float('nan') for t, c in zip(total, count)]
+            self.averages[name] = means[0] if len(means) == 1 else means
+        self.averages['skipped'] = skipped
+        dt = self._step_time / self._steps
+        self.averages.update(speed(dt, self.config['batch_size'], flops_per_image,
+                                   self.peak_tflops, self.world_size, self.device_type))
+        self._sums, self._steps, self._step_time = {}, 0, 0.0
+
+    def due(self, interval):
+        """Whether this is every interval-th step, or the last."""
+        return self.step % interval == 0 or self.last
+
+    def log(self, quiet=None, **named):
+        """One row of metrics.csv (and wandb) for this step, and rank 0's log line: the named
+        values (tensors are read), on a log step after run.averages, and quiet's values in the row
+        only. What comes between end_step and here (evaluations, grids, checkpoints) is not
+        counted as step time."""
+        row = {'step': self.step, 'kimg': self.images_seen / 1e3}
+        if self.log_step:
+            row.update({k: v for k, v in self.averages.items() if not isinstance(v, list)})
+        row.update({k: v.item() if torch.is_tensor(v) else v for k, v in named.items()})
+        shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                 if k not in ('step', 'kimg', 'skipped', *SPEED_FIELDS) and v is not None]
+        if self.master:
+            print(f"step {self.step}/{self.config['max_steps']} | {row['kimg']:.1f} kimg | "
+                  + ' | '.join(shown)
+                  + (' | ' + speed_text(row, self.config['max_steps'] - self.step)
+                     if self.log_step else '')
+                  + (f" | {row['skipped']} non-finite update(s) skipped"
+                     if row.get('skipped') else ''))
+            self._metrics.log({**row, **(quiet or {})})
+        self._mark = time.time()
+
+    def finish(self):
+        """After the loop: says why it stopped early, closes wandb, and takes the process group
+        down once every rank is done with it."""
+        if self.master and self.stop and not self.last:
+            print(f"stopped at step {self.step} of {self.config['max_steps']} ({self.stop}); the "
+                  f"same command continues the run")
+        if self.master and self._metrics and self._metrics.wandb_run:
+            self._metrics.wandb_run.finish()
+        if self.ddp:
+            dist.barrier()  # no rank tears its groups down while another still talks to it
+            dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -543,47 +794,51 @@ class RunDir:
 
 
 class Metrics:
-    """Rows of out_dir/metrics.csv, and of wandb when wandb_run is given. A resumed run first drops
-    the rows logged after its checkpoint (and a row cut short by a crash): the file then reads as
-    one uninterrupted run."""
+    """Rows of out_dir/metrics.csv, and of wandb when wandb_run is given. Its columns are the names
+    logged so far, in the order they came (a new name rewrites the file with a wider header). A
+    resumed run first drops the rows logged after its checkpoint (and a row cut short by a crash):
+    the file then reads as one uninterrupted run."""
 
-    def __init__(self, path, fields, start_step=0, wandb_run=None):
-        self.path, self.fields, self.wandb_run = path, fields, wandb_run
-        rows = []
+    def __init__(self, path, start_step=0, wandb_run=None):
+        self.path, self.wandb_run, self.fields, self.rows = path, wandb_run, [], []
         if start_step and os.path.exists(path):
             try:
                 with open(path, newline='') as f:
-                    rows = [r for r in csv.DictReader(f) if None not in r.values()
-                            and r.get('step', '').isdigit() and int(r['step']) <= start_step]
+                    reader = csv.DictReader(f)
+                    self.rows = [r for r in reader if None not in r.values()
+                                 and r.get('step', '').isdigit() and int(r['step']) <= start_step]
+                    self.fields = list(reader.fieldnames or [])
             except (OSError, ValueError) as e:  # (a folder, no permission, bytes that are not text)
                 why = e.strerror if isinstance(e, OSError) else 'not a text file'
                 raise SystemExit(f"error: cannot read {path} ({why}); move it away and re-run the "
                                  f"same command (the run goes on, logging to a new metrics.csv)")
+        self.rewrite()
 
+    def rewrite(self):
         def write(f):
-            csv.DictWriter(f, fields).writeheader()
-            csv.DictWriter(f, fields, extrasaction='ignore').writerows(rows)
-        write_file(path, write, mode='w')
+            writer = csv.DictWriter(f, self.fields, extrasaction='ignore')
+            writer.writeheader()
+            writer.writerows(self.rows)
+        write_file(self.path, write, mode='w')
 
     def log(self, row):
         row = {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+        new = [k for k in row if k not in self.fields]
         try:
-            with open(self.path, 'a', newline='') as f:
-                csv.DictWriter(f, self.fields).writerow(row)
+            if new:  # (the rows written so far are kept in memory for this)
+                self.fields += new
+                self.rows.append(row)
+                self.rewrite()
+            else:
+                self.rows.append(row)
+                with open(self.path, 'a', newline='') as f:
+                    csv.DictWriter(f, self.fields).writerow(row)
         except OSError as e:
             raise SystemExit(f"error: writing {self.path} failed at step {row['step']} "
                              f"({e.strerror}); make room and re-run the same command (the run "
                              f"resumes from its last checkpoint)")
         if self.wandb_run:
             self.wandb_run.log(row, step=row['step'])
-
-
-def start_wandb(project, name, config, out_dir, run_id):
-    """A wandb run that a resumed run continues (run_id from its checkpoint); imported only when
-    asked for."""
-    import wandb
-    return wandb.init(project=project, name=name, config=config, dir=out_dir, id=run_id,
-                      resume='allow')
 
 
 # -----------------------------------------------------------------------------
@@ -634,14 +889,14 @@ class SkipCounter:
         self.streak = (self.streak + 1) * bad
         self.worst = torch.maximum(self.worst, self.streak)
 
-    def read(self, max_nonfinite, step, last_good, fix):
+    def read(self, max_nonfinite, step, last_good):
         """The updates skipped since the last read; stops the run when max_nonfinite came in
         a row."""
         skipped, worst = int(self.skipped.item()), int(self.worst.item())
         if worst >= max_nonfinite:
             raise SystemExit(f"error: {worst} updates in a row had a non-finite gradient norm and "
                              f"were skipped (max_nonfinite={max_nonfinite}) by step {step}; "
-                             f"{last_good}: resume it with {fix}")
+                             f"{last_good}: {FIX}")
         self.skipped.zero_()
         self.worst.zero_()
         return skipped

@@ -28,8 +28,6 @@ not finite is skipped. (bookkeeping.py holds all that.)
 import copy
 import math
 import os
-import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -180,41 +178,15 @@ except ValueError as e:
     raise SystemExit(f"error: phema_stds='{phema_stds}' must be comma-separated sigma_rel values "
                      f"in (0, 0.28), like 0.05,0.1 ({e})")
 # -----------------------------------------------------------------------------
-# distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
-t_start = time.time()
+# DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on GPUs, gloo on CPUs
 device_type = bk.check_device(device)
-ddp = int(os.environ.get('RANK', -1)) != -1
-rank, local_rank, world_size = 0, 0, 1
-if ddp:
-    rank, local_rank, world_size = (int(os.environ[k])
-                                    for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-    if device_type == 'cuda':
-        device = f'cuda:{local_rank}'
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
-    if rank == 0 and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) and \
-            os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
-        print("warning: with the store torchrun shares by default, a restarted group can fail to "
-              "reconnect (pytorch/pytorch#167288); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-              "before torchrun")
-master = rank == 0
-if batch_size % (world_size * grad_accum):
-    raise SystemExit(f"error: batch_size={batch_size} is not divisible by world_size x "
-                     f"grad_accum = {world_size} x {grad_accum}; pick a batch_size that is a "
-                     f"multiple of {world_size * grad_accum}")
-micro_batch = batch_size // (world_size * grad_accum)
-run = bk.RunDir(out_dir, init_from, keep_last, master, world_size, device_type, kind='diffusion',
-               inputs=[('dataset', bk.data_path(dataset)), ('init_base', init_base)])
-if master:
-    print(f"{world_size} rank(s) on {device_type}, {micro_batch} images per micro-step, "
-          f"{grad_accum} micro-step(s), {batch_size} per optimizer step")
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
-
-def rng(step, stream, dev='cpu'):
-    return bk.seeded(seed, step, stream, dev)
+if 'RANK' in os.environ:
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if device_type == 'cuda' else device
+    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
+# the run: out_dir and its lock, resume, sums, the log, checkpoints (bookkeeping.Run)
+run = bk.start_run(config, 'diffusion', device,
+                   inputs=[('dataset', bk.data_path(dataset)), ('init_base', init_base)])
+ctx, micro_batch = run.ctx, run.micro_batch  # bf16 autocast (or none); images per micro-step
 
 # -----------------------------------------------------------------------------
 # data: uint8 images or float16 latents (N, H, W, C), memory-mapped from data/<dataset>/
@@ -272,12 +244,6 @@ def load_batch(split, idx, flip=None):
     x = (x - latent_mean) / latent_std if latent else x / 127.5 - 1
     return x, y, bk.to_device(ctrl, device) / 127.5 - 1 if control else None
 
-def my_slice(micro):
-    """This rank's part of the global batch in micro-step `micro`: micro-steps outside, ranks
-    inside."""
-    lo = (micro * world_size + rank) * micro_batch
-    return slice(lo, lo + micro_batch)
-
 def draw_indices(g):
     """The global batch's image indices, drawn with replacement: uniformly, or by sample_weights.
     Every rank draws the same batch and keeps its slice, so weighted sampling is exact for any world
@@ -288,10 +254,10 @@ def draw_indices(g):
 
 def get_batch(step, micro):
     """This rank's images of micro-step `micro` of the global batch of `step`."""
-    g = rng(step, 0)
+    g = run.rng(step, 0)
     idx = np.sort(draw_indices(g).numpy())  # sorted: kinder to mmap
     flip = torch.rand(batch_size, generator=g) < 0.5
-    return load_batch('train', idx[my_slice(micro)], flip[my_slice(micro)] if hflip else None)
+    return load_batch('train', idx[run.slice(micro)], flip[run.slice(micro)] if hflip else None)
 
 # -----------------------------------------------------------------------------
 # model, EMA, optimizer, and the checkpoint to resume from
@@ -349,44 +315,24 @@ trained = [(p, p_ema) for p, p_ema in zip(model.parameters(), ema.parameters()) 
 params, ema_params = [p for p, _ in trained], [p_ema for _, p_ema in trained]
 optimizer = bk.adamw(params, lr, (beta1, beta2), weight_decay)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-start_step, images_seen, wandb_id, ckpt = 0, 0, None, {}
-if run.init_from == 'resume':
-    ckpt = run.resume(device)
-    bk.check_same('model shape', ckpt['model_args'], asdict(model_config), run.ckpt_path)
-    for net, key in ((model, 'model'), (ema, 'ema'), (scaler, 'scaler')):
-        bk.load_state(net, ckpt[key], run.ckpt_path, key)
-    bk.load_optimizer(optimizer, ckpt['optimizer'], run.ckpt_path, 'optimizer')
-    if ckpt['config'].get('phema_stds', '') != phema_stds:
-        raise SystemExit(f"error: {run.ckpt_path} tracks post-hoc EMAs phema_stds="
-                         f"'{ckpt['config'].get('phema_stds', '')}'; resume with that value")
-    start_step, images_seen, wandb_id = ckpt['step'], ckpt['images_seen'], ckpt['wandb_id']
-    changed = bk.changed_keys(ckpt['config'], config)
-    if master:
-        print(f"resuming {run.ckpt_path} at step {start_step}"
-              + (f"; changed since: {', '.join(changed)}" if changed else ''))
-bk.restore_rng(ckpt.get('rng'), seed, rank, world_size, device_type)
+ckpt = run.resume(model=model, ema=ema, optimizer=optimizer, scaler=scaler,
+                  model_args=asdict(model_config))
+if ckpt and ckpt['config'].get('phema_stds', '') != phema_stds:
+    raise SystemExit(f"error: {run.ckpt_path} tracks post-hoc EMAs phema_stds="
+                     f"'{ckpt['config'].get('phema_stds', '')}'; resume with that value")
 # the power-function EMAs (rank 0's), of the trained weights
 phema = ((ckpt.get('phema') or [[p.detach().clone() for p in params] for _ in phema_gammas])
-         if master else [])
+         if run.master else [])
 del ckpt
 raw_model = model
 if compile:  # (model.compile_for_training says what runs compiled, and why)
     model = compile_for_training(model)
-if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+if run.ddp:
+    model = DDP(model, device_ids=[device] if device_type == 'cuda' else None)
 flops_per_image = 3 * raw_model.flops_per_sample()  # forward + backward (twice the forward)
-if master:
+if run.master:
     print(f"{arch}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, "
           f"{flops_per_image / 3e9:.3f} GFLOPs forward per image")
-peak_tflops = peak_tflops or bk.device_peak_tflops(device_type, dtype)
-
-def get_lr(step):
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if lr_schedule == 'constant':
-        return lr
-    progress = min(1.0, (step - warmup_steps) / max(1, (lr_decay_steps or max_steps) - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 # -----------------------------------------------------------------------------
 # the objective
@@ -454,31 +400,31 @@ def diffusion_loss(net, x0, y, u, eps, ctrl=None):
     return loss, mse
 
 @torch.no_grad()
-def estimate_val_loss(net):
-    """Mean loss and MSE over the first eval_images val images at noise levels u spread evenly over
-    (0, 1) and fixed noise: low variance and comparable across runs. Rank r takes every
-    world_size-th micro-batch."""
+def estimate_val_loss(net, suffix=''):
+    """val_loss and val_loss_unweighted (+ suffix): the mean loss and MSE over the first
+    eval_images val images at noise levels u spread evenly over (0, 1) and fixed noise, low variance
+    and comparable across runs. Rank r takes every world_size-th micro-batch."""
     n = min(eval_images, len(data['val'][0]))
     u_all = (torch.arange(n, device=device) + 0.5) / n
-    eps_all = torch.randn((n, C, H, W), generator=rng(0, 2, device), device=device)
+    eps_all = torch.randn((n, C, H, W), generator=run.rng(0, 2, device), device=device)
     total = torch.zeros(2, device=device)
     net.eval()  # no dropout
-    for lo in range(rank * micro_batch, n, world_size * micro_batch):
+    for lo in range(run.rank * micro_batch, n, run.world_size * micro_batch):
         idx = np.arange(lo, min(lo + micro_batch, n))
         x0, y, ctrl = load_batch('val', idx)
         y = y if class_cond else torch.full_like(y, null_label)
         loss, mse = diffusion_loss(net, x0, y, u_all[idx], eps_all[idx], ctrl)
         total += torch.stack([loss.sum(), mse.sum()])
     net.train(net is raw_model)  # the EMA stays in eval mode
-    if ddp:
+    if run.ddp:
         dist.all_reduce(total)
-    return (total / n).tolist()
+    return dict(zip(['val_loss' + suffix, 'val_loss_unweighted' + suffix], (total / n).tolist()))
 
 def save_phema(step):
     """The power-function EMAs at this step to out_dir/phema/phema-<step>.pt, atomically: the
     trained weights only (sample.py takes the others from ckpt.pt and combines the snapshots into
     the EMA it is asked for)."""
-    path = os.path.join(out_dir, 'phema', f'phema-{step:07d}.pt')
+    path = run.path(f'phema/phema-{step:07d}.pt')
     # the names of the trained weights, in the order of params
     names = [name for name, p in raw_model.named_parameters() if p.requires_grad]
     snapshot = {'step': step, 'sigma_rel': phema_sigmas, 'gamma': phema_gammas,
@@ -487,7 +433,7 @@ def save_phema(step):
 
 # -----------------------------------------------------------------------------
 # the sample grids: fixed noise and labels, the same picture of progress at every sample_interval
-grid_z = torch.randn((64, C, H, W), generator=rng(0, 3, device), device=device)
+grid_z = torch.randn((64, C, H, W), generator=run.rng(0, 3, device), device=device)
 grid_y = torch.arange(64, device=device) % num_classes if num_classes else \
     torch.full((64,), null_label, device=device)
 grid_ctrl = None
@@ -496,7 +442,7 @@ if control:
     _, val_y, grid_ctrl = load_batch('val', np.arange(64) % len(data['val'][0]))
     grid_y = val_y if num_classes else grid_y
 # the grids' latents are decoded by the autoencoder that encoded the dataset
-if latent and master:
+if latent and run.master:
     ae_path = os.path.join(data_dir, latent['autoencoder'])
     ae_ckpt = bk.load_checkpoint(ae_path, "re-encode the dataset with data/prepare_latents.py", device,
                                  ['latent decoder'])
@@ -508,58 +454,54 @@ def to_pixels(x):
     """Samples as images in [-1, 1]: latents are un-normalised and decoded."""
     return autoencoder.decode(x * latent_std + latent_mean).clamp(-1, 1) if latent else x
 
-# -----------------------------------------------------------------------------
-# logging: stdout, out_dir/metrics.csv, and wandb (val_loss_unweighted: the prediction's plain MSE,
-# comparable across loss weightings and cosine_loss; loss_u<i>: the unweighted loss at noise levels
-# u in [i/10, (i+1)/10))
-num_bins = 10
-fields = ['step', 'kimg', 'loss', 'loss_unweighted', 'lr', 'grad_norm', 'skipped', *bk.SPEED_FIELDS,
-          'val_loss', 'val_loss_ema', 'val_loss_unweighted', 'val_loss_unweighted_ema',
-          *[f'loss_u{i}' for i in range(num_bins)]]
-if master:
-    wandb_run = (bk.start_wandb(wandb_project, wandb_run_name, config, out_dir, wandb_id)
-                 if wandb_log else None)
-    wandb_id = wandb_run.id if wandb_log else None
-    metrics = bk.Metrics(os.path.join(out_dir, 'metrics.csv'), fields, start_step, wandb_run)
+def noise_level_sums(u, mse, num_bins=10):
+    """The unweighted loss summed and the images counted in each of num_bins bins of noise level
+    u in [i/num_bins, (i+1)/num_bins): the running sums behind the log's loss_u<i>."""
+    bins = (u * num_bins).long().clamp(max=num_bins - 1)
+    return dict(bin_mse=mse.new_zeros(num_bins).index_add_(0, bins, mse.detach()),
+                bin_count=mse.new_zeros(num_bins).index_add_(0, bins, torch.ones_like(mse)))
+
+def noise_level_losses(averages):
+    """loss_u<i>, the mean unweighted loss at noise levels in bin i, from a log step's averages
+    (None where a bin drew no image; nan where every update was skipped)."""
+    bins = zip(averages.get('bin_mse', ()), averages.get('bin_count', ()))
+    return {f'loss_u{i}': total / n if n else None for i, (total, n) in enumerate(bins)}
+
+def sample_grid():
+    """The EMA's samples of the grid's noise and labels, as images in [-1, 1]."""
+    with ctx:  # pixels: x0 clipped to [-1, 1] on the way
+        x = diffusion.sample(ema, grid_z, grid_y, sampler, sample_steps, cfg_scale=cfg_scale,
+                             shift=shift, clip_x0=not latent, generator=run.rng(0, 4, device),
+                             control=grid_ctrl)
+        return to_pixels(x)
 
 # -----------------------------------------------------------------------------
-# training loop
-stopper = bk.StopSignals(max_minutes, t_start, ddp)
-skips = bk.SkipCounter(device)
-if master and start_step >= max_steps:
-    print(f"{run.ckpt_path} is at step {start_step} of max_steps={max_steps}: nothing to do "
-          f"(raise max_steps to go on)")
-# the first batch; each later one is fetched while the step runs
-x0, y, ctrl = get_batch(start_step, 0)
-loss_sum = torch.zeros(2, device=device)  # loss, unweighted loss: sums since the last log line
-bin_sums = torch.zeros(2, num_bins, device=device)  # per noise-level bin: loss sum, count
-bin_losses = []  # as of the last log line
-t_log, steps_since_log = time.time(), 0
-for step in range(start_step, max_steps):
+# training loop. Logged: loss_unweighted, the prediction's plain MSE (comparable across loss
+# weightings and cosine_loss), and loss_u<i> (noise_level_losses)
+x0, y, ctrl = get_batch(run.step, 0)  # the first batch; each later one is fetched while a step runs
+for step in range(run.step, max_steps):
+    lr_now = bk.cosine_lr(step, lr, min_lr, warmup_steps, lr_decay_steps or max_steps, lr_schedule)
     for group in optimizer.param_groups:
-        group['lr'] = get_lr(step)
+        group['lr'] = lr_now
     # noise levels, noise and label dropout for the whole global batch
-    g = rng(step, 1, device)
+    g = run.rng(step, 1, device)
     u_all = sample_u(batch_size, g)
     eps_all = torch.randn((batch_size, C, H, W), generator=g, device=device)
     drop_all = (torch.rand(batch_size, generator=g, device=device)
                 < (class_dropout if class_cond else 1.0))
-    step_sums, step_bins = torch.zeros(2, device=device), torch.zeros(2, num_bins, device=device)
     for micro in range(grad_accum):
-        sl = my_slice(micro)
+        sl = run.slice(micro)
         y_in = torch.where(drop_all[sl], null_label, y)
-        if ddp:  # all-reduce the gradients on the last micro-step only
+        if run.ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro == grad_accum - 1
         loss, mse = diffusion_loss(model, x0, y_in, u_all[sl], eps_all[sl], ctrl)
-        bins = (u_all[sl] * num_bins).long().clamp(max=num_bins - 1)
-        step_bins.index_add_(1, bins, torch.stack([mse.detach(), torch.ones_like(mse)]))
-        loss = loss.mean() / grad_accum
+        loss = loss.mean()
+        run.add(loss=loss, loss_unweighted=mse.mean(), **noise_level_sums(u_all[sl], mse))
         # fetch the next batch while this step runs
         if micro + 1 < grad_accum or step + 1 < max_steps:
             x0, y, ctrl = (get_batch(step, micro + 1) if micro + 1 < grad_accum
                            else get_batch(step + 1, 0))
-        scaler.scale(loss).backward()
-        step_sums += torch.stack([loss.detach(), mse.detach().mean() / grad_accum])
+        scaler.scale(loss / grad_accum).backward()
     # clip, then skip a non-finite update on the device (fused AdamW reads found_inf; no host
     # sync). A non-finite loss makes the norm so too; the gradients are all-reduced, so every rank
     # agrees. (float16: the scaler sets found_inf itself, from the same gradients.)
@@ -578,77 +520,21 @@ for step in range(start_step, max_steps):
             torch._foreach_lerp_(ema_params, params, weight)
         for gamma, tracked in zip(phema_gammas, phema):
             torch._foreach_lerp_(tracked, params, 1 - (1 - 1 / (step + 1)) ** (gamma + 1))
-    loss_sum += torch.where(bad, 0, step_sums)
-    bin_sums += torch.where(bad, 0, step_bins)
-    skips.add(bad)
-    steps_since_log += 1
-    images_seen += batch_size  # (kept true when a resumed run changes batch_size)
+    run.end_step(bad, flops_per_image)
 
-    last = step + 1 == max_steps
-    stop = stopper.vote()
-    log_step = (step + 1) % log_interval == 0 or last or stop
-    if log_step:
-        if ddp:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            dist.all_reduce(bin_sums)
-        # the host sync
-        n_skipped = skips.read(max_nonfinite, step + 1, run.last_good(),
-                               "a lower lr, grad_clip or dtype='float32'")
-        # nan if every update was skipped, and where a bin drew no image
-        loss_avg, mse_avg = (loss_sum / (steps_since_log - n_skipped)).tolist()
-        bin_losses = (bin_sums[0] / bin_sums[1]).tolist()
-        dt = (time.time() - t_log) / steps_since_log
-        row = dict(step=step + 1, kimg=images_seen / 1e3, loss=loss_avg, loss_unweighted=mse_avg,
-                   lr=get_lr(step), grad_norm=grad_norm.item(), skipped=n_skipped,
-                   **bk.speed(dt, batch_size, flops_per_image, peak_tflops, world_size,
-                              device_type),
-                   **{f'loss_u{i}': v for i, v in enumerate(bin_losses) if v == v})
-        if master:
-            print(f"step {step + 1}/{max_steps} | {row['kimg']:.1f} kimg | loss {loss_avg:.4f} "
-                  f"(unweighted {mse_avg:.4f}) | lr {row['lr']:.2e} | "
-                  f"grad norm {row['grad_norm']:.3f} | "
-                  + bk.speed_text(row, max_steps - step - 1)
-                  + (f" | {n_skipped} non-finite update(s) skipped" if n_skipped else ''))
-            metrics.log(row)
-        loss_sum.zero_()
-        bin_sums.zero_()
-        steps_since_log = 0
-    if (step + 1) % eval_interval == 0 or last:
-        val_loss, val_mse = estimate_val_loss(raw_model)
-        val_loss_ema, val_mse_ema = estimate_val_loss(ema)
-        if master:
-            print(f"step {step + 1}: val loss {val_loss:.4f}, EMA {val_loss_ema:.4f} "
-                  f"(unweighted {val_mse:.4f}, EMA {val_mse_ema:.4f}); train loss by noise level "
-                  f"u (low to high, last log): {' '.join(f'{v:.3g}' for v in bin_losses)}")
-            metrics.log(dict(step=step + 1, val_loss=val_loss, val_loss_ema=val_loss_ema,
-                             val_loss_unweighted=val_mse, val_loss_unweighted_ema=val_mse_ema))
-    if master and ((step + 1) % sample_interval == 0 or last):
-        with ctx:  # pixels: x0 clipped to [-1, 1] on the way
-            x = diffusion.sample(ema, grid_z, grid_y, sampler, sample_steps, cfg_scale=cfg_scale,
-                                 shift=shift, clip_x0=not latent, generator=rng(0, 4, device),
-                                 control=grid_ctrl)
-            x = to_pixels(x)
-        bk.save_grid(x, os.path.join(out_dir, f'samples_{step + 1:07d}.png'))
-    checkpoint = (step + 1) % ckpt_interval == 0 or last or stop
-    if master and phema and ((step + 1) % phema_interval == 0 or checkpoint):
-        save_phema(step + 1)
+    # evaluations, grids, checkpoints and the log line, each when due
+    val = ({**estimate_val_loss(raw_model), **estimate_val_loss(ema, '_ema')}
+           if run.due(eval_interval) else {})
+    if run.master and run.due(sample_interval):
+        bk.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'))
+    checkpoint = run.due(ckpt_interval) or run.stop
+    if run.master and phema and (run.due(phema_interval) or checkpoint):
+        save_phema(run.step)
     if checkpoint:
-        run.save(step + 1, {'model': raw_model.state_dict(), 'ema': ema.state_dict(),
-                            'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                            'model_args': asdict(model_config), 'images_seen': images_seen,
-                            'config': config, 'wandb_id': wandb_id, 'phema': phema},
-                 params + ema_params, "resume it with a lower lr, grad_clip or dtype='float32'")
-    if stop and not last:
-        if master:
-            print(f"stopped at step {step + 1} of {max_steps} ({stop}); the same command "
-                  f"continues the run")
+        run.save(model=raw_model, ema=ema, optimizer=optimizer, scaler=scaler,
+                 model_args=asdict(model_config), phema=phema)
+    if run.log_step or val:
+        run.log(lr=lr_now, grad_norm=grad_norm, **val, quiet=noise_level_losses(run.averages))
+    if run.stop:
         break
-    # the evaluation, sample grid and checkpoint of a log step are not step time
-    if log_step:
-        t_log = time.time()
-
-if master and wandb_log:
-    wandb_run.finish()
-if ddp:
-    dist.barrier()  # no rank tears its groups down while another still talks to it
-    dist.destroy_process_group()
+run.finish()
