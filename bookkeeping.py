@@ -733,7 +733,7 @@ class Run:
             self._sync(flops_per_image)
 
     def _sync(self, flops_per_image):
-        names = sorted(self._sums)
+        names = list(self._sums)  # (the order they came in: the same on every rank)
         flat = [torch.cat([torch.as_tensor(v, device=self.device).float().reshape(-1)
                            for v in self._sums[k]]) for k in names]
         if self.ddp and flat:

@@ -23,10 +23,7 @@ Resume, preemption and non-finite steps work as in train_diffusion.py: re-run th
 (bookkeeping.py holds all that).
 """
 import copy
-import math
 import os
-import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -69,6 +66,7 @@ max_steps = 50000
 lr = 2e-4  # of both networks
 min_lr = 5e-5  # the cosine schedule's floor
 lr_schedule = 'cosine'  # after warm-up: 'cosine' to min_lr, or 'constant'
+lr_decay_steps = 0  # length of the cosine, warm-up included; 0 = max_steps (set it to stop early)
 warmup_steps = 0
 beta2 = 0.99  # Adam's, for both networks; beta1 is 0, as in every modern GAN recipe
 grad_clip = 0.0  # max global gradient norm of each network; 0 = no clipping (both are logged)
@@ -99,40 +97,14 @@ bk.check_config(config, choices=[
            ('ema_kimg', ema_kimg >= 0, 'at least 0 (0 = no EMA)'),
            ('ema_rampup', ema_rampup >= 0, 'at least 0 (0 = none)')])
 # -----------------------------------------------------------------------------
-# distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
-t_start = time.time()
+# DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on GPUs, gloo on CPUs
 device_type = bk.check_device(device)
-ddp = int(os.environ.get('RANK', -1)) != -1
-rank, local_rank, world_size = 0, 0, 1
-if ddp:
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-    if device_type == 'cuda':
-        device = f'cuda:{local_rank}'
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
-    if rank == 0 and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) and \
-            os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
-        print("warning: with the store torchrun shares by default, a restarted group can fail to "
-              "reconnect (pytorch/pytorch#167288); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-              "before torchrun")
-master = rank == 0
-if batch_size % (world_size * grad_accum):
-    raise SystemExit(f"error: batch_size={batch_size} is not divisible by world_size x grad_accum "
-                     f"= {world_size} x {grad_accum}; pick a batch_size that is a multiple of "
-                     f"{world_size * grad_accum}")
-micro_batch = batch_size // (world_size * grad_accum)
-run = bk.RunDir(out_dir, init_from, keep_last, master, world_size, device_type, kind='gan',
-               inputs=[('dataset', bk.data_path(dataset))])
-if master:
-    print(f"{world_size} rank(s) on {device_type}, {micro_batch} images per micro-step, "
-          f"{grad_accum} micro-step(s), {batch_size} per optimizer step")
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-ctx = nullcontext() if dtype == 'float32' else \
-    torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-
-def rng(step, stream, dev='cpu'):
-    return bk.seeded(seed, step, stream, dev)
+if 'RANK' in os.environ:
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if device_type == 'cuda' else device
+    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
+# the run: out_dir and its lock, resume, sums, the log, checkpoints (bookkeeping.Run)
+run = bk.start_run(config, 'gan', device, inputs=[('dataset', bk.data_path(dataset))])
+ctx = run.ctx  # bf16 autocast (or none)
 
 # -----------------------------------------------------------------------------
 # data: uint8 images (N, H, W, C), memory-mapped from data/<dataset>/
@@ -141,19 +113,13 @@ train_x, train_y = data['train']
 H, W, C = meta['image_size'], meta['image_size'], meta['channels']
 num_classes = meta['num_classes'] if class_cond else 0
 
-def my_slice(micro):
-    """This rank's part of the global batch in micro-step `micro` (micro-steps outside, ranks
-    inside)."""
-    lo = (micro * world_size + rank) * micro_batch
-    return slice(lo, lo + micro_batch)
-
 def get_batch(step, micro):
     """This rank's real images (floats in [-1, 1], NCHW, on the device) and labels of micro-step
     `micro` of the global batch of `step`, drawn with replacement (sorted: kinder to mmap)."""
-    g = rng(step, 0)
+    g = run.rng(step, 0)
     idx = np.sort(torch.randint(len(train_x), (batch_size,), generator=g).numpy())
     flip = torch.rand(batch_size, generator=g) < 0.5
-    idx, flip = idx[my_slice(micro)], flip[my_slice(micro)]
+    idx, flip = idx[run.slice(micro)], flip[run.slice(micro)]
     x = torch.from_numpy(train_x[idx])
     if hflip:
         x = torch.where(flip[:, None, None, None], x.flip(2), x)
@@ -192,12 +158,21 @@ def diff_augment(x, draws):
         x = x * ~(((rows - cy).abs() < h // 4) & ((cols - cx).abs() < w // 4)).unsqueeze(1)
     return x
 
-def gradient_penalty(logits, x):
-    """||d logits_i / d x_i||^2 per image, differentiable (create_graph) so that D learns from it:
-    R1 on real x, R2 on fake x. logits (B,) come from x (B, ...), which requires grad; each logit
-    depends on its own image only."""
-    grad, = torch.autograd.grad(logits.sum(), x, create_graph=True)
-    return grad.float().pow(2).flatten(1).sum(1)
+def d_logits(net, x_real, x_fake, y, aug_real, aug_fake):
+    """D's logits (net: one of its handles) of the real and the fake images, augmented by the
+    draws aug_real and aug_fake, in one forward."""
+    both = torch.cat([diff_augment(x_real, aug_real), diff_augment(x_fake, aug_fake)])
+    return net(both, torch.cat([y, y])).float().chunk(2)
+
+def penalties(x, fake, y, aug_real, aug_fake):
+    """R1 and R2: the squared norm of the gradient of D's logit at each real (and fake) image,
+    averaged; differentiable (create_graph) so that D learns from them. Eager (`disc`): a compiled
+    graph has no double backward. Each logit depends on its own image only, so real and fake share
+    one forward and one gradient."""
+    x_real, x_fake = x.detach().requires_grad_(True), fake.detach().requires_grad_(True)
+    logits = torch.cat(d_logits(disc, x_real, x_fake, y, aug_real, aug_fake))
+    grads = torch.autograd.grad(logits.sum(), [x_real, x_fake], create_graph=True)
+    return [g.pow(2).flatten(1).sum(1).mean() for g in grads]
 
 def adversarial_losses(logits_real, logits_fake):
     """Per-pair losses (D's, G's) of loss='rpgan' or 'ns' (see the docstring at the top)."""
@@ -223,221 +198,133 @@ ema = copy.deepcopy(model).requires_grad_(False).eval()
 # fused: setting found_inf skips a non-finite update on the device
 optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, beta2), fused=True)
 d_optimizer = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.0, beta2), fused=True)
-start_step, images_seen, wandb_id, ckpt = 0, 0, None, {}
-if run.init_from == 'resume':
-    ckpt = run.resume(device)
-    bk.check_same('network', ckpt['model_args'], asdict(model_config), run.ckpt_path)
-    for net, key in ((model, 'model'), (ema, 'ema'), (disc, 'disc')):
-        bk.load_state(net, ckpt[key], run.ckpt_path, key)
-    for opt, key in ((optimizer, 'optimizer'), (d_optimizer, 'd_optimizer')):
-        bk.load_optimizer(opt, ckpt[key], run.ckpt_path, key)
-    start_step, images_seen, wandb_id = ckpt['step'], ckpt['images_seen'], ckpt['wandb_id']
-    changed = bk.changed_keys(ckpt['config'], config)
-    if master:
-        print(f"resuming {run.ckpt_path} at step {start_step} "
-              f"({images_seen / 1e3:.1f} kimg)"
-              + (f"; changed since: {', '.join(changed)}" if changed else ''))
-bk.restore_rng(ckpt.get('rng'), seed, rank, world_size, device_type)
-del ckpt
+run.resume(model=model, ema=ema, disc=disc, optimizer=optimizer, d_optimizer=d_optimizer,
+           model_args=asdict(model_config))
 g_flops = count_flops(model, torch.zeros(1, model_config.z_dim, device=device),
                       torch.zeros(1, dtype=torch.long, device=device))
 d_flops = count_flops(disc, torch.zeros(1, C, H, W, device=device),
                       torch.zeros(1, dtype=torch.long, device=device))
-# raw_disc computes the penalties (eager: a compiled graph has no double backward), g_disc (compiled)
-# G's loss, and disc (DDP over g_disc) D's loss, whose backward all-reduces the gradients of both D
-# passes. D's weights require grad in every call, never toggled: a compiled graph is specialised on
-# requires_grad, and one traced with D frozen, met again with D training, returns logits without a
-# graph (torch 2.11 on CUDA). G's backward then takes gradients for G's weights alone (inputs=).
-raw_model, raw_disc = model, disc
-if compile:
-    model, disc = torch.compile(model), torch.compile(disc)
-g_disc = disc
-if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-    disc = DDP(disc, device_ids=[local_rank] if device_type == 'cuda' else None)
-params, ema_params = list(raw_model.parameters()), list(ema.parameters())
-d_params = list(raw_disc.parameters())
-if master:
+params, ema_params, d_params = (list(net.parameters()) for net in (model, ema, disc))
+# a handle per role. G: `model` trains (compiled, under DDP), `ema` samples. D: `disc` holds the
+# weights and computes the penalties, eagerly (a compiled graph has no double backward); `d_for_g`
+# (compiled) is D in G's loss; `d_train` (DDP over d_for_g) is D in its own loss, whose backward
+# all-reduces the gradients of both D passes. D's weights require grad in every call, never
+# toggled: a compiled graph is specialised on requires_grad, and one traced with D frozen, met
+# again with D training, returns logits without a graph (torch 2.11 on CUDA). G's backward then
+# takes gradients for G's weights alone (inputs=).
+raw_model = model
+d_for_g = torch.compile(disc) if compile else disc
+model = torch.compile(model) if compile else model
+d_train = d_for_g
+if run.ddp:
+    model = DDP(model, device_ids=[device] if device_type == 'cuda' else None)
+    d_train = DDP(d_for_g, device_ids=[device] if device_type == 'cuda' else None)
+if run.master:
     g_size, d_size = (sum(p.numel() for p in group) / 1e6 for group in (params, d_params))
-    print(f"{arch}: G {g_size:.2f}M, D {d_size:.2f}M parameters, {d_flops / 1e9:.3f} GFLOPs forward "
-          f"per image in D; " + (f"{num_classes} classes" if num_classes else 'unconditional'))
+    print(f"{arch}: G {g_size:.2f}M, D {d_size:.2f}M parameters, {d_flops / 1e9:.3f} GFLOPs "
+          f"forward per image in D; " + (f"{num_classes} classes" if num_classes else 'unconditional'))
 
 # FLOPs per real image of a step: D on a real and a fake (forward + backward, 3x the forward) after
 # G's forward; G forward + backward through D's forward and its backward to the input (2x; 3x when
 # compiled, as a compiled backward also computes D's weight gradients, left unused; and D's forward
-# on the real, for rpgan); the penalty pass on a real and a fake (forward 1, backward to the input 1,
-# and the backward of that 4: 6 forwards each, as torch's FlopCounterMode counts them) once every
+# on the real, for rpgan); the penalty pass on a real and a fake (forward 1, backward to the input
+# 1, and the backward of that 4: 6 forwards each, as torch's FlopCounterMode counts them) once every
 # reg_interval steps
-flops_per_image = 4 * g_flops + (8 + compile + (loss == 'rpgan') + 12 * (gamma > 0) / reg_interval) \
-    * d_flops
-peak_tflops = peak_tflops or bk.device_peak_tflops(device_type, dtype)
+flops_per_image = (4 * g_flops + (8 + compile + (loss == 'rpgan') + 12 * (gamma > 0) / reg_interval)
+                   * d_flops)
 
-def get_lr(step):
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if lr_schedule == 'constant':
-        return lr
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+def update(opt, opt_params):
+    """Clips the gradients (grad_clip), then steps, skipping a non-finite update on the device
+    (fused Adam reads found_inf; no host sync): the gradients are all-reduced, so every rank
+    agrees. The gradient norm, and whether the update was skipped."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(opt_params, grad_clip or float('inf'))
+    bad = ~grad_norm.isfinite()
+    opt.found_inf = bad.float()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm, bad
+
+def ema_beta(images_seen):
+    """G's EMA decay per step: a half-life of ema_kimg thousand images, at most ema_rampup of the
+    images seen so far (StyleGAN2-ADA)."""
+    ema_nimg = ema_kimg * 1000
+    if ema_rampup:
+        ema_nimg = min(ema_nimg, images_seen * ema_rampup)
+    return 0.5 ** (batch_size / ema_nimg) if ema_nimg > 0 else 0.0
 
 # the sample grids: a column per class (conditional), the same z in every grid
 grid_cols = min(num_classes, 10) if num_classes else 8
-grid_z = torch.randn((8 * grid_cols, model_config.z_dim), generator=rng(0, 99)).to(device)
+grid_z = torch.randn((8 * grid_cols, model_config.z_dim), generator=run.rng(0, 99)).to(device)
 grid_y = (torch.arange(8 * grid_cols) % max(num_classes, 1)).to(device)
 
-# -----------------------------------------------------------------------------
-# logging: stdout, out_dir/metrics.csv, and wandb
-terms = ['d_loss', 'g_loss', 'r1', 'r2', 'logits_real', 'logits_fake']
-fields = ['step', 'kimg', *terms, 'lr', 'd_grad_norm', 'g_grad_norm', 'skipped', *bk.SPEED_FIELDS]
-if master:
-    wandb_run = bk.start_wandb(wandb_project, wandb_run_name, config, out_dir, wandb_id) \
-        if wandb_log else None
-    wandb_id = wandb_run.id if wandb_log else None
-    metrics = bk.Metrics(os.path.join(out_dir, 'metrics.csv'), fields, start_step, wandb_run)
+@torch.no_grad()
+def sample_grid():
+    """The EMA generator's images of the grid's z and labels, in [-1, 1]."""
+    with ctx:
+        return ema(grid_z, grid_y).float().clamp(-1, 1)
 
 # -----------------------------------------------------------------------------
 # training loop: a D step (on regularisation steps the penalty pass, then the loss pass), then a G
 # step against the updated D (alternating, as in Goodfellow et al. and StyleGAN2-ADA)
-fix = "a lower lr, a larger gamma or dtype='float32'"
-stopper = bk.StopSignals(max_minutes, t_start, ddp)
-skips = bk.SkipCounter(device)
-if master and start_step >= max_steps:
-    print(f"{run.ckpt_path} is at step {start_step} of max_steps={max_steps}: nothing to do "
-          f"(raise max_steps to go on)")
-# the first step's real images (each later step's are fetched while the one before runs), and the
-# loss terms (+ the number of penalty passes) summed over the steps since the last log line
-batches = [get_batch(start_step, micro) for micro in range(grad_accum)]
-sums = torch.zeros(len(terms) + 1, device=device)
-t_log, steps_since_log = time.time(), 0
-for step in range(start_step, max_steps):
-    for opt in (optimizer, d_optimizer):
-        for group in opt.param_groups:
-            group['lr'] = get_lr(step)
+batches = [get_batch(run.step, micro) for micro in range(grad_accum)]  # the first step's reals
+draws = ('penalty_real', 'penalty_fake', 'd_real', 'd_fake', 'g_real', 'g_fake')  # augmentations
+for step in range(run.step, max_steps):
+    lr_now = bk.cosine_lr(step, lr, min_lr, warmup_steps, lr_decay_steps or max_steps, lr_schedule)
+    for group in optimizer.param_groups + d_optimizer.param_groups:
+        group['lr'] = lr_now
     regularize = gamma > 0 and step % reg_interval == 0
-    # the whole global batch's noise and augmentation (pass, real/fake, image), sliced per rank and
-    # micro-step: any world size trains the same run
-    g = rng(step, 1, device)
-    z_d, z_g = torch.randn((2, batch_size, model_config.z_dim), generator=g, device=device)
-    aug = torch.rand((3, 2, batch_size, 7), generator=rng(step, 2, device), device=device)
-    step_sums = torch.zeros(len(terms) + 1, device=device)  # + the number of penalty passes
-    # D: on regularisation steps the penalties, in float32, at G's fakes (no gradient to G) and at
-    # the real images; then the adversarial loss at the same images
+    # the global batch's noise and augmentation draws, sliced per rank: any world size, one run
+    z_d, z_g = torch.randn((2, batch_size, model_config.z_dim), generator=run.rng(step, 1, device),
+                           device=device)
+    aug = dict(zip(draws, torch.rand((6, batch_size, 7), generator=run.rng(step, 2, device),
+                                     device=device)))
+    # D: on regularisation steps the penalties (float32) at G's fakes and the reals, then its loss
     for micro, (x, y) in enumerate(batches):
-        sl = my_slice(micro)
+        sl = run.slice(micro)
         with torch.no_grad(), ctx:
             fake = model(z_d[sl], y).float()
         if regularize:
-            # each logit depends on its own image only, so real and fake share one forward; the
-            # penalty's gradients accumulate here and are all-reduced with the loss pass's
-            x_real, x_fake = x.detach().requires_grad_(True), fake.requires_grad_(True)
-            both = torch.cat([diff_augment(x_real, aug[0, 0, sl]), diff_augment(x_fake, aug[0, 1, sl])])
-            logits = raw_disc(both, torch.cat([y, y]))
-            r1 = gradient_penalty(logits[:len(x)], x_real).mean()
-            r2 = gradient_penalty(logits[len(x):], x_fake).mean()
+            r1, r2 = penalties(x, fake, y, aug['penalty_real'][sl], aug['penalty_fake'][sl])
             (reg_interval * gamma / 2 * (r1 + r2) / grad_accum).backward()
-            passes = torch.ones_like(r1)
-            step_sums[[2, 3, 6]] += torch.stack([r1.detach(), r2.detach(), passes]) / grad_accum
-        if ddp:  # all-reduce the gradients on the last micro-step only
-            disc.require_backward_grad_sync = micro == grad_accum - 1
+            run.add(r1=r1, r2=r2)
+        if run.ddp:  # all-reduce the gradients on the last micro-step only
+            d_train.require_backward_grad_sync = micro == grad_accum - 1
         with ctx:
-            both = torch.cat([diff_augment(x, aug[1, 0, sl]),
-                              diff_augment(fake.detach(), aug[1, 1, sl])])
-            logits_real, logits_fake = disc(both, torch.cat([y, y])).float().chunk(2)
+            logits_real, logits_fake = d_logits(d_train, x, fake, y, aug['d_real'][sl],
+                                                aug['d_fake'][sl])
         d_loss = adversarial_losses(logits_real, logits_fake)[0].mean()
         (d_loss / grad_accum).backward()
-        terms_d = torch.stack([d_loss, logits_real.mean(), logits_fake.mean()]).detach()
-        step_sums[[0, 4, 5]] += terms_d / grad_accum
-    # clip, then skip a non-finite update on the device (fused Adam reads found_inf; no host sync);
-    # the gradients are all-reduced, so every rank agrees
-    max_norm = grad_clip if grad_clip > 0 else float('inf')
-    d_grad_norm = torch.nn.utils.clip_grad_norm_(d_params, max_norm)
-    d_bad = ~d_grad_norm.isfinite()
-    d_optimizer.found_inf = d_bad.float()
-    d_optimizer.step()
-    d_optimizer.zero_grad(set_to_none=True)
-    # G: through the updated D, outside DDP; D's weights get no gradient (inputs=params), and the
-    # real logits, constants to G, none at all
+        run.add(d_loss=d_loss, logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
+    d_grad_norm, d_bad = update(d_optimizer, d_params)
+    # G: through the updated D (no gradient to D's weights: inputs=params; none for real logits)
     for micro, (x, y) in enumerate(batches):
-        sl = my_slice(micro)
-        if ddp:
+        sl = run.slice(micro)
+        if run.ddp:
             model.require_backward_grad_sync = micro == grad_accum - 1
         with ctx:
             fake = model(z_g[sl], y).float()
-            logits_fake = g_disc(diff_augment(fake, aug[2, 1, sl]), y).float()
+            logits_fake = d_for_g(diff_augment(fake, aug['g_fake'][sl]), y).float()
             with torch.no_grad():
-                logits_real = (g_disc(diff_augment(x, aug[2, 0, sl]), y).float() if loss == 'rpgan'
-                               else torch.zeros_like(logits_fake))
+                logits_real = (d_for_g(diff_augment(x, aug['g_real'][sl]), y).float()
+                               if loss == 'rpgan' else torch.zeros_like(logits_fake))
         g_loss = adversarial_losses(logits_real, logits_fake)[1].mean()
         (g_loss / grad_accum).backward(inputs=params)
-        step_sums[1] += g_loss.detach() / grad_accum
+        run.add(g_loss=g_loss)
     if step + 1 < max_steps:  # the next step's real images, gathered while this step's kernels run
         batches = [get_batch(step + 1, micro) for micro in range(grad_accum)]
-    g_grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    g_bad = ~g_grad_norm.isfinite()
-    optimizer.found_inf = g_bad.float()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    # G's EMA: a half-life of ema_kimg thousand images, at most ema_rampup of the images seen so far;
-    # a skipped update leaves it alone too
-    with torch.no_grad():
-        ema_nimg = ema_kimg * 1000
-        if ema_rampup:
-            ema_nimg = min(ema_nimg, (images_seen + batch_size) * ema_rampup)
-        beta = 0.5 ** (batch_size / ema_nimg) if ema_nimg > 0 else 0.0
+    g_grad_norm, g_bad = update(optimizer, params)
+    with torch.no_grad():  # G's EMA (ema_beta); a skipped update leaves it alone
+        beta = ema_beta(run.images_seen + batch_size)
         torch._foreach_lerp_(ema_params, params, (1 - beta) * ~g_bad)
-    # a step with either update skipped: its losses are not averaged into the log
-    bad = d_bad | g_bad
-    sums += torch.where(bad, 0, step_sums)
-    skips.add(bad)
-    steps_since_log += 1
-    images_seen += batch_size  # (kept true when a resumed run changes batch_size)
-
-    last = step + 1 == max_steps
-    stop = stopper.vote()
-    log_step = (step + 1) % log_interval == 0 or last or stop
-    if log_step:
-        if ddp:
-            dist.all_reduce(sums, op=dist.ReduceOp.AVG)
-        n_skipped = skips.read(max_nonfinite, step + 1, run.last_good(), fix)  # the host sync
-        # per step (nan if every step was skipped); the penalties per penalty pass (if any)
-        avg = (sums[:-1] / (steps_since_log - n_skipped)).tolist()
-        avg[2:4] = (sums[2:4] / sums[-1]).tolist() if sums[-1] else [None, None]
-        avg = dict(zip(terms, avg))
-        dt = (time.time() - t_log) / steps_since_log
-        row = dict(step=step + 1, kimg=images_seen / 1e3, **avg, lr=get_lr(step),
-                   d_grad_norm=d_grad_norm.item(), g_grad_norm=g_grad_norm.item(), skipped=n_skipped,
-                   **bk.speed(dt, batch_size, flops_per_image, peak_tflops, world_size, device_type))
-        if master:
-            penalties = f"r1 {avg['r1']:.3g} r2 {avg['r2']:.3g} | " if avg['r1'] is not None else ''
-            print(f"step {step + 1}/{max_steps} | {row['kimg']:.1f} kimg | d_loss {avg['d_loss']:.4f} "
-                  f"| g_loss {avg['g_loss']:.4f} | {penalties}logits {avg['logits_real']:.2f} / "
-                  f"{avg['logits_fake']:.2f} | lr {row['lr']:.2e} | grad norm D "
-                  f"{row['d_grad_norm']:.3f} G {row['g_grad_norm']:.3f} | "
-                  + bk.speed_text(row, max_steps - step - 1)
-                  + (f" | {n_skipped} non-finite update(s) skipped" if n_skipped else ''))
-            metrics.log(row)
-        sums.zero_()
-        steps_since_log = 0
-    if master and ((step + 1) % sample_interval == 0 or last):
-        with torch.no_grad(), ctx:
-            samples = ema(grid_z, grid_y).float().clamp(-1, 1)
-        bk.save_grid(samples, os.path.join(out_dir, f'samples_{step + 1:07d}.png'), grid_cols)
-    if (step + 1) % ckpt_interval == 0 or last or stop:
-        state = {'model': raw_model.state_dict(), 'ema': ema.state_dict(), 'disc': raw_disc.state_dict(),
-                 'optimizer': optimizer.state_dict(), 'd_optimizer': d_optimizer.state_dict(),
-                 'model_args': asdict(model_config), 'images_seen': images_seen,
-                 'config': config, 'wandb_id': wandb_id}
-        run.save(step + 1, state, params + ema_params + d_params, f"resume it with {fix}")
-    if stop and not last:
-        if master:
-            print(f"stopped at step {step + 1} of {max_steps} ({stop}); the same command continues "
-                  f"the run")
+    run.end_step(d_bad | g_bad, flops_per_image)  # either update skipped: the step's sums drop
+    # grids, checkpoints and the log line, each when due
+    if run.master and run.due(sample_interval):
+        bk.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'), grid_cols)
+    if run.due(ckpt_interval) or run.stop:
+        run.save(model=raw_model, ema=ema, disc=disc, optimizer=optimizer,
+                 d_optimizer=d_optimizer, model_args=asdict(model_config))
+    if run.log_step:
+        run.log(lr=lr_now, d_grad_norm=d_grad_norm, g_grad_norm=g_grad_norm)
+    if run.stop:
         break
-    if log_step:
-        t_log = time.time()  # the grid and checkpoint of a log step do not count as step time
-
-if master and wandb_log:
-    wandb_run.finish()
-if ddp:
-    dist.barrier()  # no rank tears its groups down while another still talks to it
-    dist.destroy_process_group()
+run.finish()
