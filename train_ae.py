@@ -22,8 +22,6 @@ import copy
 import math
 import os
 import pickle
-import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -77,6 +75,7 @@ max_steps = 10000
 lr = 1e-4  # of both networks
 min_lr = 1e-5  # the cosine schedule's floor
 lr_schedule = 'cosine'  # after warm-up: 'cosine' to min_lr, or 'constant'
+lr_decay_steps = 0  # length of the cosine, warm-up included; 0 = max_steps (set it to stop early)
 warmup_steps = 100
 weight_decay = 0.0  # AdamW, on weights of 2 or more dimensions only
 beta1 = 0.5  # VQGAN's and LDM's Adam betas, for both networks
@@ -114,35 +113,14 @@ bk.check_config(config, choices=[
            ('max_minutes', max_minutes >= 0, 'at least 0 (0 = no limit)'),
            ('grad_clip', grad_clip >= 0, 'at least 0 (0 = no clipping)')])
 # -----------------------------------------------------------------------------
-# distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
-t_start = time.time()
+# DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on GPUs, gloo on CPUs
 device_type = bk.check_device(device)
-ddp = int(os.environ.get('RANK', -1)) != -1
-rank, local_rank, world_size = 0, 0, 1
-if ddp:
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-    if device_type == 'cuda':
-        device = f'cuda:{local_rank}'
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
-master = rank == 0
-if batch_size % (world_size * grad_accum):
-    raise SystemExit(f"error: batch_size={batch_size} is not divisible by world_size x grad_accum = "
-                     f"{world_size} x {grad_accum}; pick a batch_size that is a multiple of "
-                     f"{world_size * grad_accum}")
-micro_batch = batch_size // (world_size * grad_accum)
-run = bk.RunDir(out_dir, init_from, keep_last, master, world_size, device_type, kind='autoencoder',
-                inputs=[('dataset', bk.data_path(dataset))])
-best_path = os.path.join(out_dir, 'best.pt')
-if master:
-    print(f"{world_size} rank(s) on {device_type}, {micro_batch} images per micro-step, {grad_accum} "
-          f"micro-step(s), {batch_size} per optimizer step")
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-
-def rng(step, stream, dev='cpu'):
-    return bk.seeded(seed, step, stream, dev)
+if 'RANK' in os.environ:
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if device_type == 'cuda' else device
+    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
+# the run: out_dir and its lock, resume, sums, the log, checkpoints (bookkeeping.Run)
+run = bk.start_run(config, 'autoencoder', device, inputs=[('dataset', bk.data_path(dataset))])
+ctx, micro_batch = run.ctx, run.micro_batch  # bf16 autocast (or none); images per micro-step
 
 # -----------------------------------------------------------------------------
 # data: uint8 images (N, H, W, C), memory-mapped from data/<dataset>/
@@ -156,18 +134,13 @@ def load_batch(split, idx, flip=None):
         x = torch.where(flip[:, None, None, None], x.flip(2), x)
     return bk.to_device(x, device) / 127.5 - 1
 
-def my_slice(micro):
-    """This rank's part of the global batch in micro-step `micro`: micro-steps outside, ranks inside."""
-    lo = (micro * world_size + rank) * micro_batch
-    return slice(lo, lo + micro_batch)
-
 def get_batch(step, micro):
     """This rank's images of micro-step `micro` of the global batch of `step`, drawn with replacement
     (sorted: kinder to mmap)."""
-    g = rng(step, 0)
+    g = run.rng(step, 0)
     idx = np.sort(torch.randint(len(data['train'][0]), (batch_size,), generator=g).numpy())
     flip = torch.rand(batch_size, generator=g) < 0.5
-    return load_batch('train', idx[my_slice(micro)], flip[my_slice(micro)] if hflip else None)
+    return load_batch('train', idx[run.slice(micro)], flip[run.slice(micro)] if hflip else None)
 
 def ssim(a, b):
     """Per-image SSIM (Wang et al. 2004) of images in [-1, 1], on [0, 1]: 11 x 11 Gaussian windows of std
@@ -209,44 +182,26 @@ if device_type == 'cuda':
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 optimizer = bk.adamw(model.parameters(), lr, (beta1, beta2), weight_decay)
 d_optimizer = bk.adamw(disc.parameters(), lr, (beta1, beta2), weight_decay) if disc else None
-start_step, images_seen, wandb_id, best_psnr, stale_evals, ckpt = 0, 0, None, -math.inf, 0, {}
-if run.init_from == 'resume':
-    ckpt = run.resume(device)
-    # the autoencoder's shape, and the discriminator's (None: none), are the checkpoint's
-    bk.check_same('autoencoder or discriminator',
-                  {**ckpt['model_args'], 'discriminator': ckpt['disc_args']},
-                  {**asdict(model_config), 'discriminator': disc_args}, run.ckpt_path)
-    # the weights, and the optimizers' moments under this run's betas and weight decay
-    bk.load_state(model, ckpt['model'], run.ckpt_path, 'model')
-    bk.load_state(ema, ckpt['ema'], run.ckpt_path, 'ema')
-    bk.load_optimizer(optimizer, ckpt['optimizer'], run.ckpt_path, 'optimizer')
-    if disc:
-        bk.load_state(disc, ckpt['disc'], run.ckpt_path, 'disc')
-        bk.load_optimizer(d_optimizer, ckpt['d_optimizer'], run.ckpt_path, 'd_optimizer')
-    start_step, images_seen, wandb_id = ckpt['step'], ckpt['images_seen'], ckpt['wandb_id']
-    best_psnr, stale_evals = ckpt['best_psnr'], ckpt['stale_evals']
-    changed = bk.changed_keys(ckpt['config'], config)
-    if master:
-        print(f"resuming {run.ckpt_path} at step {start_step}"
-              + (f"; changed since: {', '.join(changed)}" if changed else ''))
-bk.restore_rng(ckpt.get('rng'), seed, rank, world_size, device_type)
+ckpt = run.resume(model_args=asdict(model_config), disc_args=disc_args, model=model, ema=ema,
+                  optimizer=optimizer, disc=disc, d_optimizer=d_optimizer)
+# the best EMA PSNR so far (best.pt's), and the validations since it
+best_psnr, stale_evals = ckpt.get('best_psnr', -math.inf), ckpt.get('stale_evals', 0)
 del ckpt
 raw_model, raw_disc = model, disc
 if compile:  # (model.compile_for_training says what runs compiled, and why)
     model = compile_for_training(model)
-if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-    disc = DDP(disc, device_ids=[local_rank] if device_type == 'cuda' else None) if disc else None
+if run.ddp:
+    model = DDP(model, device_ids=[device] if device_type == 'cuda' else None)
+    disc = DDP(disc, device_ids=[device] if device_type == 'cuda' else None) if disc else None
 params, ema_params = list(raw_model.parameters()), list(ema.parameters())
 d_params = list(raw_disc.parameters()) if disc else []
 ae_flops = raw_model.flops_per_sample()
 d_flops = count_flops(raw_disc, torch.zeros(1, C, H, W, device=device)) if disc else 0
 latent_size = H // raw_model.factor
-if master:
+if run.master:
     print(f"{arch}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, {ae_flops / 1e9:.3f} GFLOPs "
           f"forward per image; latents {z_channels} x {latent_size} x {latent_size}"
           + (f"; discriminator {sum(p.numel() for p in d_params) / 1e6:.2f}M" if disc else ''))
-peak_tflops = peak_tflops or bk.device_peak_tflops(device_type, dtype)
 
 def flops_per_image(step):
     """Forward + backward (twice the forward) of the autoencoder, and of the discriminator on real and fake
@@ -254,25 +209,34 @@ def flops_per_image(step):
     the input only: the discriminator is frozen there)."""
     return 3 * ae_flops + 6 * d_flops * (step >= disc_start) + 2 * d_flops * (step >= adv_start)
 
-def get_lr(step):
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if lr_schedule == 'constant':
-        return lr
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
 def adaptive_weight(nll, adv):
     """Esser et al. 2021, eq. 7: ||grad of the reconstruction loss|| / ||grad of the adversarial loss|| at the
     decoder's last layer, so neither swamps the other. The gradients are averaged over ranks: every rank (and
     any world size) uses the weight of the whole micro-step."""
     last_layer = raw_model.last_layer.weight
     g_nll, g_adv = (torch.autograd.grad(l, last_layer, retain_graph=True)[0] for l in (nll, adv))
-    if ddp:
+    if run.ddp:
         grads = torch.stack([g_nll, g_adv])
         dist.all_reduce(grads, op=dist.ReduceOp.AVG)
         g_nll, g_adv = grads
     return (g_nll.norm() / (g_adv.norm() + 1e-4)).clamp(max=1e4).detach()
+
+def adversarial_term(nll, xrec):
+    """The decoder's adversarial loss -D(x') through the discriminator (which it leaves alone), and its
+    adaptive weight."""
+    raw_disc.requires_grad_(False)
+    with ctx:
+        adv = -raw_disc(xrec).float().mean()
+    weight = adaptive_weight(nll, adv)
+    raw_disc.requires_grad_(True)
+    return adv, weight
+
+def hinge_loss(x, xrec):
+    """The discriminator's hinge loss on real images and (detached) reconstructions, and its mean logits."""
+    with ctx:
+        logits_real, logits_fake = disc(torch.cat([x, xrec.detach()])).float().chunk(2)
+    d_loss = 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+    return d_loss, logits_real.mean(), logits_fake.mean()
 
 def reconstruction_losses(x, xrec, mean, logvar):
     """The reconstruction term (rec_loss, plus the SSIM and LPIPS terms when weighted), its plain rec_loss
@@ -290,13 +254,14 @@ def reconstruction_losses(x, xrec, mean, logvar):
     return nll.mean(), rec, kl
 
 @torch.no_grad()
-def evaluate(net):
-    """Mean PSNR (dB, on [0, 1]), SSIM and L1 (on [-1, 1]) of the reconstructions of the first eval_images val
-    images, from the posterior means, clipped to [-1, 1]. Rank r takes every world_size-th micro-batch."""
+def evaluate(net, suffix=''):
+    """val_psnr, val_ssim and val_l1 (+ suffix): the mean PSNR (dB, on [0, 1]), SSIM and L1 (on [-1, 1]) of the
+    reconstructions of the first eval_images val images, from the posterior means, clipped to [-1, 1]. Rank r
+    takes every world_size-th micro-batch."""
     n = min(eval_images, len(data['val'][0]))
     total = torch.zeros(3, device=device)
     net.eval()
-    for lo in range(rank * micro_batch, n, world_size * micro_batch):
+    for lo in range(run.rank * micro_batch, n, run.world_size * micro_batch):
         x = load_batch('val', np.arange(lo, min(lo + micro_batch, n)))
         with ctx:
             xrec = net(x)[0].float().clamp(-1, 1)
@@ -304,168 +269,92 @@ def evaluate(net):
         total += torch.stack([(-10 * mse.clamp(min=1e-10).log10()).sum(), ssim(xrec, x).sum(),
                               (xrec - x).abs().mean(dim=(1, 2, 3)).sum()])
     net.train(net is raw_model)  # the EMA stays in eval mode
-    if ddp:
+    if run.ddp:
         dist.all_reduce(total)
-    return (total / n).tolist()
+    return {f'val_{k}{suffix}': v for k, v in zip(('psnr', 'ssim', 'l1'), (total / n).tolist())}
 
-def train_state(step):
-    """What ckpt.pt and best.pt hold (RunDir.save adds the step and every rank's RNG state)."""
-    return {'model': raw_model.state_dict(), 'ema': ema.state_dict(), 'optimizer': optimizer.state_dict(),
-            'disc': raw_disc.state_dict() if disc else None,
-            'd_optimizer': d_optimizer.state_dict() if disc else None, 'model_args': asdict(model_config),
-            'disc_args': disc_args, 'images_seen': images_seen, 'config': config,
-            'wandb_id': wandb_id, 'best_psnr': best_psnr, 'stale_evals': stale_evals}
+def save(path=None):
+    """ckpt.pt (or path): the networks, optimizers and best PSNR so far (Run.save adds the counters)."""
+    run.save(path, model=raw_model, ema=ema, optimizer=optimizer, disc=raw_disc, d_optimizer=d_optimizer,
+             model_args=asdict(model_config), disc_args=disc_args, best_psnr=best_psnr,
+             stale_evals=stale_evals)
 
 # the same val images in every grid of reconstructions, a multiple of its columns
 grid_cols = min(8, len(data['val'][0]))
 grid_x = load_batch('val', np.arange(min(32, len(data['val'][0])) // grid_cols * grid_cols))
 
-# -----------------------------------------------------------------------------
-# logging: stdout, out_dir/metrics.csv, and wandb
-terms = ['loss', 'rec', 'kl', 'adv', 'adv_weight', 'd_loss', 'logits_real', 'logits_fake']
-fields = ['step', 'kimg', *terms, 'lr', 'grad_norm', 'd_grad_norm', 'skipped', *bk.SPEED_FIELDS,
-          'val_psnr', 'val_ssim', 'val_l1', 'val_psnr_ema', 'val_ssim_ema', 'val_l1_ema']
-if master:
-    wandb_run = bk.start_wandb(wandb_project, wandb_run_name, config, out_dir, wandb_id) if wandb_log else None
-    wandb_id = wandb_run.id if wandb_log else None
-    metrics = bk.Metrics(os.path.join(out_dir, 'metrics.csv'), fields, start_step, wandb_run)
+@torch.no_grad()
+def reconstruction_grid():
+    """Rows of the grid's val images, each followed by their EMA reconstructions."""
+    with ctx:
+        grid_rec = ema(grid_x)[0].float().clamp(-1, 1)
+    return torch.stack([imgs.unflatten(0, (-1, grid_cols)) for imgs in (grid_x, grid_rec)], dim=1).flatten(0, 2)
 
 # -----------------------------------------------------------------------------
 # training loop
-stopper = bk.StopSignals(max_minutes, t_start, ddp)
-skips = bk.SkipCounter(device)
-remedy = "a lower lr, grad_clip or dtype='float32'"
-all_params = params + ema_params + d_params  # checked finite before every save
-if master and start_step >= max_steps:
-    print(f"{run.ckpt_path} is at step {start_step} of max_steps={max_steps}: nothing to do "
-          f"(raise max_steps to go on)")
 if patience and stale_evals >= patience:
-    if master:
-        print(f"{run.ckpt_path} stopped early at step {start_step}: {stale_evals} validations without a "
+    if run.master:
+        print(f"{run.ckpt_path} stopped early at step {run.step}: {stale_evals} validations without a "
               f"better PSNR than {best_psnr:.2f} dB (best.pt); nothing to do (raise patience to go on)")
-    start_step = max_steps
-x = get_batch(start_step, 0)  # the first batch; each later one is fetched while the current step runs
-# the loss terms, summed over the steps since the last log line
-sums = torch.zeros(len(terms), device=device)
-t_log, steps_since_log = time.time(), 0
-for step in range(start_step, max_steps):
+    max_steps = run.step
+x = get_batch(run.step, 0)  # the first batch; each later one is fetched while the current step runs
+for step in range(run.step, max_steps):
     train_disc, adv_on = disc is not None and step >= disc_start, disc is not None and step >= adv_start
-    for opt in (optimizer, d_optimizer) if disc else (optimizer,):
-        for group in opt.param_groups:
-            group['lr'] = get_lr(step)
-    # the posterior samples' noise, for the whole global batch
+    lr_now = bk.cosine_lr(step, lr, min_lr, warmup_steps, lr_decay_steps or max_steps, lr_schedule)
+    for group in optimizer.param_groups + (d_optimizer.param_groups if disc else []):
+        group['lr'] = lr_now
     eps_all = torch.randn((batch_size, z_channels, latent_size, latent_size),
-                          generator=rng(step, 1, device), device=device)
-    step_sums = torch.zeros(len(terms), device=device)
+                          generator=run.rng(step, 1, device), device=device)
     for micro in range(grad_accum):
-        if ddp:  # all-reduce the gradients on the last micro-step only
-            model.require_backward_grad_sync = micro == grad_accum - 1
-            if disc:
-                disc.require_backward_grad_sync = micro == grad_accum - 1
+        if run.ddp:  # all-reduce the gradients on the last micro-step only
+            for net in (model, disc) if disc else (model,):
+                net.require_backward_grad_sync = micro == grad_accum - 1
         with ctx:
-            xrec, mean, logvar = model(x, eps_all[my_slice(micro)])
+            xrec, mean, logvar = model(x, eps_all[run.slice(micro)])
         xrec = xrec.float()
         nll, rec, kl = reconstruction_losses(x, xrec, mean, logvar)
         loss = nll + kl_weight * kl
-        adv, weight = torch.zeros((), device=device), torch.zeros((), device=device)
         if adv_on:
-            # the decoder's loss passes through the discriminator, leaving it alone
-            raw_disc.requires_grad_(False)
-            with ctx:
-                adv = -raw_disc(xrec).float().mean()
-            weight = adaptive_weight(nll, adv)
+            adv, weight = adversarial_term(nll, xrec)
             loss = loss + disc_weight * weight * adv
-            raw_disc.requires_grad_(True)
+            run.add(adv=adv, adv_weight=weight)
         (loss / grad_accum).backward()
-        d_terms = torch.zeros(3, device=device)
+        run.add(loss=loss, rec=rec, kl=kl)
         if train_disc:
-            # the hinge loss on real images and on the reconstructions of this step
-            with ctx:
-                logits_real, logits_fake = disc(torch.cat([x, xrec.detach()])).float().chunk(2)
-            d_loss = 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+            d_loss, logits_real, logits_fake = hinge_loss(x, xrec)
             (d_loss / grad_accum).backward()
-            d_terms = torch.stack([d_loss, logits_real.mean(), logits_fake.mean()]).detach()
-        step_sums += torch.cat([torch.stack([loss, rec, kl, adv, weight]).detach(), d_terms]) / grad_accum
+            run.add(d_loss=d_loss, logits_real=logits_real, logits_fake=logits_fake)
         if micro + 1 < grad_accum or step + 1 < max_steps:  # fetch the next batch while this step runs
             x = get_batch(step, micro + 1) if micro + 1 < grad_accum else get_batch(step + 1, 0)
-    # clip each network, then skip a non-finite update on the device (fused AdamW reads found_inf; no host
-    # sync). The gradients are all-reduced, so every rank agrees.
-    max_norm = grad_clip if grad_clip > 0 else float('inf')
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    d_grad_norm = torch.nn.utils.clip_grad_norm_(d_params, max_norm) if train_disc else \
-        torch.zeros((), device=device)
-    bad = ~(grad_norm.isfinite() & d_grad_norm.isfinite())
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float('inf'))
+    d_grad_norm = (torch.nn.utils.clip_grad_norm_(d_params, grad_clip or float('inf')) if train_disc
+                   else torch.zeros((), device=device))
+    bad = ~(grad_norm.isfinite() & d_grad_norm.isfinite())  # skipped by fused AdamW: no host sync
     for opt in (optimizer, d_optimizer) if train_disc else (optimizer,):
         opt.found_inf = bad.float()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    # the EMA with warm-up (a skipped update leaves it alone)
-    with torch.no_grad():
+    with torch.no_grad():  # the EMA with warm-up (a skipped update leaves it alone)
         torch._foreach_lerp_(ema_params, params, (1 - min(ema_decay, (1 + step) / (10 + step))) * ~bad)
-    sums += torch.where(bad, 0, step_sums)
-    skips.add(bad)
-    steps_since_log += 1
-    images_seen += batch_size  # (kept true when a resumed run changes batch_size)
-
-    last = step + 1 == max_steps
-    stop = stopper.vote()
-    log_step = (step + 1) % log_interval == 0 or last or stop
-    if log_step:
-        if ddp:
-            dist.all_reduce(sums, op=dist.ReduceOp.AVG)
-        n_skipped = skips.read(max_nonfinite, step + 1, run.last_good(), remedy)  # the host sync
-        avg = dict(zip(terms, (sums / (steps_since_log - n_skipped)).tolist()))  # nan if all were skipped
-        dt = (time.time() - t_log) / steps_since_log
-        row = dict(step=step + 1, kimg=images_seen / 1e3, **avg, lr=get_lr(step),
-                   grad_norm=grad_norm.item(), d_grad_norm=d_grad_norm.item(), skipped=n_skipped,
-                   **bk.speed(dt, batch_size, flops_per_image(step), peak_tflops, world_size, device_type))
-        if master:
-            adv_text = f", adv {avg['adv']:.3f} x {avg['adv_weight']:.3g}" if adv_on else ''
-            d_text = (f" | d_loss {avg['d_loss']:.3f} (logits {avg['logits_real']:.2f} / "
-                      f"{avg['logits_fake']:.2f})" if train_disc else '')
-            print(f"step {step + 1}/{max_steps} | {row['kimg']:.1f} kimg | loss {avg['loss']:.4f} "
-                  f"(rec {avg['rec']:.4f}, kl {avg['kl']:.3g}{adv_text}){d_text} | lr {row['lr']:.2e} | "
-                  f"grad norm {row['grad_norm']:.3f} | " + bk.speed_text(row, max_steps - step - 1)
-                  + (f" | {n_skipped} non-finite update(s) skipped" if n_skipped else ''))
-            metrics.log(row)
-        sums.zero_()
-        steps_since_log = 0
-    early_stop = False
-    if (step + 1) % eval_interval == 0 or last:
-        psnr, ssim_val, l1 = evaluate(raw_model)
-        psnr_ema, ssim_ema, l1_ema = evaluate(ema)
-        improved = psnr_ema > best_psnr
-        best_psnr, stale_evals = (psnr_ema, 0) if improved else (best_psnr, stale_evals + 1)
+    run.end_step(bad, flops_per_image(step))
+    # validation (best.pt, early stopping), checkpoints and the log line, each when due
+    val, early_stop = {}, False
+    if run.due(eval_interval):
+        val = {**evaluate(raw_model), **evaluate(ema, '_ema')}
+        improved = val['val_psnr_ema'] > best_psnr
+        best_psnr, stale_evals = (val['val_psnr_ema'], 0) if improved else (best_psnr, stale_evals + 1)
         early_stop = patience > 0 and stale_evals >= patience
-        if master:
-            print(f"step {step + 1}: val PSNR {psnr:.2f} dB, SSIM {ssim_val:.4f}, L1 {l1:.4f}; EMA "
-                  f"{psnr_ema:.2f} dB, SSIM {ssim_ema:.4f}, L1 {l1_ema:.4f}"
-                  + (' (best)' if improved else f' (best {best_psnr:.2f} dB)'))
-            metrics.log(dict(step=step + 1, val_psnr=psnr, val_ssim=ssim_val, val_l1=l1,
-                             val_psnr_ema=psnr_ema, val_ssim_ema=ssim_ema, val_l1_ema=l1_ema))
-            # rows of inputs, each followed by their EMA reconstructions
-            with torch.no_grad(), ctx:
-                grid_rec = ema(grid_x)[0].float().clamp(-1, 1)
-            pairs = torch.stack([imgs.unflatten(0, (-1, grid_cols)) for imgs in (grid_x, grid_rec)], dim=1)
-            bk.save_grid(pairs.flatten(0, 2), os.path.join(out_dir, f'recon_{step + 1:07d}.png'), grid_cols)
+        if run.master:
+            bk.save_grid(reconstruction_grid(), run.path(f'recon_{run.step:07d}.png'), grid_cols)
         if improved:
-            run.save(step + 1, train_state(step + 1), all_params, f"resume it with {remedy}", path=best_path)
-    if (step + 1) % ckpt_interval == 0 or last or stop or early_stop:
-        run.save(step + 1, train_state(step + 1), all_params, f"resume it with {remedy}")
-    if early_stop and not last:
-        if master:
-            print(f"stopped early at step {step + 1}: {stale_evals} validations without a better PSNR than "
-                  f"{best_psnr:.2f} dB; best.pt holds the best")
+            save(run.path('best.pt'))
+    if run.due(ckpt_interval) or run.stop or early_stop:
+        save()
+    if run.log_step or val:
+        run.log(lr=lr_now, grad_norm=grad_norm, d_grad_norm=d_grad_norm if train_disc else None, **val)
+    if early_stop and not run.last and run.master:
+        print(f"stopped early at step {run.step}: {stale_evals} validations without a better PSNR than "
+              f"{best_psnr:.2f} dB; best.pt holds the best")
+    if run.stop or early_stop:
         break
-    if stop and not last:
-        if master:
-            print(f"stopped at step {step + 1} of {max_steps} ({stop}); the same command continues the run")
-        break
-    if log_step:
-        t_log = time.time()  # the validation and checkpoint of a log step do not count as step time
-
-if master and wandb_log:
-    wandb_run.finish()
-if ddp:
-    dist.barrier()  # no rank tears its groups down while another still talks to it
-    dist.destroy_process_group()
+run.finish()
