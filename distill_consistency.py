@@ -28,8 +28,6 @@ sample.py samples the result: --sigmas=80 (one step) or e.g. --sigmas=80,0.8 (tw
 import copy
 import math
 import os
-import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -79,7 +77,10 @@ sample_sigmas = '80'  # grids during training: comma-separated sigmas, one netwo
 batch_size = 128  # images per optimizer step, over all ranks and micro-steps
 grad_accum = 1  # micro-steps per optimizer step on each rank
 max_steps = 2000
-lr = 1e-4  # constant after warm-up
+lr = 1e-4
+min_lr = 0.0  # the cosine schedule's floor
+lr_schedule = 'constant'  # after warm-up: 'constant' (consistency training's), or 'cosine' to min_lr
+lr_decay_steps = 0  # length of the cosine, warm-up included; 0 = max_steps (set it to stop early)
 warmup_steps = 0
 weight_decay = 0.0  # AdamW, on weights of 2 or more dimensions only
 beta1 = 0.9
@@ -106,7 +107,8 @@ grid_ok = grid_sigmas and all(a > b for a, b in zip(grid_sigmas, grid_sigmas[1:]
 bk.check_config(config, choices=[
     ('init_from', ('auto', 'scratch', 'resume')), ('mode', ('cd', 'ect')),
     ('sigma_sampling', ('lognormal', 'uniform')), ('target', ('stopgrad', 'ema')),
-    ('loss_type', ('pseudo_huber', 'l2')), ('dtype', ('float32', 'bfloat16', 'float16'))],
+    ('loss_type', ('pseudo_huber', 'l2')), ('lr_schedule', ('cosine', 'constant')),
+    ('dtype', ('float32', 'bfloat16', 'float16'))],
     counts=['batch_size', 'grad_accum', 'max_steps', 'log_interval', 'sample_interval',
             'ckpt_interval', 'ect_stages', 'max_nonfinite'],
     rules=[('num_scales', num_scales >= 2, 'at least 2'),
@@ -117,33 +119,14 @@ bk.check_config(config, choices=[
            ('target_ema', 0 <= target_ema < 1, 'in [0, 1)'), ('ect_q', ect_q > 1, 'above 1'),
            ('sample_sigmas', grid_ok, 'decreasing sigmas above sigma_min, like 80,0.8')])
 # -----------------------------------------------------------------------------
-# distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
-t_start = time.time()
+# DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on GPUs, gloo on CPUs
 device_type = bk.check_device(device)
-ddp = int(os.environ.get('RANK', -1)) != -1
-rank, local_rank, world_size = 0, 0, 1
-if ddp:
-    rank, local_rank, world_size = (int(os.environ[k])
-                                    for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-    if device_type == 'cuda':
-        device = f'cuda:{local_rank}'
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
-master = rank == 0
-if batch_size % (world_size * grad_accum):
-    raise SystemExit(f"error: batch_size={batch_size} is not divisible by world_size x "
-                     f"grad_accum = {world_size} x {grad_accum}; pick a multiple of "
-                     f"{world_size * grad_accum}")
-micro_batch = batch_size // (world_size * grad_accum)
-run = bk.RunDir(out_dir, init_from, keep_last, master, world_size, device_type, kind='consistency',
-                inputs=[('teacher', teacher)])
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
-
-def rng(step, stream, dev='cpu'):
-    return bk.seeded(seed, step, stream, dev)
+if 'RANK' in os.environ:
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if device_type == 'cuda' else device
+    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
+# the run: out_dir and its lock, resume, sums, the log, checkpoints (bookkeeping.Run)
+run = bk.start_run(config, 'consistency', device, inputs=[('teacher', teacher)])
+ctx = run.ctx  # bf16 autocast (or none)
 
 # -----------------------------------------------------------------------------
 # the teacher: a train_diffusion.py checkpoint, its EMA weights
@@ -182,20 +165,14 @@ if (C, H) != (teacher_net.config.in_channels, teacher_net.config.image_size):
                      f"{teacher_net.config.in_channels}; prepare the dataset as for the teacher's "
                      f"run")
 
-def my_slice(micro):
-    """This rank's part of the global batch in micro-step `micro`: micro-steps outside, ranks
-    inside."""
-    lo = (micro * world_size + rank) * micro_batch
-    return slice(lo, lo + micro_batch)
-
 def get_batch(step, micro):
     """This rank's images of micro-step `micro` of the global batch of `step`, in [-1, 1] and NCHW,
     and their labels."""
-    g = rng(step, 0)
+    g = run.rng(step, 0)
     # sorted: kinder to mmap
     idx = np.sort(torch.randint(len(train_x), (batch_size,), generator=g).numpy())
     flip = torch.rand(batch_size, generator=g) < 0.5
-    idx, flip = idx[my_slice(micro)], flip[my_slice(micro)]
+    idx, flip = idx[run.slice(micro)], flip[run.slice(micro)]
     x, y = torch.from_numpy(train_x[idx]), torch.from_numpy(train_y[idx])
     if hflip:
         x = torch.where(flip[:, None, None, None], x.flip(2), x)
@@ -214,44 +191,25 @@ params, ema_params = list(model.parameters()), list(ema.parameters())
 target_params = list(target_net.parameters())
 optimizer = bk.adamw(params, lr, (beta1, beta2), weight_decay)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-start_step, images_seen, wandb_id, ckpt = 0, 0, None, {}
-if run.init_from == 'resume':
-    ckpt = run.resume(device)
-    bk.check_same('model shape', ckpt['model_args'], asdict(model_config), run.ckpt_path)
-    # the teacher's diffusion says how the student's output reads as a denoiser
-    keys = ('arch', 'schedule', 'prediction_type', 'num_timesteps', 'sigma_data')
-    bk.check_same('teacher', {k: ckpt['teacher_config'][k] for k in keys},
-                  {k: tconf[k] for k in keys}, run.ckpt_path)
-    for net, key in ((model, 'model'), (ema, 'ema'), (scaler, 'scaler')):
-        bk.load_state(net, ckpt[key], run.ckpt_path, key)
-    # the moments, with this run's betas and weight decay
-    bk.load_optimizer(optimizer, ckpt['optimizer'], run.ckpt_path, 'optimizer')
-    # a run that switches to target='ema' starts it from the student, as a new run does
-    if target == 'ema':
-        bk.load_state(target_net, ckpt.get('target', ckpt['model']), run.ckpt_path, 'target')
-    start_step, images_seen, wandb_id = ckpt['step'], ckpt['images_seen'], ckpt['wandb_id']
-    changed = bk.changed_keys(ckpt['config'], config)
-    if master:
-        print(f"resuming {run.ckpt_path} at step {start_step}"
-              + (f"; changed since: {', '.join(changed)}" if changed else ''))
-        if start_step >= max_steps:
-            print(f"max_steps={max_steps}: nothing to do (raise max_steps to go on)")
-bk.restore_rng(ckpt.get('rng'), seed, rank, world_size, device_type)
+# the teacher's diffusion says how the student's output reads as a denoiser
+keys = ('arch', 'schedule', 'prediction_type', 'num_timesteps', 'sigma_data')
+ckpt = run.resume(model_args=asdict(model_config), teacher_config={k: tconf[k] for k in keys},
+                  model=model, ema=ema, optimizer=optimizer, scaler=scaler)
+if ckpt and target == 'ema':  # (a run that switches to target='ema' starts it from the student)
+    target_net.load_state_dict(ckpt.get('target') or ckpt['model'])
 del ckpt
-if master:
-    print(f"{world_size} rank(s) on {device_type}, {micro_batch} images per micro-step, "
-          f"{batch_size} per step; teacher {teacher_path}: {tconf['arch']}, "
-          f"{tconf['schedule']} schedule, {tconf['prediction_type']} prediction")
+if run.master:
+    print(f"teacher {teacher_path}: {tconf['arch']}, {tconf['schedule']} schedule, "
+          f"{tconf['prediction_type']} prediction")
 raw_model = model
 if compile:  # (model.compile_for_training says what runs compiled, and why)
     model = compile_for_training(model)
-if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+if run.ddp:
+    model = DDP(model, device_ids=[device] if device_type == 'cuda' else None)
 # FLOPs per image of a step: the student's forward and backward (3 forwards), the target's forward,
 # and for 'cd' the teacher's Heun step (2 evaluations, each on a doubled batch under guidance)
 teacher_calls = (mode == 'cd') * 2 * (1 + (cfg_scale != 1.0))
 flops_per_image = 4 * raw_model.flops_per_sample() + teacher_calls * teacher_net.flops_per_sample()
-peak_tflops = peak_tflops or bk.device_peak_tflops(device_type, dtype)
 
 # -----------------------------------------------------------------------------
 # the consistency objective
@@ -325,46 +283,39 @@ def consistency_loss(x0, y, z, hi, lo):
     return ((sq + huber_c ** 2).sqrt() - huber_c) / (hi - lo).float()
 
 # the sample grids: fixed noise and labels, the same picture of progress at every sample_interval
-grid_z = torch.randn((64, C, H, W), generator=rng(0, 3, device), device=device)
+grid_z = torch.randn((64, C, H, W), generator=run.rng(0, 3, device), device=device)
 grid_y = torch.arange(64, device=device) % null_label if class_cond and null_label else \
     torch.full((64,), null_label, device=device)
 
-# -----------------------------------------------------------------------------
-# logging: stdout, out_dir/metrics.csv, and wandb
-fields = ['step', 'kimg', 'loss', 'lr', 'grad_norm', 'skipped', *bk.SPEED_FIELDS, 'ect_stage']
-if master:
-    wandb_run = None
-    if wandb_log:
-        wandb_run = bk.start_wandb(wandb_project, wandb_run_name, config, out_dir, wandb_id)
-        wandb_id = wandb_run.id
-    metrics = bk.Metrics(os.path.join(out_dir, 'metrics.csv'), fields, start_step, wandb_run)
+@torch.no_grad()
+def sample_grid():
+    """The EMA's samples of the grid's noise and labels at sample_sigmas, in [-1, 1]."""
+    with ctx:
+        x = diffusion.consistency_sample(ema, grid_z, grid_y, grid_sigmas, sigma_min,
+                                         generator=run.rng(0, 4, device))
+    return x.clamp(-1, 1)
 
 # -----------------------------------------------------------------------------
 # training loop
-stopper = bk.StopSignals(max_minutes, t_start, ddp)
-skips = bk.SkipCounter(device)
-x0, y = get_batch(start_step, 0)  # the first batch; each later one is fetched while the step runs
-loss_sum = torch.zeros((), device=device)  # summed over the steps since the last log line
-t_log, steps_since_log = time.time(), 0
-for step in range(start_step, max_steps):
-    lr_now = lr * min(1.0, (step + 1) / max(1, warmup_steps))
+x0, y = get_batch(run.step, 0)  # the first batch; each later one is fetched while the step runs
+for step in range(run.step, max_steps):
+    lr_now = bk.cosine_lr(step, lr, min_lr, warmup_steps, lr_decay_steps or max_steps, lr_schedule)
     for group in optimizer.param_groups:
         group['lr'] = lr_now
     # noise levels and noise for the whole global batch
-    g = rng(step, 1, device)
+    g = run.rng(step, 1, device)
     hi_all, lo_all = draw_sigmas(step, g)
     z_all = torch.randn((batch_size, C, H, W), generator=g, device=device)
-    step_loss = torch.zeros((), device=device)
     for micro in range(grad_accum):
-        sl = my_slice(micro)
-        if ddp:  # all-reduce the gradients on the last micro-step only
+        sl = run.slice(micro)
+        if run.ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro == grad_accum - 1
-        loss = consistency_loss(x0, y, z_all[sl], hi_all[sl], lo_all[sl]).mean() / grad_accum
+        loss = consistency_loss(x0, y, z_all[sl], hi_all[sl], lo_all[sl]).mean()
+        run.add(loss=loss)
         # fetch the next batch while this step runs
         if micro + 1 < grad_accum or step + 1 < max_steps:
             x0, y = get_batch(step, micro + 1) if micro + 1 < grad_accum else get_batch(step + 1, 0)
-        scaler.scale(loss).backward()
-        step_loss += loss.detach()
+        scaler.scale(loss / grad_accum).backward()
     # clip, then skip a non-finite update on the device (fused AdamW reads found_inf; no host sync)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
@@ -380,59 +331,18 @@ for step in range(start_step, max_steps):
         torch._foreach_lerp_(ema_params, params, weight)
         if target == 'ema':
             torch._foreach_lerp_(target_params, params, (1 - target_ema) * ~bad)
-    loss_sum += torch.where(bad, 0, step_loss)
-    skips.add(bad)
-    steps_since_log += 1
-    images_seen += batch_size  # (kept true when a resumed run changes batch_size)
-
-    last = step + 1 == max_steps
-    stop = stopper.vote()
-    log_step = (step + 1) % log_interval == 0 or last or stop
-    if log_step:
-        if ddp:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        n_skipped = skips.read(max_nonfinite, step + 1, run.last_good(), "a lower lr, grad_clip or "
-                               "dtype='float32'")  # the host sync
-        loss_avg = (loss_sum / (steps_since_log - n_skipped)).item()  # nan if all were skipped
-        dt = (time.time() - t_log) / steps_since_log
-        stage = step * ect_stages // max_steps if mode == 'ect' else ''
-        row = dict(step=step + 1, kimg=images_seen / 1e3, loss=loss_avg, lr=lr_now,
-                   grad_norm=grad_norm.item(), skipped=n_skipped, ect_stage=stage,
-                   **bk.speed(dt, batch_size, flops_per_image, peak_tflops, world_size,
-                              device_type))
-        if master:
-            print(f"step {step + 1}/{max_steps} | {row['kimg']:.1f} kimg | loss {loss_avg:.4f} | "
-                  f"lr {lr_now:.2e} | grad norm {row['grad_norm']:.3f} | "
-                  + (f"ect stage {stage} | " if mode == 'ect' else '')
-                  + bk.speed_text(row, max_steps - step - 1)
-                  + (f" | {n_skipped} non-finite update(s) skipped" if n_skipped else ''))
-            metrics.log(row)
-        loss_sum.zero_()
-        steps_since_log = 0
-    if master and ((step + 1) % sample_interval == 0 or last):
-        with ctx:
-            x = diffusion.consistency_sample(ema, grid_z, grid_y, grid_sigmas, sigma_min,
-                                             generator=rng(0, 4, device))
-        bk.save_grid(x.clamp(-1, 1), os.path.join(out_dir, f'samples_{step + 1:07d}.png'))
-    if (step + 1) % ckpt_interval == 0 or last or stop:
-        run.save(step + 1, {'model': raw_model.state_dict(), 'ema': ema.state_dict(),
-                            'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                            'model_args': asdict(model_config),
-                            'images_seen': images_seen,
-                            'config': config, 'wandb_id': wandb_id, 'teacher_config': tconf,
-                            'consistency': {'sigma_min': sigma_min, 'sigma_max': sigma_max},
-                            **({'target': target_net.state_dict()} if target == 'ema' else {})},
-                 params + ema_params, "resume it with a lower lr, grad_clip or dtype='float32'")
-    if stop and not last:
-        if master:
-            print(f"stopped at step {step + 1} of {max_steps} ({stop}); the same command continues "
-                  f"the run")
+    run.end_step(bad, flops_per_image)
+    # grids, checkpoints and the log line, each when due
+    if run.master and run.due(sample_interval):
+        bk.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'))
+    if run.due(ckpt_interval) or run.stop:
+        run.save(model=raw_model, ema=ema, optimizer=optimizer, scaler=scaler,
+                 model_args=asdict(model_config), teacher_config=tconf,
+                 consistency={'sigma_min': sigma_min, 'sigma_max': sigma_max},
+                 target=target_net if target == 'ema' else None)
+    if run.log_step:
+        run.log(lr=lr_now, grad_norm=grad_norm,
+                ect_stage=step * ect_stages // max_steps if mode == 'ect' else None)
+    if run.stop:
         break
-    if log_step:
-        t_log = time.time()  # the sample grid and checkpoint of a log step are not step time
-
-if master and wandb_log:
-    wandb_run.finish()
-if ddp:
-    dist.barrier()  # no rank tears its groups down while another still talks to it
-    dist.destroy_process_group()
+run.finish()
