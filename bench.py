@@ -38,8 +38,7 @@ from bookkeeping import data_path
 # -----------------------------------------------------------------------------
 # bench.py's own keys; every other argument goes to the script
 bench = dict(
-    script='train_diffusion.py',  # train_diffusion.py, train_gan.py, train_ae.py or
-    #                               distill_consistency.py
+    script='train_diffusion.py',  # any train script of the kit's kind (or a fork of one): a path
     image_size=0,  # > 0, with channels: a random dataset of this shape (pixels or latent cells)
     channels=0,
     num_classes=-1,  # of the random dataset; -1 = the prepared dataset's (else 10)
@@ -71,12 +70,20 @@ for arg in sys.argv[1:]:
         except Exception:
             pass
 script = bench['script']
-if script not in ('train_diffusion.py', 'train_gan.py', 'train_ae.py', 'distill_consistency.py'):
-    raise SystemExit(f"error: script='{script}'; bench.py times train_diffusion.py, train_gan.py, "
-                     f"train_ae.py or distill_consistency.py")
+root = os.path.dirname(os.path.abspath(__file__))
+script_path = os.path.join(root, script)  # (an absolute path stays as it is)
+try:
+    # the script's config keys: its module-level assignments
+    keys = {t.id for node in ast.parse(open(script_path).read()).body
+            if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+except (OSError, SyntaxError) as e:
+    raise SystemExit(f"error: script='{script}' cannot be read as Python ({e}); pass a train script "
+                     f"like train_diffusion.py, or the path of a fork of one")
+if 'run' not in keys or 'max_steps' not in keys:
+    raise SystemExit(f"error: script='{script}' is not a train script of the kit (it starts no run "
+                     f"with bookkeeping.start_run)")
 if bench['bench_steps'] < 1 or bench['bench_warmup'] < 1:
     raise SystemExit("error: bench_steps and bench_warmup must be at least 1")
-root = os.path.dirname(os.path.abspath(__file__))
 bench_dir = os.path.abspath(bench['bench_dir'])
 for sub in ('data', 'teacher', 'run', 'profile'):
     shutil.rmtree(os.path.join(bench_dir, sub), ignore_errors=True)
@@ -85,14 +92,14 @@ os.makedirs(bench_dir, exist_ok=True)
 def run_script(name, args):
     """Runs a train script in this process, as `python name args...`: its globals after the run."""
     sys.argv = [name, *map(str, args)]
-    return runpy.run_path(os.path.join(root, name), run_name='__main__')
+    return runpy.run_path(os.path.join(root, name), run_name='__main__')  # (a path stays one)
 
 # -----------------------------------------------------------------------------
 # the data: the prepared dataset or a random one of the asked shape; for distillation, the teacher
 dataset = str(seen.get('dataset', 'mnist'))
 H, C = bench['image_size'], bench['channels']
 if (not H and not os.path.exists(os.path.join(data_path(dataset), 'meta.json'))
-        and script != 'distill_consistency.py'):
+        and 'teacher' not in keys):
     raise SystemExit(f"error: no data/{dataset}/meta.json to take the input shape from; pass "
                      f"--image_size and --channels")
 if H or C:
@@ -109,7 +116,7 @@ if H or C:
     with open(os.path.join(dataset, 'meta.json'), 'w') as f:
         f.write(f'{{"image_size": {H}, "channels": {C}, "num_classes": {max(K, 1)}}}')
     script_args.append(f'--dataset={dataset}')
-if script == 'distill_consistency.py':
+if 'teacher' in keys:  # a distillation: its teacher
     teacher = str(seen.get('teacher', 'out-mnist-dit'))
     if bench['teacher_arch']:
         teacher = os.path.join(bench_dir, 'teacher')
@@ -127,21 +134,17 @@ if script == 'distill_consistency.py':
 # the timed run: a log line at the end of the warm-up and of the timed steps, nothing in between
 steps = bench['bench_steps']
 # train_gan.py: every reg_interval-th step has the penalty pass; count it at its true rate
-if script == 'train_gan.py':
+if 'reg_interval' in keys:
     reg_interval = int(seen.get('reg_interval', 1))
     steps = -(-steps // reg_interval) * reg_interval
 warmup = -(-bench['bench_warmup'] // steps) * steps
 never = 10 ** 9
-intervals = {
-    'train_diffusion.py': ['ckpt_interval', 'sample_interval', 'eval_interval', 'phema_interval'],
-    'train_gan.py': ['ckpt_interval', 'sample_interval'],
-    'train_ae.py': ['ckpt_interval', 'eval_interval'],
-    'distill_consistency.py': ['ckpt_interval', 'sample_interval'],
-}[script]
-extra = {
-    'train_diffusion.py': ['--eval_images=16', '--sample_steps=1'],
-    'train_ae.py': ['--eval_images=16', '--disc_start=0', '--adv_start=0', '--patience=0'],
-}.get(script, [])
+# the work between steps (evaluations, grids, checkpoints) after the timed steps only, and small;
+# the autoencoder's discriminator on from the start
+intervals = [k for k in ('ckpt_interval', 'sample_interval', 'eval_interval', 'phema_interval')
+             if k in keys]
+small = {'eval_images': 16, 'sample_steps': 1, 'disc_start': 0, 'adv_start': 0, 'patience': 0}
+extra = [f'--{k}={v}' for k, v in small.items() if k in keys]
 
 def timed_run(out_dir, total, log_interval):
     return run_script(script, [*script_args, *[f'--{k}={never}' for k in intervals], *extra,
@@ -157,7 +160,7 @@ assert int(row['step']) == warmup + steps, row
 ms, img_per_s, tflops, mfu, memory = (
     float(row[k]) for k in ('ms_per_step', 'img_per_s', 'tflops', 'mfu', 'peak_mem_gib'))
 batch_size, device = ns['batch_size'], ns['device']
-arch = ns['tconf']['arch'] if script == 'distill_consistency.py' else ns['arch']
+arch = ns['config'].get('arch') or ns['tconf']['arch']  # (a distillation's is its teacher's)
 K = ns.get('num_classes', ns.get('null_label', 0))
 print(f"{script}: {arch} on {ns['C']} x {ns['H']} x {ns['W']}, {K} classes, batch {batch_size}, "
       f"{ns['dtype']}, compile={ns['compile']}, {device}; "
@@ -208,7 +211,7 @@ if bench['profile']:
         prof.export_chrome_trace(trace)
         print(f"trace of 2 training steps (after a warm-up step and one more): {trace}")
 
-    # every train script calls StopSignals.vote once a step, after its update: the profiler's step.
+    # every train script's Run votes on stopping once a step, after its update: the profiler's step.
     # Of 5 steps it records the third and fourth, not the last one's log line, grid and checkpoint.
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=2, repeat=1),

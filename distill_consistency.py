@@ -97,7 +97,7 @@ peak_tflops = 0.0  # per-device peak for MFU; 0 = known GPUs' dense bf16 (float3
 seed = 0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's)
 config = {k: globals()[k] for k in config_keys}
 try:
     grid_sigmas = [float(s) for s in sample_sigmas.split(',')]
@@ -108,7 +108,7 @@ bk.check_config(config, choices=[
     ('init_from', ('auto', 'scratch', 'resume')), ('mode', ('cd', 'ect')),
     ('sigma_sampling', ('lognormal', 'uniform')), ('target', ('stopgrad', 'ema')),
     ('loss_type', ('pseudo_huber', 'l2')), ('lr_schedule', ('cosine', 'constant')),
-    ('dtype', ('float32', 'bfloat16', 'float16'))],
+    ('dtype', ('float32', 'bfloat16'))],  # (float16 would need loss scaling; bfloat16 needs none)
     counts=['batch_size', 'grad_accum', 'max_steps', 'log_interval', 'sample_interval',
             'ckpt_interval', 'ect_stages', 'max_nonfinite'],
     rules=[('num_scales', num_scales >= 2, 'at least 2'),
@@ -190,11 +190,10 @@ target_net = copy.deepcopy(model).requires_grad_(False) if target == 'ema' else 
 params, ema_params = list(model.parameters()), list(ema.parameters())
 target_params = list(target_net.parameters())
 optimizer = bk.adamw(params, lr, (beta1, beta2), weight_decay)
-scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 # the teacher's diffusion says how the student's output reads as a denoiser
 keys = ('arch', 'schedule', 'prediction_type', 'num_timesteps', 'sigma_data')
 ckpt = run.resume(model_args=asdict(model_config), teacher_config={k: tconf[k] for k in keys},
-                  model=model, ema=ema, optimizer=optimizer, scaler=scaler)
+                  model=model, ema=ema, optimizer=optimizer)
 if ckpt and target == 'ema':  # (a run that switches to target='ema' starts it from the student)
     target_net.load_state_dict(ckpt.get('target') or ckpt['model'])
 del ckpt
@@ -315,14 +314,12 @@ for step in range(run.step, max_steps):
         # fetch the next batch while this step runs
         if micro + 1 < grad_accum or step + 1 < max_steps:
             x0, y = get_batch(step, micro + 1) if micro + 1 < grad_accum else get_batch(step + 1, 0)
-        scaler.scale(loss / grad_accum).backward()
+        (loss / grad_accum).backward()
     # clip, then skip a non-finite update on the device (fused AdamW reads found_inf; no host sync)
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float('inf'))
     bad = ~grad_norm.isfinite()
     optimizer.found_inf = bad.float()
-    scaler.step(optimizer)
-    scaler.update()
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     # the EMA with warm-up, and target='ema''s with mu = target_ema (a skipped update leaves both
     # alone)
@@ -336,7 +333,7 @@ for step in range(run.step, max_steps):
     if run.master and run.due(sample_interval):
         bk.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'))
     if run.due(ckpt_interval) or run.stop:
-        run.save(model=raw_model, ema=ema, optimizer=optimizer, scaler=scaler,
+        run.save(model=raw_model, ema=ema, optimizer=optimizer,
                  model_args=asdict(model_config), teacher_config=tconf,
                  consistency={'sigma_min': sigma_min, 'sigma_max': sigma_max},
                  target=target_net if target == 'ema' else None)

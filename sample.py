@@ -70,8 +70,9 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'float32'  # fp32 sampling unless asked: the published protocols sample in fp32
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's)
 config = {k: globals()[k] for k in config_keys}
+sys.excepthook = bk.out_of_memory  # running out of memory: one line that names the fix
 bk.check_config(config, counts=['num_samples', 'steps', 'batch_size'],
                 choices=[('sampler', SAMPLERS), ('dtype', ('float32', 'bfloat16', 'float16'))],
                 rules=[('eta', 0 <= eta <= 1, 'in [0, 1] (0: deterministic, 1: ddpm)'),

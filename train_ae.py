@@ -92,7 +92,7 @@ peak_tflops = 0.0  # per-device peak for MFU; 0 = known GPUs' dense bf16 (float3
 seed = 0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's)
 config = {k: globals()[k] for k in config_keys}
 # (float16 would need loss scaling, left out: bfloat16 needs none)
 bk.check_config(config, choices=[
@@ -100,8 +100,7 @@ bk.check_config(config, choices=[
     ('lr_schedule', ('cosine', 'constant')), ('dtype', ('float32', 'bfloat16'))],
     counts=['batch_size', 'grad_accum', 'max_steps', 'log_interval', 'eval_interval', 'eval_images',
             'ckpt_interval', 'z_channels', 'disc_layers', 'disc_channels', 'max_nonfinite'],
-    rules=[('lr', lr > 0, 'positive'), ('ema_decay', 0 <= ema_decay < 1, 'in [0, 1)'),
-           ('kl_weight', kl_weight >= 0, 'at least 0 (0 = a plain autoencoder)'),
+    rules=[('kl_weight', kl_weight >= 0, 'at least 0 (0 = a plain autoencoder)'),
            ('ssim_weight', ssim_weight >= 0, 'at least 0'), ('disc_weight', disc_weight >= 0, 'at least 0'),
            ('lpips_weight', lpips_weight >= 0, 'at least 0'),
            ('lpips_vgg', not lpips_weight or (lpips_vgg and lpips_lin),
@@ -109,9 +108,8 @@ bk.check_config(config, choices=[
            ('adv_start', adv_start >= disc_start,
             f'at least disc_start={disc_start}: the discriminator learns before its loss reaches the decoder'),
            ('disc_channels', disc_channels % 16 == 0, 'a multiple of 16 (its GroupNorms have 32 groups)'),
-           ('patience', patience >= 0, 'at least 0'), ('keep_last', keep_last >= 0, 'at least 0'),
-           ('max_minutes', max_minutes >= 0, 'at least 0 (0 = no limit)'),
-           ('grad_clip', grad_clip >= 0, 'at least 0 (0 = no clipping)')])
+           ('patience', patience >= 0, 'at least 0')])
+disc_args = dict(channels=disc_channels, num_layers=disc_layers) if disc_weight > 0 else None
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on GPUs, gloo on CPUs
 device_type = bk.check_device(device)
@@ -165,7 +163,6 @@ except ValueError as e:
     raise SystemExit(f"error: {arch} on {dataset}: {e}")
 model_config = model.config
 model.activation_checkpointing = activation_checkpointing
-disc_args = dict(channels=disc_channels, num_layers=disc_layers) if disc_weight > 0 else None
 disc = PatchDiscriminator(C, **disc_args).to(device) if disc_args else None
 lpips = None
 if lpips_weight > 0:

@@ -128,7 +128,7 @@ peak_tflops = 0.0  # per-device peak for MFU; 0 = known GPUs' dense bf16 (float3
 seed = 0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's)
 config = {k: globals()[k] for k in config_keys}
 bk.check_config(config, choices=[
     ('init_from', ('auto', 'scratch', 'resume')), ('arch', ARCHS), ('schedule', SCHEDULES),

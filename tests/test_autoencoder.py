@@ -211,13 +211,12 @@ def test_seed_optimizer_clipping_ema_and_discriminator_keys_take_effect(mnist, t
         assert [(g['betas'], g['weight_decay']) for g in groups] == [((0.8, 0.95), 0.1), ((0.8, 0.95), 0)]
     small, default = (sum(p.numel() for p in PatchDiscriminator(1, n, 2).parameters()) for n in (32, 64))
     assert sum(w.numel() for w in ckpt['disc'].values()) == small < default
-    for change, saved in [('--disc_channels=64', "{'channels': 64, 'num_layers': 2}"),
-                          ('--disc_weight=0', 'None')]:
+    for change, diff in [('--disc_channels=64', "{'channels': (32, 64)}"),
+                         ('--disc_weight=0', "({'channels': 32, 'num_layers': 2}, None)")]:
         p = run('train_ae.py', *args, '--max_steps=2', change, check=False)
         assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
-            f"error: {out / 'ckpt.pt'} holds another autoencoder or discriminator (checkpoint vs config: "
-            f"{{'discriminator': ({{'channels': 32, 'num_layers': 2}}, {saved})}}); resume with the config it was "
-            f"trained with, or choose another out_dir")
+            f"error: {out / 'ckpt.pt'} holds another disc_args (checkpoint vs config: {diff}); resume with the "
+            f"config it was trained with, or choose another out_dir")
     assert load(out / 'ckpt.pt')['step'] == 1
     p = run('train_ae.py', *args, '--max_steps=2', '--beta1=0.7')  # a resume applies this run's betas
     assert 'changed since: max_steps 1 -> 2, beta1 0.8 -> 0.7' in p.stdout

@@ -156,7 +156,7 @@ def test_a_nonfinite_update_is_skipped_and_counted(mnist, tmp_path):
     p = faulty('--max_nonfinite=1', f'--out_dir={tmp_path / "stop"}')
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
         f"error: 1 updates in a row had a non-finite gradient norm and were skipped (max_nonfinite=1) by step 2; "
-        f"{tmp_path / 'stop' / 'ckpt.pt'} (step 1) is intact: resume it with a lower lr, a larger gamma or "
+        f"{tmp_path / 'stop' / 'ckpt.pt'} (step 1) is intact: resume it with a lower lr, grad_clip or "
         f"dtype='float32'"), p.stderr[-2000:]
 
 
@@ -207,7 +207,7 @@ def test_max_minutes_stops_and_resuming_another_network_is_refused(mnist, tmp_pa
     p = run('train_gan.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=50', '--max_minutes=1e-6')
     assert 'stopped at step 1 of 50 (max_minutes=1e-06)' in p.stdout and load(tmp_path / 'ckpt.pt')['step'] == 1
     p = run('train_gan.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=2', '--class_cond=False', check=False)
-    assert p.returncode == 1 and "holds another network (checkpoint vs config: {'num_classes': (10, 0)})" in \
+    assert p.returncode == 1 and "holds another model_args (checkpoint vs config: {'num_classes': (10, 0)})" in \
         p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
     # a discriminator of another shape (the same generator) is refused too
     ckpt = load(tmp_path / 'ckpt.pt')

@@ -152,7 +152,7 @@ def ae_setup(mnist, tmp_path_factory):
 # started), the number of kills, those of them that come halfway through a checkpoint write, and how many steps
 # past its start a run may go before it is killed
 KILLED = {'train_diffusion.py': ('diffusion_setup', r'^(resuming .* at step (\d+)|DiT-N/4: )', 10, (2, 5, 8), 8),
-          'distill_consistency.py': ('distill_setup', r'^(resuming .* at step (\d+)|1 rank\(s\))', 10, (2, 5, 8), 8),
+          'distill_consistency.py': ('distill_setup', r'^(resuming .* at step (\d+)|teacher )', 10, (2, 5, 8), 8),
           'train_gan.py': ('gan_setup', r'^(resuming .* at step (\d+)|GAN-T: )', 4, (1,), 4),
           'train_ae.py': ('ae_setup', r'^(resuming .* at step (\d+)|AE-S/f4: )', 4, (1,), 4)}
 
@@ -409,7 +409,7 @@ BAD_INPUT = [  # (case, args or setup(tmp, out) -> args, what the one line says)
     ('batch vs world size', ['torchrun', '--batch_size=15'], "batch_size=15 is not divisible by world_size x grad_accum = 2 x 1"),
     ('resume without a checkpoint', empty_out_dir, "does not exist; use --init_from=scratch"),
     ('scratch over a run', ['--init_from=scratch'], "exists and init_from='scratch' would overwrite it; continue that run with --init_from=auto"),
-    ('resume another model shape', ['--arch=DiT-Ti/4'], "holds another model shape (checkpoint vs config: {'hidden_size': (128, 192)"),
+    ('resume another model shape', ['--arch=DiT-Ti/4'], "holds another model_args (checkpoint vs config: {'hidden_size': (128, 192)"),
     ('corrupt checkpoint', corrupt_checkpoint, "ckpt.pt (PytorchStreamReader failed reading zip archive"),
     ('unwritable out_dir', out_dir_under_a_file, "(Not a directory); pass an --out_dir you can write to"),
     ('disk full during a save', ['full disk', '--max_steps=4'], "ckpt.pt failed at step 3 (torch.save could not write it; "),
