@@ -43,20 +43,21 @@ def test_presets_fit_their_sizes_and_every_block_starts_as_the_identity():
 
 def test_penalty_and_losses_match_their_closed_forms():
     """R1 of a linear D(x) = w.x is ||w||^2, and its gradient in w is 2w (the penalty trains D, so it must be
-    differentiable); of D(x) = ||x||^2 it is 4||x||^2. RpGAN's two losses differ by exactly the logit gap."""
-    gradient_penalty, adversarial_losses = script_functions(
-        'train_gan.py', 'gradient_penalty', 'adversarial_losses', torch=torch, F=F, loss='rpgan')
+    differentiable); R2 of D(x) = ||x||^2 is 4||x||^2. RpGAN's two losses differ by exactly the logit gap."""
     w = torch.randn(3, 5, 5, requires_grad=True)
-    x = torch.randn(4, 3, 5, 5, requires_grad=True)
-    r1 = gradient_penalty((x * w).sum(dim=(1, 2, 3)), x)
-    assert torch.allclose(r1, w.pow(2).sum().expand(4))
-    grad_w, = torch.autograd.grad(r1.sum(), w)
-    assert torch.allclose(grad_w, 4 * 2 * w)
-    assert torch.allclose(gradient_penalty(x.pow(2).sum(dim=(1, 2, 3)), x), 4 * x.detach().pow(2).sum(dim=(1, 2, 3)))
+    x, fake = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    disc = lambda both, y: torch.cat([(both[:4] * w).sum(dim=(1, 2, 3)), both[4:].pow(2).sum(dim=(1, 2, 3))])
+    names = ('penalties', 'd_logits', 'diff_augment', 'adversarial_losses')
+    penalties, _, _, adversarial_losses = script_functions('train_gan.py', *names, torch=torch, F=F, loss='rpgan',
+                                                           disc=disc, augment_ops=[])
+    r1, r2 = penalties(x, fake, torch.zeros(4, dtype=torch.long), None, None)
+    assert torch.allclose(r1, w.pow(2).sum()) and torch.allclose(r2, 4 * fake.pow(2).sum(dim=(1, 2, 3)).mean())
+    grad_w, = torch.autograd.grad(r1, w)
+    assert torch.allclose(grad_w, 2 * w)
     real, fake = torch.randn(7), torch.randn(7)
     loss_d, loss_g = adversarial_losses(real, fake)
     assert torch.allclose(loss_d - loss_g, fake - real) and torch.allclose(loss_d, torch.log1p(torch.exp(fake - real)))
-    _, ns = script_functions('train_gan.py', 'gradient_penalty', 'adversarial_losses', torch=torch, F=F, loss='ns')
+    ns = script_functions('train_gan.py', 'adversarial_losses', torch=torch, F=F, loss='ns')[0]
     loss_d, loss_g = ns(torch.zeros(2), torch.zeros(2))
     assert torch.allclose(loss_d, torch.full((2,), 2 * math.log(2))) and torch.allclose(loss_g, torch.full((2,), math.log(2)))
 
