@@ -14,8 +14,8 @@ x0 + t z and x0 + r z with r / t = 1 - (1 + k sigmoid(-b t)) / q^stage, so the g
 stage from plain denoising (r = sigma_min) towards consistency.
 
 Both start the student from the teacher's EMA weights, read through one conversion to a denoiser
-D(x, sigma) whatever the teacher's schedule and prediction type (model.Diffusion.denoiser), and give
-it the boundary condition f(x, sigma_min) = x (model.Diffusion.consistency). The target is an EMA of
+D(x, sigma) whatever the teacher's schedule and prediction type (diffusion.Diffusion.denoiser), and give
+it the boundary condition f(x, sigma_min) = x (diffusion.Diffusion.consistency). The target is an EMA of
 the student (target='ema', mu = target_ema) or the student itself without gradient
 (target='stopgrad', as iCT); the loss is pseudo-Huber (c = 0.00054 sqrt(dim)) or squared L2,
 weighted by 1 / (sigma_{n+1} - sigma_n); noise levels are drawn log-normal as in iCT, or uniformly
@@ -36,7 +36,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bookkeeping as bk
-from model import Diffusion, bcast, compile_for_training, create_model
+from diffusion import Diffusion, bcast
+from model import compile_for_training, create_model
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by config/*.py and --key=value

@@ -1,12 +1,12 @@
 """
-Every network of the kit, once, plus the diffusion schedules, prediction types and samplers that
-train_diffusion.py, sample.py and distill_consistency.py share.
+Every network of the kit, once: the denoisers (DiT, UNet), the autoencoder with its PatchGAN and
+LPIPS, and the GAN's generator and discriminator, each with its config, presets and init. The
+diffusion math is diffusion.py's; the readers of released weights are pretrained.py's.
 
 DiT: Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (arXiv:2212.09748).
-UNet: Ho et al. 2020 and Dhariwal & Nichol 2021 (ADM). Diffusion: see the class's docstring.
+UNet: Ho et al. 2020 and Dhariwal & Nichol 2021 (ADM).
 """
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,11 +116,11 @@ class DiTConfig:
     # half of the blocks reads it, joined to the base blocks through zero-initialised projections
     control: str = ''
     control_channels: int = 0
-    # released checkpoints (DiT.from_pretrained): learn_sigma doubles the output channels, the
+    # released checkpoints (pretrained.dit): learn_sigma doubles the output channels, the
     # prediction then DiT's variance interpolation v (Nichol & Dhariwal 2021, eq. 15), which the
     # ddpm sampler uses; convention='sit': the weights are SiT's (Ma et al. 2024), which read the
     # linear interpolant's time as s = 1 - t (1: data) and predict the velocity x0 - eps. forward
-    # converts, so that the network takes model.Diffusion's 1000 t and gives its eps - x0
+    # converts, so that the network takes diffusion.Diffusion's 1000 t and gives its eps - x0
     learn_sigma: bool = False
     convention: str = 'kit'
 
@@ -186,27 +186,29 @@ class DiTBlock(nn.Module):
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
 
-def dit_names(depth):
-    """{kit module: [its name in facebookresearch/DiT's and willisma/SiT's models.py]} where they
-    differ, for a DiT of depth blocks (their pos_embed is the kit's fixed sincos buffer)."""
-    names = {'x_embedder': 'x_embedder.proj', 'y_embedder': 'y_embedder.embedding_table',
-             'linear_final': 'final_layer.linear', 'adaLN_final.1': 'final_layer.adaLN_modulation.1',
-             **{f't_embedder.{i}': f't_embedder.mlp.{i}' for i in (0, 2)},
-             **{f'blocks.{b}.mlp.{i}': f'blocks.{b}.mlp.fc{i // 2 + 1}'
-                for b in range(depth) for i in (0, 2)}}
-    return {kit: [theirs] for kit, theirs in names.items()}
+class Denoiser(nn.Module):
+    """What the denoisers (DiT, UNet) share: the start of a fine-tuning run from a base model."""
+    input_layer = ''  # the layer whose input channels a 'concat' control widens
 
-def released_family(path, family=None):
-    """'DiT' or 'SiT': family if given, else the file name's start (as released: DiT-XL-2-256x256.pt,
-    SiT-XL-2-256x256.pt); the two layouts are the same, so nothing in the file tells them apart."""
-    name = os.path.basename(path).lower()
-    family = family or ('SiT' if name.startswith('sit') else 'DiT' if name.startswith('dit') else '')
-    if family not in ('DiT', 'SiT'):
-        raise ValueError(f"{path}: say whether it is a DiT or a SiT checkpoint (family 'DiT' or "
-                         f"'SiT'; the file name starts with neither)")
-    return family
+    def load_base(self, weights, base_control=''):
+        """Starts from a base model's weights (a state dict of this architecture, trained without
+        control, base_control '', or with this network's): the new control weights start where they
+        change nothing, a 'concat' control's input channels at zero and a ControlNet's blocks as a
+        copy of the base's first ones. ValueError when the weights do not fit."""
+        control, weights = self.config.control, dict(weights)
+        if control == 'concat' and not base_control:
+            w = weights[f'{self.input_layer}.weight']  # (out, in, k, k)
+            weights[f'{self.input_layer}.weight'] = torch.cat(
+                [w, w.new_zeros(w.shape[0], self.config.control_channels, *w.shape[2:])], dim=1)
+        missing, unexpected = self.load_state_dict(weights, strict=False)
+        if unexpected or any(not k.startswith('control_') for k in missing):
+            raise ValueError(f"missing {missing}, unexpected {unexpected}")
+        if control == 'controlnet' and not base_control:
+            self.control_blocks.load_state_dict(self.blocks[:len(self.control_blocks)].state_dict())
 
-class DiT(nn.Module):
+class DiT(Denoiser):
+    input_layer = 'x_embedder'
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -309,58 +311,6 @@ class DiT(nn.Module):
         x = x.reshape(-1, self.out_channels, g * p, g * p)
         return -x if config.convention == 'sit' else x
 
-    # what the released checkpoints were trained as (model.Diffusion's arguments), their papers' FID
-    # and the kit's sampling settings nearest it, read by sample.py
-    RELEASED = {'DiT': dict(schedule='linear', prediction_type='eps', num_timesteps=1000,
-                            sampler='ddpm', steps=250, cfg_scale=1.5, cfg_channels=3,
-                            published='FID-50K 2.27: DDPM with the learned variance, 250 steps, '
-                                      'cfg 1.5 on 3 channels'),
-                'SiT': dict(schedule='flow', prediction_type='flow', num_timesteps=1000,
-                            sampler='ddpm', steps=250, cfg_scale=1.5, cfg_channels=3,
-                            published='FID-50K 2.06: its own SDE sampler (not in the kit), 250 '
-                                      'steps, cfg 1.5 on 3 channels')}
-
-    @classmethod
-    def from_pretrained(cls, path, family=None):
-        """A released checkpoint of facebookresearch/DiT (DiT-XL-2-256x256.pt, -512x512.pt: a DDPM
-        eps model with learned variance) or willisma/SiT (SiT-XL-2-256x256.pt: the same network as
-        a velocity model of the linear interpolant), or the EMA weights of either repository's
-        train.py checkpoint, from a local file. family 'DiT' or 'SiT' (the two layouts are the same;
-        None: from the file's name). The architecture is read from the shapes. SiT's unused
-        variance channels are dropped. Eval mode, with .objective: RELEASED[family]."""
-        import bookkeeping as bk
-        family = released_family(path, family)
-        weights, _ = bk.read_weights(path)
-        if 'x_embedder.proj.weight' not in weights or 'pos_embed' not in weights:
-            raise ValueError(f"{path} holds no DiT or SiT models.py state dict (no "
-                             f"x_embedder.proj.weight, pos_embed); pass a DiT or SiT release")
-        require(weights, ['final_layer.linear.weight', 'blocks.0.mlp.fc1.weight',  # shapes read
-                          'y_embedder.embedding_table.weight'], path)
-        dim, C, p, _ = weights['x_embedder.proj.weight'].shape
-        out = weights['final_layer.linear.weight'].shape[0] // p ** 2
-        depth = 1 + max(int(k.split('.')[1]) for k in weights if k.startswith('blocks.'))
-        # the heads are in no shape: DIT_SIZES' for its widths (DiT's S to XL: 64 wide), else 64 wide
-        heads = {width: h for _, width, h in DIT_SIZES.values()}
-        config = DiTConfig(
-            image_size=math.isqrt(weights['pos_embed'].shape[1]) * p, in_channels=C, patch_size=p,
-            hidden_size=dim, depth=depth, num_heads=heads.get(dim, dim // 64),
-            mlp_ratio=weights['blocks.0.mlp.fc1.weight'].shape[0] / dim,
-            num_classes=weights['y_embedder.embedding_table.weight'].shape[0] - 1,
-            learn_sigma=family == 'DiT' and out == 2 * C,
-            convention='sit' if family == 'SiT' else 'kit')
-        net = cls(config)
-        if not torch.allclose(weights['pos_embed'][0].float(), net.pos_embed[0], atol=1e-5):
-            raise ValueError(f"{path}'s pos_embed is not DiT's fixed sine-cosine embedding")
-        if out == 2 * C and not config.learn_sigma:  # SiT's variance channels: its forward drops them
-            for leaf in ('weight', 'bias'):
-                w = weights[f'final_layer.linear.{leaf}']  # rows: (patch position, half, channel)
-                kept = w.view(p * p, 2, C, -1)[:, 0]
-                weights[f'final_layer.linear.{leaf}'] = kept.reshape(-1, *w.shape[1:])
-        weights.pop('pos_embed')
-        load_renamed(net, weights, dit_names(depth), path)
-        net.objective = dict(cls.RELEASED[family], family=family, source=os.path.abspath(path))
-        return net.eval()
-
     def flops_per_sample(self):
         """Forward FLOPs for one image, a multiply-add counted as 2 (the DiT paper's Gflops count it
         as 1): the matmuls and attention; norms, activations and additions are negligible."""
@@ -432,7 +382,9 @@ class ResBlock(nn.Module):
             x = x + self.attn(tokens).transpose(1, 2).reshape(x.shape)
         return x
 
-class UNet(nn.Module):
+class UNet(Denoiser):
+    input_layer = 'conv_in'
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -567,7 +519,7 @@ class AEConfig:
     kl: bool = True  # a diagonal-Gaussian posterior (mean, log-variance); False: a plain autoencoder
     dropout: float = 0.0
 
-# AE-B/f8 is LDM's kl-f8, the Stable Diffusion VAE (84M; Autoencoder.from_pretrained loads its
+# AE-B/f8 is LDM's kl-f8, the Stable Diffusion VAE (84M; pretrained.sd_vae loads its
 # released weights); S is a small one for CPUs.
 # f = 2^(levels - 1).
 AE_SIZES = {'S': dict(channels=32, num_res_blocks=1), 'B': dict(channels=128, num_res_blocks=2)}
@@ -632,59 +584,6 @@ class Autoencoder(nn.Module):
                 zero += [block.conv2] + ([block.attn.proj] if block.attn is not None else [])
         zero_init(*zero)
 
-    @classmethod
-    def from_pretrained(cls, path, scaling_factor=None):
-        """Stable Diffusion's VAE (sd-vae-ft-ema, -ft-mse, SDXL's: any AutoencoderKL of LDM's
-        layout) from a local file or folder, in either layout it is released in: diffusers'
-        AutoencoderKL (a folder with config.json and diffusion_pytorch_model.safetensors or .bin) or
-        CompVis/LDM's checkpoint (.ckpt or .safetensors of the VAE, or a whole Stable Diffusion
-        checkpoint's first_stage_model.*). Eval mode, with .scaling_factor and .shift_factor: a
-        diffusion model sees (z - shift_factor) * scaling_factor (config.json's; for an LDM file
-        scaling_factor, default 0.18215, and 0)."""
-        import bookkeeping as bk
-        weights, config_json = bk.read_weights(path)
-        if any(k.startswith('first_stage_model.') for k in weights):  # a whole SD checkpoint
-            weights = {k[18:]: v for k, v in weights.items() if k.startswith('first_stage_model.')}
-        weights = {k: v for k, v in weights.items()  # not LDM's loss (discriminator and LPIPS)
-                   if k.split('.')[0] in ('encoder', 'decoder', 'quant_conv', 'post_quant_conv')}
-        layout = ('diffusers' if 'encoder.down_blocks.0.resnets.0.conv1.weight' in weights else
-                  'ldm' if 'encoder.down.0.block.0.conv1.weight' in weights else None)
-        if layout is None:
-            raise ValueError(f"{path} holds no Stable Diffusion VAE (no encoder.down_blocks.* of "
-                             f"diffusers' layout, nor LDM's encoder.down.*); pass its diffusers "
-                             f"folder or its LDM .ckpt or .safetensors")
-        require(weights, ['encoder.conv_in.weight', 'encoder.conv_out.weight',  # shapes read
-                          'decoder.conv_in.weight'], path)
-        if layout == 'diffusers' and config_json is None:
-            raise ValueError(f"{path} is in diffusers' layout: pass its folder, with the config.json "
-                             f"that holds its scaling_factor")
-        # the architecture, from the shapes: widths, blocks per level, latent channels
-        down, block = ('down_blocks', 'resnets') if layout == 'diffusers' else ('down', 'block')
-        levels = len({k.split('.')[2] for k in weights if k.startswith(f'encoder.{down}.')})
-        widths = [weights[f'encoder.{down}.{i}.{block}.0.conv1.weight'].shape[0]
-                  for i in range(levels)]
-        conv_in, z_in = weights['encoder.conv_in.weight'], weights['decoder.conv_in.weight']
-        config = AEConfig(
-            image_size=(config_json or {}).get('sample_size', 256), in_channels=conv_in.shape[1],
-            channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
-            num_res_blocks=len({k.split('.')[4] for k in weights
-                                if k.startswith(f'encoder.{down}.0.{block}.')}),
-            z_channels=z_in.shape[1],
-            mid_attention=any('attn_1' in k or 'attentions' in k for k in weights),
-            kl=weights['encoder.conv_out.weight'].shape[0] == 2 * z_in.shape[1])
-        ae = cls(config)
-        # a config without quant convolutions (use_quant_conv: false) has them as the identity
-        for name, conv in (('quant_conv', ae.quant_conv), ('post_quant_conv', ae.post_quant_conv)):
-            if f'{name}.weight' not in weights:
-                eye = torch.eye(conv.out_channels)[:, :, None, None]
-                weights.update({f'{name}.weight': eye, f'{name}.bias': torch.zeros(len(eye))})
-        load_renamed(ae, weights, sd_vae_names(config, layout, 'encoder.mid_block.attentions.0.'
-                                               'query.weight' in weights), path)
-        cfg = config_json or {}
-        ae.scaling_factor = float(cfg.get('scaling_factor', scaling_factor or 0.18215))
-        ae.shift_factor = float(cfg.get('shift_factor') or 0.0)
-        return ae.eval()
-
     @property
     def last_layer(self):  # where train_ae.py balances the adversarial loss against the others
         return self.decoder[-1]
@@ -718,73 +617,6 @@ class Autoencoder(nn.Module):
             x = torch.zeros(1, config.in_channels, config.image_size, config.image_size, device=dev)
             self._flops = count_flops(self, x)
         return self._flops
-
-def sd_vae_names(config, layout, old_attention=False):
-    """{kit module: the names it has in Stable Diffusion's VAE files} for an Autoencoder of config:
-    layout 'diffusers' (AutoencoderKL; old_attention: the query/key/value/proj_attn names of files
-    saved before diffusers 0.14, as the sd-vae-ft-* releases are) or 'ldm' (CompVis). The
-    attention's q, k and v are the kit's one qkv layer, in that order."""
-    d, L, n = layout == 'diffusers', len(config.channel_mult), config.num_res_blocks
-    mid = ['mid_block.resnets.0', 'mid_block.resnets.1'] if d else ['mid.block_1', 'mid.block_2']
-    out = ['conv_norm_out' if d else 'norm_out', None, 'conv_out']
-    enc, dec = ['conv_in'], ['conv_in', *mid]
-    for level in range(L):  # a diffusers decoder numbers its levels from the bottom
-        enc += [f'down_blocks.{level}.resnets.{j}' if d else f'down.{level}.block.{j}'
-                for j in range(n)]
-        up = L - 1 - level
-        dec += [f'up_blocks.{level}.resnets.{j}' if d else f'up.{up}.block.{j}' for j in range(n + 1)]
-        if level + 1 < L:
-            enc.append(f'down_blocks.{level}.downsamplers.0.conv' if d else f'down.{level}.downsample.conv')
-            dec.append(f'up_blocks.{level}.upsamplers.0.conv' if d else f'up.{up}.upsample.conv')
-    names = {'quant_conv': ['quant_conv'], 'post_quant_conv': ['post_quant_conv']}
-    qkv = (['query', 'key', 'value'] if old_attention else ['to_q', 'to_k', 'to_v']) if d else ['q', 'k', 'v']
-    attn = {'norm_attn': ['group_norm' if d else 'norm'], 'attn.qkv': qkv,
-            'attn.proj': [('proj_attn' if old_attention else 'to_out.0') if d else 'proj_out']}
-    for part, layers in (('encoder', enc + mid + out), ('decoder', dec + out)):
-        for i, name in enumerate(layers):
-            if name is None:
-                continue
-            if 'sample' in name:  # the kit's (padding or upsampling, conv)
-                names[f'{part}.{i}.1'] = [f'{part}.{name}']
-            elif 'resnets' in name or 'block' in name:  # a ResBlock, and the attention it holds
-                for sub in ('norm1', 'conv1', 'norm2', 'conv2'):
-                    names[f'{part}.{i}.{sub}'] = [f'{part}.{name}.{sub}']
-                names[f'{part}.{i}.skip'] = [f'{part}.{name}.{"conv" if d else "nin"}_shortcut']
-                if name in ('mid_block.resnets.0', 'mid.block_1'):
-                    prefix = f'{part}.mid_block.attentions.0' if d else f'{part}.mid.attn_1'
-                    for kit, theirs in attn.items():
-                        names[f'{part}.{i}.{kit}'] = [f'{prefix}.{t}' for t in theirs]
-            else:
-                names[f'{part}.{i}'] = [f'{part}.{name}']
-    return names
-
-def require(weights, keys, path, what=''):
-    """ValueError naming the first of keys that weights (a released file's, from path) lacks."""
-    missing = [k for k in keys if k not in weights]
-    if missing:
-        raise ValueError(f"{path} lacks {missing[0]}{what}; it is damaged, or another model")
-
-def load_renamed(net, weights, names, path):
-    """Loads weights into net, where names maps each module of net to its name(s) in weights (two
-    or more: concatenated, e.g. q, k, v), each reshaped to the kit's (a 1x1 conv as a linear
-    layer); every weight of net and every entry of weights used once, or ValueError."""
-    state, used = {}, set()
-    for key, want in net.state_dict().items():
-        module, leaf = key.rsplit('.', 1)
-        theirs = [f'{name}.{leaf}' for name in names.get(module, [module])]
-        require(weights, theirs, path, f" (for this model's {key})")
-        parts = [weights[k].float().reshape(-1, *want.shape[1:]) for k in theirs]
-        value = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if value.shape != want.shape:
-            raise ValueError(f"{path}'s {theirs[0]} has shape {tuple(weights[theirs[0]].shape)} "
-                             f"where this model has {tuple(want.shape)}")
-        state[key] = value
-        used.update(theirs)
-    unused = sorted(set(weights) - used)
-    if unused:
-        raise ValueError(f"{path} holds {len(unused)} weights this model has no place for, such as "
-                         f"{unused[0]}; it is another architecture")
-    net.load_state_dict(state)
 
 class PatchDiscriminator(nn.Module):
     """pix2pix's PatchGAN (Isola et al. 2017) as VQGAN and LDM use it: a map of logits, each judging
@@ -1003,317 +835,3 @@ def create_model(arch, **kwargs):
                      f"{', '.join([*DIT_PRESETS, *UNET_PRESETS, *AE_PRESETS, *GAN_PRESETS])}")
 
 ARCHS = (*DIT_PRESETS, *UNET_PRESETS)  # the denoisers
-
-# -----------------------------------------------------------------------------
-# Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", sec. 3):
-# train_diffusion.py tracks power-function EMAs and saves snapshots of them; sample.py combines the snapshots into
-# an EMA of another length. The EMA of exponent gamma at step t averages the weights of steps tau <= t with the
-# profile (gamma + 1) tau^gamma / t^(gamma + 1): each step, ema = beta ema + (1 - beta) weights, beta = (1 - 1/t)^(gamma + 1).
-
-def phema_gamma(sigma_rel):
-    """The exponent of the power-function EMA of relative standard deviation sigma_rel (the profile's standard
-    deviation over its length; EDM2, eq. 3): the largest root of sigma_rel^2 (gamma + 2)^2 (gamma + 3) = gamma + 1."""
-    if not 0 < sigma_rel < 0.28:
-        raise ValueError(f"sigma_rel={sigma_rel} must be in (0, 0.28): longer averages are not power-function EMAs")
-    s2 = sigma_rel ** 2
-    return float(max(r.real for r in np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1]) if abs(r.imag) < 1e-9))
-
-def phema_coefficients(snapshots, t, sigma_rel):
-    """Coefficients x_i such that sum_i x_i snapshot_i is the EMA of sigma_rel at step t: the profiles' combination
-    nearest to its profile in L2 (their inner products have a closed form; EDM2, app. C.3), under sum_i x_i = 1 (an
-    average of the weights, as every profile is). snapshots: (t_i, gamma_i) pairs."""
-    ts = np.array([s[0] for s in snapshots] + [t], dtype=np.float64) / t  # in units of t: no overflow
-    gs = np.array([s[1] for s in snapshots] + [phema_gamma(sigma_rel)], dtype=np.float64)
-    ta, tb, ga, gb = ts[:, None], ts[None], gs[:, None], gs[None]
-    log_dot = (ga + gb + 1) * np.log(np.minimum(ta, tb)) - (ga + 1) * np.log(ta) - (gb + 1) * np.log(tb)
-    dot = (ga + 1) * (gb + 1) / (ga + gb + 1) * np.exp(log_dot)  # <p_a, p_b> = integral of p_a p_b over tau
-    n = len(snapshots)  # minimise x'Gx - 2 b'x subject to 1'x = 1: [[G, 1], [1', 0]] [x, lambda] = [b, 1]
-    kkt = np.block([[dot[:n, :n], np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]])
-    return np.linalg.lstsq(kkt, np.append(dot[:n, n], 1.0), rcond=None)[0][:n]
-
-def phema_weights(snapshots, t, sigma_rel):
-    """The weights of the EMA of sigma_rel at step t: the phema_coefficients combination of snapshots,
-    (step, gamma, weights by name) triples of train_diffusion.py's power-function EMAs. Summed in float64,
-    returned in float32, by name."""
-    x = phema_coefficients([(step, gamma) for step, gamma, _ in snapshots], t, sigma_rel)
-    out = {}
-    for xi, (_, _, weights) in zip(x, snapshots):
-        for name, w in weights.items():
-            out[name] = out.get(name, 0) + float(xi) * w.double()
-    return {name: w.float() for name, w in out.items()}
-
-# -----------------------------------------------------------------------------
-# Diffusion: schedules, prediction types and samplers, shared by train_diffusion.py, sample.py and
-# distill_consistency.py. The training loss (timestep sampling, weighting) is written out in
-# train_diffusion.py.
-
-SCHEDULES = ('linear', 'cosine', 'flow', 'edm')
-PREDICTIONS = ('eps', 'v', 'x0', 'flow')
-SAMPLERS = ('ddpm', 'ddim', 'euler', 'heun')
-
-class Diffusion:
-    """Gaussian diffusion x_t = alpha_t x0 + sigma_t eps, the network's output pred read as one
-    prediction type.
-
-    schedule  time t                  alpha_t, sigma_t
-    linear    0..T-1, the DDPM index  sqrt(abar_t), sqrt(1 - abar_t), betas 1e-4..0.02 (Ho 2020)
-    cosine    0..T-1                  abar from Nichol & Dhariwal 2021, eq. 17
-    flow      (0, 1)                  1 - t, t: the linear interpolant (rectified flow, SiT, SD3)
-    edm       sigma in [0.002, 80]    1, sigma; the network sees x / sqrt(sigma^2 + sigma_data^2)
-                                      (Karras et al. 2022)
-    Between integers the DDPM schedules interpolate log(sigma / alpha), so ODE samplers may use any
-    noise level.
-
-    prediction  the network's target pred = A x0 + B eps
-    eps         eps                    (Ho et al. 2020)
-    v           alpha eps - sigma x0   (Salimans & Ho 2022)
-    x0          x0; under the edm schedule EDM's preconditioned output (x0 - c_skip x_t) / c_out
-                (Karras et al. 2022, eq. 7)
-    flow        eps - x0, the velocity of the flow schedule (Liu et al. 2022; Lipman et al. 2022)
-    Since x_t = alpha x0 + sigma eps, every pred gives back x0 = (B x_t - sigma pred) / det and
-    eps = (alpha pred - A x_t) / det, det = alpha B - sigma A: one formula for every conversion, and
-    the prediction's error is det / sigma times the x0 error.
-    """
-    sigma_min, sigma_max, rho = 0.002, 80.0, 7.0  # EDM's range and its sampling grid's curvature
-    t_eps = 1e-5  # flow stays in (t_eps, 1 - t_eps), where every prediction type is invertible
-
-    def __init__(self, schedule='linear', prediction_type='eps', num_timesteps=1000, sigma_data=0.5):
-        if schedule not in SCHEDULES or prediction_type not in PREDICTIONS:
-            raise ValueError(f"schedule '{schedule}' / prediction_type '{prediction_type}': use one "
-                             f"of {SCHEDULES} / {PREDICTIONS}")
-        self.schedule, self.prediction_type = schedule, prediction_type
-        self.num_timesteps, self.sigma_data = num_timesteps, sigma_data
-        T = num_timesteps
-        if schedule == 'linear':
-            betas = np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=np.float64)
-        elif schedule == 'cosine':
-            f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2
-            betas = np.clip(1 - f(np.arange(1, T + 1)) / f(np.arange(T)), 0, 0.999)
-        if schedule in ('linear', 'cosine'):
-            # log(sigma / alpha) at the integer times, increasing in t
-            alpha_bar = np.cumprod(1 - betas)
-            self.log_sigma_hat = torch.from_numpy(0.5 * np.log((1 - alpha_bar) / alpha_bar))
-
-    def t_from_u(self, u):
-        """Noise levels u in [0, 1), as the training's timestep sampling draws them, to the
-        schedule's time. For edm u = sigma / (1 + sigma), the flow time of the same signal-to-noise
-        ratio: a logit-normal u is a log-normal sigma."""
-        if self.schedule in ('linear', 'cosine'):
-            return (u * self.num_timesteps).floor().clamp(max=self.num_timesteps - 1)
-        if self.schedule == 'flow':
-            return u.clamp(self.t_eps, 1 - self.t_eps)
-        return (u / (1 - u)).clamp(self.sigma_min, self.sigma_max)
-
-    def alpha_sigma(self, t):
-        """alpha_t, sigma_t in float64, shaped like t."""
-        t = t.double()
-        if self.schedule == 'flow':
-            return 1 - t, t
-        if self.schedule == 'edm':
-            return torch.ones_like(t), t
-        if self.log_sigma_hat.device != t.device:  # moved once, not copied at every call
-            self.log_sigma_hat = self.log_sigma_hat.to(t.device)
-        table = self.log_sigma_hat
-        i = t.floor().long().clamp(0, len(table) - 2)
-        w = t - i
-        log_sigma_hat = table[i] * (1 - w) + table[i + 1] * w
-        alpha = torch.exp(log_sigma_hat * 2).add(1).rsqrt()
-        return alpha, alpha * log_sigma_hat.exp()
-
-    def t_from_sigma(self, s):
-        """The time at which sigma_t / alpha_t = s, float64: alpha_sigma's inverse in the
-        variance-exploding view."""
-        s = s.double()
-        if self.schedule == 'edm':
-            return s
-        if self.schedule == 'flow':
-            return s / (1 + s)
-        table = self.log_sigma_hat.to(s.device)
-        log_s = s.log().clamp(table[0], table[-1])
-        i = torch.searchsorted(table, log_s).clamp(1, len(table) - 1)
-        return i - 1 + (log_s - table[i - 1]) / (table[i] - table[i - 1])
-
-    def denoiser(self, model, x, s, y):
-        """D(x, s): the network's x0 estimate for x = x0 + s eps, the variance-exploding view of x_t
-        = alpha x0 + sigma eps with s = sigma / alpha (Karras et al. 2022), whatever the schedule
-        and prediction type: one conversion, with gradients, per-image s of shape (B,)."""
-        t = self.t_from_sigma(s)
-        xt = bcast(self.alpha_sigma(t)[0], x) * x
-        pred = model(*self.net_inputs(xt, t), y).to(x.dtype)
-        return self.x0_eps(pred, xt, t)[0]
-
-    def consistency(self, model, x, s, y, sigma_min):
-        """A consistency model's f(x, s) = c_skip x + c_out pred with f(x, sigma_min) = x (Song et
-        al. 2023, eq. 8; c_skip = sd^2 / ((s - sigma_min)^2 + sd^2), c_out = sd (s - sigma_min) /
-        sqrt(s^2 + sd^2)), where pred is the network read as EDM's preconditioned output, pred = (D
-        - c_skip' x) / c_out' (c_skip' = sd^2 / (s^2 + sd^2), c_out' = sd s / sqrt(s^2 + sd^2)):
-        then c_out / c_out' = (s - sigma_min) / s, and a diffusion network's f is its own denoiser D
-        wherever s >> sigma_min, the start distillation needs."""
-        sd2 = self.sigma_data ** 2
-        c_skip = sd2 / ((s - sigma_min) ** 2 + sd2)
-        denoised = self.denoiser(model, x, s, y)
-        c_out_pred = bcast((s - sigma_min) / s, x) * (denoised - bcast(sd2 / (s ** 2 + sd2), x) * x)
-        return bcast(c_skip, x) * x + c_out_pred
-
-    @torch.no_grad()
-    def consistency_sample(self, model, z, y, sigmas, sigma_min, generator=None):
-        """Images from a consistency model in len(sigmas) network calls (Song et al. 2023, alg. 1):
-        x0 = f(sigmas[0] z), then for each next s, x0 = f(x0 + sqrt(s^2 - sigma_min^2) fresh noise,
-        s)."""
-        per_image = lambda s: torch.full((len(z),), float(s), device=z.device)
-        x0 = self.consistency(model, sigmas[0] * z, per_image(sigmas[0]), y, sigma_min)
-        for s in sigmas[1:]:
-            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-            x = x0 + math.sqrt(s ** 2 - sigma_min ** 2) * noise
-            x0 = self.consistency(model, x, per_image(s), y, sigma_min)
-        return x0
-
-    def coefficients(self, t):
-        """(alpha, sigma, A, B) at times t, float64: x_t = alpha x0 + sigma eps and the target
-        pred = A x0 + B eps."""
-        alpha, sigma = self.alpha_sigma(t)
-        one, zero = torch.ones_like(alpha), torch.zeros_like(alpha)
-        if self.prediction_type == 'eps':
-            return alpha, sigma, zero, one
-        if self.prediction_type == 'v':
-            return alpha, sigma, -sigma, alpha
-        if self.prediction_type == 'flow':
-            return alpha, sigma, -one, one
-        # edm: pred = (x0 - c_skip x_t) / c_out with c_skip = sd^2 / s^2, c_out = sigma sd / s
-        if self.schedule == 'edm':
-            s = (sigma ** 2 + self.sigma_data ** 2).sqrt()
-            return alpha, sigma, sigma / (self.sigma_data * s), -self.sigma_data / s
-        return alpha, sigma, one, zero
-
-    def net_inputs(self, x, t):
-        """What the network sees for x_t at times t: c_in x_t and c_noise (the noise level on the
-        DDPM index's scale, which the sinusoidal time embedding is made for: t, 1000 t, or EDM's
-        ln(sigma) / 4 times 1000)."""
-        if self.schedule in ('linear', 'cosine'):
-            return x, t.float()
-        if self.schedule == 'flow':
-            return x, 1000 * t.float()
-        c_in = (t.double() ** 2 + self.sigma_data ** 2).rsqrt()
-        return x * bcast(c_in, x), 250 * t.double().log().float()
-
-    def x0_eps(self, pred, x, t):
-        """The x0 and eps that the network's output pred implies for x_t = x."""
-        alpha, sigma, A, B = self.coefficients(t)
-        det = alpha * B - sigma * A
-        x0 = bcast(B / det, x) * x - bcast(sigma / det, x) * pred
-        eps = bcast(alpha / det, x) * pred - bcast(A / det, x) * x
-        return x0, eps
-
-    @torch.no_grad()
-    def denoise(self, model, x, t, y, cfg_scale=1.0, clip_x0=False, control=None, cfg_channels=0):
-        """x0 and eps estimates at one time t (a 0-d tensor) for every image of x, and the learned
-        variance interpolation v of a learn_sigma network (None otherwise). Classifier-free guidance
-        pred_u + cfg_scale (pred_c - pred_u) acts on the prediction's channels (its first
-        cfg_channels only, if set: DiT's and SiT's released numbers guided 3 of 4), null label =
-        model.config.num_classes; v is the conditional one's; both halves see the control image."""
-        x_in, c_noise = self.net_inputs(x, t.expand(len(x)))
-        # models without a control image take (x, t, y)
-        control_args = () if control is None else (control,)
-        if cfg_scale == 1.0:
-            pred = model(x_in, c_noise, y, *control_args)
-        else:
-            null = torch.full_like(y, model.config.num_classes)
-            twice = lambda v: torch.cat([v, v])
-            pred, pred_u = model(twice(x_in), twice(c_noise), torch.cat([y, null]),
-                                 *(twice(v) for v in control_args)).chunk(2)
-            k = cfg_channels or x.shape[1]
-            pred = torch.cat([pred_u[:, :k] + cfg_scale * (pred[:, :k] - pred_u[:, :k]),
-                              pred[:, k:]], dim=1)
-        v = None
-        if pred.shape[1] == 2 * x.shape[1]:  # learn_sigma: the prediction, then v
-            pred, v = pred.chunk(2, dim=1)
-        x0, eps = self.x0_eps(pred.to(x.dtype), x, t.view(1))
-        # pixel data lives in [-1, 1]; eps follows the clipped x0
-        if clip_x0:
-            alpha, sigma = self.alpha_sigma(t)
-            x0 = x0.clamp(-1, 1)
-            eps = (x - alpha.item() * x0) / sigma.item()
-        return x0, eps, v
-
-    def grid(self, sampler, steps, shift=1.0):
-        """The sampler's times, noisiest first: t (steps,) where the network is called, and alpha,
-        sigma (steps + 1,) whose last entry is the clean end (1, 0). DDPM/DDIM on a DDPM schedule:
-        evenly spaced integer timesteps (DDIM); Euler/Heun on a DDPM schedule, and every sampler on
-        edm: Karras et al.'s sigma/alpha spacing (rho = 7); every sampler on flow: evenly spaced t,
-        shifted by t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024)."""
-        f64 = torch.float64
-        if self.schedule == 'flow':
-            t = torch.linspace(1, 0, steps + 1, dtype=f64)[:-1]
-            t = (shift * t / (1 + (shift - 1) * t)).clamp(self.t_eps, 1 - self.t_eps)
-        elif self.schedule != 'edm' and sampler in ('ddpm', 'ddim'):
-            t = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=f64).round()
-        else:
-            if self.schedule == 'edm':
-                lo, hi = self.sigma_min, self.sigma_max
-            else:
-                lo, hi = self.log_sigma_hat[[0, -1]].exp().tolist()
-            # the cosine schedule's last step is at sigma/alpha ~ 6e3: no use starting there
-            hi = min(hi, self.sigma_max)
-            ramp = torch.linspace(0, 1, steps, dtype=f64)  # [0] for one step
-            inv_rho = 1 / self.rho
-            sigma_hat = (hi ** inv_rho + ramp * (lo ** inv_rho - hi ** inv_rho)) ** self.rho
-            t = self.t_from_sigma(sigma_hat)
-        alpha, sigma = self.alpha_sigma(t)
-        return t, torch.cat([alpha, alpha.new_ones(1)]), torch.cat([sigma, sigma.new_zeros(1)])
-
-    @torch.no_grad()
-    def sample(self, model, z, y, sampler='ddim', steps=50, eta=0.0, cfg_scale=1.0,
-               cfg_interval=(0.0, float('inf')), shift=1.0, clip_x0=False, generator=None, control=None,
-               cfg_channels=0):
-        """Images from noise z (B, C, H, W) with labels y. cfg_interval: guidance only where lo <
-        sigma/alpha <= hi (Kynkaanniemi et al. 2024). ddpm is DDIM with eta = 1 (the posterior q(x_s
-        | x_t, x0) sampled; Ho et al. 2020), ddim takes eta (Song et al. 2021, eq. 12); euler and
-        heun integrate the probability-flow ODE (Karras et al. 2022, alg. 1) in the coordinates
-        where it is straightest: (x / alpha, sigma / alpha), or (x, t) for flow. DDIM with eta = 0
-        is Euler in either, so they share one step and differ by their grids. A learn_sigma network's
-        ddpm steps draw their noise with its learned variance exp(f log beta + (1 - f) log
-        beta_tilde), f = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15), beta of the step taken."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler '{sampler}'; use one of {SAMPLERS}")
-        t, alpha, sigma = (v.to(z.device) for v in self.grid(sampler, steps, shift))
-        # the ODE's state is x / scale, its time b = sigma / scale; a = alpha / scale
-        scale = torch.ones_like(alpha) if self.schedule == 'flow' else alpha
-        a, b = alpha / scale, sigma / scale
-        eta = 1.0 if sampler == 'ddpm' else eta
-
-        def denoise(x, i):
-            guided = cfg_interval[0] < sigma[i] / alpha[i] <= cfg_interval[1]
-            return self.denoise(model, x, t[i], y, cfg_scale if guided else 1.0, clip_x0, control,
-                                cfg_channels)
-
-        # x = sigma z + alpha x0, the last ~0: alpha[0] is 1e-5 (flow), < 0.01 (DDPM), sigma / 80
-        # (edm)
-        x = sigma[0].item() * z
-        for i in range(steps):
-            x0, eps, v = denoise(x, i)
-            if sampler in ('ddpm', 'ddim'):
-                # the posterior's variance; eta times its standard deviation is the fresh noise's
-                var = ((sigma[i] ** 2 - (alpha[i] / alpha[i + 1] * sigma[i + 1]) ** 2)
-                       * sigma[i + 1] ** 2 / sigma[i] ** 2)
-                std = eta * var.clamp(min=0).sqrt()
-                x_next = alpha[i + 1] * x0 + (sigma[i + 1] ** 2 - std ** 2).clamp(min=0).sqrt() * eps
-                if std > 0 and v is not None and sampler == 'ddpm':
-                    f, log_beta = (v.double() + 1) / 2, (1 - (alpha[i] / alpha[i + 1]) ** 2).log()
-                    std = (0.5 * (f * log_beta + (1 - f) * var.log())).exp().to(x.dtype)
-                if std.any():
-                    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                    x_next = x_next + std * noise
-            else:
-                x_next = alpha[i + 1] * x0 + sigma[i + 1] * eps  # Euler
-                # Heun: the average of the ODE's slopes at both ends
-                if sampler == 'heun' and sigma[i + 1] > 0:
-                    x0_2, eps_2, _ = denoise(x_next, i + 1)
-                    x_next = scale[i + 1] * (x / scale[i] + (a[i + 1] - a[i]) * (x0 + x0_2) / 2
-                                             + (b[i + 1] - b[i]) * (eps + eps_2) / 2)
-            x = x_next.to(z.dtype)
-        return x
-
-def bcast(coef, x):
-    """Per-image coefficients coef, shape (B,) or (1,), as x's dtype, broadcastable against x (B,
-    ...)."""
-    return coef.to(x.dtype).view(-1, *[1] * (x.dim() - 1))

@@ -36,11 +36,13 @@ import torch
 import torch.distributed as dist
 
 import bookkeeping as bk
-from model import SAMPLERS, AEConfig, Autoencoder, DiT, Diffusion, create_model, phema_weights
+from diffusion import SAMPLERS, Diffusion, phema_weights
+from model import AEConfig, Autoencoder, create_model
+from pretrained import dit, or_exit, sd_vae
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # holds ckpt.pt; the samples are written here too
-# a released DiT or SiT .pt file (model.DiT.from_pretrained), sampled in place of out_dir's ckpt.pt
+# a released DiT or SiT .pt file (pretrained.dit), sampled in place of out_dir's ckpt.pt
 pretrained = ''
 family = ''  # 'DiT' or 'SiT', pretrained's family ('' = from its file name)
 # Stable Diffusion's VAE (a diffusers folder or LDM file) decoding the latents: pretrained needs one
@@ -49,7 +51,7 @@ use_ema = True  # the EMA weights (False: the raw weights)
 ema_std = 0.0  # > 0: the post-hoc EMA of this sigma_rel, from out_dir/phema/ (Karras et al. 2024)
 num_samples = 64
 class_labels = 'all'  # 'all' cycles through the classes; or comma-separated labels: '3' or '1,7'
-sampler = 'ddim'  # 'ddpm', 'ddim', 'euler' or 'heun' (model.Diffusion.sample), on any schedule
+sampler = 'ddim'  # 'ddpm', 'ddim', 'euler' or 'heun' (diffusion.Diffusion.sample), on any schedule
 steps = 50  # sampling steps (heun calls the network about twice per step)
 eta = 0.0  # ddim's noise: 0 deterministic, 1 is ddpm
 cfg_scale = 4.0  # classifier-free guidance scale (1 = none)
@@ -131,7 +133,7 @@ if not os.path.exists(ckpt_path):
 if rank == 0:
     bk.check_writable(out_dir)
 if pretrained:  # a released DiT or SiT: its diffusion as it was trained, and no dataset
-    model = bk.from_pretrained(DiT, pretrained, family=family or None)
+    model = or_exit(dit, pretrained, family=family or None)
     published, gan, consistency = model.objective, False, None
     train_config = dict(published, sigma_data=0.5, dataset='')
     checkpoint = {'path': published['source'], 'family': published['family']}
@@ -186,7 +188,7 @@ if dataset and (splits or os.path.exists(os.path.join(data_dir, 'meta.json'))):
     _, meta, data = bk.load_dataset(dataset, splits, latent_ok=True)
 latent, decoder = meta.get('latent'), None
 if vae:  # a diffusion model of Stable Diffusion's latents sees (z - shift_factor) * scaling_factor
-    autoencoder = bk.from_pretrained(Autoencoder, vae).to(device)
+    autoencoder = or_exit(sd_vae, vae).to(device)
     latent_mean, latent_std = autoencoder.shift_factor, 1 / autoencoder.scaling_factor
     decoder = dict(vae=os.path.abspath(vae), scaling_factor=autoencoder.scaling_factor,
                    shift_factor=autoencoder.shift_factor)

@@ -10,7 +10,7 @@ Trains a diffusion model (DiT or UNet) on a prepared image dataset: one file, to
 Objective: x_t = alpha_t x0 + sigma_t eps on a DDPM, flow or EDM schedule; the network predicts eps,
 v, x0 or the flow velocity; noise levels are drawn uniform, logit-normal or by mode sampling, and
 the loss is weighted uniform, by SNR, min-SNR-gamma or EDM's lambda (the schedules, conversions and
-samplers are model.Diffusion). Every random draw of a step (data indices, flips, timesteps, noise,
+samplers are diffusion.Diffusion). Every random draw of a step (data indices, flips, timesteps, noise,
 label dropout) comes from a generator seeded by (seed, step) and is the same on every rank, each
 rank keeping its slice of the global batch: the run is the same for any world size or grad_accum,
 and a resumed run draws exactly what the uninterrupted one would have.
@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bookkeeping as bk
-from model import (ARCHS, PREDICTIONS, SAMPLERS, SCHEDULES, AEConfig, Autoencoder, DiT, Diffusion,
-                   bcast, compile_for_training, create_model, phema_gamma, released_family)
+from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, Diffusion, bcast, phema_gamma
+from model import ARCHS, AEConfig, Autoencoder, compile_for_training, create_model
+from pretrained import dit, or_exit, released_family
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by config/*.py and --key=value
@@ -68,7 +69,7 @@ control = ''  # condition on the dataset's control images (data/prepare_control.
 #               beside the frozen init_base)
 init_base = ''  # a new run starts from this train_diffusion.py out_dir's EMA weights (new
 #                 control weights: zeros), or from a released DiT-*.pt or SiT-*.pt file
-#                 (model.DiT.from_pretrained; its objective and time convention with it)
+#                 (pretrained.dit; its objective and time convention with it)
 # model and diffusion
 arch = 'DiT-N/4'  # 'DiT-{N,Ti,S,B,L,XL}/{1,2,4,8}' or 'UNet-{S,B}' (model.py's presets)
 norm = 'layernorm'  # DiT, LightningDiT's options (Yao et al. 2025): 'rmsnorm'
@@ -113,7 +114,7 @@ phema_stds = ''  # post-hoc EMA (Karras et al. 2024): sigma_rel of power-functio
 #                  e.g. '0.05,0.1'
 phema_interval = 1000  # steps between their snapshots in out_dir/phema/ (and at every checkpoint)
 # sample grids during training
-sampler = 'ddim'  # 'ddpm', 'ddim', 'euler', 'heun' (model.Diffusion.sample)
+sampler = 'ddim'  # 'ddpm', 'ddim', 'euler', 'heun' (diffusion.Diffusion.sample)
 sample_steps = 50
 cfg_scale = 4.0  # classifier-free guidance scale (1 = none)
 shift = 1.0  # flow schedule: the sampling grid's timestep shift (Esser et al. 2024;
@@ -273,7 +274,7 @@ model_config = model.config
 if init_base and run.init_from == 'scratch':
     base_path = released or os.path.join(init_base, 'ckpt.pt')
     if released:
-        base = bk.from_pretrained(DiT, released)
+        base = or_exit(dit, released)
         base = {'model_args': asdict(base.config), 'ema': base.state_dict(),
                 'config': {**base.objective, 'sigma_data': sigma_data}}
     else:
@@ -288,18 +289,10 @@ if init_base and run.init_from == 'scratch':
     if diff or base_args.get('control', '') not in ('', control):
         raise SystemExit(f"error: init_base {base_path} is another model (this run vs the base: "
                          f"{diff or 'control'}); train with the base's config")
-    # the control's input channels start at zero
-    if control == 'concat' and not base_args.get('control'):
-        name = 'x_embedder.weight' if arch.startswith('DiT') else 'conv_in.weight'
-        w = weights[name]  # (out, in, k, k)
-        weights[name] = torch.cat([w, w.new_zeros(w.shape[0], C_ctrl, *w.shape[2:])], dim=1)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or any(not k.startswith('control_') for k in missing):
-        raise SystemExit(f"error: init_base {base_path} does not fit {arch}: missing {missing}, "
-                         f"unexpected {unexpected}")
-    # the ControlNet starts as a copy of the base's first blocks
-    if control == 'controlnet' and not base_args.get('control'):
-        model.control_blocks.load_state_dict(model.blocks[:len(model.control_blocks)].state_dict())
+    try:  # (new control weights start where they change nothing: model.Denoiser.load_base)
+        model.load_base(weights, base_args.get('control', ''))
+    except ValueError as e:
+        raise SystemExit(f"error: init_base {base_path} does not fit {arch}: {e}")
     del base, weights
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 if control == 'controlnet':  # the base model stays frozen

@@ -1,6 +1,6 @@
 """
 Encode a prepared image dataset into the latents of a train_ae.py autoencoder or of Stable Diffusion's VAE
-(--vae: model.Autoencoder.from_pretrained), for latent diffusion: the posterior mean of every image as float16
+(--vae: pretrained.sd_vae), for latent diffusion: the posterior mean of every image as float16
 (N, H/f, W/f, z_channels) in {train,val}_x.npy (with --flips also train_x_flip.npy, the latents of the mirror
 images, for train_diffusion.py's hflip, as fast-DiT encodes them), the labels beside them, the scaling in
 meta.json's 'latent' entry, and autoencoder.pt, a copy of the weights that train_diffusion.py's sample grids
@@ -36,6 +36,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bookkeeping as bk  # noqa: E402
 from model import AEConfig, Autoencoder  # noqa: E402
+from pretrained import or_exit, sd_vae  # noqa: E402
 
 
 def load_vae(path, H, C, dataset):
@@ -43,7 +44,7 @@ def load_vae(path, H, C, dataset):
     stand-in for the checkpoint's entries."""
     if os.path.exists(os.path.join(path, 'best.pt')):
         raise SystemExit(f"error: {path} is a train_ae.py run, not a released VAE; pass it as --autoencoder={path}")
-    ae = bk.from_pretrained(Autoencoder, path)
+    ae = or_exit(sd_vae, path)
     if C != ae.config.in_channels or H % ae.factor:
         raise SystemExit(f"error: {path} encodes {ae.config.in_channels}-channel images of a size divisible by "
                          f"{ae.factor}, but dataset '{dataset}' has {H} px, {C}-channel ones")

@@ -11,7 +11,7 @@ import torch
 
 import bookkeeping as bk
 from conftest import run, script_functions
-from model import PREDICTIONS, SCHEDULES, Diffusion, bcast
+from diffusion import PREDICTIONS, SCHEDULES, Diffusion, bcast
 
 f64 = torch.float64
 TARGET = torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=f64) * 1.6 - 0.8

@@ -1,4 +1,4 @@
-"""model.Diffusion and train_diffusion.py's loss math against closed forms, no training: the schedules, the
+"""diffusion.Diffusion and train_diffusion.py's loss math against closed forms, no training: the schedules, the
 conversions between prediction types, the loss weightings, the timestep samplers' densities, and every sampler on
 every schedule and prediction type with the exact denoiser of Gaussian data."""
 import itertools
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import script_functions
-from model import PREDICTIONS, SAMPLERS, SCHEDULES, Diffusion
+from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, Diffusion
 
 f64 = torch.float64
 

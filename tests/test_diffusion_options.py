@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import MNIST, run, script_functions
-from model import phema_gamma, phema_weights
+from diffusion import phema_gamma, phema_weights
 from test_train_diffusion import TINY, load_ckpt
 
 

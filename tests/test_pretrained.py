@@ -1,5 +1,5 @@
-"""Released weights, with nothing downloaded: model.Autoencoder.from_pretrained reads Stable Diffusion's VAE in
-diffusers' and LDM's layouts and model.DiT.from_pretrained DiT's and SiT's releases, their names and shapes
+"""Released weights, with nothing downloaded: pretrained.sd_vae reads Stable Diffusion's VAE in
+diffusers' and LDM's layouts and pretrained.dit DiT's and SiT's releases, their names and shapes
 checked against tests/released_layouts.json (recorded from the code that wrote those files); data/prepare_latents.py
 encodes with such a VAE and sample.py decodes through it, undoing exactly the recorded scaling; sample.py samples a
 released file and writes every setting beside the .npz; train_diffusion.py fine-tunes from one; the learned
@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from conftest import MNIST, run, script_functions
-from model import AE_PRESETS, DIT_PRESETS, AEConfig, Autoencoder, DiT, DiTConfig, Diffusion, bcast, create_model, \
-    dit_names, sd_vae_names
+import pretrained
+from diffusion import Diffusion, bcast
+from model import AE_PRESETS, DIT_PRESETS, AEConfig, Autoencoder, DiT, DiTConfig, create_model
+from pretrained import dit_names, sd_vae_names
 
 with open(os.path.join(os.path.dirname(__file__), 'released_layouts.json')) as f:
     LAYOUTS = json.load(f)
@@ -100,7 +102,7 @@ def test_the_maps_give_the_released_files_names_and_shapes():
 
 
 # -----------------------------------------------------------------------------
-# round trips: written in a released layout, read back by from_pretrained, the same network
+# round trips: written in a released layout, read back by pretrained.py, the same network
 
 def ldm_files(tmp_path, ae):
     """ae as LDM's VAE checkpoint ({'state_dict': ...} with its loss's keys beside the VAE's) and as a whole Stable
@@ -127,7 +129,7 @@ def test_vae_round_trip_in_every_layout(tmp_path, layout):
     else:
         path = ldm_files(tmp_path, ae)[layout != 'ldm ckpt']
         scaling = (0.18215, 0.0)
-    loaded = Autoencoder.from_pretrained(str(path))
+    loaded = pretrained.sd_vae(str(path))
     # the architecture from the shapes (an LDM file records no image size: the convolutions take any)
     assert replace(loaded.config, image_size=32) == ae.config and not loaded.training
     assert (loaded.scaling_factor, loaded.shift_factor) == scaling
@@ -154,7 +156,7 @@ def test_the_vae_attention_reads_q_k_v_and_the_output_projection_by_their_names(
         for leaf in ('weight', 'bias'):
             weights[prefix + f'{name}.{leaf}'] = torch.randn(weights[prefix + f'{name}.{leaf}'].shape, generator=g)
     save_file(weights, folder / 'diffusion_pytorch_model.safetensors')
-    block = next(m for m in Autoencoder.from_pretrained(str(folder)).encoder if getattr(m, 'attn', None))
+    block = next(m for m in pretrained.sd_vae(str(folder)).encoder if getattr(m, 'attn', None))
     x = torch.randn(2, 128, 3, 5)
     w = {name: (weights[prefix + f'{name}.weight'], weights[prefix + f'{name}.bias']) for name in names}
     h = torch.nn.functional.group_norm(x, 32, *(weights[prefix + f'group_norm.{leaf}'] for leaf in ('weight', 'bias')),
@@ -171,14 +173,14 @@ def test_dit_and_sit_round_trip_and_sits_time_convention(tmp_path):
     named as SiT's reads as a velocity model of the linear interpolant: SiT's network f(x, s, y), s = 1 - t (1:
     data), predicts x0 - eps, so the kit's net(x, 1000 t, y) is -f(x, 1 - t, y), its variance half dropped."""
     path, net = released_dit(tmp_path)
-    dit = DiT.from_pretrained(str(path))
+    dit = pretrained.dit(str(path))
     assert dit.config == net.config and dit.objective['schedule'] == 'linear' and dit.objective['family'] == 'DiT'
     x, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 9, 10])  # 10: the null label
     t = torch.tensor([0.0, 400.0, 999.0])
     with torch.no_grad():
         assert torch.equal(dit(x, t, y), net(x, t, y))
         os.link(path, tmp_path / 'SiT-N-2-8.pt')
-        sit = DiT.from_pretrained(str(tmp_path / 'SiT-N-2-8.pt'))
+        sit = pretrained.dit(str(tmp_path / 'SiT-N-2-8.pt'))
         assert sit.objective['schedule'] == 'flow' and sit.objective['prediction_type'] == 'flow'
         assert not sit.config.learn_sigma and sit.config.convention == 'sit'
         s = torch.tensor([0.1, 0.5, 0.97])  # SiT's time
@@ -189,7 +191,7 @@ def test_dit_and_sit_round_trip_and_sits_time_convention(tmp_path):
 # wrong files: a ValueError naming the file and what to do (one line in the scripts)
 
 def wrong_files(tmp_path):
-    """name -> (what from_pretrained is called on, the class, the words the error must hold)."""
+    """name -> (the file, the reader of pretrained.py given it, the words the error must hold)."""
     vae = diffusers_vae(tmp_path / 'vae', small_vae())
     dit_path, _ = released_dit(tmp_path)
     files = {}
@@ -209,18 +211,18 @@ def wrong_files(tmp_path):
     os.link(dit_path, tmp_path / 'model.pt')
     torch.save(released(small_vae(), sd_vae_names(small_vae().config, 'ldm'), True), tmp_path / 'DiT-vae.pt')
     files.update({
-        'a DiT as the VAE': (dit_path, Autoencoder, 'holds no Stable Diffusion VAE'),
-        'no config.json': (tmp_path / 'noconfig', Autoencoder, 'has no config.json beside'),
-        'truncated safetensors': (tmp_path / 'cut', Autoencoder, 'it may be truncated: download it again'),
-        'a folder without weights': (tmp_path / 'empty', Autoencoder, 'without diffusion_pytorch_model'),
-        'missing': (tmp_path / 'nothing', Autoencoder, 'not found; download it first'),
-        'truncated torch file': (tmp_path / 'DiT-cut.pt', DiT, 'it may be truncated: download it again'),
-        "the kit's own checkpoint": (tmp_path / 'DiT-kit.pt', DiT, "this kit's diffusion checkpoint, not a released"),
-        'a VAE as the DiT': (tmp_path / 'DiT-vae.pt', DiT, 'holds no DiT or SiT models.py state dict'),
-        'no family in the name': (tmp_path / 'model.pt', DiT, 'say whether it is a DiT or a SiT checkpoint'),
-        'a learned position embedding': (tmp_path / 'DiT-learned-pos.pt', DiT, "not DiT's fixed sine-cosine"),
-        'a weight missing': (tmp_path / 'DiT-missing.pt', DiT, 'lacks blocks.1.attn.qkv.weight'),
-        'another architecture': (tmp_path / 'DiT-extra.pt', DiT, 'has no place for, such as blocks.0.attn.q_norm'),
+        'a DiT as the VAE': (dit_path, pretrained.sd_vae, 'holds no Stable Diffusion VAE'),
+        'no config.json': (tmp_path / 'noconfig', pretrained.sd_vae, 'has no config.json beside'),
+        'truncated safetensors': (tmp_path / 'cut', pretrained.sd_vae, 'it may be truncated: download it again'),
+        'a folder without weights': (tmp_path / 'empty', pretrained.sd_vae, 'without diffusion_pytorch_model'),
+        'missing': (tmp_path / 'nothing', pretrained.sd_vae, 'not found; download it first'),
+        'truncated torch file': (tmp_path / 'DiT-cut.pt', pretrained.dit, 'it may be truncated: download it again'),
+        "the kit's own checkpoint": (tmp_path / 'DiT-kit.pt', pretrained.dit, "this kit's diffusion checkpoint, not a released"),
+        'a VAE as the DiT': (tmp_path / 'DiT-vae.pt', pretrained.dit, 'holds no DiT or SiT models.py state dict'),
+        'no family in the name': (tmp_path / 'model.pt', pretrained.dit, 'say whether it is a DiT or a SiT checkpoint'),
+        'a learned position embedding': (tmp_path / 'DiT-learned-pos.pt', pretrained.dit, "not DiT's fixed sine-cosine"),
+        'a weight missing': (tmp_path / 'DiT-missing.pt', pretrained.dit, 'lacks blocks.1.attn.qkv.weight'),
+        'another architecture': (tmp_path / 'DiT-extra.pt', pretrained.dit, 'has no place for, such as blocks.0.attn.q_norm'),
     })
     return files
 
@@ -233,9 +235,9 @@ WRONG = ['a DiT as the VAE', 'no config.json', 'truncated safetensors', 'a folde
 def test_a_wrong_file_is_refused_naming_it(tmp_path):
     files = wrong_files(tmp_path)
     assert sorted(files) == sorted(WRONG)
-    for case, (path, cls, words) in files.items():
+    for case, (path, read, words) in files.items():
         with pytest.raises(ValueError) as e:
-            cls.from_pretrained(str(path))
+            read(str(path))
         assert words in str(e.value) and str(path) in str(e.value), (case, str(e.value))
 
 
@@ -362,7 +364,7 @@ def test_sample_py_on_released_dit_and_sit_files_writes_every_setting(tmp_path):
     sit_path = tmp_path / 'SiT-N-2-8.pt'
     run('sample.py', f'--pretrained={sit_path}', f'--vae={vae}', f'--out_dir={out}', '--num_samples=4', '--steps=3',
         '--cfg_scale=1.5', '--save_npz=True', '--device=cpu')
-    sit = DiT.from_pretrained(str(sit_path))
+    sit = pretrained.dit(str(sit_path))
     x = sample_like_sample_py(sit, Diffusion('flow', 'flow'), 4, 4, 8, 3, 1.5)
     with torch.no_grad():
         np.testing.assert_array_equal(np.load(out / 'samples.npz')['arr_0'], to_uint8(ae.decode(x * 4.0)))
@@ -387,7 +389,7 @@ def test_train_diffusion_fine_tunes_from_a_released_file(padded_digits, tmp_path
         out = tmp_path / f'out-{family}'
         run(*common, f'--init_base={tmp_path / f"{family}-N-2-8.pt"}', f'--out_dir={out}', *extra)
         ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
-        base = DiT.from_pretrained(str(tmp_path / f'{family}-N-2-8.pt')).state_dict()
+        base = pretrained.dit(str(tmp_path / f'{family}-N-2-8.pt')).state_dict()
         assert ckpt['model_args']['convention'] == family.lower().replace('dit', 'kit')
         assert ckpt['model_args']['learn_sigma'] == (family == 'DiT')
         assert max((ckpt['model'][k] - v).abs().max().item() for k, v in base.items()) < 1e-6
