@@ -555,6 +555,7 @@ class Run:
                                        dir=self.out_dir, id=self.wandb_id, resume='allow')
                 self.wandb_id = wandb_run.id
             self._metrics = Metrics(self.path('metrics.csv'), self.step, wandb_run)
+        self._mark = time.time()  # the loop's first step starts about now
         return ckpt
 
     def _load(self):
@@ -767,7 +768,7 @@ class Metrics:
                              f"({e.strerror}); make room and re-run the same command (the run "
                              f"resumes from its last checkpoint)")
         if self.wandb_run:
-            self.wandb_run.log(row, step=row['step'])
+            self.wandb_run.log({k: v for k, v in row.items() if v is not None}, step=row['step'])
 
 
 # -----------------------------------------------------------------------------
