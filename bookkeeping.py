@@ -408,10 +408,10 @@ class Run:
         for step in range(run.step, max_steps):
             ...                                   # the step; run.add(loss=loss) per micro-step
             run.end_step(bad, flops_per_image)    # sums, skips, stop vote; a log step's host sync
-            if run.due(ckpt_interval) or run.stop:
-                run.save(model=model, ema=ema, optimizer=optimizer, model_args=args)
             if run.log_step:
                 run.log(lr=lr_now, grad_norm=grad_norm)
+            if run.due(ckpt_interval) or run.stop:
+                run.save(model=model, ema=ema, optimizer=optimizer, model_args=args)
             if run.stop:
                 break
         run.finish()
@@ -452,7 +452,7 @@ class Run:
         self.step, self.images_seen, self.wandb_id, self.saved_step = 0, 0, None, None
         self.last = self.log_step = False
         self.stop, self.averages = None, {}
-        self._step_sums, self._sums, self._added = {}, {}, set()
+        self._step_sums, self._sums = {}, {}
         self._steps, self._step_time, self._mark = 0, 0.0, time.time()
         self._metrics = None
         self._stopper = StopSignals(config.get('max_minutes', 0), time.time(), self.ddp)
@@ -513,19 +513,25 @@ class Run:
     def resume(self, **named):
         """Restores the checkpoint when init_from resolved to 'resume', and returns it ({} for a
         new run) for what the script keeps itself. Each named object with a state dict (a network,
-        an optimizer, a GradScaler; None is skipped) gets the one saved under its name, an
-        optimizer with this run's betas, weight decay and eps; each plain value (a network's
-        arguments) must equal the saved one. Then the step, images seen, wandb id and every RNG;
-        one line says what config keys changed. Also opens metrics.csv (and wandb) where it
-        stopped."""
+        an optimizer, a GradScaler) gets the one saved under its name, an optimizer with this run's
+        betas, weight decay and eps; each plain value (a network's arguments) must equal the saved
+        one, and None (a network this run has not) must meet no saved state. Then the step, images
+        seen, wandb id, the run of skipped updates and every RNG; one line says what config keys
+        changed. Also opens metrics.csv (and wandb) where it stopped."""
         ckpt = {}
         if self.init_from == 'resume':
             ckpt = self._load()
             stateful = {k: v for k, v in named.items() if hasattr(v, 'load_state_dict')}
             # the plain values first: a network of another shape is named as such
             for key, value in named.items():
+                saved = ckpt.get(key)
+                if value is None and isinstance(saved, dict) and any(  # a state this run lacks
+                        torch.is_tensor(v) or isinstance(v, dict) for v in saved.values()):
+                    raise SystemExit(f"error: {self.ckpt_path} holds a {key}, which this run has "
+                                     f"not; resume with the config it was trained with, or "
+                                     f"choose another out_dir")
                 if key not in stateful:
-                    check_same(key, ckpt.get(key), value, self.ckpt_path)
+                    check_same(key, saved, value, self.ckpt_path)
             for key, value in stateful.items():
                 if key not in ckpt:
                     raise SystemExit(f"error: {self.ckpt_path} holds no {key}; resume with the "
@@ -535,6 +541,7 @@ class Run:
                 else:
                     load_state(value, ckpt[key], self.ckpt_path, key)
             self.step, self.images_seen = ckpt['step'], ckpt['images_seen']
+            self._skips.streak.fill_(ckpt.get('nonfinite_streak', 0))
             self.wandb_id = ckpt.get('wandb_id')
             changed = changed_keys(ckpt['config'], self.config)
             if self.master:
@@ -584,6 +591,7 @@ class Run:
         if weights and not torch.stack([w.isfinite().all() for w in weights]).all():
             raise SystemExit(f"error: the weights are not finite at step {self.step}, "
                              f"so they are not saved; {self.last_good()}: {FIX}")
+        streak = int(self._skips.streak.item())  # (the same on every rank)
         states = [None] * self.world_size
         if self.ddp:
             dist.all_gather_object(states, rng_state(self.device_type))
@@ -593,12 +601,14 @@ class Run:
             state = {k: v.state_dict() if hasattr(v, 'state_dict') else v
                      for k, v in named.items()}
             state.update(step=self.step, images_seen=self.images_seen, config=self.config,
-                         wandb_id=self.wandb_id, rng=states, kind=self.kind,
+                         wandb_id=self.wandb_id, rng=states, nonfinite_streak=streak, kind=self.kind,
                          script=os.path.basename(sys.argv[0]), format=FORMAT)
             state['checksum'] = checksum(state)
             self._write(path, state)
         if path == self.ckpt_path:
             self.saved_step = self.step
+        if self.log_step:
+            self._mark = time.time()
 
     def _write(self, path, state):
         try:
@@ -630,56 +640,65 @@ class Run:
     # the loop's tail: sums, the end of a step, the log
 
     def add(self, **named):
-        """Adds device tensors (a micro-step's loss terms, no host sync) to the step's named sums;
-        the log shows each one's mean over the additions of the steps since its last line that
-        were not skipped."""
+        """Adds values (a micro-step's loss terms: device tensors, no host sync) to the step's
+        named sums; the log shows each one's mean over the additions of the steps since its last
+        line that were not skipped."""
         for name, value in named.items():
+            value = torch.as_tensor(value, device=self.device).detach().float()
             total, count = self._step_sums.get(name, (0, 0))
-            self._step_sums[name] = (total + value.detach().float(), count + 1)
+            self._step_sums[name] = (total + value, count + 1)
 
     def end_step(self, bad, flops_per_image):
         """After the update: the step's sums count unless its update was skipped (bad, a device
         bool), the skip counter, the step and images counters, and the stop vote (run.stop: None or
-        why every rank stops now). On a log step (every log_interval-th, the last, one that stops)
-        the one host sync of the loop: the sums' means over ranks as run.averages, the skipped
-        updates (max_nonfinite in a row stop the run), and the step's speed."""
+        why every rank stops now). On a log step (every log_interval-th, every ckpt_interval-th, the
+        last, one that stops) the one host sync of the loop: the sums' means over ranks as
+        run.averages, the skipped updates (max_nonfinite in a row stop the run), and the speed of
+        the steps since the last log line."""
+        bad = torch.as_tensor(bad, device=self.device)
         for name, (total, count) in self._step_sums.items():
             s, n = self._sums.get(name, (0, 0))
             kept = torch.where(bad, 0, torch.full_like(total, count))  # (per element of total)
             self._sums[name] = (s + torch.where(bad, 0, total), n + kept)
-            self._added.add(name)
         self._step_sums = {}
         self._skips.add(bad)
-        now = time.time()
-        self._step_time, self._mark = self._step_time + now - self._mark, now
         self._steps += 1
         self.step += 1
         self.images_seen += self.config['batch_size']  # (true when a resumed run changes it)
         self.last = self.step == self.config['max_steps']
         self.stop = self._stopper.vote()
-        self.log_step = self.due(self.config['log_interval']) or bool(self.stop)
-        self.averages = {}
-        if self.log_step:
-            self._sync(flops_per_image)
+        # (a checkpoint's step ends a log window: a resumed run's windows are the uninterrupted one's)
+        self.log_step = (self.due(self.config['log_interval']) or bool(self.stop)
+                         or self.due(self.config.get('ckpt_interval') or self.config['max_steps']))
+        if self.log_step and self.device_type == 'cuda':
+            torch.cuda.synchronize(self.device)  # the steps' time is the GPU's, not the launches'
+        now = time.time()
+        self._step_time, self._mark = self._step_time + now - self._mark, now
+        self.averages = self._sync(flops_per_image) if self.log_step else {}
 
     def _sync(self, flops_per_image):
+        """The log step's averages: one all-reduce of the sums and one read of them and the skip
+        counter (the same on every rank: the gradients are all-reduced)."""
         names = list(self._sums)  # (the order they came in: the same on every rank)
-        flat = [torch.cat([torch.as_tensor(v, device=self.device).float().reshape(-1)
-                           for v in self._sums[k]]) for k in names]
+        flat = [torch.cat([v.reshape(-1) for v in self._sums[k]]) for k in names]
+        sums = torch.cat(flat) if flat else torch.zeros(0, device=self.device)
         if self.ddp and flat:
-            packed = torch.cat(flat)
-            dist.all_reduce(packed, op=dist.ReduceOp.AVG)
-            flat = packed.split([len(f) for f in flat])
-        skipped = self._skips.read(self.config['max_nonfinite'], self.step, self.last_good())
-        for name, values in zip(names, flat):
-            total, count = values.tolist()[:len(values) // 2], values.tolist()[len(values) // 2:]
+            dist.all_reduce(sums, op=dist.ReduceOp.AVG)
+        values = torch.cat([sums, self._skips.counts()]).tolist()
+        skipped = self._skips.read(values[-2:], self.config['max_nonfinite'], self.step,
+                                   self.last_good())
+        averages, at = {}, 0
+        for name, part in zip(names, flat):
+            k = len(part) // 2
+            total, count = values[at:at + k], values[at + k:at + 2 * k]
             means = [t / c if c else float('nan') for t, c in zip(total, count)]
-            self.averages[name] = means[0] if len(means) == 1 else means
-        self.averages['skipped'] = skipped
-        dt = self._step_time / self._steps
-        self.averages.update(speed(dt, self.config['batch_size'], flops_per_image,
-                                   self.peak_tflops, self.world_size, self.device_type))
+            averages[name] = means[0] if k == 1 else means
+            at += 2 * k
+        averages['skipped'] = skipped
+        averages.update(speed(self._step_time / self._steps, self.config['batch_size'],
+                              flops_per_image, self.peak_tflops, self.world_size, self.device_type))
         self._sums, self._steps, self._step_time = {}, 0, 0.0
+        return averages
 
     def due(self, interval):
         """Whether this is every interval-th step, or the last."""
@@ -688,8 +707,8 @@ class Run:
     def log(self, quiet=None, **named):
         """One row of metrics.csv (and wandb) for this step, and rank 0's log line: the named
         values (tensors are read), on a log step after run.averages, and quiet's values in the row
-        only. What comes between end_step and here (evaluations, grids, checkpoints) is not
-        counted as step time."""
+        only. On a log step, what comes after end_step (evaluations, grids, this line, a
+        checkpoint) is not counted as step time."""
         row = {'step': self.step, 'kimg': self.images_seen / 1e3}
         if self.log_step:
             row.update({k: v for k, v in self.averages.items() if not isinstance(v, list)})
@@ -704,7 +723,8 @@ class Run:
                   + (f" | {row['skipped']} non-finite update(s) skipped"
                      if row.get('skipped') else ''))
             self._metrics.log({**row, **(quiet or {})})
-        self._mark = time.time()
+        if self.log_step:
+            self._mark = time.time()
 
     def finish(self):
         """After the loop: says why it stopped early, closes wandb, and takes the process group
@@ -819,10 +839,14 @@ class SkipCounter:
         self.streak = (self.streak + 1) * bad
         self.worst = torch.maximum(self.worst, self.streak)
 
-    def read(self, max_nonfinite, step, last_good):
-        """The updates skipped since the last read; stops the run when max_nonfinite came in
-        a row."""
-        skipped, worst = int(self.skipped.item()), int(self.worst.item())
+    def counts(self):
+        """The skipped updates and the longest run of them since the last read, as one tensor."""
+        return torch.stack([self.skipped, self.worst]).float()
+
+    def read(self, counts, max_nonfinite, step, last_good):
+        """The updates skipped since the last read, given counts() as read; stops the run when
+        max_nonfinite came in a row."""
+        skipped, worst = (int(v) for v in counts)
         if worst >= max_nonfinite:
             raise SystemExit(f"error: {worst} updates in a row had a non-finite gradient norm and "
                              f"were skipped (max_nonfinite={max_nonfinite}) by step {step}; "

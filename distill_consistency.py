@@ -196,7 +196,7 @@ keys = ('arch', 'schedule', 'prediction_type', 'num_timesteps', 'sigma_data')
 ckpt = run.resume(model_args=asdict(model_config), teacher_config={k: tconf[k] for k in keys},
                   model=model, ema=ema, optimizer=optimizer)
 if ckpt and target == 'ema':  # (a run that switches to target='ema' starts it from the student)
-    target_net.load_state_dict(ckpt.get('target') or ckpt['model'])
+    bk.load_state(target_net, ckpt.get('target') or ckpt['model'], run.ckpt_path, 'target')
 del ckpt
 if run.master:
     print(f"teacher {teacher_path}: {tconf['arch']}, {tconf['schedule']} schedule, "
@@ -330,17 +330,17 @@ for step in range(run.step, max_steps):
         if target == 'ema':
             torch._foreach_lerp_(target_params, params, (1 - target_ema) * ~bad)
     run.end_step(bad, flops_per_image)
-    # grids, checkpoints and the log line, each when due
+    # grids, the log line and checkpoints, each when due
     if run.master and run.due(sample_interval):
         bk.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'))
+    if run.log_step:
+        run.log(lr=lr_now, grad_norm=grad_norm,
+                ect_stage=step * ect_stages // max_steps if mode == 'ect' else None)
     if run.due(ckpt_interval) or run.stop:
         run.save(model=raw_model, ema=ema, optimizer=optimizer,
                  model_args=asdict(model_config), teacher_config=tconf,
                  consistency={'sigma_min': sigma_min, 'sigma_max': sigma_max},
                  target=target_net if target == 'ema' else None)
-    if run.log_step:
-        run.log(lr=lr_now, grad_norm=grad_norm,
-                ect_stage=step * ect_stages // max_steps if mode == 'ect' else None)
     if run.stop:
         break
 run.finish()

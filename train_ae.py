@@ -334,8 +334,8 @@ for step in range(run.step, max_steps):
     with torch.no_grad():  # the EMA with warm-up (a skipped update leaves it alone)
         torch._foreach_lerp_(ema_params, params, (1 - min(ema_decay, (1 + step) / (10 + step))) * ~bad)
     run.end_step(bad, flops_per_image(step))
-    # validation (best.pt, early stopping), checkpoints and the log line, each when due
-    val, early_stop = {}, False
+    # validation (best.pt, early stopping), the log line and checkpoints, each when due
+    val, improved, early_stop = {}, False, False
     if run.due(eval_interval):
         val = {**evaluate(raw_model), **evaluate(ema, '_ema')}
         improved = val['val_psnr_ema'] > best_psnr
@@ -343,12 +343,12 @@ for step in range(run.step, max_steps):
         early_stop = patience > 0 and stale_evals >= patience
         if run.master:
             bk.save_grid(reconstruction_grid(), run.path(f'recon_{run.step:07d}.png'), grid_cols)
-        if improved:
-            save(run.path('best.pt'))
-    if run.due(ckpt_interval) or run.stop or early_stop:
-        save()
     if run.log_step or val:
         run.log(lr=lr_now, grad_norm=grad_norm, d_grad_norm=d_grad_norm if train_disc else None, **val)
+    if improved:
+        save(run.path('best.pt'))
+    if run.due(ckpt_interval) or run.stop or early_stop:
+        save()
     if early_stop and not run.last and run.master:
         print(f"stopped early at step {run.step}: {stale_evals} validations without a better PSNR than "
               f"{best_psnr:.2f} dB; best.pt holds the best")

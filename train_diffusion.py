@@ -515,19 +515,19 @@ for step in range(run.step, max_steps):
             torch._foreach_lerp_(tracked, params, 1 - (1 - 1 / (step + 1)) ** (gamma + 1))
     run.end_step(bad, flops_per_image)
 
-    # evaluations, grids, checkpoints and the log line, each when due
+    # evaluations, grids, the log line and checkpoints, each when due
     val = ({**estimate_val_loss(raw_model), **estimate_val_loss(ema, '_ema')}
            if run.due(eval_interval) else {})
     if run.master and run.due(sample_interval):
         bk.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'))
+    if run.log_step or val:
+        run.log(lr=lr_now, grad_norm=grad_norm, **val, quiet=noise_level_losses(run.averages))
     checkpoint = run.due(ckpt_interval) or run.stop
     if run.master and phema and (run.due(phema_interval) or checkpoint):
         save_phema(run.step)
     if checkpoint:
         run.save(model=raw_model, ema=ema, optimizer=optimizer, scaler=scaler,
                  model_args=asdict(model_config), phema=phema)
-    if run.log_step or val:
-        run.log(lr=lr_now, grad_norm=grad_norm, **val, quiet=noise_level_losses(run.averages))
     if run.stop:
         break
 run.finish()

@@ -317,14 +317,14 @@ for step in range(run.step, max_steps):
         beta = ema_beta(run.images_seen + batch_size)
         torch._foreach_lerp_(ema_params, params, (1 - beta) * ~g_bad)
     run.end_step(d_bad | g_bad, flops_per_image)  # either update skipped: the step's sums drop
-    # grids, checkpoints and the log line, each when due
+    # grids, the log line and checkpoints, each when due
     if run.master and run.due(sample_interval):
         bk.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'), grid_cols)
+    if run.log_step:
+        run.log(lr=lr_now, d_grad_norm=d_grad_norm, g_grad_norm=g_grad_norm)
     if run.due(ckpt_interval) or run.stop:
         run.save(model=raw_model, ema=ema, disc=disc, optimizer=optimizer,
                  d_optimizer=d_optimizer, model_args=asdict(model_config))
-    if run.log_step:
-        run.log(lr=lr_now, d_grad_norm=d_grad_norm, g_grad_norm=g_grad_norm)
     if run.stop:
         break
 run.finish()
