@@ -25,7 +25,6 @@ import ast
 import csv
 import os
 import runpy
-import shutil
 import sys
 import time
 
@@ -46,7 +45,7 @@ bench = dict(
     bench_warmup=5,  # untimed steps first (compile, allocator, cudnn autotune),
     #                  rounded up to bench_steps
     teacher_arch='',  # distill_consistency.py: a random teacher of this arch, not the config's
-    bench_dir='out-bench',  # bench.py's data, teacher, run and trace (emptied first)
+    bench_dir='out-bench',  # bench.py's data, teacher, run and trace (the folders it made: emptied first)
     profile=False,  # a second, 5-step run, 2 of its steps profiled: a table, bench_dir/bench_trace.json
 )
 # seen: the keys the config files and overrides set (dataset, teacher, reg_interval)
@@ -85,8 +84,9 @@ if 'run' not in keys or 'max_steps' not in keys:
 if bench['bench_steps'] < 1 or bench['bench_warmup'] < 1:
     raise SystemExit("error: bench_steps and bench_warmup must be at least 1")
 bench_dir = os.path.abspath(bench['bench_dir'])
+MARK = '.made-by-bench'  # in each folder bench.py makes: the only ones it removes
 for sub in ('data', 'teacher', 'run', 'profile'):
-    shutil.rmtree(os.path.join(bench_dir, sub), ignore_errors=True)
+    bookkeeping.remove_made(os.path.join(bench_dir, sub), MARK)
 os.makedirs(bench_dir, exist_ok=True)
 
 def run_script(name, args):
@@ -107,7 +107,7 @@ if H or C:
         raise SystemExit(f"error: image_size={H}, channels={C}: pass both, positive")
     K = bench['num_classes'] if bench['num_classes'] >= 0 else 10
     dataset = os.path.join(bench_dir, 'data')
-    os.makedirs(dataset)
+    bookkeeping.make_folder(dataset, MARK)
     N = 256
     for split in ('train', 'val'):
         np.save(os.path.join(dataset, f'{split}_x.npy'),
@@ -120,6 +120,7 @@ if 'teacher' in keys:  # a distillation: its teacher
     teacher = str(seen.get('teacher', 'out-mnist-dit'))
     if bench['teacher_arch']:
         teacher = os.path.join(bench_dir, 'teacher')
+        bookkeeping.make_folder(teacher, MARK)
         run_script('train_diffusion.py', [f'--arch={bench["teacher_arch"]}', f'--dataset={dataset}',
                                           '--max_steps=1', '--batch_size=8', '--eval_images=8',
                                           '--sample_steps=1', f'--out_dir={teacher}'])
@@ -147,6 +148,7 @@ small = {'eval_images': 16, 'sample_steps': 1, 'disc_start': 0, 'adv_start': 0, 
 extra = [f'--{k}={v}' for k, v in small.items() if k in keys]
 
 def timed_run(out_dir, total, log_interval):
+    bookkeeping.make_folder(out_dir, MARK)
     return run_script(script, [*script_args, *[f'--{k}={never}' for k in intervals], *extra,
                                f'--out_dir={out_dir}', '--init_from=scratch', '--keep_last=0',
                                '--max_minutes=0', '--wandb_log=False', f'--max_steps={total}',

@@ -14,12 +14,12 @@ import contextlib
 import csv
 import fcntl
 import functools
-import glob
 import json
 import math
 import os
 import pickle
 import random
+import re
 import resource
 import shutil
 import signal
@@ -175,7 +175,7 @@ def save_dataset(out_dir, arrays, meta):
     paths = [os.path.join(out_dir, name) for name in files]
     try:
         for path, write in zip(paths, files.values()):
-            with open(path + ".tmp", "wb") as f:
+            with open_new(path + ".tmp") as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -188,7 +188,7 @@ def save_dataset(out_dir, arrays, meta):
                          f"make room or pass another --out_dir")
     finally:  # remove what a failure left behind
         for path in paths:
-            if os.path.lexists(path + ".tmp"):
+            if os.path.lexists(path + ".tmp") and not os.path.isdir(path + ".tmp"):
                 os.remove(path + ".tmp")
 
 
@@ -320,6 +320,50 @@ def load_state(net, state, path, key):
                          f"resume with the config it was trained with, or choose another out_dir")
 
 
+def open_new(path, mode='wb'):
+    """path opened for writing as a new file. What is there already, a file or a link, is removed
+    first, never written through (a planted link's target stays as it was); a folder there is one
+    line."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise SystemExit(f"error: {path} is a folder where this kit writes a file; it is left as it "
+                         f"is: move it away and re-run the same command")
+    if os.path.lexists(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    return os.fdopen(fd, mode, **({} if 'b' in mode else {'newline': ''}))
+
+
+def make_folder(path, marker):
+    """A new folder at path with the empty file marker in it: what remove_made may remove later."""
+    os.makedirs(path)
+    open_new(os.path.join(path, marker)).close()
+
+
+def remove_made(path, marker):
+    """Removes the folder path if this kit made it (make_folder's marker is in it), never following
+    a link; anything else there stops the run with one line and is left as it is."""
+    if not os.path.lexists(path):
+        return
+    if (os.path.islink(path) or not os.path.isdir(path)
+            or not os.path.isfile(os.path.join(path, marker))):
+        raise SystemExit(f"error: {path} is not a folder this kit made (no {marker} in it), so it is "
+                         f"not removed; move it away, or pass another folder")
+    shutil.rmtree(path)
+
+
+KEPT = re.compile(r'ckpt_(\d{7})\.pt')  # keep_last's copies: ckpt_<step, 7 digits>.pt
+
+
+def kept_checkpoints(out_dir):
+    """keep_last's copies in out_dir as (step, path), oldest first: files of exactly the kit's names
+    (a user's ckpt_5.pt, ckpt_20_old.pt or a link is not one, and is never pruned)."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted((int(m[1]), os.path.join(out_dir, name)) for name in names
+                  if (m := KEPT.fullmatch(name))
+                  and os.path.isfile(os.path.join(out_dir, name))
+                  and not os.path.islink(os.path.join(out_dir, name)))
+
+
 def check_writable(out_dir):
     """Makes out_dir if need be, and stops now when nothing can be written there (a run, or
     sample.py, finds out before its work rather than at its first file)."""
@@ -343,7 +387,11 @@ def lock_out_dir(out_dir):
         return
     path = os.path.join(out_dir, 'run.lock')
     while True:
-        f = open(path, 'a+')
+        try:  # never through a link: a planted run.lock -> somefile would have it truncated
+            f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), 'r+')
+        except OSError as e:
+            raise SystemExit(f"error: {path} is not a lock this kit made ({e.strerror}: a link or a "
+                             f"folder); it is left as it is: remove it and re-run the same command")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -467,7 +515,7 @@ class Run:
             if path and os.path.realpath(path) == os.path.realpath(out_dir):
                 raise SystemExit(f"error: out_dir='{out_dir}' is the {what}'s folder, which this "
                                  f"run reads; pass another --out_dir")
-        kept = sorted(glob.glob(os.path.join(out_dir, 'ckpt_[0-9]*.pt')))
+        kept = [path for _, path in kept_checkpoints(out_dir)]
         exists = os.path.exists(self.ckpt_path)
         if init_from == 'auto':
             if kept and not exists:
@@ -571,8 +619,7 @@ class Run:
         ckpt = load_checkpoint(self.ckpt_path, "restore a checkpoint this script wrote (keep_last "
                                "keeps ckpt_<step>.pt copies), or start in another --out_dir",
                                self.device, [self.kind])
-        newer = [f for f in glob.glob(self.path('ckpt_[0-9]*.pt'))
-                 if int(os.path.basename(f)[5:-3]) > ckpt['step']]
+        newer = [path for step, path in kept_checkpoints(self.out_dir) if step > ckpt['step']]
         if newer:
             raise SystemExit(f"error: {self.out_dir} keeps {os.path.basename(max(newer))}, newer "
                              f"than ckpt.pt (step {ckpt['step']}): another history of this run; "
@@ -612,14 +659,15 @@ class Run:
 
     def _write(self, path, state):
         try:
-            with open(path + '.tmp', 'wb') as f:
+            with open_new(path + '.tmp') as f:
                 torch.save(state, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(path + '.tmp', path)
         # a full disk surfaces from torch.save as a RuntimeError
         except (OSError, RuntimeError) as e:
-            os.remove(path + '.tmp')
+            if os.path.isfile(path + '.tmp'):
+                os.remove(path + '.tmp')
             why = e.strerror if isinstance(e, OSError) else 'torch.save could not write it'
             free = shutil.disk_usage(self.out_dir).free / 2**30
             raise SystemExit(f"error: writing {path} failed at step {self.step} "
@@ -632,7 +680,7 @@ class Run:
             os.link(path, kept + '.tmp')
             # (over a copy of this step from an abandoned history)
             os.replace(kept + '.tmp', kept)
-            for old in sorted(glob.glob(self.path('ckpt_[0-9]*.pt')))[:-keep_last]:
+            for _, old in kept_checkpoints(self.out_dir)[:-keep_last]:
                 os.remove(old)
         print(f"saved {path} at step {self.step}")
 
@@ -796,15 +844,16 @@ class Metrics:
 
 
 class StopSignals:
-    """SIGTERM (a scheduler, torchrun), SIGUSR1 (SLURM's --signal warning) and Ctrl-C (SIGINT) ask
-    the loop to finish its step, save and exit 0; a second Ctrl-C exits at once. vote() says, at
+    """SIGTERM (a scheduler, torchrun), SIGUSR1 (SLURM's --signal warning), SIGHUP (a closed terminal
+    or a dropped ssh) and Ctrl-C (SIGINT) ask the loop to finish its step, save and exit 0; a second
+    Ctrl-C exits at once. vote() says, at
     every step, whether to stop now: the same answer on every rank (a vote on the host, over a gloo
     group, that does not wait for the GPU)."""
 
     def __init__(self, max_minutes, t_start, ddp):
         self.max_minutes, self.t_start, self.signum = max_minutes, t_start, 0
         self.group = dist.new_group(backend='gloo') if ddp else None
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, self.request)
 
     def request(self, signum, frame):
@@ -907,7 +956,7 @@ def write_file(path, write, mode='wb'):
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(path + '.tmp', mode, **({} if 'b' in mode else {'newline': ''})) as f:
+        with open_new(path + '.tmp', mode) as f:
             write(f)
         os.replace(path + '.tmp', path)
     except (OSError, RuntimeError) as e:  # (a full disk surfaces from torch.save as a RuntimeError)

@@ -23,6 +23,7 @@ between the two renames, the old one is <latents>.old-<pid>).
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -37,6 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bookkeeping as bk  # noqa: E402
 from model import AEConfig, Autoencoder  # noqa: E402
 from pretrained import or_exit, sd_vae  # noqa: E402
+
+
+# the files of a latent dataset, all that re-encoding replaces
+LATENT_FILES = re.compile(r'(train|val)_(x|y|x_flip|control)\.npy|meta\.json|autoencoder\.pt')
 
 
 def load_vae(path, H, C, dataset):
@@ -147,6 +152,13 @@ def main():
     if os.path.exists(target) and not read_meta(target).get('latent'):
         raise SystemExit(f"error: {target} exists and is no latent dataset (its meta.json has no 'latent' "
                          f"entry), and writing the latents there would delete it; pass another --latents")
+    # the new latents replace the old folder whole: only when it holds nothing but what the kit writes there
+    foreign = sorted(name for name in (os.listdir(target) if os.path.isdir(target) else [])
+                     if not LATENT_FILES.fullmatch(name)
+                     or os.path.islink(os.path.join(target, name)))
+    if foreign:
+        raise SystemExit(f"error: {target} holds {foreign[0]}, which is not a file the kit writes there, and "
+                         f"re-encoding replaces the folder whole; move it away, or pass another --latents")
     source = args.vae or os.path.join(args.autoencoder, f'{args.weights}.pt')
     ae, ckpt = load_vae(source, H, C, args.dataset) if args.vae else load_autoencoder(source, H, C, args.dataset)
     weights = 'released weights' if args.vae else f"step {ckpt['step']}, EMA weights"

@@ -320,6 +320,11 @@ def test_latents_of_a_diffusers_vae_train_and_decode_through_its_scaling(padded_
         '--device=cpu')
     z = np.load(stats / 'train_x.npy').astype(np.float64).reshape(-1, 4)
     np.testing.assert_allclose(json.loads((stats / 'meta.json').read_text())['latent']['mean'], z.mean(0), atol=1e-3)
+    (stats / 'my-run').mkdir()  # a user's folder among the latents: re-encoding, which replaces the folder, refuses
+    p = run('data/prepare_latents.py', f'--vae={vae}', f'--dataset={padded_digits}', f'--latents={stats}',
+            '--device=cpu', check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith(
+        f"error: {stats} holds my-run, which is not a file the kit writes there") and (stats / 'my-run').is_dir()
 
     out = tmp_path / 'out'
     run('train_diffusion.py', 'config/mnist_dit.py', f'--dataset={latents}', '--arch=DiT-N/2', '--max_steps=3',

@@ -199,10 +199,10 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(request, tmp_path, script):
 
 
 def test_sigterm_sigusr1_and_max_minutes_stop_cleanly(reference, tmp_path):
-    """SIGTERM and SIGUSR1 finish the step, save and exit 0; so does max_minutes. Re-running the command resumes, and
+    """SIGTERM, SIGUSR1 and SIGHUP (a closed terminal) finish the step, save and exit 0; so does max_minutes. Re-running the command resumes, and
     the run ends bit-identical to the uninterrupted one."""
     out = tmp_path / 'run'
-    for sig, at in [(signal.SIGTERM, 5), (signal.SIGUSR1, 14)]:
+    for sig, at in [(signal.SIGTERM, 5), (signal.SIGUSR1, 14), (signal.SIGHUP, 20)]:
         p = launch(out)
         read_until(p, rf'^step {at}/')
         p.send_signal(sig)
@@ -755,3 +755,45 @@ def test_a_ckpt_pt_older_than_a_kept_copy_is_not_resumed(runs, tmp_path, script)
     assert_one_line(p, f"error: {out} keeps ckpt_0000002.pt, newer than ckpt.pt (step 1): another history of this "
                        f"run; move the newer copies away to go on from ckpt.pt")
     assert snapshot(out) == before
+
+
+# 9. the kit removes, prunes and writes through only what it made
+def test_foreign_files_and_links_in_out_dir_are_left_as_they_are(mnist, tmp_path):
+    """A user's ckpt_5.pt and ckpt_20_before_lr_change.pt beside a run, and links planted at the temporary names the
+    run writes (ckpt.pt.tmp, metrics.csv.tmp): keep_last prunes only its own copies, the resume reads past the user's
+    files, and no link's target is written; a link planted as run.lock is refused in one line."""
+    out, outside = tmp_path / 'out', tmp_path / 'precious.txt'
+    out.mkdir()
+    outside.write_text('mine')
+    foreign = {'ckpt_5.pt': 'a user file', 'ckpt_20_before_lr_change.pt': 'a backup'}
+    for name, text in foreign.items():
+        (out / name).write_text(text)
+    for name in ('ckpt.pt.tmp', 'metrics.csv.tmp'):
+        os.symlink(outside, out / name)
+    args = [*BASE, '--ckpt_interval=1', '--keep_last=2', '--eval_interval=1000', '--sample_interval=1000']
+    run('train_diffusion.py', *args, '--max_steps=4', f'--out_dir={out}')
+    p = run('train_diffusion.py', *args, '--max_steps=5', f'--out_dir={out}')
+    assert 'resuming' in p.stdout and outside.read_text() == 'mine'
+    assert all((out / name).read_text() == text for name, text in foreign.items())
+    assert sorted(f for f in os.listdir(out) if f.startswith('ckpt_0')) == ['ckpt_0000004.pt', 'ckpt_0000005.pt']
+    lock = tmp_path / 'locked'
+    lock.mkdir()
+    os.symlink(outside, lock / 'run.lock')
+    p = run('train_diffusion.py', *args, '--max_steps=1', f'--out_dir={lock}', check=False)
+    assert_one_line(p, f"error: {lock / 'run.lock'} is not a lock this kit made")
+    assert outside.read_text() == 'mine' and os.listdir(lock) == ['run.lock']
+
+
+def test_bench_removes_only_the_folders_it_made(tmp_path):
+    """bench.py empties its own folders on every run, and refuses, in one line, one it did not make: a user's data/
+    in --bench_dir=. is not deleted."""
+    args = ['bench.py', '--dataset=none', '--arch=DiT-N/2', '--image_size=8', '--channels=4', '--batch_size=4',
+            '--bench_steps=1', '--bench_warmup=1', f'--bench_dir={tmp_path}']
+    run(*args)
+    run(*args)  # (its own folders, replaced)
+    shutil.rmtree(tmp_path / 'data')
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'mine.npy').write_text('a dataset')
+    p = run(*args, check=False)
+    assert_one_line(p, f"error: {tmp_path / 'data'} is not a folder this kit made")
+    assert (tmp_path / 'data' / 'mine.npy').read_text() == 'a dataset'
