@@ -14,6 +14,7 @@ import contextlib
 import csv
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
@@ -56,7 +57,8 @@ COMMON_RULES = {
     'seed': (lambda v, c: 0 <= v < 2**31, 'in [0, 2^31)'),
     'peak_tflops': (lambda v, c: v >= 0, 'at least 0 (0 = the known GPUs\' peak)'),
     'cfg_scale': (lambda v, c: v >= 0, 'at least 0 (1 = no guidance)'),
-    'out_dir': (lambda v, c: v.strip() != '', 'a folder'),
+    'out_dir': (lambda v, c: v.strip() != '' and not v.startswith('~'),
+                'a folder (a path starting with ~ is not expanded here: pass it unquoted, or in full)'),
     'dataset': (lambda v, c: v.strip() != '', 'a prepared dataset, like mnist'),
 }
 
@@ -92,7 +94,13 @@ def check_config(config, choices=(), counts=(), rules=()):
 
 
 def check_device(device):
-    """'cuda' or 'cpu', the device's type; one line for a device that is not one or not here."""
+    """'cuda' or 'cpu', the device's type; one line for a device that is not one or not here, and
+    for a launch that sets RANK without the other variables torchrun sets with it."""
+    unset = [k for k in ('LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+             if 'RANK' in os.environ and k not in os.environ]
+    if unset:
+        raise SystemExit(f"error: RANK={os.environ['RANK']} is set but not {', '.join(unset)}: launch "
+                         f"with torchrun, or unset RANK")
     try:
         torch.device(device)
     except RuntimeError:
@@ -320,6 +328,29 @@ def load_state(net, state, path, key):
                          f"resume with the config it was trained with, or choose another out_dir")
 
 
+def fingerprint(path):
+    """What identifies an input a run reads, cheaply, and changes when it is written again: for a
+    run's folder its ckpt.pt, for a prepared dataset its arrays and its latents' decoder, else the
+    file itself; each file by its size and a hash of its first and last MiB (None: nothing there)."""
+    if os.path.isfile(os.path.join(path, 'ckpt.pt')):
+        files = [os.path.join(path, 'ckpt.pt')]
+    elif os.path.isdir(path):
+        files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if re.fullmatch(r'(train|val)_(x|y|x_flip)\.npy|autoencoder\.pt', n))
+    else:
+        files = [path] if os.path.isfile(path) else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for name in files:
+        size = os.path.getsize(name)
+        with open(name, 'rb') as f:
+            head = f.read(2**20)
+            f.seek(max(0, size - 2**20))
+            digest.update(f"{os.path.basename(name)} {size}".encode() + head + f.read())
+    return digest.hexdigest()[:16]
+
+
 def open_new(path, mode='wb'):
     """path opened for writing as a new file. What is there already, a file or a link, is removed
     first, never written through (a planted link's target stays as it was); a folder there is one
@@ -505,6 +536,9 @@ class Run:
         self._metrics = None
         self._stopper = StopSignals(config.get('max_minutes', 0), time.time(), self.ddp)
         self._skips = SkipCounter(device)
+        # what identifies this run, and each input it reads (checked again on resume)
+        self.run_id = os.urandom(8).hex()
+        self.inputs = {what: (path, fingerprint(path)) for what, path in inputs if path}
         self.peak_tflops = (config.get('peak_tflops', 0)
                             or device_peak_tflops(self.device_type, config['dtype']))
 
@@ -590,7 +624,8 @@ class Run:
                     load_state(value, ckpt[key], self.ckpt_path, key)
             self.step, self.images_seen = ckpt['step'], ckpt['images_seen']
             self._skips.streak.fill_(ckpt.get('nonfinite_streak', 0))
-            self.wandb_id = ckpt.get('wandb_id')
+            self.wandb_id, self.run_id = ckpt.get('wandb_id'), ckpt.get('run_id', self.run_id)
+            self._check_inputs(ckpt.get('inputs', {}))
             changed = changed_keys(ckpt['config'], self.config)
             if self.master:
                 print(f"resuming {self.ckpt_path} at step {self.step} "
@@ -612,6 +647,15 @@ class Run:
             self._metrics = Metrics(self.path('metrics.csv'), self.step, wandb_run)
         self._mark = time.time()  # the loop's first step starts about now
         return ckpt
+
+    def _check_inputs(self, saved):
+        """Stops when an input the run reads changed since the checkpoint (a teacher trained further, a
+        dataset prepared or encoded again); init_base counts only at a run's start."""
+        for what, (path, now) in self.inputs.items():
+            if what != 'init_base' and saved.get(what, now) != now:
+                raise SystemExit(f"error: the {what} {path} changed since {self.ckpt_path} was written "
+                                 f"(its files are not the ones this run trained on); resume with the "
+                                 f"{what} it had, or start in another --out_dir")
 
     def _load(self):
         """ckpt.pt, of this run's kind. Kept copies newer than it belong to another history: the
@@ -647,6 +691,8 @@ class Run:
         if self.master:
             state = {k: v.state_dict() if hasattr(v, 'state_dict') else v
                      for k, v in named.items()}
+            state.update(inputs={what: fp for what, (_, fp) in self.inputs.items()},
+                         run_id=self.run_id)
             state.update(step=self.step, images_seen=self.images_seen, config=self.config,
                          wandb_id=self.wandb_id, rng=states, nonfinite_streak=streak, kind=self.kind,
                          script=os.path.basename(sys.argv[0]), format=FORMAT)

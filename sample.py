@@ -150,12 +150,17 @@ else:
 if ema_std:  # the post-hoc EMA of the trained weights (the others stay the EMA's); never pretrained
     files = sorted(glob.glob(os.path.join(out_dir, 'phema', 'phema-*.pt')))
     try:  # mmap: each snapshot is read as it is summed
-        snaps = [torch.load(f, map_location='cpu', weights_only=True, mmap=True) for f in files]
-        snaps = [(s['step'], g, w) for s in snaps if s['step'] <= ckpt['step']
+        loaded = [torch.load(f, map_location='cpu', weights_only=True, mmap=True) for f in files]
+        snaps = [(s['step'], g, w) for s in loaded if s['step'] <= ckpt['step']
                  for g, w in zip(s['gamma'], s['ema'])]
     except Exception as e:
         raise SystemExit(f"error: cannot read the post-hoc EMA snapshots in {out_dir}/phema/ "
                          f"({str(e).splitlines()[0][:200]}); remove the broken one, or sample with ema_std=0")
+    # the snapshots of this run only: another run's, summed in, would give weights of neither
+    other = [f for f, s in zip(files, loaded) if s.get('run_id', ckpt.get('run_id')) != ckpt.get('run_id')]
+    if other:
+        raise SystemExit(f"error: {other[0]} is a snapshot of another run than {ckpt_path}; move it (and "
+                         f"the other run's) out of {out_dir}/phema/, or sample with ema_std=0")
     if not snaps:
         raise SystemExit(f"error: ema_std={ema_std} but {out_dir}/phema/ holds no snapshots; train "
                          f"with phema_stds set, or sample the checkpoint's EMA with ema_std=0")

@@ -310,6 +310,9 @@ optimizer = bk.adamw(params, lr, (beta1, beta2), weight_decay)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 ckpt = run.resume(model=model, ema=ema, optimizer=optimizer, scaler=scaler,
                   model_args=asdict(model_config))
+if ckpt and ckpt['config'].get('init_base', '') != init_base:  # (init_base only starts a run)
+    raise SystemExit(f"error: init_base='{init_base}' starts a new run, but {run.ckpt_path} (step "
+                     f"{ckpt['step']}) is resumed; to fine-tune from it, pass another --out_dir")
 if ckpt and ckpt['config'].get('phema_stds', '') != phema_stds:
     raise SystemExit(f"error: {run.ckpt_path} tracks post-hoc EMAs phema_stds="
                      f"'{ckpt['config'].get('phema_stds', '')}'; resume with that value")
@@ -420,7 +423,7 @@ def save_phema(step):
     path = run.path(f'phema/phema-{step:07d}.pt')
     # the names of the trained weights, in the order of params
     names = [name for name, p in raw_model.named_parameters() if p.requires_grad]
-    snapshot = {'step': step, 'sigma_rel': phema_sigmas, 'gamma': phema_gammas,
+    snapshot = {'step': step, 'run_id': run.run_id, 'sigma_rel': phema_sigmas, 'gamma': phema_gammas,
                 'ema': [dict(zip(names, (w.cpu() for w in tracked))) for tracked in phema]}
     bk.write_file(path, lambda f: torch.save(snapshot, f))
 

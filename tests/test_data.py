@@ -355,6 +355,21 @@ def test_folder_errors(tmp_path):
     assert not (tmp_path / "out" / "train_x.npy").exists()
 
 
+def test_folder_applies_a_photos_exif_orientation(tmp_path):
+    """A camera's JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to show) is prepared as it
+    is shown: its top-left red quarter moves to the top right."""
+    src, out = tmp_path / "src" / "all", tmp_path / "out"
+    src.mkdir(parents=True)
+    image = Image.new("RGB", (16, 16), (0, 0, 0))
+    image.paste((255, 0, 0), (0, 0, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(src / "photo.jpg", exif=exif, quality=95)
+    prepare("folder", f"--src={tmp_path / 'src'}", f"--out_dir={out}", "--image_size=16", "--val_fraction=0")
+    x = load(out)[0][0].astype(int)
+    assert x[:8, 8:, 0].mean() > 200 and x[:8, :8, 0].mean() < 50  # red now at the top right
+
+
 def solid(path, colour, size=8):
     """An image of one colour at path, its folders made."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run
+from conftest import MNIST, REPO, run
 
 # 30 steps of a tiny DiT, a log line per step, a checkpoint every 3, evaluations and sample grids on the way
 BASE = ['--arch=DiT-N/4', '--batch_size=16', '--log_interval=1', '--eval_interval=6', '--eval_images=32',
@@ -797,3 +797,45 @@ def test_bench_removes_only_the_folders_it_made(tmp_path):
     p = run(*args, check=False)
     assert_one_line(p, f"error: {tmp_path / 'data'} is not a folder this kit made")
     assert (tmp_path / 'data' / 'mine.npy').read_text() == 'a dataset'
+
+
+# 10. a resumed run notices that an input it reads changed
+def test_a_changed_input_or_another_runs_snapshots_are_refused(mnist, tmp_path):
+    """A dataset prepared again under a run, a teacher trained further under its student: the resume stops in one
+    line naming the input. init_base given to a run that resumes is refused rather than recorded and never applied,
+    and sample.py sums no post-hoc EMA snapshot of another run into this one's."""
+    data = tmp_path / 'digits'
+    shutil.copytree(MNIST, data, ignore=shutil.ignore_patterns('*.whl', '*.gz', 'raw', 'run.lock'))
+    args = [*BASE, '--max_steps=2', '--eval_interval=2', '--sample_interval=1000', '--phema_stds=0.05',
+            '--phema_interval=1']
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    for out in (a, b):
+        run('train_diffusion.py', *args, f'--dataset={data}', f'--out_dir={out}')
+    p = run('train_diffusion.py', *args, '--max_steps=3', f'--dataset={data}', f'--out_dir={b}',
+            f'--init_base={a}', check=False)
+    assert_one_line(p, f"error: init_base='{a}' starts a new run, but {b / 'ckpt.pt'} (step 2) is resumed")
+    y = np.load(data / 'train_y.npy')
+    np.save(data / 'train_y.npy', (y + 1) % 10)  # prepared again, other labels
+    p = run('train_diffusion.py', *args, '--max_steps=3', f'--dataset={data}', f'--out_dir={a}', check=False)
+    assert_one_line(p, f"error: the dataset {data} changed since {a / 'ckpt.pt'} was written")
+    shutil.copy(b / 'phema' / 'phema-0000002.pt', a / 'phema' / 'phema-0000002.pt')
+    p = run('sample.py', f'--out_dir={a}', '--ema_std=0.06', '--num_samples=4', check=False)
+    assert_one_line(p, f"error: {a / 'phema' / 'phema-0000002.pt'} is a snapshot of another run than")
+    student = tmp_path / 'student'
+    distill = ['--batch_size=8', '--log_interval=1', f'--teacher={b}', f'--out_dir={student}']
+    run('distill_consistency.py', *distill, '--max_steps=1')
+    run('train_diffusion.py', *args, '--max_steps=3', f'--out_dir={b}')  # the teacher, trained further
+    p = run('distill_consistency.py', *distill, '--max_steps=2', check=False)
+    assert_one_line(p, f"error: the teacher {b} changed since {student / 'ckpt.pt'} was written")
+
+
+def test_a_stray_rank_and_an_unexpanded_home_are_refused(mnist, tmp_path):
+    """RANK in the environment without torchrun's other variables, and an out_dir of ~ (a literal folder named ~ in
+    the working directory otherwise): one line each, nothing made."""
+    p = run('train_diffusion.py', *BASE, '--max_steps=1', f'--out_dir={tmp_path / "out"}', env={'RANK': '0'},
+            check=False)
+    assert_one_line(p, "error: RANK=0 is set but not LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: launch with "
+                       "torchrun, or unset RANK")
+    p = run('train_diffusion.py', *BASE, '--max_steps=1', '--out_dir=~/runs/a', check=False)
+    assert_one_line(p, "error: out_dir='~/runs/a' must be a folder (a path starting with ~ is not expanded here")
+    assert not os.path.exists(os.path.join(REPO, '~')) and not os.path.exists(tmp_path / 'out')

@@ -27,7 +27,7 @@ import os
 import stat
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # folders that are never classes nor searched, besides hidden ones (any name starting with '.')
@@ -154,7 +154,8 @@ def load_image(path, size, mode):
     try:
         with open_regular(path) as f, Image.open(f) as image:
             image.load()  # decodes now, so a truncated file raises here
-            arr = center_crop(to_8bit(image, mode), size)
+            # a camera's photo as it is shown: its EXIF orientation applied
+            arr = center_crop(to_8bit(ImageOps.exif_transpose(image), mode), size)
         return arr.reshape(size, size, -1), None
     except Exception as e:
         return None, f"{type(e).__name__}: {e}"
