@@ -15,8 +15,12 @@ Works on any dataset a data/<name>/prepare.py wrote (or a path), in chunks, so I
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bookkeeping import lock_out_dir  # noqa: E402 (the kit's lock on a folder it writes)
 
 KINDS = ('downsample4', 'edges')
 
@@ -48,6 +52,7 @@ def main():
         images = {s: np.load(os.path.join(data_dir, f'{s}_x.npy'), mmap_mode='r') for s in ('train', 'val')}
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: no prepared dataset in {data_dir} ({e}); run its prepare.py first")
+    lock_out_dir(data_dir)  # one writer at a time, as for a run's out_dir
     if meta.get('latent') or images['train'].dtype != np.uint8:
         raise SystemExit(f"error: {data_dir} holds latents; derive the control of the pixel dataset they came from")
     H = meta['image_size']

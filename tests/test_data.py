@@ -370,6 +370,26 @@ def test_folder_applies_a_photos_exif_orientation(tmp_path):
     assert x[:8, 8:, 0].mean() > 200 and x[:8, :8, 0].mean() < 50  # red now at the top right
 
 
+def test_two_writers_of_one_dataset_folder_are_refused(tmp_path):
+    """A prepare run into a folder another process is writing (it holds the kit's lock) stops in one line naming
+    the holder, and writes nothing."""
+    src, out = tmp_path / "src" / "all", tmp_path / "out"
+    solid(src / "a.png", (255, 0, 0))
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {REPO!r}); import bookkeeping, "
+                               f"time; bookkeeping.lock_out_dir({str(out)!r}); print('held', flush=True); "
+                               f"time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        p = prepare("folder", f"--src={tmp_path / 'src'}", f"--out_dir={out}", "--image_size=8", "--val_fraction=0",
+                    ok=False)
+        assert p.stderr.strip().splitlines()[-1].startswith(f"error: out_dir='{out}' is in use by pid {holder.pid}")
+        assert os.listdir(out) == ["run.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def solid(path, colour, size=8):
     """An image of one colour at path, its folders made."""
     path.parent.mkdir(parents=True, exist_ok=True)

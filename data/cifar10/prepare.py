@@ -24,7 +24,7 @@ import zlib
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from bookkeeping import save_dataset  # noqa: E402 (the kit's dataset format, written whole)
+from bookkeeping import lock_out_dir, save_dataset  # noqa: E402 (the kit's dataset format, written whole)
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 MD5 = "c32a1d4ab5d03f1284b67883e8d87530"  # as listed on https://www.cs.toronto.edu/~kriz/cifar.html
@@ -85,6 +85,7 @@ try:
 except OSError as e:
     raise SystemExit(f"error: cannot make --out_dir {args.out_dir} ({e.strerror}); pass a path "
                      f"that is not a file nor under one")
+lock_out_dir(args.out_dir)  # one writer at a time, as for a run's out_dir
 
 archive = args.archive
 if archive is None:

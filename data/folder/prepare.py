@@ -25,9 +25,13 @@ import json
 import multiprocessing
 import os
 import stat
+import sys
 
 import numpy as np
 from PIL import Image, ImageOps
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from bookkeeping import lock_out_dir  # noqa: E402 (the kit's lock on a folder it writes)
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # folders that are never classes nor searched, besides hidden ones (any name starting with '.')
@@ -275,6 +279,7 @@ def main():  # a function, so that worker processes started by spawn/forkserver 
     except OSError as e:
         raise SystemExit(f"error: cannot make --out_dir {args.out_dir} ({e.strerror}); pass a path "
                          f"that is not a file nor under one")
+    lock_out_dir(args.out_dir)  # one writer at a time, as for a run's out_dir
     # decode into .tmp files beside the old dataset: it stays readable until the new one is complete
     try:
         with multiprocessing.Pool(args.workers) as pool:

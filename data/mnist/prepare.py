@@ -30,7 +30,7 @@ import zlib
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from bookkeeping import save_dataset  # noqa: E402 (the kit's dataset format, written whole)
+from bookkeeping import lock_out_dir, save_dataset  # noqa: E402 (the kit's dataset format, written whole)
 
 MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
 IDX_MD5 = {  # as listed in torchvision.datasets.MNIST.resources
@@ -185,6 +185,7 @@ try:
 except OSError as e:
     raise SystemExit(f"error: cannot make --out_dir {args.out_dir} ({e.strerror}); pass a path "
                      f"that is not a file nor under one")
+lock_out_dir(args.out_dir)  # one writer at a time, as for a run's out_dir
 raw_dir = os.path.join(args.out_dir, "raw")
 
 source = args.source
