@@ -856,14 +856,26 @@ class Metrics:
                 why = e.strerror if isinstance(e, OSError) else 'not a text file'
                 raise SystemExit(f"error: cannot read {path} ({why}); move it away and re-run the "
                                  f"same command (the run goes on, logging to a new metrics.csv)")
-        self.rewrite()
+        try:
+            if self.fields:
+                self.rewrite()  # the rows up to the checkpoint
+            elif os.path.lexists(path):
+                os.remove(path)  # (a new run's file comes with its first row)
+        except OSError as e:
+            raise SystemExit(f"error: writing {path} failed ({e.strerror}); make room (or pass a "
+                             f"folder you can write to) and re-run the same command")
 
     def rewrite(self):
-        def write(f):
-            writer = csv.DictWriter(f, self.fields, extrasaction='ignore')
-            writer.writeheader()
-            writer.writerows(self.rows)
-        write_file(self.path, write, mode='w')
+        """The header and every row, as a new file renamed over the old one."""
+        try:
+            with open_new(self.path + '.tmp', 'w') as f:
+                writer = csv.DictWriter(f, self.fields, extrasaction='ignore')
+                writer.writeheader()
+                writer.writerows(self.rows)
+            os.replace(self.path + '.tmp', self.path)
+        finally:
+            if os.path.isfile(self.path + '.tmp'):
+                os.remove(self.path + '.tmp')
 
     def log(self, row):
         row = {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
