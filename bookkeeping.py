@@ -251,7 +251,7 @@ def load_checkpoint(path, fix, device='cpu', kinds=None):
     except Exception as e:
         why = ('it holds objects other than tensors and plain types'
                if isinstance(e, pickle.UnpicklingError)
-               else str(e).split('. ')[0].splitlines()[0][:200])
+               else (str(e).split('. ')[0].splitlines() or [f'{type(e).__name__}, an empty file?'])[0][:200])
         raise SystemExit(f"error: cannot load {path} ({why}); {fix}")
     if not isinstance(ckpt, dict):
         raise SystemExit(f"error: {path} holds a {type(ckpt).__name__}, not a checkpoint of this "

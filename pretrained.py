@@ -62,7 +62,7 @@ def read_weights(path):
     except Exception as e:
         why = ('it holds objects other than tensors and plain types'
                if isinstance(e, pickle.UnpicklingError)
-               else str(e).split('. ')[0].splitlines()[0][:200])
+               else (str(e).split('. ')[0].splitlines() or [f'{type(e).__name__}, an empty file?'])[0][:200])
         raise ValueError(f"cannot read {path} ({why}); it may be truncated: download it again")
     if isinstance(weights, dict) and 'kind' in weights and 'format' in weights:
         raise ValueError(f"{path} is this kit's {weights['kind']} checkpoint, not a released one; "
