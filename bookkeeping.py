@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import zlib
 
@@ -383,6 +384,8 @@ def remove_made(path, marker):
 
 
 KEPT = re.compile(r'ckpt_(\d{7})\.pt')  # keep_last's copies: ckpt_<step, 7 digits>.pt
+# the temporary files of a run's writes (open_new's path + '.tmp'), left behind by a killed run
+STALE = re.compile(r'((ckpt|best)\.pt|ckpt_\d{7}\.pt|metrics\.csv|(samples|recon)_\d{7}\.png)\.tmp')
 
 
 def kept_checkpoints(out_dir):
@@ -536,6 +539,9 @@ class Run:
         self._metrics = None
         self._stopper = StopSignals(config.get('max_minutes', 0), time.time(), self.ddp)
         self._skips = SkipCounter(device)
+        self._writing = threading.Lock()  # (held while a checkpoint is written)
+        self._heartbeat = (Heartbeat(self.rank, self.world_size, self._writing, self.last_good)
+                           if self.ddp else None)
         # what identifies this run, and each input it reads (checked again on resume)
         self.run_id = os.urandom(8).hex()
         self.inputs = {what: (path, fingerprint(path)) for what, path in inputs if path}
@@ -567,6 +573,9 @@ class Run:
         if self.master:
             check_writable(out_dir)  # better to find out now than at the first checkpoint
             lock_out_dir(out_dir)
+            for name in os.listdir(out_dir):  # what a killed run was writing
+                if STALE.fullmatch(name) and not os.path.isdir(self.path(name)):
+                    os.remove(self.path(name))
         return init_from
 
     def slice(self, micro):
@@ -585,6 +594,8 @@ class Run:
         return os.path.join(self.out_dir, name)
 
     def last_good(self):
+        if not self.master:  # (rank 0 writes them: this rank does not see a write end)
+            return f"the last checkpoint rank 0 wrote to {self.out_dir} is whole"
         if self.saved_step:
             return f"{self.ckpt_path} (step {self.saved_step}) is intact"
         return f"no checkpoint was written to {self.out_dir}"
@@ -697,7 +708,8 @@ class Run:
                          wandb_id=self.wandb_id, rng=states, nonfinite_streak=streak, kind=self.kind,
                          script=os.path.basename(sys.argv[0]), format=FORMAT)
             state['checksum'] = checksum(state)
-            self._write(path, state)
+            with self._writing:
+                self._write(path, state)
         if path == self.ckpt_path:
             self.saved_step = self.step
         if self.log_step:
@@ -830,6 +842,7 @@ class Run:
             self._metrics.wandb_run.finish()
         if self.ddp:
             dist.barrier()  # no rank tears its groups down while another still talks to it
+            self._heartbeat.done = True
             dist.destroy_process_group()
 
 
@@ -961,6 +974,84 @@ class SkipCounter:
         self.skipped.zero_()
         self.worst.zero_()
         return skipped
+
+
+class Heartbeat:
+    """Under torchrun, no rank waits forever in a collective for one that stopped answering
+    (stopped, frozen in the kernel, its machine gone). On each rank one thread beats in the job's
+    store every few seconds and reads the next rank's beat; another, which never waits on the
+    store, judges: when that beat stays the same for KIT_RANK_TIMEOUT seconds (an environment
+    variable; 300 unless set), or the store itself stops answering, it names the rank in the store
+    and in one line, and every live rank ends (exit 1) once the checkpoint it is writing, if any,
+    is whole. A busy rank (compiling, evaluating, saving) keeps beating: only a process that runs
+    no more is named."""
+
+    def __init__(self, rank, world_size, writing, last_good):
+        self.rank, self.writing, self.last_good = rank, writing, last_good
+        self.neighbour, self.done = (rank + 1) % world_size, False
+        value = os.environ.get('KIT_RANK_TIMEOUT', '300')
+        try:
+            self.timeout = float(value)
+        except ValueError:
+            self.timeout = float("nan")
+        if not self.timeout > 0:
+            raise SystemExit(f"error: KIT_RANK_TIMEOUT={value} is not a number of seconds above "
+                             f"0; unset it (300 s) or set it to one")
+        self.every = min(5.0, self.timeout / 5)
+        # (a restarted group starts a clean page of the store)
+        self.key = f"kit/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self.store = dist.distributed_c10d._get_default_store()
+        # the store is rank 0's own unless torchrun's agent holds it
+        self.store_holder = (None if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+                             else 0)
+        self.latest = (time.monotonic(), None, None)  # (when, the neighbour's beat, who is named)
+        for watch in (self.beat, self.judge):
+            threading.Thread(target=watch, daemon=True).start()
+
+    def beat(self):
+        """The store's side: this rank's beat, and what the neighbour and the others say."""
+        beats = 0
+        with contextlib.suppress(RuntimeError, OSError):  # (the store is gone: the job is ending)
+            while not self.done:
+                beats += 1
+                self.store.set(f"{self.key}beat/{self.rank}", str(beats))
+                keys = [f"{self.key}beat/{self.neighbour}", self.key + 'named']
+                seen = [self.store.get(k) if self.store.check([k]) else None for k in keys]
+                self.latest = (time.monotonic(), *seen)
+                time.sleep(self.every)
+
+    def judge(self):
+        seen, since = None, time.monotonic()
+        while not self.done:
+            time.sleep(self.every)
+            at, beat, named = self.latest
+            if named is not None:
+                self.end(None, None)  # (the rank that named it says so)
+            if beat != seen:
+                seen, since = beat, at
+            if time.monotonic() - at > self.timeout:  # (then no beat says anything)
+                where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+                self.end(self.store_holder, f"the job's store at {where}, held by "
+                         + ("it" if self.store_holder is not None else "torchrun's agent")
+                         + f", did not answer for {self.timeout:.0f} s")
+            elif at - since > self.timeout:
+                self.end(self.neighbour, f"no heartbeat for {self.timeout:.0f} s")
+
+    def end(self, rank, why):
+        if self.done:
+            return
+        if why:  # tell the others, waiting a few seconds at most
+            name = threading.Thread(target=self.store.set, args=(self.key + 'named', str(rank)),
+                                    daemon=True)
+            name.start()
+            name.join(timeout=5)
+        with self.writing:  # (a checkpoint being written is finished first)
+            if why:
+                who = f"rank {rank}" if rank is not None else "torchrun's agent"
+                print(f"error: {who} stopped answering ({why}: stopped, frozen or its machine "
+                      f"gone), so the job ends rather than wait for it; {self.last_good()}: the "
+                      f"same command resumes the run", flush=True)
+            os._exit(1)
 
 
 # -----------------------------------------------------------------------------

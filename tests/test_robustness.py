@@ -36,15 +36,17 @@ def no_process_left_behind():
     while LAUNCHED:
         p = LAUNCHED.pop()
         if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)  # the process and, for torchrun, its workers
+            for pid in children(p.pid):  # (torchrun's workers have their own process groups)
+                os.kill(pid, signal.SIGKILL)
+            os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
 
 
-def launch(out, *args, faults=None, torchrun=False, script='train_diffusion.py', base=BASE):
+def launch(out, *args, faults=None, torchrun=False, script='train_diffusion.py', base=BASE, restarts=1):
     """Starts a script (through tests/faults.py when `faults` sets FAULT_* variables) with its output piped.
     torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with the store torchrun shares by default, a restarted
     worker can read a peer's address from the failed round and never connect (pytorch/pytorch#167288)."""
-    prefix = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--max-restarts=1'] if torchrun \
+    prefix = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', f'--max-restarts={restarts}'] if torchrun \
         else ['tests/faults.py'] if faults else []
     env = {**ENV, **(faults or {}), **({'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'} if torchrun else {})}
     LAUNCHED.append(subprocess.Popen([sys.executable, *prefix, script, *base, *args, f'--out_dir={out}'],
@@ -254,6 +256,27 @@ def test_torchrun_restarts_a_killed_worker_and_sigterm_stops_the_group(mnist, tm
     assert p.wait() == 0
     assert_same_state(load(out / 'ckpt.pt'), load(tmp_path / 'ref' / 'ckpt.pt'))
     assert len(load(out / 'ckpt.pt')['rng']) == 2
+
+
+def test_a_frozen_rank_ends_the_job_in_bounded_time_naming_it(mnist, tmp_path):
+    """A rank that stops answering without dying (SIGSTOP: what a hung machine looks like to its peers) would keep
+    the other in a collective forever: its heartbeat stays the same, so the job ends within KIT_RANK_TIMEOUT with
+    one line naming it, and the last checkpoint is whole. Rank 0 holds the job's store here
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), so the watch that never waits on the store is what notices."""
+    out = tmp_path / 'run'
+    p = launch(out, '--max_steps=100000', '--eval_interval=100000', '--sample_interval=100000', torchrun=True,
+               restarts=0, faults={'KIT_RANK_TIMEOUT': '4'})
+    read_until(p, r'saved .* at step 6$')
+    worker = next(pid for pid in children(p.pid) if 'RANK=0' in open(f'/proc/{pid}/environ').read().split('\0'))
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        m, _ = read_until(p, r'^error: ')
+    finally:
+        os.kill(worker, signal.SIGKILL)  # (torchrun would, 30 s after its SIGTERM)
+    rest = p.communicate(timeout=60)[0]
+    assert re.match(r"error: rank 0 stopped answering \(the job's store .* did not answer for 4 s", m.string), m.string
+    assert 'error:' not in rest, rest[-3000:]  # (one line)
+    assert p.returncode != 0 and load(out / 'ckpt.pt')['step'] >= 6
 
 
 def faulty_run(out, faults, *args):
@@ -757,11 +780,14 @@ def test_a_ckpt_pt_older_than_a_kept_copy_is_not_resumed(runs, tmp_path, script)
 def test_foreign_files_and_links_in_out_dir_are_left_as_they_are(mnist, tmp_path):
     """A user's ckpt_5.pt and ckpt_20_before_lr_change.pt beside a run, and links planted at the temporary names the
     run writes (ckpt.pt.tmp, metrics.csv.tmp): keep_last prunes only its own copies, the resume reads past the user's
-    files, and no link's target is written; a link planted as run.lock is refused in one line."""
+    files, and no link's target is written; a link planted as run.lock is refused in one line. What a killed run
+    was writing (samples_0000012.png.tmp) is removed, and nothing else of a .tmp name."""
     out, outside = tmp_path / 'out', tmp_path / 'precious.txt'
     out.mkdir()
     outside.write_text('mine')
-    foreign = {'ckpt_5.pt': 'a user file', 'ckpt_20_before_lr_change.pt': 'a backup'}
+    foreign = {'ckpt_5.pt': 'a user file', 'ckpt_20_before_lr_change.pt': 'a backup', 'notes.tmp': 'a user file',
+               'samples_12.png.tmp': 'not the kit\'s name'}
+    (out / 'samples_0000012.png.tmp').write_bytes(b'half a grid')
     for name, text in foreign.items():
         (out / name).write_text(text)
     for name in ('ckpt.pt.tmp', 'metrics.csv.tmp'):
@@ -771,6 +797,7 @@ def test_foreign_files_and_links_in_out_dir_are_left_as_they_are(mnist, tmp_path
     p = run('train_diffusion.py', *args, '--max_steps=5', f'--out_dir={out}')
     assert 'resuming' in p.stdout and outside.read_text() == 'mine'
     assert all((out / name).read_text() == text for name, text in foreign.items())
+    assert sorted(f for f in os.listdir(out) if f.endswith('.tmp')) == ['notes.tmp', 'samples_12.png.tmp']
     assert sorted(f for f in os.listdir(out) if f.startswith('ckpt_0')) == ['ckpt_0000004.pt', 'ckpt_0000005.pt']
     lock = tmp_path / 'locked'
     lock.mkdir()
