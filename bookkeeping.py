@@ -31,10 +31,31 @@ import threading
 import time
 import zlib
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from PIL import Image
+
+def excepthook(kind, error, tb):
+    """sys.excepthook from the kit's first import on (the scripts import it before torch): a Ctrl-C
+    before a run's own handlers take it, or in a script without them, is one line; so is memory
+    the run asked for and could not have (a batch or a count too large for this machine). Every
+    other exception keeps its traceback (that is a bug)."""
+    text = str(error)
+    if issubclass(kind, KeyboardInterrupt):
+        print("\nerror: interrupted (Ctrl-C); the kit writes every file whole or not at all, so "
+              "none is left half-written", file=sys.stderr)
+        sys.exit(130)
+    if issubclass(kind, MemoryError) or 'out of memory' in text or "can't allocate memory" in text:
+        why = text.splitlines()[0][:160] if text else kind.__name__
+        print(f"error: out of memory ({why}); lower batch_size (or grad_accum it), the model's "
+              f"size or the count that asked for it", file=sys.stderr)
+        sys.exit(1)
+    sys.__excepthook__(kind, error, tb)
+
+
+sys.excepthook = excepthook
+
+import numpy as np  # noqa: E402 (after the hook: a Ctrl-C while torch loads is one line too)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from PIL import Image  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config values
@@ -62,19 +83,6 @@ COMMON_RULES = {
                 'a folder (a path starting with ~ is not expanded here: pass it unquoted, or in full)'),
     'dataset': (lambda v, c: v.strip() != '', 'a prepared dataset, like mnist'),
 }
-
-
-def out_of_memory(kind, error, tb):
-    """sys.excepthook: memory the run asked for and could not have (a batch or a count too large for
-    this machine) is one line naming the fix; every other exception keeps its traceback (that is a
-    bug)."""
-    text = str(error)
-    if isinstance(error, MemoryError) or 'out of memory' in text or "can't allocate memory" in text:
-        why = text.splitlines()[0][:160] if text else kind.__name__
-        print(f"error: out of memory ({why}); lower batch_size (or grad_accum it), the model's "
-              f"size or the count that asked for it", file=sys.stderr)
-        sys.exit(1)
-    sys.__excepthook__(kind, error, tb)
 
 
 def check_config(config, choices=(), counts=(), rules=()):
@@ -365,6 +373,44 @@ def open_new(path, mode='wb'):
     return os.fdopen(fd, mode, **({} if 'b' in mode else {'newline': ''}))
 
 
+@contextlib.contextmanager
+def replacing(path, mode='wb'):
+    """A new file to fill in a with block (path + '.tmp', made by open_new), on disk and renamed
+    over path when the block ends, removed when it fails (an error, a Ctrl-C): path is the old file
+    or the new one at every moment, and nothing half-written is left."""
+    tmp = path + '.tmp'
+    f = open_new(tmp, mode)
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def new_memmap(path, dtype, shape):
+    """A new .npy file at path (made by open_new) mapped for writing, its space taken on disk now: a
+    full disk is one line here, not a SIGBUS at some later write into the map."""
+    try:
+        open_new(path).close()
+        array = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=tuple(shape))
+        if hasattr(os, 'posix_fallocate'):  # (Linux; elsewhere the map's pages come as written)
+            with open(path, 'r+b') as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        return array
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        raise SystemExit(f"error: writing {path} failed ({e.strerror}; "
+                         f"{shutil.disk_usage(folder).free / 2**30:.1f} GiB free); make room (or "
+                         f"pass a folder you can write to) and re-run the same command")
+
+
 def make_folder(path, marker):
     """A new folder at path with the empty file marker in it: what remove_made may remove later."""
     os.makedirs(path)
@@ -412,14 +458,14 @@ def check_writable(out_dir):
 _LOCKS = {}  # out_dir (real path) -> the open lock file this process holds
 
 
-def lock_out_dir(out_dir):
-    """Takes out_dir/run.lock for this process (an flock: the kernel drops it when the process dies,
-    so a killed run leaves no block behind); a second run on the same out_dir stops at once, naming
-    the holder."""
-    key = os.path.realpath(out_dir)
+def lock_out_dir(out_dir, path=None, flag='out_dir'):
+    """Takes out_dir/run.lock (or the lock file path, for a folder that is replaced whole) for this
+    process: an flock, which the kernel drops when the process dies, so a killed run leaves no block
+    behind; a second run on the same out_dir (passed as --flag) stops at once, naming the holder."""
+    path = path or os.path.join(out_dir, 'run.lock')
+    key = os.path.realpath(path)
     if key in _LOCKS:  # this process holds it already (a script run again in-process)
         return
-    path = os.path.join(out_dir, 'run.lock')
     while True:
         try:  # never through a link: a planted run.lock -> somefile would have it truncated
             f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), 'r+')
@@ -432,8 +478,8 @@ def lock_out_dir(out_dir):
             f.seek(0)
             holder = f.read().strip() or 'another process'
             f.close()
-            raise SystemExit(f"error: out_dir='{out_dir}' is in use by {holder}; wait for that run "
-                             f"to end (or stop it), or pass another --out_dir")
+            raise SystemExit(f"error: {flag}='{out_dir}' is in use by {holder}; wait for that run "
+                             f"to end (or stop it), or pass another --{flag}")
         if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
             break  # (else the holder removed the file as we opened it: lock the new one)
         f.close()
@@ -468,12 +514,12 @@ def cosine_lr(step, lr, min_lr, warmup_steps, decay_steps, schedule='cosine'):
 
 def start_run(config, kind, device, inputs=()):
     """Starts the run a train script's config describes, after the script's torchrun setup: a Run.
-    Its side effects, here and nowhere else: out_dir is made and locked for this process (rank 0),
-    SIGTERM, SIGUSR1 and Ctrl-C ask the loop to stop, running out of memory ends in one line (not a
-    traceback), TF32 matmuls are allowed, and under torchrun a gloo group carries the stop vote.
+    Its side effects, here and nowhere else (but the import's excepthook): out_dir is made and
+    locked for this process (rank 0), SIGTERM, SIGUSR1, SIGHUP and Ctrl-C ask the loop to stop,
+    TF32 matmuls are allowed, and under torchrun a gloo group carries the stop vote and a heartbeat
+    watches the ranks.
     kind names what the checkpoints hold ('diffusion', 'gan', ...: what readers ask for); inputs are
     (what, path) pairs of folders the run reads, which out_dir must not be."""
-    sys.excepthook = out_of_memory
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if device.startswith('cuda'):
@@ -717,15 +763,10 @@ class Run:
 
     def _write(self, path, state):
         try:
-            with open_new(path + '.tmp') as f:
+            with replacing(path) as f:
                 torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(path + '.tmp', path)
         # a full disk surfaces from torch.save as a RuntimeError
         except (OSError, RuntimeError) as e:
-            if os.path.isfile(path + '.tmp'):
-                os.remove(path + '.tmp')
             why = e.strerror if isinstance(e, OSError) else 'torch.save could not write it'
             free = shutil.disk_usage(self.out_dir).free / 2**30
             raise SystemExit(f"error: writing {path} failed at step {self.step} "
@@ -880,15 +921,10 @@ class Metrics:
 
     def rewrite(self):
         """The header and every row, as a new file renamed over the old one."""
-        try:
-            with open_new(self.path + '.tmp', 'w') as f:
-                writer = csv.DictWriter(f, self.fields, extrasaction='ignore')
-                writer.writeheader()
-                writer.writerows(self.rows)
-            os.replace(self.path + '.tmp', self.path)
-        finally:
-            if os.path.isfile(self.path + '.tmp'):
-                os.remove(self.path + '.tmp')
+        with replacing(self.path, 'w') as f:
+            writer = csv.DictWriter(f, self.fields, extrasaction='ignore')
+            writer.writeheader()
+            writer.writerows(self.rows)
 
     def log(self, row):
         row = {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
@@ -1105,12 +1141,9 @@ def write_file(path, write, mode='wb'):
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        with open_new(path + '.tmp', mode) as f:
+        with replacing(path, mode) as f:
             write(f)
-        os.replace(path + '.tmp', path)
     except (OSError, RuntimeError) as e:  # (a full disk surfaces from torch.save as a RuntimeError)
-        if os.path.isfile(path + '.tmp'):
-            os.remove(path + '.tmp')
         why = e.strerror if isinstance(e, OSError) else 'the write failed'
         free = shutil.disk_usage(folder).free / 2**30 if os.path.isdir(folder) else 0.0
         raise SystemExit(f"error: writing {path} failed ({why}; {free:.1f} GiB free); make "

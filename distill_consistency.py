@@ -30,12 +30,12 @@ import math
 import os
 from dataclasses import asdict
 
+import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a traceback)
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import bookkeeping as bk
 from diffusion import Diffusion, bcast
 from model import compile_for_training, create_model
 

@@ -31,11 +31,11 @@ import math
 import os
 import sys
 
+import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a traceback)
 import numpy as np
 import torch
 import torch.distributed as dist
 
-import bookkeeping as bk
 from diffusion import SAMPLERS, Diffusion, phema_weights
 from model import AEConfig, Autoencoder, create_model
 from pretrained import dit, or_exit, sd_vae
@@ -74,7 +74,6 @@ dtype = 'float32'  # fp32 sampling unless asked: the published protocols sample 
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's)
 config = {k: globals()[k] for k in config_keys}
-sys.excepthook = bk.out_of_memory  # running out of memory: one line that names the fix
 bk.check_config(config, counts=['num_samples', 'steps', 'batch_size'],
                 choices=[('sampler', SAMPLERS), ('dtype', ('float32', 'bfloat16', 'float16'))],
                 rules=[('eta', 0 <= eta <= 1, 'in [0, 1] (0: deterministic, 1: ddpm)'),

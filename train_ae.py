@@ -24,13 +24,13 @@ import os
 import pickle
 from dataclasses import asdict
 
+import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a traceback)
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import bookkeeping as bk
 from model import (AE_PRESETS, LPIPS, PatchDiscriminator, compile_for_training, count_flops,
                    create_model)
 

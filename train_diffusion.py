@@ -30,13 +30,13 @@ import math
 import os
 from dataclasses import asdict
 
+import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a traceback)
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import bookkeeping as bk
 from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, Diffusion, bcast, phema_gamma
 from model import ARCHS, AEConfig, Autoencoder, compile_for_training, create_model
 from pretrained import dit, or_exit, released_family

@@ -26,13 +26,13 @@ import copy
 import os
 from dataclasses import asdict
 
+import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a traceback)
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import bookkeeping as bk
 from model import GAN_PRESETS, Discriminator, count_flops, create_model
 
 # -----------------------------------------------------------------------------

