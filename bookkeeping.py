@@ -102,6 +102,20 @@ def check_config(config, choices=(), counts=(), rules=()):
             raise SystemExit(f"error: {key}={config[key]!r} must be {rule}")
 
 
+def check_applied(overridden, config, ignored):
+    """Stops at the first key the command line set to other than its default (the configurator's
+    overridden) that this run would not apply: ignored maps a key to why not (falsy: it applies),
+    for the alternatives a choice leaves idle (a key of another schedule, weighting, sampler or
+    mode); the keys the scripts share are judged here. (A component switched off, disc_weight=0
+    say, leaves its keys as set: a config file's settings stay while one flag turns it off.)"""
+    constant = config.get('lr_schedule') == 'constant' and "lr_schedule='constant' (no cosine)"
+    ignored = {'min_lr': constant, 'lr_decay_steps': constant, **ignored}
+    for key in overridden:
+        if ignored.get(key):
+            raise SystemExit(f"error: {key} is set, but {ignored[key]}, so it would do nothing; "
+                             f"drop --{key}")
+
+
 def check_device(device):
     """'cuda' or 'cpu', the device's type; one line for a device that is not one or not here, and
     for a launch that sets RANK without the other variables torchrun sets with it."""
@@ -137,10 +151,11 @@ def data_path(dataset):
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 
 
-def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script=''):
+def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script='', classes=False):
     """meta.json and the memory-mapped arrays of each split, checked against each other: (data_dir,
     meta, {split: (x, y)}). Images are uint8 (N, H, W, C) and latents (latent_ok) float16; labels
-    are integers in [0, num_classes)."""
+    are integers in [0, num_classes), and each class has training images when they condition a
+    model (classes)."""
     data_dir = data_path(dataset)
     prepare = (f"python data/{dataset}/prepare.py" if os.path.basename(dataset) == dataset
                else "its prepare.py")
@@ -180,7 +195,34 @@ def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script=''):
         if y.min() < 0 or y.max() >= K:
             raise SystemExit(f"error: {where}_y.npy has labels in [{y.min()}, {y.max()}] but "
                              f"meta.json says {K} classes; re-run {prepare}")
+        seen = np.count_nonzero(np.bincount(y, minlength=K)) if classes else K
+        if split == 'train' and seen < K:  # (the model would learn those from nothing)
+            raise SystemExit(f"error: meta.json says {K} classes, but {where}_y.npy has images of "
+                             f"{seen} of them; re-run {prepare} (or correct num_classes)")
     return data_dir, meta, data
+
+
+DATASET_MARK = '.prepared-by-kit'  # in each folder a prepare script writes a dataset into
+
+
+def claim_dataset(out_dir, names):
+    """Before a prepare script writes the files names into out_dir: stops, in one line, when one of
+    them is there already and out_dir is no dataset this kit prepared (its DATASET_MARK, or a
+    meta.json of the kit's), as a user's own train_x.npy is never overwritten; else marks it."""
+    there = [n for n in names if os.path.lexists(os.path.join(out_dir, n))]
+    try:
+        with open(os.path.join(out_dir, 'meta.json')) as f:
+            meta = json.load(f)
+        ours = all(isinstance(meta.get(k), int) for k in ('image_size', 'channels', 'num_classes'))
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    mark = os.path.join(out_dir, DATASET_MARK)
+    if there and not (ours or os.path.isfile(mark) and not os.path.islink(mark)):
+        raise SystemExit(f"error: {out_dir} holds {there[0]} but is no dataset this kit prepared "
+                         f"(no {DATASET_MARK}, no meta.json of the kit's), so it is not "
+                         f"overwritten; move it away, or pass another --out_dir")
+    if not os.path.isfile(mark) or os.path.islink(mark):
+        open_new(mark).close()
 
 
 def save_dataset(out_dir, arrays, meta):
@@ -189,6 +231,7 @@ def save_dataset(out_dir, arrays, meta):
     last, so a kill leaves the old dataset, none (a loader says to re-run) or the new one."""
     files = {f"{name}.npy": functools.partial(np.save, arr=arr) for name, arr in arrays.items()}
     files["meta.json"] = lambda f: f.write(json.dumps(meta, indent=2).encode())
+    claim_dataset(out_dir, list(files))
     paths = [os.path.join(out_dir, name) for name in files]
     try:
         for path, write in zip(paths, files.values()):
@@ -456,6 +499,7 @@ def check_writable(out_dir):
 
 
 _LOCKS = {}  # out_dir (real path) -> the open lock file this process holds
+LOCK_TEXT = re.compile(r'pid \d+ on .+ since [\d: -]+')  # what a lock says of its holder
 
 
 def lock_out_dir(out_dir, path=None, flag='out_dir'):
@@ -483,6 +527,12 @@ def lock_out_dir(out_dir, path=None, flag='out_dir'):
         if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
             break  # (else the holder removed the file as we opened it: lock the new one)
         f.close()
+    f.seek(0)
+    held = f.read()
+    if held and not LOCK_TEXT.fullmatch(held):  # (empty, or a killed holder's: the kit's own)
+        f.close()
+        raise SystemExit(f"error: {path} is not a lock this kit made (a file of other text); it is "
+                         f"left as it is: move it away and re-run the same command")
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()} "

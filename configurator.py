@@ -22,6 +22,7 @@ def _unknown(key):
                       f"valid keys: {', '.join(sorted(config_keys))}"))
 
 _defaults = {k: globals()[k] for k in config_keys}
+_cli = set()  # the keys of --key=value arguments
 for _arg in sys.argv[1:]:
     if not _arg.startswith('--'):
         try:
@@ -47,6 +48,7 @@ for _arg in sys.argv[1:]:
             raise SystemExit(f"error: '{_arg}' has no value; write --{_key}=VALUE")
         if _key not in config_keys:
             raise _unknown(_key)
+        _cli.add(_key)
         try:
             globals()[_key] = _val if isinstance(_defaults[_key], str) else literal_eval(_val)
         except (ValueError, SyntaxError):
@@ -63,3 +65,6 @@ for _key, _default in _defaults.items():
         raise SystemExit(f"error: {_key}={_new!r} must be a finite number (default {_default!r})")
     if _new != _default:
         print(f"overriding: {_key} = {_new!r}")
+# the keys the command line sets to other than their defaults, which a script refuses when it would not apply them
+# (bookkeeping.check_applied; a config file's other settings may sit idle: a flag can switch one off)
+overridden = [_k for _k in config_keys if _k in _cli and globals()[_k] != _defaults[_k]]

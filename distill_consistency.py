@@ -98,7 +98,7 @@ peak_tflops = 0.0  # per-device peak for MFU; 0 = known GPUs' dense bf16 (float3
 seed = 0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's)
+exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's; it also sets overridden)
 config = {k: globals()[k] for k in config_keys}
 try:
     grid_sigmas = [float(s) for s in sample_sigmas.split(',')]
@@ -119,6 +119,12 @@ bk.check_config(config, choices=[
             "'lognormal' under mode='ect', which draws t log-normal"),
            ('target_ema', 0 <= target_ema < 1, 'in [0, 1)'), ('ect_q', ect_q > 1, 'above 1'),
            ('sample_sigmas', grid_ok, 'decreasing sigmas above sigma_min, like 80,0.8')])
+bk.check_applied(overridden, config, {  # (every key is applied or refused)
+    **{k: mode == 'ect' and "mode='ect' (no teacher's grid)" for k in ('num_scales', 'rho', 'cfg_scale')},
+    **{k: mode == 'cd' and "mode='cd'" for k in ('ect_stages', 'ect_q', 'ect_k', 'ect_b')},
+    'target_ema': target != 'ema' and f"target='{target}'",
+    **{k: mode == 'cd' and sigma_sampling == 'uniform' and "sigma_sampling='uniform'"
+       for k in ('p_mean', 'p_std')}})
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on GPUs, gloo on CPUs
 device_type = bk.check_device(device)

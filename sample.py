@@ -72,7 +72,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'float32'  # fp32 sampling unless asked: the published protocols sample in fp32
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's)
+exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's; it also sets overridden)
 config = {k: globals()[k] for k in config_keys}
 bk.check_config(config, counts=['num_samples', 'steps', 'batch_size'],
                 choices=[('sampler', SAMPLERS), ('dtype', ('float32', 'bfloat16', 'float16'))],
@@ -241,8 +241,31 @@ if consistency:
         cm_sigmas = []
     sigma_min = consistency['sigma_min']
     ok = cm_sigmas and all(a > b for a, b in zip(cm_sigmas, cm_sigmas[1:] + [sigma_min]))
-    bk.check_config(config, rules=[('sigmas', ok, f"decreasing sigmas above sigma_min={sigma_min}, "
-                                    f"comma-separated, like 80 or 80,0.8")])
+    sigma_max = consistency['sigma_max']
+    ok = ok and cm_sigmas[0] <= sigma_max
+    bk.check_config(config, rules=[('sigmas', ok, f"decreasing sigmas in the trained range "
+                                    f"({sigma_min}, {sigma_max}], comma-separated, like 80 or 80,0.8")])
+# every sampling key is applied or refused: those that this model's sampling would not read
+guided = ('cfg_scale', 'cfg_channels', 'cfg_sigma_min', 'cfg_sigma_max')
+diffusion_keys = ('sampler', 'steps', 'eta', *guided, 'shift', 'clip_x0')
+ignored = {k: "a consistency model samples at its --sigmas" for k in diffusion_keys if consistency}
+ignored.update({k: "a GAN generator makes an image in one call" for k in (*diffusion_keys, 'sigmas')
+                if gan})
+if not (gan or consistency):
+    ignored['sigmas'] = "sigmas are a consistency model's; this diffusion model samples with steps"
+    if sampler != 'ddim':
+        ignored['eta'] = f"eta is ddim's noise, and the sampler is {sampler}"
+    if not num_classes:
+        ignored.update({k: "this model has no classes to guide" for k in (*guided, 'class_labels')})
+    elif cfg_scale == 1:
+        ignored.update({k: "guidance is off (cfg_scale=1)" for k in guided[1:]})
+    if decoder:
+        ignored['clip_x0'] = "this model makes latents, never clipped"
+bk.check_applied(overridden, config, ignored)
+if not (gan or consistency) and sampler in ('ddpm', 'ddim') and diffusion.schedule in ('linear', 'cosine'):
+    bk.check_config(config, rules=[('steps', steps <= diffusion.num_timesteps,
+                                    f"at most the {diffusion.num_timesteps} timesteps the model was "
+                                    f"trained on ({sampler} steps through them)")])
 how = f"consistency model, {len(cm_sigmas)} step(s) at sigmas {cm_sigmas}" if consistency else \
     'GAN generator' if gan else f"{sampler} with {steps} steps, cfg {cfg_scale}" + \
     (f" on {cfg_channels} channels" if cfg_channels else '')

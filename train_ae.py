@@ -92,7 +92,7 @@ peak_tflops = 0.0  # per-device peak for MFU; 0 = known GPUs' dense bf16 (float3
 seed = 0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's)
+exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's; it also sets overridden)
 config = {k: globals()[k] for k in config_keys}
 # (float16 would need loss scaling, left out: bfloat16 needs none)
 bk.check_config(config, choices=[
@@ -109,6 +109,7 @@ bk.check_config(config, choices=[
             f'at least disc_start={disc_start}: the discriminator learns before its loss reaches the decoder'),
            ('disc_channels', disc_channels % 16 == 0, 'a multiple of 16 (its GroupNorms have 32 groups)'),
            ('patience', patience >= 0, 'at least 0')])
+bk.check_applied(overridden, config, {})  # (every key is applied or refused)
 disc_args = dict(channels=disc_channels, num_layers=disc_layers) if disc_weight > 0 else None
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on GPUs, gloo on CPUs

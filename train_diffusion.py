@@ -129,7 +129,7 @@ peak_tflops = 0.0  # per-device peak for MFU; 0 = known GPUs' dense bf16 (float3
 seed = 0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's)
+exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's; it also sets overridden)
 config = {k: globals()[k] for k in config_keys}
 bk.check_config(config, choices=[
     ('init_from', ('auto', 'scratch', 'resume')), ('arch', ARCHS), ('schedule', SCHEDULES),
@@ -154,6 +154,13 @@ bk.check_config(config, choices=[
            ('cosine_loss', cosine_loss >= 0, 'at least 0 (0 = off)'),
            ('learn_sigma', not learn_sigma or schedule in ('linear', 'cosine'),
             "False unless schedule is 'linear' or 'cosine' (the VLB's steps are DDPM's)")])
+bk.check_applied(overridden, config, {  # (every key is applied or refused)
+    'num_timesteps': schedule in ('flow', 'edm') and f"schedule='{schedule}' is continuous in time",
+    'sigma_data': 'edm' not in (schedule, loss_weighting) and "only edm's schedule and weighting read it",
+    'logit_mean': timestep_sampling != 'logit_normal' and f"timestep_sampling='{timestep_sampling}'",
+    'logit_std': timestep_sampling != 'logit_normal' and f"timestep_sampling='{timestep_sampling}'",
+    'mode_scale': timestep_sampling != 'mode' and f"timestep_sampling='{timestep_sampling}'",
+    'min_snr_gamma': loss_weighting != 'min_snr' and f"loss_weighting='{loss_weighting}'"})
 # a released base file: SiT's weights read time their own way (model.DiTConfig.convention)
 released = init_base if os.path.isfile(init_base) else ''
 try:
@@ -191,7 +198,7 @@ ctx, micro_batch = run.ctx, run.micro_batch  # bf16 autocast (or none); images p
 
 # -----------------------------------------------------------------------------
 # data: uint8 images or float16 latents (N, H, W, C), memory-mapped from data/<dataset>/
-data_dir, meta, data = bk.load_dataset(dataset, latent_ok=True)
+data_dir, meta, data = bk.load_dataset(dataset, latent_ok=True, classes=class_cond)
 H, W, C, K = meta['image_size'], meta['image_size'], meta['channels'], meta['num_classes']
 num_classes = K if class_cond else 0
 latent = meta.get('latent')  # a latent dataset: float16 latents, their statistics and their decoder

@@ -82,7 +82,7 @@ peak_tflops = 0.0  # per-device peak for MFU; 0 = known GPUs' dense bf16 (float3
 seed = 0
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's)
+exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's; it also sets overridden)
 config = {k: globals()[k] for k in config_keys}
 AUGMENTS = ('color', 'translation', 'cutout')
 augment_ops = [op for op in augment.split(',') if op]
@@ -96,6 +96,7 @@ bk.check_config(config, choices=[
            ('augment', set(augment_ops) <= set(AUGMENTS), f"comma-separated ops from {', '.join(AUGMENTS)}, or ''"),
            ('ema_kimg', ema_kimg >= 0, 'at least 0 (0 = no EMA)'),
            ('ema_rampup', ema_rampup >= 0, 'at least 0 (0 = none)')])
+bk.check_applied(overridden, config, {})  # (every key is applied or refused)
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on GPUs, gloo on CPUs
 device_type = bk.check_device(device)
@@ -108,7 +109,8 @@ ctx = run.ctx  # bf16 autocast (or none)
 
 # -----------------------------------------------------------------------------
 # data: uint8 images (N, H, W, C), memory-mapped from data/<dataset>/
-_, meta, data = bk.load_dataset(dataset, splits=('train',), script='train_gan.py')
+_, meta, data = bk.load_dataset(dataset, splits=('train',), script='train_gan.py',
+                              classes=class_cond)
 train_x, train_y = data['train']
 H, W, C = meta['image_size'], meta['image_size'], meta['channels']
 num_classes = meta['num_classes'] if class_cond else 0

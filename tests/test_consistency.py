@@ -194,7 +194,7 @@ def test_resume_is_bit_exact(teacher, tmp_path, mode):
     """6 steps straight == 3, stop, resume to 6 (saying which keys changed): student, EMA, target and optimizer
     identical to the bit; then sample.py draws from the result in one step and in two; bad teachers and sigmas
     stop with one line."""
-    common = [*TINY, *mode, f'--teacher={teacher}', '--max_steps=6']
+    common = [*(a for a in TINY if not a.startswith('--num_scales')), *mode, f'--teacher={teacher}', '--max_steps=6']
     run('distill_consistency.py', *common, f'--out_dir={tmp_path / "a"}')
     run('distill_consistency.py', *common, f'--out_dir={tmp_path / "b"}', '--max_minutes=0.001')  # stops after a step
     p = run('distill_consistency.py', *common, f'--out_dir={tmp_path / "b"}')

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from bookkeeping import lock_out_dir, new_memmap, open_new, replacing  # noqa: E402 (the kit's lock and writers)
+from bookkeeping import claim_dataset, lock_out_dir, new_memmap, open_new, replacing  # noqa: E402 (the kit's lock and writers)
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # folders that are never classes nor searched, besides hidden ones (any name starting with '.')
@@ -279,6 +279,7 @@ def main():  # a function, so that worker processes started by spawn/forkserver 
         raise SystemExit(f"error: cannot make --out_dir {args.out_dir} ({e.strerror}); pass a path "
                          f"that is not a file nor under one")
     lock_out_dir(args.out_dir)  # one writer at a time, as for a run's out_dir
+    claim_dataset(args.out_dir, [f"{n}.npy" for n in ARRAYS] + ["meta.json", "skipped.txt"])
     # decode into .tmp files beside the old dataset: it stays readable until the new one is complete
     try:
         with multiprocessing.Pool(args.workers) as pool:
