@@ -12,6 +12,7 @@ line that names the value and the fix (a SystemExit, so no traceback reaches the
 import atexit
 import contextlib
 import csv
+import errno
 import fcntl
 import functools
 import hashlib
@@ -454,6 +455,17 @@ def new_memmap(path, dtype, shape):
                          f"pass a folder you can write to) and re-run the same command")
 
 
+def own_folder(path):
+    """path as a folder the kit writes files into (phema/, samples/): made if need be; a link there
+    (the files would land in its target) or a file is one line, and left as it is."""
+    if os.path.islink(path) or os.path.lexists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: {path} is a {'link' if os.path.islink(path) else 'file'} where "
+                         f"this kit makes a folder; it is left as it is: move it away and re-run "
+                         f"the same command")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def make_folder(path, marker):
     """A new folder at path with the empty file marker in it: what remove_made may remove later."""
     os.makedirs(path)
@@ -686,7 +698,10 @@ class Run:
         return seeded(self.config['seed'], step, stream, device)
 
     def path(self, name):
-        """out_dir/name: the run folder's files (ckpt.pt, best.pt, metrics.csv, grids, phema/)."""
+        """out_dir/name: the run folder's files (ckpt.pt, best.pt, metrics.csv, grids, phema/...),
+        a subfolder made if need be (own_folder)."""
+        if os.path.dirname(name):
+            own_folder(os.path.join(self.out_dir, os.path.dirname(name)))
         return os.path.join(self.out_dir, name)
 
     def last_good(self):
@@ -826,9 +841,17 @@ class Run:
         keep_last = self.config.get('keep_last', 0)
         if keep_last and path == self.ckpt_path:
             kept = self.path(f'ckpt_{self.step:07d}.pt')
-            os.link(path, kept + '.tmp')
-            # (over a copy of this step from an abandoned history)
-            os.replace(kept + '.tmp', kept)
+            try:
+                if os.path.isdir(kept) and not os.path.islink(kept):
+                    raise IsADirectoryError(errno.EISDIR, 'a folder is there')
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(kept + '.tmp')
+                os.link(path, kept + '.tmp')
+                # (over a copy of this step from an abandoned history)
+                os.replace(kept + '.tmp', kept)
+            except OSError as e:
+                raise SystemExit(f"error: keeping {kept} failed ({e.strerror}); {path} is saved at "
+                                 f"step {self.step}: move {kept} away and re-run the same command")
             for _, old in kept_checkpoints(self.out_dir)[:-keep_last]:
                 os.remove(old)
         print(f"saved {path} at step {self.step}")

@@ -324,7 +324,7 @@ if rank == 0:
         math.ceil(math.sqrt(min(num_samples, 256)))
     write_png(images[:256], os.path.join(out_dir, 'samples.png'), ncol)
     if save_png:
-        os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
+        bk.own_folder(os.path.join(out_dir, 'samples'))
         for i in range(len(images)):
             write_png(images[i:i + 1], os.path.join(out_dir, 'samples', f'{i:06d}.png'))
     if save_npz:

@@ -814,6 +814,11 @@ def test_foreign_files_and_links_in_out_dir_are_left_as_they_are(mnist, tmp_path
     p = run('train_diffusion.py', *args, '--max_steps=1', f'--out_dir={lock}', check=False)
     assert_one_line(p, f"error: {lock / 'run.lock'} is not a lock this kit made")
     assert outside.read_text() == 'mine' and os.listdir(lock) == ['run.lock']
+    folder = tmp_path / 'folder' / 'ckpt_0000001.pt'  # a folder where keep_last keeps a copy
+    folder.mkdir(parents=True)
+    p = run('train_diffusion.py', *args, '--max_steps=1', f'--out_dir={folder.parent}', check=False)
+    assert_one_line(p, f"error: keeping {folder} failed (a folder is there); {folder.parent / 'ckpt.pt'} is saved at step 1")
+    assert folder.is_dir() and load(folder.parent / 'ckpt.pt')['step'] == 1
 
 
 def test_bench_removes_only_the_folders_it_made(tmp_path):
