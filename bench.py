@@ -108,8 +108,7 @@ if H or C:
     K = bench['num_classes'] if bench['num_classes'] >= 0 else 10
     dataset = os.path.join(bench_dir, 'data')
     bookkeeping.make_folder(dataset, MARK)
-    N = 256
-    for split in ('train', 'val'):
+    for split, N in (('train', max(256, K)), ('val', 256)):  # (each class has training images)
         np.save(os.path.join(dataset, f'{split}_x.npy'),
                 np.random.randint(0, 256, (N, H, H, C), np.uint8))
         np.save(os.path.join(dataset, f'{split}_y.npy'), np.arange(N) % max(K, 1))

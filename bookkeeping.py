@@ -1130,15 +1130,21 @@ class Heartbeat:
                 time.sleep(self.every)
 
     def judge(self):
-        seen, since = None, time.monotonic()
+        seen = None
+        since = woke = start = time.monotonic()
         while not self.done:
             time.sleep(self.every)
             at, beat, named = self.latest
             if named is not None:
                 self.end(None, None)  # (the rank that named it says so)
+            now = time.monotonic()
+            slept, woke = now - woke, now
+            if slept > 3 * self.every:  # this process did not run (suspended, its GIL held long):
+                seen, since, start = None, now, now  # it has nothing to judge the others by
+            at = max(at, start)
             if beat != seen:
                 seen, since = beat, at
-            if time.monotonic() - at > self.timeout:  # (then no beat says anything)
+            if now - at > self.timeout:  # (then no beat says anything)
                 where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
                 self.end(self.store_holder, f"the job's store at {where}, held by "
                          + ("it" if self.store_holder is not None else "torchrun's agent")
