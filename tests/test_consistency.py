@@ -221,7 +221,10 @@ def test_resume_is_bit_exact(teacher, tmp_path, mode):
     tckpt['checksum'] = bk.checksum({k: v for k, v in tckpt.items() if k != 'checksum'})
     torch.save(tckpt, latent_teacher / 'ckpt.pt')
     for script, args, message in [
-            ('sample.py', ['--sigmas=0.8,80'], "sigmas='0.8,80' must be decreasing sigmas above sigma_min=0.002"),
+            ('sample.py', ['--sigmas=0.8,80'], "sigmas='0.8,80' must be decreasing sigmas in the trained range (0.002, 80.0]"),
+            ('sample.py', ['--sigmas=100,0.8'], "sigmas='100,0.8' must be decreasing sigmas in the trained range"),
+            ('sample.py', [f'--out_dir={teacher}', '--sigmas=80'], "sigmas is set, but sigmas are a consistency model's"),
+            ('sample.py', [f'--out_dir={teacher}', '--steps=1001'], "steps=1001 must be at most the 1000 timesteps"),
             ('distill_consistency.py', [f'--teacher={tmp_path / "b"}', f'--out_dir={tmp_path / "c"}'],
              "is a consistency checkpoint, which distill_consistency.py writes; this needs a diffusion "
              "checkpoint (train_diffusion.py)"),
