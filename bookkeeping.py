@@ -152,11 +152,13 @@ def data_path(dataset):
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 
 
-def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script='', classes=False):
+def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script='', classes=False,
+                 masks=False):
     """meta.json and the memory-mapped arrays of each split, checked against each other: (data_dir,
-    meta, {split: (x, y)}). Images are uint8 (N, H, W, C) and latents (latent_ok) float16; labels
-    are integers in [0, num_classes), and each class has training images when they condition a
-    model (classes)."""
+    meta, {split: (x, y)}, or (x, y, mask) with masks). Images are uint8 (N, H, W, C) and latents
+    (latent_ok) float16; labels are integers in [0, num_classes), and each class has training images
+    when they condition a model (classes); label maps are uint8 (N, H, W) below mask_classes or
+    mask_ignore."""
     data_dir = data_path(dataset)
     prepare = (f"python data/{dataset}/prepare.py" if os.path.basename(dataset) == dataset
                else "its prepare.py")
@@ -200,7 +202,32 @@ def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script='', c
         if split == 'train' and seen < K:  # (the model would learn those from nothing)
             raise SystemExit(f"error: meta.json says {K} classes, but {where}_y.npy has images of "
                              f"{seen} of them; re-run {prepare} (or correct num_classes)")
+    if masks:
+        data = {split: (x, y, load_masks(data_dir, split, meta, len(x), dataset, script))
+                for split, (x, y) in data.items()}
     return data_dir, meta, data
+
+
+def load_masks(data_dir, split, meta, n, dataset, script):
+    """The split's label maps (memory-mapped), checked against meta.json and its n images."""
+    path = os.path.join(data_dir, f'{split}_mask.npy')
+    K, ignore, H = meta.get('mask_classes'), meta.get('mask_ignore'), meta['image_size']
+    if not os.path.exists(path) or not isinstance(K, int):
+        raise SystemExit(f"error: dataset '{dataset}' has no label maps ({path}, mask_classes in "
+                         f"meta.json); {script} needs them: prepare it with data/folder/prepare.py "
+                         f"--mask_src=<folder of label PNGs>")
+    try:
+        mask = np.load(path, mmap_mode='r')
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path} is unreadable ({e}); re-run data/folder/prepare.py")
+    if mask.dtype != np.uint8 or mask.shape != (n, H, H):
+        raise SystemExit(f"error: {path} is {mask.dtype} {mask.shape}, but meta.json says uint8 "
+                         f"({n}, {H}, {H}); re-run data/folder/prepare.py")
+    values = np.unique(np.concatenate([np.unique(mask[i:i + 4096]) for i in range(0, n, 4096)]))
+    if any(v >= K and v != ignore for v in values):
+        raise SystemExit(f"error: {path} holds labels {values.tolist()}, but meta.json says "
+                         f"mask_classes {K} (mask_ignore {ignore}); re-run data/folder/prepare.py")
+    return mask
 
 
 DATASET_MARK = '.prepared-by-kit'  # in each folder a prepare script writes a dataset into
@@ -253,12 +280,13 @@ def save_dataset(out_dir, arrays, meta):
                 os.remove(path + ".tmp")
 
 
-def to_device(x, device):
+def to_device(x, device, images=True):
     """A (B, H, W, C) uint8 or float16 CPU tensor as float32 NCHW on the device (a view of NHWC
-    memory: the channels_last layout); on CUDA a pinned, non-blocking copy."""
+    memory: the channels_last layout), or any other tensor as it is (images=False: labels, label
+    maps); on CUDA a pinned, non-blocking copy."""
     if device.startswith('cuda'):
         x = x.pin_memory().to(device, non_blocking=True)
-    return x.to(device).permute(0, 3, 1, 2).float()
+    return x.to(device).permute(0, 3, 1, 2).float() if images else x.to(device)
 
 
 # -----------------------------------------------------------------------------

@@ -518,6 +518,8 @@ class AEConfig:
     mid_attention: bool = True  # single-head self-attention in the middle of the encoder and decoder
     kl: bool = True  # a diagonal-Gaussian posterior (mean, log-variance); False: a plain autoencoder
     dropout: float = 0.0
+    num_classes: int = 0  # > 0: a head on the latent predicting the image's class (train_ae.py cls_weight)
+    seg_classes: int = 0  # > 0: a head on the decoder's last features predicting a label per pixel
 
 # AE-B/f8 is LDM's kl-f8, the Stable Diffusion VAE (84M; pretrained.sd_vae loads its
 # released weights); S is a small one for CPUs.
@@ -532,7 +534,10 @@ class Autoencoder(nn.Module):
     LDM's), a middle block (residual, attention, residual), GroupNorm, SiLU and a conv to 2
     z_channels (mean, log-variance) or z_channels, then a 1x1 conv (quant_conv). The decoder: a
     1x1 conv (post_quant_conv), then the mirror image with nearest-neighbour upsampling. Latents
-    are (B, z_channels, H / f, W / f); every GroupNorm has eps 1e-6."""
+    are (B, z_channels, H / f, W / f); every GroupNorm has eps 1e-6. Optional heads, trained with it
+    by train_ae.py and unused by diffusion: a class head on the latent z (linear, on all of it: the
+    classes must be linearly separable in the latent) and a segmentation head beside the last layer
+    (a 3x3 conv to class logits)."""
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -571,6 +576,10 @@ class Autoencoder(nn.Module):
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
         self.quant_conv = nn.Conv2d(z_out, z_out, 1)
         self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
+        latent_size = config.image_size // self.factor
+        self.cls_head = nn.Sequential(nn.Flatten(), nn.Linear(
+            config.z_channels * latent_size ** 2, config.num_classes)) if config.num_classes else None
+        self.seg_head = nn.Conv2d(cur, config.seg_classes, 3, padding=1) if config.seg_classes else None
         self.activation_checkpointing = False
         self._flops = None
         self.initialize_weights()
@@ -597,18 +606,27 @@ class Autoencoder(nn.Module):
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def decode(self, z):
+    def decode(self, z, features=False):
+        """The image of latents z (and, with features, the last layer's input)."""
         h = run_sequence(self.decoder[:-1], self.post_quant_conv(z), self.activation_checkpointing)
-        return run_eager(self.last_layer, h)
+        x = run_eager(self.last_layer, h)
+        return (x, h) if features else x
 
     def forward(self, x, eps=None):
         """The reconstruction of x from z = mean + exp(logvar / 2) eps (the mean when eps is None),
-        mean, logvar."""
+        mean, logvar, and the heads' logits ({'cls': (B, num_classes), 'seg': (B, seg_classes, H, W)},
+        those the model has)."""
         mean, logvar = self.encode(x)
         z = mean
         if logvar is not None and eps is not None:
             z = mean + (0.5 * logvar).exp() * eps.to(mean.dtype)
-        return self.decode(z), mean, logvar
+        xrec, h = self.decode(z, features=True)
+        heads = {}
+        if self.cls_head is not None:
+            heads['cls'] = self.cls_head(z)
+        if self.seg_head is not None:
+            heads['seg'] = self.seg_head(h)
+        return xrec, mean, logvar, heads
 
     def flops_per_sample(self):
         """Forward FLOPs of encoding and decoding one image (a multiply-add is 2)."""

@@ -9,11 +9,16 @@ The network is LDM's AutoencoderKL (model.Autoencoder; Rombach et al. 2022). The
 its reconstruction x' = D(z), z ~ q(z|x) = N(mean, exp(logvar)), is
     |x - x'| (or squared, mean over pixels) + ssim_weight (1 - SSIM(x, x')) + lpips_weight LPIPS(x, x')
     + kl_weight KL(q(z|x) || N(0, I)) / pixels + disc_weight * lambda * (-PatchGAN logits of x')
+    + cls_weight CE(class head(z), y) + seg_weight CE(segmentation head, label map)
 with lambda = ||grad rec|| / ||grad adv|| at the decoder's last layer (Esser et al. 2021, eq. 7), the
 discriminator trained with the hinge loss. The KL is divided by the pixel count because the other terms
 are means over pixels: kl_weight then means what it means in LDM (1e-6), whose terms are sums. The
 discriminator starts training at disc_start and its loss reaches the decoder from adv_start on: one that
 starts untrained pushes the decoder in random directions, the quality drop LDM users report when it starts.
+The optional heads (model.Autoencoder's; the seed trainer's multi-head loss): a class head on the latent,
+a weight-free cousin of VA-VAE's semantic alignment (latents shaped by a semantic objective), and a
+segmentation head on the decoder's last features, for a dataset with label maps (data/folder/prepare.py
+--mask_src). Validation then also reports their accuracy and per-class IoU.
 
 data/prepare_latents.py then encodes a dataset with best.pt's EMA weights: train_diffusion.py's input.
 Resume, preemption and non-finite steps work as in train_diffusion.py (bookkeeping.py): re-run the command.
@@ -68,6 +73,8 @@ disc_start = 2000  # step at which the discriminator starts training
 adv_start = 3000  # step from which its loss reaches the decoder (at least disc_start)
 disc_layers = 3  # PatchGAN layers (3: 70-pixel patches; 2 suits 28-32 px images)
 disc_channels = 64  # of the discriminator's first layer, doubled in each next one up to 8x
+cls_weight = 0.0  # on the cross-entropy of a class head on the latent; 0 = no head
+seg_weight = 0.0  # on the per-pixel cross-entropy of a segmentation head (needs the dataset's masks)
 # optimization
 batch_size = 64  # images per optimizer step, over all ranks and micro-steps
 grad_accum = 1  # micro-steps per optimizer step on each rank
@@ -103,6 +110,7 @@ bk.check_config(config, choices=[
     rules=[('kl_weight', kl_weight >= 0, 'at least 0 (0 = a plain autoencoder)'),
            ('ssim_weight', ssim_weight >= 0, 'at least 0'), ('disc_weight', disc_weight >= 0, 'at least 0'),
            ('lpips_weight', lpips_weight >= 0, 'at least 0'),
+           ('cls_weight', cls_weight >= 0, 'at least 0'), ('seg_weight', seg_weight >= 0, 'at least 0'),
            ('lpips_vgg', not lpips_weight or (lpips_vgg and lpips_lin),
             'set, with lpips_lin, when lpips_weight > 0'),
            ('adv_start', adv_start >= disc_start,
@@ -123,15 +131,27 @@ ctx, micro_batch = run.ctx, run.micro_batch  # bf16 autocast (or none); images p
 
 # -----------------------------------------------------------------------------
 # data: uint8 images (N, H, W, C), memory-mapped from data/<dataset>/
-_, meta, data = bk.load_dataset(dataset, script='train_ae.py')
+# (and the label maps (N, H, W) when a segmentation head learns them)
+_, meta, data = bk.load_dataset(dataset, script='train_ae.py', masks=seg_weight > 0)
 H, W, C = meta['image_size'], meta['image_size'], meta['channels']
+num_classes = meta['num_classes'] if cls_weight > 0 else 0
+seg_classes, ignore = (meta['mask_classes'], meta['mask_ignore']) if seg_weight > 0 else (0, None)
+ignore = -100 if ignore is None else ignore  # (cross_entropy's default: no pixel has it)
+if cls_weight > 0 and num_classes < 2:
+    raise SystemExit(f"error: cls_weight needs a dataset of 2 or more classes; {dataset} has "
+                     f"{num_classes} (class subfolders give data/folder/prepare.py its labels)")
 
 def load_batch(split, idx, flip=None):
-    """Images idx of a split as floats in [-1, 1], NCHW, on the device."""
+    """Images idx of a split as floats in [-1, 1], NCHW, their labels and their label maps (int64
+    (B, H, W); None without masks), on the device."""
     x = torch.from_numpy(data[split][0][idx])
+    m = torch.from_numpy(data[split][2][idx]) if seg_classes else None
     if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(2), x)
-    return bk.to_device(x, device) / 127.5 - 1
+        m = torch.where(flip[:, None, None], m.flip(2), m) if seg_classes else None
+    y, m = (t if t is None else bk.to_device(t, device, images=False).long()
+            for t in (torch.from_numpy(data[split][1][idx]), m))
+    return bk.to_device(x, device) / 127.5 - 1, y, m
 
 def get_batch(step, micro):
     """This rank's images of micro-step `micro` of the global batch of `step`, drawn with replacement
@@ -159,7 +179,8 @@ def ssim(a, b):
 torch.manual_seed(seed)  # the same initial weights on every rank
 try:
     model = create_model(arch, image_size=H, in_channels=C, z_channels=z_channels,
-                         mid_attention=mid_attention, kl=kl_weight > 0).to(device)
+                         mid_attention=mid_attention, kl=kl_weight > 0, num_classes=num_classes,
+                         seg_classes=seg_classes).to(device)
 except ValueError as e:
     raise SystemExit(f"error: {arch} on {dataset}: {e}")
 model_config = model.config
@@ -236,6 +257,17 @@ def hinge_loss(x, xrec):
     d_loss = 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
     return d_loss, logits_real.mean(), logits_fake.mean()
 
+def head_losses(heads, y, m):
+    """The class head's cross-entropy and the segmentation head's per pixel (over the pixels that are
+    not ignore: 0 in a batch of none), those the model has."""
+    losses = {}
+    if 'cls' in heads:
+        losses['cls_loss'] = F.cross_entropy(heads['cls'].float(), y)
+    if 'seg' in heads:
+        ce = F.cross_entropy(heads['seg'].float(), m, ignore_index=ignore, reduction='sum')
+        losses['seg_loss'] = ce / (m != ignore).sum().clamp(min=1)
+    return losses
+
 def reconstruction_losses(x, xrec, mean, logvar):
     """The reconstruction term (rec_loss, plus the SSIM and LPIPS terms when weighted), its plain rec_loss
     part, and the KL of the posterior N(mean, exp(logvar)) from N(0, I) per pixel, averaged over images (0
@@ -251,25 +283,49 @@ def reconstruction_losses(x, xrec, mean, logvar):
         if logvar is not None else torch.zeros((), device=device)
     return nll.mean(), rec, kl
 
+def iou(confusion):
+    """Per-class IoU of a confusion matrix (rows: labels, columns: predictions): |both| / |either|,
+    NaN for a class neither the labels nor the predictions hold."""
+    both = confusion.diagonal()
+    return both / (confusion.sum(0) + confusion.sum(1) - both)
+
 @torch.no_grad()
 def evaluate(net, suffix=''):
     """val_psnr, val_ssim and val_l1 (+ suffix): the mean PSNR (dB, on [0, 1]), SSIM and L1 (on [-1, 1]) of the
-    reconstructions of the first eval_images val images, from the posterior means, clipped to [-1, 1]. Rank r
-    takes every world_size-th micro-batch."""
+    reconstructions of the first eval_images val images, from the posterior means, clipped to [-1, 1];
+    with the heads also val_cls_acc, the class head's top-1 accuracy, and val_miou, the mean over classes
+    of the segmentation head's IoU, pixels pooled over the images (each class's IoU, as val_iou_<k>, for
+    metrics.csv only). Rank r takes every world_size-th micro-batch."""
     n = min(eval_images, len(data['val'][0]))
-    total = torch.zeros(3, device=device)
+    total = torch.zeros(4, device=device)
+    confusion = torch.zeros(seg_classes, seg_classes, dtype=torch.long, device=device)
     net.eval()
     for lo in range(run.rank * micro_batch, n, run.world_size * micro_batch):
-        x = load_batch('val', np.arange(lo, min(lo + micro_batch, n)))
+        x, y, m = load_batch('val', np.arange(lo, min(lo + micro_batch, n)))
         with ctx:
-            xrec = net(x)[0].float().clamp(-1, 1)
+            xrec, _, _, heads = net(x)
+        xrec = xrec.float().clamp(-1, 1)
         mse = ((xrec - x) / 2).pow(2).mean(dim=(1, 2, 3))
+        correct = (heads['cls'].argmax(1) == y).sum() if 'cls' in heads else torch.zeros((), device=device)
         total += torch.stack([(-10 * mse.clamp(min=1e-10).log10()).sum(), ssim(xrec, x).sum(),
-                              (xrec - x).abs().mean(dim=(1, 2, 3)).sum()])
+                              (xrec - x).abs().mean(dim=(1, 2, 3)).sum(), correct.float()])
+        if 'seg' in heads:
+            counted = m != ignore
+            pairs = m[counted] * seg_classes + heads['seg'].argmax(1)[counted]
+            confusion += torch.bincount(pairs, minlength=seg_classes ** 2).view(seg_classes, seg_classes)
     net.train(net is raw_model)  # the EMA stays in eval mode
     if run.ddp:
         dist.all_reduce(total)
-    return {f'val_{k}{suffix}': v for k, v in zip(('psnr', 'ssim', 'l1'), (total / n).tolist())}
+        if seg_classes:
+            dist.all_reduce(confusion)
+    names = ('psnr', 'ssim', 'l1', 'cls_acc')[:3 + bool(num_classes)]
+    val = {f'val_{k}{suffix}': v for k, v in zip(names, (total / n).tolist())}
+    quiet = {}
+    if seg_classes:
+        per_class = iou(confusion.double())
+        val[f'val_miou{suffix}'] = per_class.nanmean().item()
+        quiet = {f'val_iou_{k}{suffix}': v for k, v in enumerate(per_class.tolist())}
+    return val, quiet
 
 def save(path=None):
     """ckpt.pt (or path): the networks, optimizers and best PSNR so far (Run.save adds the counters)."""
@@ -279,7 +335,7 @@ def save(path=None):
 
 # the same val images in every grid of reconstructions, a multiple of its columns
 grid_cols = min(8, len(data['val'][0]))
-grid_x = load_batch('val', np.arange(min(32, len(data['val'][0])) // grid_cols * grid_cols))
+grid_x = load_batch('val', np.arange(min(32, len(data['val'][0])) // grid_cols * grid_cols))[0]
 
 @torch.no_grad()
 def reconstruction_grid():
@@ -295,7 +351,7 @@ if patience and stale_evals >= patience:
         print(f"{run.ckpt_path} stopped early at step {run.step}: {stale_evals} validations without a "
               f"better PSNR than {best_psnr:.2f} dB (best.pt); nothing to do (raise patience to go on)")
     max_steps = run.step
-x = get_batch(run.step, 0)  # the first batch; each later one is fetched while the current step runs
+x, y, m = get_batch(run.step, 0)  # the first batch; each later one is fetched while the current step runs
 for step in range(run.step, max_steps):
     train_disc, adv_on = disc is not None and step >= disc_start, disc is not None and step >= adv_start
     lr_now = bk.cosine_lr(step, lr, min_lr, warmup_steps, lr_decay_steps or max_steps, lr_schedule)
@@ -308,10 +364,14 @@ for step in range(run.step, max_steps):
             for net in (model, disc) if disc else (model,):
                 net.require_backward_grad_sync = micro == grad_accum - 1
         with ctx:
-            xrec, mean, logvar = model(x, eps_all[run.slice(micro)])
+            xrec, mean, logvar, heads = model(x, eps_all[run.slice(micro)])
         xrec = xrec.float()
         nll, rec, kl = reconstruction_losses(x, xrec, mean, logvar)
         loss = nll + kl_weight * kl
+        heads = head_losses(heads, y, m)
+        if heads:
+            loss = loss + cls_weight * heads.get('cls_loss', 0) + seg_weight * heads.get('seg_loss', 0)
+            run.add(**heads)
         if adv_on:
             adv, weight = adversarial_term(nll, xrec)
             loss = loss + disc_weight * weight * adv
@@ -323,7 +383,7 @@ for step in range(run.step, max_steps):
             (d_loss / grad_accum).backward()
             run.add(d_loss=d_loss, logits_real=logits_real, logits_fake=logits_fake)
         if micro + 1 < grad_accum or step + 1 < max_steps:  # fetch the next batch while this step runs
-            x = get_batch(step, micro + 1) if micro + 1 < grad_accum else get_batch(step + 1, 0)
+            x, y, m = get_batch(step, micro + 1) if micro + 1 < grad_accum else get_batch(step + 1, 0)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float('inf'))
     d_grad_norm = (torch.nn.utils.clip_grad_norm_(d_params, grad_clip or float('inf')) if train_disc
                    else torch.zeros((), device=device))
@@ -336,16 +396,18 @@ for step in range(run.step, max_steps):
         torch._foreach_lerp_(ema_params, params, (1 - min(ema_decay, (1 + step) / (10 + step))) * ~bad)
     run.end_step(bad, flops_per_image(step))
     # validation (best.pt, early stopping), the log line and checkpoints, each when due
-    val, improved, early_stop = {}, False, False
+    val, quiet, improved, early_stop = {}, {}, False, False
     if run.due(eval_interval):
-        val = {**evaluate(raw_model), **evaluate(ema, '_ema')}
+        (val, _), (val_ema, quiet) = evaluate(raw_model), evaluate(ema, '_ema')
+        val.update(val_ema)
         improved = val['val_psnr_ema'] > best_psnr
         best_psnr, stale_evals = (val['val_psnr_ema'], 0) if improved else (best_psnr, stale_evals + 1)
         early_stop = patience > 0 and stale_evals >= patience
         if run.master:
             bk.save_grid(reconstruction_grid(), run.path(f'recon_{run.step:07d}.png'), grid_cols)
     if run.log_step or val:
-        run.log(lr=lr_now, grad_norm=grad_norm, d_grad_norm=d_grad_norm if train_disc else None, **val)
+        run.log(lr=lr_now, grad_norm=grad_norm, d_grad_norm=d_grad_norm if train_disc else None, **val,
+                quiet=quiet)
     if improved:
         save(run.path('best.pt'))
     if run.due(ckpt_interval) or run.stop or early_stop:

@@ -12,6 +12,13 @@ are never read, and hidden files are no images. Images are cropped as in guided-
 halve with a box filter while the short side is >= 2*image_size, resize the short side to image_size
 (bicubic), take the centre square. Every PIL mode is scaled to 8 bits first, never clipped (16-bit,
 float, palette, alpha, CMYK: see to_8bit).
+Label maps (segmentation): --mask_src=<folder> holds one label PNG per image under the image's
+relative name (cat/001.jpg -> <mask_src>/cat/001.png; --val_mask_src likewise for --val_src), each
+one channel (mode L, P or I: the value is the label) and of its image's size as shown. They are
+cropped as their images, but resized in one nearest-neighbour step (no label is ever blended), and
+written as {train,val}_mask.npy (uint8 N,S,S, the values as stored); meta.json gets mask_classes
+(the largest label + 1) and mask_ignore (--mask_ignore, e.g. 255 for VOC's borders: a value no
+loss or score counts). A missing, extra, unreadable or mis-sized mask stops the script in one line.
 Other flags: --val_fraction=0.05 (held out of --src when no --val_src), --seed=0, --workers=N
 (decoding processes). Unreadable or truncated files, anything that is not a regular file (a FIFO, a
 broken link, a device) and the folders left out are listed in out_dir/skipped.txt. Arrays are written
@@ -41,6 +48,8 @@ NOT_READ = "hidden or metadata folder, not read"
 KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
          stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
 ARRAYS = ["train_x", "train_y", "val_x", "val_y"]
+MASKS = ["train_mask", "val_mask"]
+MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")  # one label per pixel
 
 
 def not_data(name):
@@ -79,7 +88,7 @@ def list_folder(src, load, skipped_files, skipped_folders):
         if not os.path.isdir(folder):
             continue
         found = [] if not_data(name) else find_images(folder, skipped_folders)
-        if any(load(path)[0] is not None for path in found):
+        if any(load(path)[0] is not None for path in found):  # (no mask read)
             per_class[name] = found
             continue
         why = NOT_READ if not_data(name) else f"no readable image among its {len(found)} image files"
@@ -91,7 +100,7 @@ def list_folder(src, load, skipped_files, skipped_folders):
         return loose, [0] * len(loose), ["all"]
     # a file beside the class subfolders: an error if it is an image, skipped if it is not
     for path in loose:
-        arr, reason = load(path)
+        arr, _, reason = load(path)
         if arr is not None:
             raise SystemExit(f"error: {src} has class subfolders and also loose images (e.g. "
                              f"{path}); move the loose images into a class subfolder")
@@ -128,12 +137,20 @@ def to_8bit(image, mode):
     return image.convert(mode)
 
 
-def center_crop(image, size):
-    # guided-diffusion image_datasets.py center_crop_arr
-    while min(image.size) >= 2 * size:
+def resized(wh, size):
+    """The (width, height) center_crop resizes an image of size wh to before it cuts the square."""
+    while min(wh) >= 2 * size:
+        wh = tuple(x // 2 for x in wh)
+    return tuple(round(x * size / min(wh)) for x in wh)
+
+
+def center_crop(image, size, labels=False):
+    # guided-diffusion image_datasets.py center_crop_arr; a label map (labels) goes to the same
+    # size in one nearest-neighbour step, so that each pixel keeps a label of the map
+    target = resized(image.size, size)
+    while not labels and min(image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    image = image.resize(target, resample=Image.NEAREST if labels else Image.BICUBIC)
     arr = np.asarray(image)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top: top + size, left: left + size]
@@ -153,64 +170,136 @@ def open_regular(path):
     raise OSError(f"not a regular file but {KINDS.get(kind, 'a special file')}")
 
 
-def load_image(path, size, mode):
-    """Return (uint8 array (S,S,C), None) or (None, reason) for a file PIL cannot read in full."""
+def load_pair(pair, size, mode):
+    """load_image of an (image path, mask path or None) pair."""
+    return load_image(pair[0], size, mode, pair[1])
+
+
+def load_image(path, size, mode, mask=None):
+    """Return (uint8 array (S,S,C), label map (S,S) or None, None) or (None, None, reason) for a
+    file PIL cannot read in full. A mask path that does not fit raises MaskError."""
     try:
         with open_regular(path) as f, Image.open(f) as image:
             image.load()  # decodes now, so a truncated file raises here
             # a camera's photo as it is shown: its EXIF orientation applied
-            arr = center_crop(to_8bit(ImageOps.exif_transpose(image), mode), size)
-        return arr.reshape(size, size, -1), None
+            image = ImageOps.exif_transpose(image)
+            shown = image.size
+            arr = center_crop(to_8bit(image, mode), size)
     except Exception as e:
-        return None, f"{type(e).__name__}: {e}"
+        return None, None, f"{type(e).__name__}: {e}"
+    return arr.reshape(size, size, -1), mask and load_mask(mask, shown, path, size), None
 
 
-def write_split(name, split, args, pool, load, skipped_files):
-    """Decode the (path, label) pairs in order into out_dir/{name}_x.npy.tmp through a memmap, and
-    their labels into {name}_y.npy.tmp; return the number of images kept."""
-    tmp_x, tmp_y = [os.path.join(args.out_dir, f"{name}_{k}.npy.tmp") for k in "xy"]
-    shape = (args.image_size, args.image_size, args.channels)
-    x = new_memmap(tmp_x, np.uint8, (len(split),) + shape)
+class MaskError(Exception):
+    pass
+
+
+def load_mask(path, shown, image_path, size):
+    """The label map at path as uint8 (S,S), cropped as its image of size shown (w, h) was."""
+    try:
+        with open_regular(path) as f, Image.open(f) as mask:
+            mask.load()
+            mask = ImageOps.exif_transpose(mask)
+    except Exception as e:
+        raise MaskError(f"mask {path} is unreadable ({type(e).__name__}: {e})")
+    if mask.mode not in MASK_MODES:
+        raise MaskError(f"mask {path} is {mask.mode}, not one label per pixel; save label maps as "
+                        f"one-channel PNGs (mode L or P: the value is the label)")
+    if mask.size != shown:
+        raise MaskError(f"mask {path} is {mask.size[0]} x {mask.size[1]}, its image {image_path} "
+                        f"{shown[0]} x {shown[1]}; each mask must be its image's size")
+    labels = center_crop(mask, size, labels=True).astype(np.int64)
+    if labels.min() < 0 or labels.max() > 255:
+        raise MaskError(f"mask {path} holds labels in [{labels.min()}, {labels.max()}]; labels "
+                        f"must be 0..255 (they are stored as uint8)")
+    return labels.astype(np.uint8)
+
+
+def mask_paths(images, src, mask_src, flag):
+    """The label PNG of each image path under src: mask_src/<its relative name>.png. Stops in one
+    line when one is missing, two images share one, or mask_src holds a PNG of no image."""
+    masks = [os.path.join(mask_src, os.path.splitext(os.path.relpath(p, src))[0] + ".png")
+             for p in images]
+    missing = [(p, m) for p, m in zip(images, masks) if not os.path.isfile(m)]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} of the {len(images)} images have no mask in "
+                         f"{flag}, e.g. {missing[0][0]} none at {missing[0][1]}; each image needs "
+                         f"a label PNG under its relative name")
+    if len(set(masks)) < len(masks):
+        twice = next(m for m in masks if masks.count(m) > 1)
+        raise SystemExit(f"error: two images share the mask {twice} (their names differ only by "
+                         f"extension); rename one")
+    extra = sorted(set(p for p in find_images(mask_src, []) if p.lower().endswith(".png"))
+                   - set(masks))
+    if extra:
+        raise SystemExit(f"error: {flag} holds {len(extra)} label PNGs of no image in the "
+                         f"images' folder, e.g. {extra[0]}; masks must have their images' relative "
+                         f"names (or remove the extra ones)")
+    return masks
+
+
+def write_split(name, split, args, pool, load, skipped_files, label_counts):
+    """Decode the (path, label, mask path or None) triples in order into
+    out_dir/{name}_x.npy.tmp through a memmap, their labels into {name}_y.npy.tmp and their label
+    maps, if any, into {name}_mask.npy.tmp (counting each value in label_counts); return the number
+    of images kept."""
+    tmp = {k: os.path.join(args.out_dir, f"{name}_{k}.npy.tmp") for k in ("x", "y", "mask")}
+    s = args.image_size
+    shapes = {"x": (s, s, args.channels), "mask": (s, s)} if args.mask_src else {"x": (s, s, args.channels)}
+    maps = {k: new_memmap(tmp[k], np.uint8, (len(split),) + shape) for k, shape in shapes.items()}
     y = []
-    for i, (arr, reason) in enumerate(pool.imap(load, [p for p, _ in split], chunksize=16)):
-        if arr is None:
-            skipped_files.append(f"{split[i][0]}\t{reason}")
+    pairs = [(p, m) for p, _, m in split]
+    try:
+        for i, (arr, mask, reason) in enumerate(pool.imap(load, pairs, chunksize=16)):
+            if arr is None:
+                skipped_files.append(f"{split[i][0]}\t{reason}")
+                continue
+            maps["x"][len(y)] = arr
+            if mask is not None:
+                maps["mask"][len(y)] = mask
+                label_counts += np.bincount(mask.ravel(), minlength=256)
+            y.append(split[i][1])
+            if (i + 1) % 10000 == 0:
+                print(f"{name}: {i + 1}/{len(split)} files read")
+    except MaskError as e:
+        raise SystemExit(f"error: {e}")
+    for k, shape in shapes.items():
+        arr = maps.pop(k)
+        arr.flush()
+        if len(y) == len(split):
             continue
-        x[len(y)] = arr
-        y.append(split[i][1])
-        if (i + 1) % 10000 == 0:
-            print(f"{name}: {i + 1}/{len(split)} files read")
-    x.flush()
-    # drop the unused tail: copy into an array of the right length, in chunks
-    if len(y) < len(split):
-        tmp_kept = os.path.join(args.out_dir, f"{name}_x_kept.npy.tmp")
+        # drop the unused tail: copy into an array of the right length, in chunks
+        tmp_kept = os.path.join(args.out_dir, f"{name}_{k}_kept.npy.tmp")
         kept = new_memmap(tmp_kept, np.uint8, (len(y),) + shape)
         for start in range(0, len(y), 4096):
             end = min(start + 4096, len(y))
-            kept[start: end] = x[start: end]
+            kept[start: end] = arr[start: end]
         kept.flush()
-        del kept, x  # close both maps before the rename (Windows needs it)
-        os.replace(tmp_kept, tmp_x)
-    with open_new(tmp_y) as f:
+        del kept, arr  # close both maps before the rename (Windows needs it)
+        os.replace(tmp_kept, tmp[k])
+    with open_new(tmp["y"]) as f:
         np.save(f, np.array(y, dtype=np.int64))
     return len(y)
 
 
-def commit(out_dir, meta):
+def commit(out_dir, meta, arrays):
     """Give the finished {name}.npy.tmp arrays their names, then meta.json. The old meta.json goes
     first: a kill between the renames leaves no dataset (a loader says to re-run the prepare script),
-    never a meta.json over a mix of old and new arrays."""
+    never a meta.json over a mix of old and new arrays (nor an old dataset's masks)."""
     meta_json = os.path.join(out_dir, "meta.json")
     with open_new(meta_json + ".tmp", "w") as f:
         json.dump(meta, f, indent=2)
-    tmps = [os.path.join(out_dir, name + ".npy.tmp") for name in ARRAYS] + [meta_json + ".tmp"]
+    tmps = [os.path.join(out_dir, name + ".npy.tmp") for name in arrays] + [meta_json + ".tmp"]
     for path in tmps:  # on disk before any rename, as a checkpoint is
         fd = os.open(path, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
     if os.path.lexists(meta_json):
         os.remove(meta_json)
-    for name in ARRAYS:
+    for name in set(MASKS) - set(arrays):  # an earlier dataset's masks
+        if os.path.lexists(os.path.join(out_dir, name + ".npy")):
+            os.remove(os.path.join(out_dir, name + ".npy"))
+    for name in arrays:
         os.replace(os.path.join(out_dir, name + ".npy.tmp"), os.path.join(out_dir, name + ".npy"))
     os.replace(meta_json + ".tmp", meta_json)
 
@@ -230,10 +319,22 @@ def main():  # a function, so that worker processes started by spawn/forkserver 
                         help="1 converts to grayscale")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="processes that decode images")
+    parser.add_argument("--mask_src", default=None,
+                        help="a folder of label PNGs under the images' relative names")
+    parser.add_argument("--val_mask_src", default=None, help="--val_src's label PNGs")
+    parser.add_argument("--mask_ignore", type=int, default=None,
+                        help="a label value that is no class (e.g. 255: VOC's borders)")
     args = parser.parse_args()
-    for flag, folder in [("--src", args.src), ("--val_src", args.val_src)]:
+    for flag, folder in [("--src", args.src), ("--val_src", args.val_src),
+                         ("--mask_src", args.mask_src), ("--val_mask_src", args.val_mask_src)]:
         if folder is not None and not os.path.isdir(folder):
             raise SystemExit(f"error: {flag} {folder} is not a folder; pass a folder of images")
+    if bool(args.val_mask_src) != bool(args.mask_src and args.val_src):
+        raise SystemExit("error: --val_mask_src goes with --mask_src and --val_src (the val images' "
+                         "label PNGs); pass all three, or leave it out")
+    if args.mask_ignore is not None and not (args.mask_src and 0 <= args.mask_ignore <= 255):
+        raise SystemExit(f"error: --mask_ignore {args.mask_ignore} must be a label value 0..255, "
+                         f"with --mask_src")
     if args.val_src and args.val_fraction is not None:
         raise SystemExit("error: --val_fraction and --val_src both given; pass one of them")
     if args.image_size < 1:
@@ -249,6 +350,7 @@ def main():  # a function, so that worker processes started by spawn/forkserver 
     # list the classes and their images; the folders and files left out go to skipped.txt
     mode = "L" if args.channels == 1 else "RGB"
     load = functools.partial(load_image, size=args.image_size, mode=mode)
+    decode = functools.partial(load_pair, size=args.image_size, mode=mode)
     skipped_files, skipped_folders = [], []
     rng = np.random.default_rng(args.seed)
     paths, labels, class_names = list_folder(args.src, load, skipped_files, skipped_folders)
@@ -256,7 +358,8 @@ def main():  # a function, so that worker processes started by spawn/forkserver 
         found = f" (skipped {len(skipped_folders)} folders, see above)" if skipped_folders else ""
         raise SystemExit(f"error: no readable images ({' '.join(EXTENSIONS)}) in --src {args.src}"
                          f"{found}; pass a folder of images")
-    train = [(paths[i], labels[i]) for i in rng.permutation(len(paths))]
+    masks = mask_paths(paths, args.src, args.mask_src, "--mask_src") if args.mask_src else [None] * len(paths)
+    train = [(paths[i], labels[i], masks[i]) for i in rng.permutation(len(paths))]
     if args.val_src:
         val_paths, val_labels, val_classes = list_folder(args.val_src, load, skipped_files,
                                                          skipped_folders)
@@ -264,7 +367,9 @@ def main():  # a function, so that worker processes started by spawn/forkserver 
             raise SystemExit(f"error: --val_src {args.val_src} has {len(val_paths)} images in classes "
                              f"{val_classes}, --src has classes {class_names}; lay out both folders "
                              f"the same way")
-        val = [(val_paths[i], val_labels[i]) for i in rng.permutation(len(val_paths))]
+        val_masks = (mask_paths(val_paths, args.val_src, args.val_mask_src, "--val_mask_src")
+                     if args.val_mask_src else [None] * len(val_paths))
+        val = [(val_paths[i], val_labels[i], val_masks[i]) for i in rng.permutation(len(val_paths))]
     else:
         n_val = max(1, round(fraction * len(paths))) if fraction > 0 else 0
         if n_val >= len(paths):
@@ -279,12 +384,14 @@ def main():  # a function, so that worker processes started by spawn/forkserver 
         raise SystemExit(f"error: cannot make --out_dir {args.out_dir} ({e.strerror}); pass a path "
                          f"that is not a file nor under one")
     lock_out_dir(args.out_dir)  # one writer at a time, as for a run's out_dir
-    claim_dataset(args.out_dir, [f"{n}.npy" for n in ARRAYS] + ["meta.json", "skipped.txt"])
+    arrays = ARRAYS + (MASKS if args.mask_src else [])
+    claim_dataset(args.out_dir, [f"{n}.npy" for n in ARRAYS + MASKS] + ["meta.json", "skipped.txt"])
+    label_counts = np.zeros(256, dtype=np.int64)  # pixels of each mask value
     # decode into .tmp files beside the old dataset: it stays readable until the new one is complete
     try:
         with multiprocessing.Pool(args.workers) as pool:
-            counts = {"train": write_split("train", train, args, pool, load, skipped_files),
-                      "val": write_split("val", val, args, pool, load, skipped_files)}
+            counts = {name: write_split(name, split, args, pool, decode, skipped_files, label_counts)
+                      for name, split in [("train", train), ("val", val)]}
         skipped_txt = os.path.join(args.out_dir, "skipped.txt")
         if skipped_files or skipped_folders:
             with replacing(skipped_txt, "w") as f:
@@ -307,12 +414,21 @@ def main():  # a function, so that worker processes started by spawn/forkserver 
         meta = {"image_size": args.image_size, "channels": args.channels,
                 "num_classes": len(class_names), "class_names": class_names, "source": source,
                 "num_train": counts["train"], "num_val": counts["val"]}
-        commit(args.out_dir, meta)
+        if args.mask_src:
+            found = [v for v in np.flatnonzero(label_counts) if v != args.mask_ignore]
+            if not found:
+                raise SystemExit(f"error: every mask pixel is --mask_ignore {args.mask_ignore}; "
+                                 f"there is no label to learn")
+            meta.update(mask_classes=int(found[-1]) + 1, mask_ignore=args.mask_ignore)
+            print(f"masks: labels {', '.join(map(str, found))} (mask_classes {found[-1] + 1})"
+                  + (f", {args.mask_ignore} ignored" if args.mask_ignore is not None else ""))
+        commit(args.out_dir, meta, arrays)
     except OSError as e:
         raise SystemExit(f"error: writing {e.filename or args.out_dir} failed ({e.strerror or e}); "
                          f"make room or pass another --out_dir")
     finally:  # remove what a failure left behind; the old dataset, if any, is as it was
-        leftovers = [f"{n}.npy.tmp" for n in ARRAYS + ["train_x_kept", "val_x_kept"]]
+        leftovers = [f"{n}.npy.tmp" for n in ARRAYS + MASKS + [f"{s}_{k}_kept" for s in ("train", "val")
+                                                                for k in ("x", "mask")]]
         for name in leftovers + ["meta.json.tmp", "skipped.txt.tmp"]:
             path = os.path.join(args.out_dir, name)
             if os.path.lexists(path) and not os.path.isdir(path):  # (a folder is open_new's line)
