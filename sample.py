@@ -8,6 +8,7 @@ decoded by the autoencoder its latent dataset names, or by Stable Diffusion's VA
     torchrun --nproc_per_node=8 sample.py --out_dir=out-dit-b --num_samples=50000 --save_npz=True
     python sample.py --out_dir=out-mnist-cd --sigmas=80,0.8         # a consistency model: 2 calls
     python sample.py --out_dir=out-mnist-gan --save_npz=True        # a GAN: one call, z ~ N(0, I)
+    python sample.py --out_dir=out-mnist-dit --ckpt=best            # best.pt: the lowest EMA val loss
     python sample.py --out_dir=out-mnist-dit --ema_std=0.1          # a post-hoc EMA (phema_stds)
     python sample.py --out_dir=out-mnist-dit --memorization=True    # the nearest training images
     # a released checkpoint, sampled as for DiT-XL/2's published FID (SiT-XL/2's the same):
@@ -42,6 +43,8 @@ from pretrained import dit, or_exit, sd_vae
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # holds ckpt.pt; the samples are written here too
+ckpt = 'ckpt'  # which of out_dir's checkpoints: 'ckpt' (the latest), 'best' (train_diffusion.py's lowest EMA
+#               val loss) or a copy kept by keep_last, e.g. 'ckpt_0005000'
 # a released DiT or SiT .pt file (pretrained.dit), sampled in place of out_dir's ckpt.pt
 pretrained = ''
 family = ''  # 'DiT' or 'SiT', pretrained's family ('' = from its file name)
@@ -78,6 +81,8 @@ bk.check_config(config, counts=['num_samples', 'steps', 'batch_size'],
                 choices=[('sampler', SAMPLERS), ('dtype', ('float32', 'bfloat16', 'float16'))],
                 rules=[('eta', 0 <= eta <= 1, 'in [0, 1] (0: deterministic, 1: ddpm)'),
                        ('ema_std', ema_std >= 0, "at least 0 (0: the checkpoint's EMA)"),
+                       ('ckpt', bool(ckpt.strip('.')) and os.path.basename(ckpt) == ckpt,
+                        "a checkpoint's name in out_dir: 'ckpt', 'best' or 'ckpt_<step>'"),
                        ('cfg_sigma_max', cfg_sigma_min < cfg_sigma_max, 'above cfg_sigma_min'),
                        ('cfg_channels', cfg_channels >= 0, 'at least 0 (0: every channel)'),
                        ('family', family in ('', 'DiT', 'SiT') and (pretrained or not family),
@@ -124,11 +129,13 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 ctx = torch.autocast(device_type=device_type, dtype=ptdtype, enabled=dtype != 'float32')
 
 # the checkpoint; out_dir, where the samples go, is checked writable now rather than after sampling
-ckpt_path = pretrained or os.path.join(out_dir, 'ckpt.pt')
+ckpt_path = pretrained or os.path.join(out_dir, ckpt.removesuffix('.pt') + '.pt')
 runs = "pass the out_dir of a train_diffusion.py, distill_consistency.py or train_gan.py run" \
     if not pretrained else "pass a released DiT or SiT .pt file (README, 'Released weights')"
 if not os.path.exists(ckpt_path):
-    raise SystemExit(f"error: {ckpt_path} not found; {runs}")
+    there = sorted(f for f in os.listdir(out_dir) if f.endswith('.pt')) if os.path.isdir(out_dir) else []
+    raise SystemExit(f"error: {ckpt_path} not found; "
+                     + (f"{out_dir} holds {', '.join(there)}: pass --ckpt=<one of them>" if there else runs))
 if rank == 0:
     bk.check_writable(out_dir)
 if pretrained:  # a released DiT or SiT: its diffusion as it was trained, and no dataset
@@ -137,26 +144,26 @@ if pretrained:  # a released DiT or SiT: its diffusion as it was trained, and no
     train_config = dict(published, sigma_data=0.5, dataset='')
     checkpoint = {'path': published['source'], 'family': published['family']}
 else:
-    ckpt = bk.load_checkpoint(ckpt_path, runs, kinds=['diffusion', 'consistency', 'gan'])
-    consistency = ckpt.get('consistency')  # a distill_consistency.py run: its teacher's diffusion
-    train_config = ckpt['teacher_config'] if consistency else ckpt['config']
-    gan = ckpt['kind'] == 'gan'  # a train_gan.py checkpoint: its generator, z to images
-    model = create_model(train_config['arch'], **ckpt['model_args'])
-    bk.load_state(model, ckpt['ema' if use_ema else 'model'], ckpt_path,
+    saved = bk.load_checkpoint(ckpt_path, runs, kinds=['diffusion', 'consistency', 'gan'])
+    consistency = saved.get('consistency')  # a distill_consistency.py run: its teacher's diffusion
+    train_config = saved['teacher_config'] if consistency else saved['config']
+    gan = saved['kind'] == 'gan'  # a train_gan.py checkpoint: its generator, z to images
+    model = create_model(train_config['arch'], **saved['model_args'])
+    bk.load_state(model, saved['ema' if use_ema else 'model'], ckpt_path,
                   'ema' if use_ema else 'model')
-    checkpoint = {'path': os.path.abspath(ckpt_path), 'step': ckpt['step'], 'kind': ckpt['kind'],
-                  **({'checksum': ckpt['checksum']} if 'checksum' in ckpt else {})}
+    checkpoint = {'path': os.path.abspath(ckpt_path), 'step': saved['step'], 'kind': saved['kind'],
+                  **({'checksum': saved['checksum']} if 'checksum' in saved else {})}
 if ema_std:  # the post-hoc EMA of the trained weights (the others stay the EMA's); never pretrained
     files = sorted(glob.glob(os.path.join(out_dir, 'phema', 'phema-*.pt')))
     try:  # mmap: each snapshot is read as it is summed
         loaded = [torch.load(f, map_location='cpu', weights_only=True, mmap=True) for f in files]
-        snaps = [(s['step'], g, w) for s in loaded if s['step'] <= ckpt['step']
+        snaps = [(s['step'], g, w) for s in loaded if s['step'] <= saved['step']
                  for g, w in zip(s['gamma'], s['ema'])]
     except Exception as e:
         raise SystemExit(f"error: cannot read the post-hoc EMA snapshots in {out_dir}/phema/ "
                          f"({str(e).splitlines()[0][:200]}); remove the broken one, or sample with ema_std=0")
     # the snapshots of this run only: another run's, summed in, would give weights of neither
-    other = [f for f, s in zip(files, loaded) if s.get('run_id', ckpt.get('run_id')) != ckpt.get('run_id')]
+    other = [f for f, s in zip(files, loaded) if s.get('run_id', saved.get('run_id')) != saved.get('run_id')]
     if other:
         raise SystemExit(f"error: {other[0]} is a snapshot of another run than {ckpt_path}; move it (and "
                          f"the other run's) out of {out_dir}/phema/, or sample with ema_std=0")
@@ -164,12 +171,14 @@ if ema_std:  # the post-hoc EMA of the trained weights (the others stay the EMA'
         raise SystemExit(f"error: ema_std={ema_std} but {out_dir}/phema/ holds no snapshots; train "
                          f"with phema_stds set, or sample the checkpoint's EMA with ema_std=0")
     # the profiles are rebuilt at the checkpoint's step: without a snapshot there, the EMA would be wrong
-    if max(step for step, _, _ in snaps) != ckpt['step']:
-        raise SystemExit(f"error: ema_std={ema_std}: the newest snapshot in {out_dir}/phema/ is at step "
-                         f"{max(step for step, _, _ in snaps)}, the checkpoint at step {ckpt['step']}; resume "
-                         f"the run to its next snapshot, or sample the checkpoint's EMA with ema_std=0")
+    if max(step for step, _, _ in snaps) != saved['step']:
+        fix = ("resume the run to its next snapshot" if ckpt == 'ckpt' else
+               f"{os.path.basename(ckpt_path)} was saved between snapshots; pass a kept ckpt_<step>")
+        raise SystemExit(f"error: ema_std={ema_std}: the newest snapshot in {out_dir}/phema/ up to step "
+                         f"{saved['step']} is at step {max(step for step, _, _ in snaps)}, the checkpoint at "
+                         f"step {saved['step']}; {fix}, or sample the checkpoint's EMA with ema_std=0")
     try:
-        model.load_state_dict(phema_weights(snaps, ckpt['step'], ema_std), strict=False)
+        model.load_state_dict(phema_weights(snaps, saved['step'], ema_std), strict=False)
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"error: ema_std={ema_std}: {str(e).splitlines()[0][:200]}")
 model.to(device).eval()
@@ -261,6 +270,8 @@ if not (gan or consistency):
         ignored.update({k: "guidance is off (cfg_scale=1)" for k in guided[1:]})
     if decoder:
         ignored['clip_x0'] = "this model makes latents, never clipped"
+if pretrained:
+    ignored['ckpt'] = "pretrained is sampled in place of out_dir's checkpoints"
 bk.check_applied(overridden, config, ignored)
 if not (gan or consistency) and sampler in ('ddpm', 'ddim') and diffusion.schedule in ('linear', 'cosine'):
     bk.check_config(config, rules=[('steps', steps <= diffusion.num_timesteps,
@@ -280,7 +291,7 @@ if pretrained:  # this run's sampling beside that of the published FID
         print(f"note: {published['family']}'s {published['published']}; the kit's nearest: "
               f"{' '.join(f'{k}={published[k]}' for k in protocol)}; this run differs in {differs}")
 weights = f"a released {published['family']} checkpoint" if pretrained else \
-    f"step {ckpt['step']}, {'EMA' if use_ema else 'raw'} weights"
+    f"step {saved['step']}, {'EMA' if use_ema else 'raw'} weights"
 print(f"rank {rank}: sampling {num_samples} images from {ckpt_path} ({weights}), {how}")
 
 # a round from index lo: rank r samples lo + r*n ... lo + r*n + n-1, n <= batch_size the same on

@@ -51,7 +51,7 @@ keep_last = 0  # also keep the newest keep_last checkpoints as out_dir/ckpt_<ste
 #                (hard links: no extra space)
 max_minutes = 0.0  # finish the step, save and exit 0 after this much wall time; 0 = no limit
 log_interval = 50  # steps between log lines (the only host syncs of the loop)
-eval_interval = 500  # steps between val-loss evaluations
+eval_interval = 500  # steps between val-loss evaluations (best.pt: the lowest EMA val loss so far)
 eval_images = 512  # val images in each evaluation, at fixed timesteps and noise
 sample_interval = 1000  # steps between EMA sample grids (a grid is also made at the end)
 ckpt_interval = 1000  # steps between checkpoints (one is also written at the end)
@@ -323,6 +323,7 @@ if ckpt and ckpt['config'].get('init_base', '') != init_base:  # (init_base only
 if ckpt and ckpt['config'].get('phema_stds', '') != phema_stds:
     raise SystemExit(f"error: {run.ckpt_path} tracks post-hoc EMAs phema_stds="
                      f"'{ckpt['config'].get('phema_stds', '')}'; resume with that value")
+best_val_loss = ckpt.get('best_val_loss', math.inf)  # best.pt's (the EMA's val loss)
 # the power-function EMAs (rank 0's), of the trained weights
 phema = ((ckpt.get('phema') or [[p.detach().clone() for p in params] for _ in phema_gammas])
          if run.master else [])
@@ -532,12 +533,16 @@ for step in range(run.step, max_steps):
         bk.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'))
     if run.log_step or val:
         run.log(lr=lr_now, grad_norm=grad_norm, **val, quiet=noise_level_losses(run.averages))
+    if val and val['val_loss_ema'] < best_val_loss:  # the weights to sample: sample.py --ckpt=best
+        best_val_loss = val['val_loss_ema']
+        run.save(run.path('best.pt'), model=raw_model, ema=ema, model_args=asdict(model_config),
+                 best_val_loss=best_val_loss)
     checkpoint = run.due(ckpt_interval) or run.stop
     if run.master and phema and (run.due(phema_interval) or checkpoint):
         save_phema(run.step)
     if checkpoint:
         run.save(model=raw_model, ema=ema, optimizer=optimizer, scaler=scaler,
-                 model_args=asdict(model_config), phema=phema)
+                 model_args=asdict(model_config), phema=phema, best_val_loss=best_val_loss)
     if run.stop:
         break
 run.finish()
