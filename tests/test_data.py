@@ -755,3 +755,51 @@ def test_cifar10_writes_whole_or_absent(tmp_path):
     flags = [f"--archive={tmp_path / 'new.tar.gz'}", f"--out_dir={out}", "--no_verify"]
     seen = check_whole_or_absent("cifar10", flags, out, old)
     assert seen == {"old", "absent", "new"}
+
+
+def test_folder_masks_are_cropped_with_their_images_and_mismatches_refused(tmp_path):
+    """--mask_src: each image's label PNG (mode L or P) goes through the same EXIF turn, halvings, resize and
+    centre crop as the image, nearest-neighbour (only labels of the map), and stays with its image through the
+    shuffle: each image here is black left of a column of its own and white right of it, its mask 0 and 1 (a 255
+    ignore row on top), so both must switch at the same place. meta.json gets mask_classes and mask_ignore.
+    A missing, extra, mis-sized or coloured mask, or a label above 255, is one line; a dataset prepared again
+    without masks loses its old ones."""
+    rng = np.random.default_rng(0)
+    src, masks, out = tmp_path / "src", tmp_path / "masks", tmp_path / "out"
+    sizes = [(90, 64), (40, 37), (64, 90), (50, 50), (133, 70), (37, 41)]
+    for i, (w, h) in enumerate(sizes):
+        cut = int(rng.integers(w // 3, 2 * w // 3))
+        label = np.zeros((h, w), np.uint8)
+        label[:, cut:] = 1
+        for cls in ("a", "b"):
+            (src / cls).mkdir(parents=True, exist_ok=True)
+            (masks / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(label * 255).convert("RGB").save(src / cls / f"{i}.{'jpg' if i % 2 else 'png'}", quality=95)
+            marked = label.copy()
+            marked[0] = 255
+            Image.fromarray(marked).convert("P" if i % 2 else "L").save(masks / cls / f"{i}.png")
+    prepare("folder", f"--src={src}", f"--mask_src={masks}", f"--out_dir={out}", "--image_size=16",
+            "--val_fraction=0.25", "--mask_ignore=255", "--workers=1")
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["mask_classes"], meta["mask_ignore"]) == (2, 255)
+    for split in ("train", "val"):
+        x, m = np.load(out / f"{split}_x.npy"), np.load(out / f"{split}_mask.npy")
+        assert m.shape == x.shape[:3] and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 1, 255}
+        # where the image turns white, the mask turns 1: the same column, give or take the resampling's one
+        white, one = ((x[:, 8, :, 0] > 127).argmax(1)), (m[:, 8] == 1).argmax(1)
+        assert np.abs(white - one).max() <= 1, (white, one)
+        assert len(set(white.tolist())) > 1  # (the images differ: a mask paired with another image would show)
+    flags = [f"--src={src}", f"--out_dir={tmp_path / 'bad'}", "--image_size=16", "--workers=1"]
+    (masks / "a" / "0.png").rename(tmp_path / "0.png")
+    fails("folder", *flags, f"--mask_src={masks}", says="1 of the 12 images have no mask in --mask_src, e.g.")
+    (tmp_path / "0.png").rename(masks / "a" / "0.png")
+    Image.new("L", (9, 9)).save(masks / "b" / "extra.png")
+    fails("folder", *flags, f"--mask_src={masks}", says="holds 1 label PNGs of no image in the images' folder")
+    (masks / "b" / "extra.png").unlink()
+    for bad, says in [(Image.new("L", (8, 8)), "is 8 x 8, its image"), (Image.new("RGB", sizes[3]), "is RGB"),
+                      (Image.fromarray(np.full(sizes[3][::-1], 300, np.uint16)), "holds labels in [300, 300]")]:
+        bad.save(masks / "a" / "3.png")
+        fails("folder", *flags, f"--mask_src={masks}", says=says)
+    assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("*.npy*"))
+    prepare("folder", f"--src={src}", f"--out_dir={out}", "--image_size=16", "--workers=1")
+    assert not list(out.glob("*_mask.npy")) and "mask_classes" not in json.loads((out / "meta.json").read_text())

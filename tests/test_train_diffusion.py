@@ -15,8 +15,8 @@ TINY = ['--arch=DiT-N/4', '--batch_size=16', '--log_interval=2', '--eval_interva
         '--sample_interval=1000', '--sample_steps=2', '--ckpt_interval=1000', '--warmup_steps=2']
 
 
-def load_ckpt(out_dir):
-    return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
+def load_ckpt(out_dir, name='ckpt.pt'):
+    return torch.load(os.path.join(out_dir, name), map_location='cpu', weights_only=True)
 
 
 def train_and_read(out, train_args, sample_args, mnist_classifier):
@@ -46,9 +46,10 @@ def test_quickstart_learns_mnist(quickstart, mnist_classifier):
 
 
 def test_unet_resume_is_bit_exact(mnist, tmp_path):
-    """6 steps straight == 3 steps, stop, resume to 6: model, EMA, post-hoc EMAs and optimizer state identical to the
-    bit, for the UNet, whose dropout draws from the global RNG that the checkpoint restores (tests/test_robustness.py
-    kills and resumes the DiT)."""
+    """6 steps straight == 3 steps, stop, resume to 6: model, EMA, post-hoc EMAs, optimizer state and best.pt identical
+    to the bit, for the UNet, whose dropout draws from the global RNG that the checkpoint restores (tests/test_robustness.py
+    kills and resumes the DiT). best.pt stays at the lowest EMA val loss when 3 more steps at lr=0.1 make it worse, and
+    sample.py --ckpt=best samples it."""
     objective = ['--arch=UNet-S', '--schedule=flow', '--prediction_type=flow', '--timestep_sampling=logit_normal',
                  '--ema_update_every=2', '--batch_size=8', '--eval_images=16', '--phema_stds=0.05,0.1',
                  '--phema_interval=2']
@@ -74,7 +75,20 @@ def test_unet_resume_is_bit_exact(mnist, tmp_path):
     assert [int(r['step']) for r in rows] == [2, 3, 4, 6]  # the row after the checkpoint is gone
     assert [r['loss'] for r in rows if r['step'] == '6'] == [r['loss'] for r in csv.DictReader(
         open(tmp_path / 'a' / 'metrics.csv')) if r['step'] == '6']
-    run('sample.py', f'--out_dir={tmp_path / "b"}', '--num_samples=2', '--steps=2', '--sampler=heun')  # DiT and UNet
+    best_a, best_b = (load_ckpt(tmp_path / name, 'best.pt') for name in 'ab')
+    assert all(torch.equal(best_a['ema'][k], best_b['ema'][k]) for k in best_a['ema'])
+    run('train_diffusion.py', *TINY, *objective, f'--out_dir={tmp_path / "b"}', '--max_steps=9', '--lr=0.1',
+        '--lr_schedule=constant')
+    rows = [r for r in csv.DictReader(open(tmp_path / 'b' / 'metrics.csv')) if r['val_loss_ema']]
+    losses = {int(r['step']): float(r['val_loss_ema']) for r in rows}
+    best = load_ckpt(tmp_path / 'b', 'best.pt')
+    assert losses[9] > losses[6] and best['step'] == min(losses, key=losses.get) == 6, losses
+    assert best['best_val_loss'] == pytest.approx(losses[6], abs=1e-5) and load_ckpt(tmp_path / 'b')['step'] == 9
+    p = run('sample.py', f'--out_dir={tmp_path / "b"}', '--ckpt=best', '--num_samples=2', '--steps=2', '--sampler=heun')
+    assert f"sampling 2 images from {tmp_path / 'b' / 'best.pt'} (step 6, EMA weights)" in p.stdout, p.stdout
+    p = run('sample.py', f'--out_dir={tmp_path / "b"}', '--ckpt=ckpt_0000007', check=False)
+    assert p.stderr.strip().endswith("ckpt_0000007.pt not found; " + str(tmp_path / 'b') + " holds best.pt, ckpt.pt: "
+                                     "pass --ckpt=<one of them>"), p.stderr
 
 
 def test_two_ranks_match_one(mnist, tmp_path):
