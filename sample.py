@@ -174,9 +174,9 @@ if ema_std:  # the post-hoc EMA of the trained weights (the others stay the EMA'
     if max(step for step, _, _ in snaps) != saved['step']:
         fix = ("resume the run to its next snapshot" if ckpt == 'ckpt' else
                f"{os.path.basename(ckpt_path)} was saved between snapshots; pass a kept ckpt_<step>")
-        raise SystemExit(f"error: ema_std={ema_std}: the newest snapshot in {out_dir}/phema/ up to step "
-                         f"{saved['step']} is at step {max(step for step, _, _ in snaps)}, the checkpoint at "
-                         f"step {saved['step']}; {fix}, or sample the checkpoint's EMA with ema_std=0")
+        raise SystemExit(f"error: ema_std={ema_std}: the newest snapshot in {out_dir}/phema/ is at step "
+                         f"{max(step for step, _, _ in snaps)}, the checkpoint at step {saved['step']}; {fix}, or "
+                         f"sample the checkpoint's EMA with ema_std=0")
     try:
         model.load_state_dict(phema_weights(snaps, saved['step'], ema_std), strict=False)
     except (ValueError, RuntimeError) as e:
