@@ -708,6 +708,149 @@ class LPIPS(nn.Module):
         return d
 
 # -----------------------------------------------------------------------------
+# Inception-v3 as FID measures with it: the TensorFlow 2015 graph (classify_image_graph_def.pb) that
+# TTUR's FID and the ADM evaluation suite run, in PyTorch, with torchvision's names so that the
+# converted weights pytorch-fid and torch-fidelity download (pt_inception-2015-12-05-6726825d.pth,
+# weights-inception-2015-12-05-6726825d.pth) load as they are. It differs from torchvision's network
+# where the graph does: average pools that leave the padding out of their counts, a max pool in the
+# last block, 1008 classes, and TensorFlow 1's bilinear resize of the input to 299 x 299.
+
+def resize_bilinear_tf1(x, size):
+    """x (B, C, H, W) resized to (size, size) as TensorFlow 1's resize_bilinear (align_corners=False,
+    no half-pixel centres): output pixel i reads the input at i * in / out, between its two neighbours
+    (the last one repeated at the edge). torch's interpolate has no such mode."""
+    def taps(n_in):
+        pos = torch.arange(size, dtype=torch.float64, device=x.device) * (n_in / size)
+        lo = pos.floor().long().clamp(max=n_in - 1)
+        return lo, (lo + 1).clamp(max=n_in - 1), (pos - lo).to(x.dtype)
+    (y0, y1, wy), (x0, x1, wx) = taps(x.shape[2]), taps(x.shape[3])
+    rows = x[:, :, y0] + (x[:, :, y1] - x[:, :, y0]) * wy[:, None]
+    return rows[..., x0] + (rows[..., x1] - rows[..., x0]) * wx
+
+class ConvBN(nn.Module):
+    """conv (no bias), batch norm (eps 1e-3, as the graph's), ReLU: the graph's every conv layer."""
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+def avg_pool_3x3(x):  # the graph's average pools count only the pixels inside the image
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+class InceptionA(nn.Module):  # 35 x 35: 1x1, 5x5, two 3x3, pool
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = ConvBN(cin, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = ConvBN(cin, 48, 1), ConvBN(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, padding=1)
+        self.branch_pool = ConvBN(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(avg_pool_3x3(x))], 1)
+
+class InceptionB(nn.Module):  # 35 -> 17
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = ConvBN(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, 2)], 1)
+
+class InceptionC(nn.Module):  # 17 x 17: 1x1, 7x7 factored as 1x7 and 7x1, twice, pool
+    def __init__(self, cin, c7):
+        super().__init__()
+        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+        self.branch1x1 = ConvBN(cin, 192, 1)
+        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = ConvBN(cin, c7, 1), ConvBN(c7, c7, **row), ConvBN(c7, 192, **col)
+        self.branch7x7dbl_1, self.branch7x7dbl_2 = ConvBN(cin, c7, 1), ConvBN(c7, c7, **col)
+        self.branch7x7dbl_3, self.branch7x7dbl_4 = ConvBN(c7, c7, **row), ConvBN(c7, c7, **col)
+        self.branch7x7dbl_5 = ConvBN(c7, 192, **row)
+        self.branch_pool = ConvBN(cin, 192, 1)
+
+    def forward(self, x):
+        dbl = x
+        for i in range(1, 6):
+            dbl = getattr(self, f'branch7x7dbl_{i}')(dbl)
+        return torch.cat([self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))), dbl,
+                          self.branch_pool(avg_pool_3x3(x))], 1)
+
+class InceptionD(nn.Module):  # 17 -> 8
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = ConvBN(cin, 192, 1), ConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = ConvBN(cin, 192, 1)
+        self.branch7x7x3_2 = ConvBN(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = x
+        for i in range(1, 5):
+            b7 = getattr(self, f'branch7x7x3_{i}')(b7)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
+
+class InceptionE(nn.Module):  # 8 x 8: 1x1, 3x3 split into 1x3 and 3x1, the same after a 3x3, pool
+    def __init__(self, cin, max_pool=False):
+        super().__init__()
+        self.max_pool = max_pool  # the graph's last block pools by max (pytorch-fid's FIDInceptionE_2)
+        self.branch1x1 = ConvBN(cin, 320, 1)
+        self.branch3x3_1 = ConvBN(cin, 384, 1)
+        self.branch3x3_2a, self.branch3x3_2b = ConvBN(384, 384, (1, 3), padding=(0, 1)), ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = ConvBN(cin, 448, 1), ConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = ConvBN(cin, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, 1, 1) if self.max_pool else avg_pool_3x3(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl), self.branch_pool(pool)], 1)
+
+class InceptionV3(nn.Module):
+    """The FID network. forward(uint8-valued images (B, 3, H, W), any size) returns the ADM suite's
+    three outputs: pool (B, 2048), the graph's pool_3, for FID, precision and recall; spatial
+    (B, 7 * 17 * 17), the first 7 channels of mixed_6/conv (here Mixed_6d.branch1x1), for sFID; and
+    logits (B, 1008), pool times the classifier's weights without its bias, as the suite's Inception
+    Score takes them."""
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280), InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)
+        self.requires_grad_(False).eval()
+
+    def forward(self, x):
+        x = (resize_bilinear_tf1(x.float(), 299) - 128) / 128
+        x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, 2)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)
+        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))))
+        spatial = self.Mixed_6d.branch1x1(x)[:, :7]
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(x)))))
+        pool = x.mean(dim=(2, 3))
+        # (channels last before flattening, as the suite reshapes the graph's NHWC tensor)
+        return pool, spatial.permute(0, 2, 3, 1).flatten(1), pool @ self.fc.weight.T
+
+# -----------------------------------------------------------------------------
 # GAN: R3GAN's generator and discriminator (Huang et al. 2024, "The GAN is dead; long live the
 # GAN!"): ResNeXt-style residual blocks with no normalisation, kept stable at initialisation by
 # fix-up-style scaling (Zhang et al. 2019)

@@ -11,7 +11,7 @@ import pickle
 
 import torch
 
-from model import AEConfig, Autoencoder, DIT_SIZES, DiT, DiTConfig
+from model import AEConfig, Autoencoder, DIT_SIZES, DiT, DiTConfig, InceptionV3
 
 # the released checkpoints that sd_vae and dit read: their files
 RELEASED = ("Stable Diffusion's VAE: a diffusers folder (config.json with diffusion_pytorch_model."
@@ -199,6 +199,16 @@ def sd_vae(path, scaling_factor=None):
     return ae.eval()
 
 
+def inception(path):
+    """model.InceptionV3 with the FID weights of TensorFlow's 2015 graph as pytorch-fid
+    (pt_inception-2015-12-05-6726825d.pth) or torch-fidelity (weights-inception-2015-12-05-6726825d.pth)
+    converted them: both in torchvision's names, which the network keeps."""
+    weights, _ = read_weights(path)
+    net = InceptionV3()
+    load_renamed(net, weights, {}, path)
+    return net
+
+
 def dit_names(depth):
     """{kit module: [its name in facebookresearch/DiT's and willisma/SiT's models.py]} where they
     differ, for a DiT of depth blocks (their pos_embed is the kit's fixed sincos buffer)."""
@@ -262,6 +272,10 @@ def load_renamed(net, weights, names, path):
     state, used = {}, set()
     for key, want in net.state_dict().items():
         module, leaf = key.rsplit('.', 1)
+        if leaf == 'num_batches_tracked':  # (a batch norm's counter: no weight, never read in eval)
+            state[key] = want
+            used.add(key)
+            continue
         theirs = [f'{name}.{leaf}' for name in names.get(module, [module])]
         require(weights, theirs, path, f" (for this model's {key})")
         parts = [weights[k].float().reshape(-1, *want.shape[1:]) for k in theirs]

@@ -1,0 +1,230 @@
+"""
+The ADM evaluation suite's five numbers for a .npz of samples, in PyTorch: FID, sFID, Inception Score,
+precision and recall, as openai/guided-diffusion's evaluations/evaluator.py defines them, against a
+reference batch (ADM's, e.g. VIRTUAL_imagenet256_labeled.npz) or a prepared dataset of the kit.
+
+    python evaluate.py --samples=out-dit/samples.npz --ref=VIRTUAL_imagenet256_labeled.npz \
+        --inception=pt_inception-2015-12-05-6726825d.pth
+    python evaluate.py --samples=out-mnist-dit/samples.npz --ref=data/mnist --inception=...
+
+The network is TensorFlow's 2015 Inception-v3 graph, the one TTUR's FID and the ADM suite run, ported
+to PyTorch (model.InceptionV3, TensorFlow 1's bilinear resize included) and read from a local weights
+file (pretrained.inception; nothing is downloaded). Its features: pool_3 (2048) for FID, precision and
+recall; the first 7 channels of mixed_6/conv (7 x 17 x 17) for sFID; pool_3 times the classifier's
+weights, without its bias, for the Inception Score. The suite's definitions:
+- FID and sFID: |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)), statistics in float64 (np.cov);
+  the trace of the root from symmetric eigendecompositions, which stays right for singular and
+  ill-conditioned covariances (frechet_distance).
+- Inception Score: exp(E_x KL(p(y|x) || p(y))) over splits of 5,000 samples (10 for 50,000), averaged.
+- Precision and recall (Kynkaanniemi et al. 2019): each image's radius is the distance to its 3rd
+  nearest neighbour in its own set; precision is the share of samples inside some reference image's
+  ball, recall the share of reference images inside some sample's ball. The distances are float16
+  where they fit, as the suite's: in float32 the recall of the same features can differ by 0.007.
+The reference's statistics are read from its .npz when it holds them (mu, sigma, mu_s, sigma_s), as the
+suite does; its images give the precision/recall features either way. --ref=data/<name> computes the
+statistics of a prepared dataset's train images once, cached beside them under the weights file's hash.
+The protocol (model, step, sampler, steps, guidance, ...) is read from samples.json beside the samples,
+printed, and kept with the numbers in one JSON line appended to evaluations.jsonl beside the samples.
+"""
+import hashlib
+import json
+import os
+
+import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a traceback)
+import numpy as np
+import torch
+
+from pretrained import inception as load_inception
+
+# -----------------------------------------------------------------------------
+samples = ''  # a .npz of uint8 images (N, H, W, C), arr_0, as sample.py and the ADM suite write
+ref = ''  # the reference: an ADM reference batch .npz, or a prepared dataset (data/<name> or its name)
+inception = ''  # the FID Inception weights (README, 'Evaluation'): a local file
+ref_images = 50000  # a prepared dataset's train images in its statistics (the first ones: a random subset)
+batch_size = 100
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+# -----------------------------------------------------------------------------
+
+def image_batches(images, size):
+    """uint8 (N, H, W, C) images, C 1 or 3, as (B, 3, H, W) tensors: grey repeated to RGB."""
+    for lo in range(0, len(images), size):
+        x = torch.from_numpy(np.array(images[lo:lo + size])).permute(0, 3, 1, 2)  # (a copy: memmaps are read-only)
+        yield x.expand(-1, 3, -1, -1)
+
+@torch.no_grad()
+def inception_features(net, images, batch_size, device):
+    """(pool (N, 2048), spatial (N, 2023), logits (N, 1008)) float32 numpy arrays of uint8 images."""
+    out = [[], [], []]
+    for x in image_batches(images, batch_size):
+        for parts, feats in zip(out, net(x.to(device))):
+            parts.append(feats.float().cpu())
+    return tuple(torch.cat(parts).numpy() for parts in out)
+
+def statistics(features):
+    """The mean and covariance (np.cov: unbiased) of features (N, D), in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(0), np.cov(features, rowvar=False)
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)) in float64. The last
+    trace is that of (A sigma2 A)^(1/2), A = sigma1^(1/2): the same eigenvalues, and a symmetric
+    positive semi-definite matrix whose eigenvalues eigh finds even when sigma1 or sigma2 is
+    singular (fewer images than dimensions), where scipy's sqrtm of the product can fail or return
+    a complex or wrong root (LightningDiT#97's FID of 20.65 for 5.14)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
+    inner = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.linalg.eigvalsh((inner + inner.T) / 2).clip(min=0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+def inception_score(logits, split_size=5000):
+    """The mean over splits of split_size of exp(mean over x of KL(p(y|x) || p(y))), p(y) the split's
+    mean prediction, p(y|x) the softmax of the logits (in float64)."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    scores = []
+    for part in logits.split(split_size):
+        log_p = part.log_softmax(1)
+        log_marginal = log_p.exp().mean(0).log()
+        scores.append((log_p.exp() * (log_p - log_marginal)).sum(1).mean().exp().item())
+    return float(np.mean(scores))
+
+def squared_distances(a, b):
+    """Pairwise squared Euclidean distances (len(a), len(b)) as the suite computes them: in float16
+    (|a|^2 - 2 a.b + |b|^2, clamped at 0), in float32 where float16 overflows; returned as float32."""
+    def pairwise(a, b):
+        return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]).clamp(min=0)
+    d = pairwise(a.half(), b.half())
+    return (d if d.isfinite().all() else pairwise(a.float(), b.float())).float()
+
+def manifold_radii(features, k=3, block=4096):
+    """Each feature's squared distance to its k-th nearest neighbour in the set (itself excluded)."""
+    radii = []
+    for lo in range(0, len(features), block):
+        d = squared_distances(features[lo:lo + block], features)
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # (the smallest is its own, 0)
+    return torch.cat(radii)
+
+def precision_recall(ref_features, sample_features, k=3, device='cpu', block=4096):
+    """(precision, recall) of the samples against the reference, by k-nearest-neighbour balls."""
+    ref_f, sam_f = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device)
+                    for f in (ref_features, sample_features))
+    ref_r, sam_r = manifold_radii(ref_f, k, block), manifold_radii(sam_f, k, block)
+    def covered(points, centres, radii):  # the share of points inside some centre's ball
+        inside = torch.zeros(len(points), dtype=torch.bool, device=points.device)
+        for lo in range(0, len(points), block):
+            inside[lo:lo + block] = (squared_distances(points[lo:lo + block], centres) <= radii).any(1)
+        return inside.float().mean().item()
+    return covered(sam_f, ref_f, ref_r), covered(ref_f, sam_f, sam_r)
+
+def protocol_of(record):
+    """What an FID needs reported, from sample.py's samples.json: the model and step, the sampler, its
+    steps, the guidance (scale, channels, interval), the precision, the images and their classes."""
+    config, ckpt = record.get('config', {}), record.get('checkpoint', {})
+    keys = ('sampler', 'steps', 'eta', 'cfg_scale', 'cfg_channels', 'cfg_sigma_min', 'cfg_sigma_max', 'sigmas',
+            'use_ema', 'ema_std', 'dtype', 'num_samples', 'seed')
+    return dict(model=ckpt.get('path'), step=ckpt.get('step'), **{k: config.get(k) for k in keys},
+                labels=record.get('labels'), diffusion=record.get('diffusion'), decoder=record.get('decoder'))
+
+def file_hash(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+def check_images(images, what, fix):
+    """Stops in one line unless images are uint8 (N, H, W, 1 or 3) with N >= 4 (precision and recall
+    look at each image's 3 nearest neighbours)."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise SystemExit(f"error: {what} is {images.dtype} {images.shape}, not uint8 images (N, H, W, 1 or 3) "
+                         f"in 0..255; {fix}")
+    if len(images) < 4:
+        raise SystemExit(f"error: {what} holds {len(images)} images; precision and recall need at least 4 "
+                         f"(FID needs thousands to mean anything: 50,000 is the standard); {fix}")
+
+def read_npz(path, what, fix):
+    try:
+        with np.load(path) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise SystemExit(f"error: cannot read {what} {path} ({str(e).splitlines()[0][:200]}); {fix}")
+
+def reference(ref, size, net, weights, batch_size, device, ref_images):
+    """The reference's {'pool': features for precision and recall, 'mu', 'sigma', 'mu_s', 'sigma_s'}:
+    from an ADM reference batch (its statistics when it holds them), or from a prepared dataset's train
+    images, cached beside them by the weights file's hash. Its images must be size x size (first, before
+    any network runs)."""
+    fix = "pass an ADM reference batch (.npz) or a prepared dataset (data/<name>)"
+    if ref.endswith('.npz'):
+        npz = read_npz(ref, 'the reference', fix)
+        if 'arr_0' not in npz:
+            raise SystemExit(f"error: {ref} holds no arr_0 (its images); {fix}")
+        images, cache = npz['arr_0'], None
+        check_images(images, ref, fix)
+    else:
+        dataset = os.path.abspath(ref) if os.path.isdir(ref) else ref  # (a path, or a name under data/)
+        data_dir, meta, data = bk.load_dataset(dataset, splits=('train',), script='evaluate.py')
+        images = data['train'][0][:ref_images]
+        cache = os.path.join(data_dir, f'fid_ref_{len(images)}_{weights}.npz')
+        check_images(images, f"{data_dir}/train_x.npy", fix)
+    if images.shape[1:3] != (size, size):
+        raise SystemExit(f"error: the samples are {size} x {size}, the reference {ref} "
+                         f"{images.shape[1]} x {images.shape[2]}; FID compares images of one resolution: pass a "
+                         f"reference of the samples' size")
+    if cache and os.path.exists(cache):
+        return read_npz(cache, 'the cached reference statistics', f"remove {cache}")
+    pool, spatial, _ = inception_features(net, images, batch_size, device)
+    stats = dict(zip(('mu', 'sigma'), statistics(pool)), **dict(zip(('mu_s', 'sigma_s'), statistics(spatial))))
+    if cache is None:
+        stats.update({k: npz[k] for k in ('mu', 'sigma', 'mu_s', 'sigma_s') if k in npz})  # the suite's
+        return dict(stats, pool=pool)
+    stats['pool'] = pool[:10000]  # (the suite's reference batches hold 10,000 images)
+    bk.write_file(cache, lambda f: np.savez(f, **stats))
+    print(f"cached the reference statistics of {len(images)} images in {cache}")
+    return stats
+
+if __name__ == '__main__':  # the command; the functions above serve FID during training too
+    config_keys = ['samples', 'ref', 'inception', 'ref_images', 'batch_size', 'device']
+    exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's)
+    config = {k: globals()[k] for k in config_keys}
+    bk.check_config(config, counts=['ref_images', 'batch_size'],
+                    rules=[(k, bool(config[k]), f"set: --{k}=<path>") for k in ('samples', 'ref', 'inception')])
+    bk.check_device(device)
+    fix = "pass a .npz that sample.py wrote (--save_npz=True)"
+    images = read_npz(samples, 'the samples', fix).get('arr_0')
+    if images is None:
+        raise SystemExit(f"error: {samples} holds no arr_0 (the images); {fix}")
+    check_images(images, samples, fix)
+    if not os.path.isfile(inception):
+        raise SystemExit(f"error: --inception={inception} is not a file; download the FID Inception weights "
+                         f"(README, 'Evaluation') and pass their path")
+    try:
+        net = load_inception(inception).to(device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}; --inception must be the FID Inception weights (README, 'Evaluation')")
+    weights = file_hash(inception)
+    if images.shape[1] != images.shape[2]:
+        raise SystemExit(f"error: the samples are {images.shape[1]} x {images.shape[2]}; {fix}")
+    ref_stats = reference(ref, images.shape[1], net, weights, batch_size, device, ref_images)
+    protocol_path = os.path.join(os.path.dirname(samples), 'samples.json')
+    protocol = protocol_of(json.load(open(protocol_path))) if os.path.exists(protocol_path) else {}
+    pool, spatial, logits = inception_features(net, images, batch_size, device)
+    mu, sigma = statistics(pool)
+    mu_s, sigma_s = statistics(spatial)
+    precision, recall = precision_recall(ref_stats['pool'], pool, device=device)
+    result = dict(fid=frechet_distance(mu, sigma, ref_stats['mu'], ref_stats['sigma']),
+                  sfid=frechet_distance(mu_s, sigma_s, ref_stats['mu_s'], ref_stats['sigma_s']),
+                  inception_score=inception_score(logits), precision=precision, recall=recall,
+                  num_images=len(images))
+    for k, v in result.items():
+        print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+    if protocol:
+        print(f"protocol ({protocol_path}): " + ", ".join(f"{k} {v}" for k, v in protocol.items()))
+    else:
+        print(f"no samples.json beside {samples}: report the sampling settings with these numbers")
+    line = dict(result, samples=os.path.abspath(samples), ref=os.path.abspath(ref), inception=weights,
+                protocol=protocol)
+    with open(os.path.join(os.path.dirname(samples) or '.', 'evaluations.jsonl'), 'a') as f:
+        f.write(json.dumps(line) + '\n')
