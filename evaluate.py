@@ -53,11 +53,17 @@ def image_batches(images, size):
 
 @torch.no_grad()
 def inception_features(net, images, batch_size, device):
-    """(pool (N, 2048), spatial (N, 2023), logits (N, 1008)) float32 numpy arrays of uint8 images."""
+    """(pool (N, 2048), spatial (N, 2023), logits (N, 1008)) float32 numpy arrays of uint8 images, in
+    full float32 on a GPU too: TF32 convolutions (cuDNN's default) would move the features by 1e-3."""
     out = [[], [], []]
-    for x in image_batches(images, batch_size):
-        for parts, feats in zip(out, net(x.to(device))):
-            parts.append(feats.float().cpu())
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for x in image_batches(images, batch_size):
+            for parts, feats in zip(out, net(x.to(device))):
+                parts.append(feats.float().cpu())
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
     return tuple(torch.cat(parts).numpy() for parts in out)
 
 def statistics(features):
