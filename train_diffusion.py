@@ -117,6 +117,11 @@ phema_interval = 1000  # steps between their snapshots in out_dir/phema/ (and at
 sampler = 'ddim'  # 'ddpm', 'ddim', 'euler', 'heun' (diffusion.Diffusion.sample)
 sample_steps = 50
 cfg_scale = 4.0  # classifier-free guidance scale (1 = none)
+# FID during training (evaluate.py's): the EMA's samples, drawn with the grid's sampler settings above
+fid_interval = 0  # steps between FIDs, logged as fid; 0 = none
+fid_images = 10000  # samples per FID, shared by the ranks: the same noise and labels every time
+fid_ref = ''  # an ADM reference batch .npz or a prepared dataset ('' = this run's dataset)
+fid_inception = ''  # the FID Inception weights, a local file (README, 'Evaluation')
 shift = 1.0  # flow schedule: the sampling grid's timestep shift (Esser et al. 2024;
 #              > 1: more high-noise steps)
 # system
@@ -446,7 +451,7 @@ if control:
     _, val_y, grid_ctrl = load_batch('val', np.arange(64) % len(data['val'][0]))
     grid_y = val_y if num_classes else grid_y
 # the grids' latents are decoded by the autoencoder that encoded the dataset
-if latent and run.master:
+if latent and (run.master or fid_interval):  # (with FID every rank decodes its share)
     ae_path = os.path.join(data_dir, latent['autoencoder'])
     ae_ckpt = bk.load_checkpoint(ae_path, "re-encode the dataset with data/prepare_latents.py", device,
                                  ['latent decoder'])
@@ -478,6 +483,46 @@ def sample_grid():
                              shift=shift, clip_x0=not latent, generator=run.rng(0, 4, device),
                              control=grid_ctrl)
         return to_pixels(x)
+
+# FID during training: the reference's statistics (rank 0 computes the distance), the network on every rank
+if fid_interval:
+    import evaluate
+    if not os.path.isfile(fid_inception):
+        raise SystemExit(f"error: fid_inception='{fid_inception}' is not a file; pass the FID Inception "
+                         f"weights (README, 'Evaluation'), or fid_interval=0")
+    inception = or_exit(evaluate.load_inception, fid_inception).to(device)
+    # (a latent dataset's reference is the image dataset it encodes, at the decoder's size)
+    fid_ref = fid_ref or (latent.get('dataset', '') if latent else data_dir)
+    fid_stats = evaluate.reference(fid_ref, H * (autoencoder.factor if latent else 1), inception,
+                                   evaluate.file_hash(fid_inception), 100, device, 50000) if run.master else None
+
+@torch.no_grad()
+def fid():
+    """The FID of fid_images EMA samples against fid_ref (rank 0's; None on the others). Sample i has
+    label i % classes and noise seeded by (seed, i), whatever the world size (ddpm's and eta's fresh
+    noise is drawn per batch); rank r samples every world_size-th batch of micro_batch, and rank 0
+    gathers the pool features."""
+    feats = []
+    for lo in range(run.rank * micro_batch, fid_images, run.world_size * micro_batch):
+        n = min(micro_batch, fid_images - lo)
+        z = torch.stack([torch.randn((C, H, W), generator=run.rng(i, 5, device), device=device)
+                         for i in range(lo, lo + n)])
+        y = (torch.arange(lo, lo + n, device=device) % num_classes) if num_classes else \
+            torch.full((n,), null_label, device=device)
+        with ctx:
+            x = to_pixels(diffusion.sample(ema, z, y, sampler, sample_steps, cfg_scale=cfg_scale, shift=shift,
+                                           clip_x0=not latent, generator=run.rng(lo, 6, device)))
+        images = ((x.float() + 1) * 127.5).round().clamp(0, 255).expand(-1, 3, -1, -1)
+        feats.append(inception(images)[0].float().cpu())
+    feats = torch.cat(feats) if feats else torch.zeros(0, 2048)
+    if run.ddp:
+        gathered = [None] * run.world_size
+        dist.all_gather_object(gathered, feats)
+        feats = torch.cat(gathered)
+    if not run.master:
+        return None
+    mu, sigma = evaluate.statistics(feats.numpy())
+    return evaluate.frechet_distance(mu, sigma, fid_stats['mu'], fid_stats['sigma'])
 
 # -----------------------------------------------------------------------------
 # training loop. Logged: loss_unweighted, the prediction's plain MSE (comparable across loss
@@ -529,11 +574,13 @@ for step in range(run.step, max_steps):
     # evaluations, grids, the log line and checkpoints, each when due
     val = ({**estimate_val_loss(raw_model), **estimate_val_loss(ema, '_ema')}
            if run.due(eval_interval) else {})
+    if fid_interval and run.due(fid_interval):
+        val['fid'] = fid()
     if run.master and run.due(sample_interval):
         bk.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'))
     if run.log_step or val:
         run.log(lr=lr_now, grad_norm=grad_norm, **val, quiet=noise_level_losses(run.averages))
-    if val and val['val_loss_ema'] < best_val_loss:  # the weights to sample: sample.py --ckpt=best
+    if 'val_loss_ema' in val and val['val_loss_ema'] < best_val_loss:  # the weights to sample: sample.py --ckpt=best
         best_val_loss = val['val_loss_ema']
         run.save(run.path('best.pt'), model=raw_model, ema=ema, model_args=asdict(model_config),
                  best_val_loss=best_val_loss)
