@@ -83,7 +83,14 @@ COMMON_RULES = {
     'out_dir': (lambda v, c: v.strip() != '' and not v.startswith('~'),
                 'a folder (a path starting with ~ is not expanded here: pass it unquoted, or in full)'),
     'dataset': (lambda v, c: v.strip() != '', 'a prepared dataset, like mnist'),
+    'fid_interval': (lambda v, c: v >= 0, 'at least 0 (0 = no FID during training)'),
+    'fid_images': (lambda v, c: v >= 2, 'at least 2 (a covariance; 10,000 or more to mean something)'),
+    'fid_inception': (lambda v, c: not c['fid_interval'] or os.path.isfile(v),
+                      "a file with fid_interval on: the FID Inception weights (README, 'Evaluation')"),
 }
+
+
+FID_KEYS = ('fid_images', 'fid_ref', 'fid_inception')  # (apply with fid_interval on)
 
 
 def check_config(config, choices=(), counts=(), rules=()):
@@ -110,7 +117,8 @@ def check_applied(overridden, config, ignored):
     mode); the keys the scripts share are judged here. (A component switched off, disc_weight=0
     say, leaves its keys as set: a config file's settings stay while one flag turns it off.)"""
     constant = config.get('lr_schedule') == 'constant' and "lr_schedule='constant' (no cosine)"
-    ignored = {'min_lr': constant, 'lr_decay_steps': constant, **ignored}
+    no_fid = not config.get('fid_interval') and "fid_interval=0 (no FID during training)"
+    ignored = {'min_lr': constant, 'lr_decay_steps': constant, **{k: no_fid for k in FID_KEYS}, **ignored}
     for key in overridden:
         if ignored.get(key):
             raise SystemExit(f"error: {key} is set, but {ignored[key]}, so it would do nothing; "

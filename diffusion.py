@@ -163,11 +163,11 @@ class Diffusion:
     def consistency_sample(self, model, z, y, sigmas, sigma_min, generator=None):
         """Images from a consistency model in len(sigmas) network calls (Song et al. 2023, alg. 1):
         x0 = f(sigmas[0] z), then for each next s, x0 = f(x0 + sqrt(s^2 - sigma_min^2) fresh noise,
-        s)."""
+        s). generator: the fresh noise's, or a list of one per image (randn)."""
         per_image = lambda s: torch.full((len(z),), float(s), device=z.device)
         x0 = self.consistency(model, sigmas[0] * z, per_image(sigmas[0]), y, sigma_min)
         for s in sigmas[1:]:
-            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            noise = randn(z.shape, generator, z.device, z.dtype)
             x = x0 + math.sqrt(s ** 2 - sigma_min ** 2) * noise
             x0 = self.consistency(model, x, per_image(s), y, sigma_min)
         return x0
@@ -276,7 +276,8 @@ class Diffusion:
         where it is straightest: (x / alpha, sigma / alpha), or (x, t) for flow. DDIM with eta = 0
         is Euler in either, so they share one step and differ by their grids. A learn_sigma network's
         ddpm steps draw their noise with its learned variance exp(f log beta + (1 - f) log
-        beta_tilde), f = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15), beta of the step taken."""
+        beta_tilde), f = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15), beta of the step taken.
+        generator: the fresh noise's, or a list of one per image (randn)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler '{sampler}'; use one of {SAMPLERS}")
         t, alpha, sigma = (v.to(z.device) for v in self.grid(sampler, steps, shift))
@@ -305,7 +306,7 @@ class Diffusion:
                     f, log_beta = (v.double() + 1) / 2, (1 - (alpha[i] / alpha[i + 1]) ** 2).log()
                     std = (0.5 * (f * log_beta + (1 - f) * var.log())).exp().to(x.dtype)
                 if std.any():
-                    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    noise = randn(x.shape, generator, x.device, x.dtype)
                     x_next = x_next + std * noise
             else:
                 x_next = alpha[i + 1] * x0 + sigma[i + 1] * eps  # Euler
@@ -316,6 +317,15 @@ class Diffusion:
                                              + (b[i + 1] - b[i]) * (eps + eps_2) / 2)
             x = x_next.to(z.dtype)
         return x
+
+def randn(shape, generator, device, dtype=torch.float32):
+    """Standard normal noise of shape (B, ...) from a generator, or from a list of B generators, one
+    per image: then an image's noise does not depend on the batch it is drawn in (FID during
+    training, the same images for any world size)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
 
 def bcast(coef, x):
     """Per-image coefficients coef, shape (B,) or (1,), as x's dtype, broadcastable against x (B,

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from diffusion import Diffusion, bcast
+from diffusion import Diffusion, bcast, randn
 from model import compile_for_training, create_model
 
 # -----------------------------------------------------------------------------
@@ -50,6 +50,11 @@ keep_last = 0  # also keep the newest keep_last checkpoints as out_dir/ckpt_<ste
 max_minutes = 0.0  # finish the step, save and exit 0 after this much wall time; 0 = no limit
 log_interval = 50  # steps between log lines (the only host syncs of the loop)
 sample_interval = 500  # steps between EMA sample grids at sample_sigmas (and one at the end)
+# FID during training (evaluate.py's): the EMA's images, with the same noise and labels every time
+fid_interval = 0  # steps between FIDs, logged as fid; 0 = none
+fid_images = 10000  # images per FID, shared by the ranks
+fid_ref = ''  # an ADM reference batch .npz or a prepared dataset ('' = this run's dataset)
+fid_inception = ''  # the FID Inception weights, a local file (README, 'Evaluation')
 ckpt_interval = 500  # steps between checkpoints (and one at the end)
 wandb_log = False
 wandb_project = 'consistency'
@@ -301,6 +306,26 @@ def sample_grid():
                                          generator=run.rng(0, 4, device))
     return x.clamp(-1, 1)
 
+
+# FID during training: the network on every rank, the reference's statistics on rank 0
+if fid_interval:
+    import evaluate
+    inception, fid_stats = evaluate.training_setup(fid_inception, fid_ref or data_dir, H, device, run)
+
+def fid():
+    """The FID of fid_images EMA samples at sample_sigmas (rank 0's; None on the others): sample i's
+    noise, fresh noise included, from a generator seeded by (seed, i), so the images do not depend on
+    the world size; its label i % classes."""
+    def generate(lo, n):
+        gens = [run.rng(i, 5, device) for i in range(lo, lo + n)]
+        y = torch.arange(lo, lo + n, device=device) % null_label if class_cond and null_label else \
+            torch.full((n,), null_label, device=device)
+        with ctx:
+            x = diffusion.consistency_sample(ema, randn((n, C, H, W), gens, device), y, grid_sigmas, sigma_min,
+                                             generator=gens)
+        return x.clamp(-1, 1)
+    return evaluate.training_fid(generate, fid_images, run.micro_batch, inception, fid_stats, run)
+
 # -----------------------------------------------------------------------------
 # training loop
 x0, y = get_batch(run.step, 0)  # the first batch; each later one is fetched while the step runs
@@ -339,9 +364,10 @@ for step in range(run.step, max_steps):
     # grids, the log line and checkpoints, each when due
     if run.master and run.due(sample_interval):
         bk.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'))
-    if run.log_step:
+    val = {'fid': fid()} if fid_interval and run.due(fid_interval) else {}
+    if run.log_step or val:
         run.log(lr=lr_now, grad_norm=grad_norm,
-                ect_stage=step * ect_stages // max_steps if mode == 'ect' else None)
+                ect_stage=step * ect_stages // max_steps if mode == 'ect' else None, **val)
     if run.due(ckpt_interval) or run.stop:
         run.save(model=raw_model, ema=ema, optimizer=optimizer,
                  model_args=asdict(model_config), teacher_config=tconf,

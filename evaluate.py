@@ -26,6 +26,7 @@ statistics of a prepared dataset's train images once, cached beside them under t
 The protocol (model, step, sampler, steps, guidance, ...) is read from samples.json beside the samples,
 printed, and kept with the numbers in one JSON line appended to evaluations.jsonl beside the samples.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ import os
 import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a traceback)
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pretrained import inception as load_inception
 
@@ -51,19 +53,26 @@ def image_batches(images, size):
         x = torch.from_numpy(np.array(images[lo:lo + size])).permute(0, 3, 1, 2)  # (a copy: memmaps are read-only)
         yield x.expand(-1, 3, -1, -1)
 
-@torch.no_grad()
-def inception_features(net, images, batch_size, device):
-    """(pool (N, 2048), spatial (N, 2023), logits (N, 1008)) float32 numpy arrays of uint8 images, in
-    full float32 on a GPU too: TF32 convolutions (cuDNN's default) would move the features by 1e-3."""
-    out = [[], [], []]
+@contextlib.contextmanager
+def full_float32():
+    """TF32 off on GPUs while the network runs (cuDNN's default TF32 convolutions move the features
+    by 1e-3), then the flags as they were (so compiled train steps see the state they were built in)."""
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+@torch.no_grad()
+def inception_features(net, images, batch_size, device):
+    """(pool (N, 2048), spatial (N, 2023), logits (N, 1008)) float32 numpy arrays of uint8 images, in
+    full float32 on a GPU too."""
+    out = [[], [], []]
+    with full_float32():
         for x in image_batches(images, batch_size):
             for parts, feats in zip(out, net(x.to(device))):
                 parts.append(feats.float().cpu())
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
     return tuple(torch.cat(parts).numpy() for parts in out)
 
 def statistics(features):
@@ -157,6 +166,16 @@ def read_npz(path, what, fix):
     except (OSError, ValueError, EOFError) as e:
         raise SystemExit(f"error: cannot read {what} {path} ({str(e).splitlines()[0][:200]}); {fix}")
 
+def load_network(path, key, device):
+    """The Inception network from the weights file at path (key: the setting that names it), or one line."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {key}='{path}' is not a file; download the FID Inception weights "
+                         f"(README, 'Evaluation') and pass their path")
+    try:
+        return load_inception(path).to(device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}; {key} must be the FID Inception weights (README, 'Evaluation')")
+
 def reference(ref, size, net, weights, batch_size, device, ref_images):
     """The reference's {'pool': features for precision and recall, 'mu', 'sigma', 'mu_s', 'sigma_s'}:
     from an ADM reference batch (its statistics when it holds them), or from a prepared dataset's train
@@ -191,6 +210,36 @@ def reference(ref, size, net, weights, batch_size, device, ref_images):
     print(f"cached the reference statistics of {len(images)} images in {cache}")
     return stats
 
+def training_setup(inception_path, ref, size, device, run):
+    """FID during training's network (every rank's) and reference statistics (rank 0's, None on the
+    others) for size x size images."""
+    net = load_network(inception_path, 'fid_inception', device)
+    stats = reference(ref, size, net, file_hash(inception_path), 100, device, 50000) if run.master else None
+    return net, stats
+
+@torch.no_grad()
+def training_fid(generate, num_images, batch, net, ref_stats, run):
+    """FID during training: the FID of num_images generated images against ref_stats on rank 0 (None
+    on the others). generate(lo, n) returns images lo .. lo + n - 1 in [-1, 1], (n, C, H, W), each
+    drawn from its own index's noise and label; rank r generates every world_size-th batch. The
+    images are rounded to uint8 values, as a saved PNG holds them, and rank 0 gathers the pool
+    features."""
+    feats = []
+    for lo in range(run.rank * batch, num_images, run.world_size * batch):
+        x = generate(lo, min(batch, num_images - lo))
+        images = ((x.float() + 1) * 127.5).round().clamp(0, 255).expand(-1, 3, -1, -1)
+        with full_float32():
+            feats.append(net(images)[0].float().cpu())
+    feats = torch.cat(feats) if feats else torch.zeros(0, 2048)
+    if run.ddp:
+        gathered = [None] * run.world_size
+        dist.all_gather_object(gathered, feats)
+        feats = torch.cat(gathered)
+    if not run.master:
+        return None
+    mu, sigma = statistics(feats.numpy())
+    return frechet_distance(mu, sigma, ref_stats['mu'], ref_stats['sigma'])
+
 if __name__ == '__main__':  # the command; the functions above serve FID during training too
     config_keys = ['samples', 'ref', 'inception', 'ref_images', 'batch_size', 'device']
     exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's)
@@ -203,13 +252,7 @@ if __name__ == '__main__':  # the command; the functions above serve FID during 
     if images is None:
         raise SystemExit(f"error: {samples} holds no arr_0 (the images); {fix}")
     check_images(images, samples, fix)
-    if not os.path.isfile(inception):
-        raise SystemExit(f"error: --inception={inception} is not a file; download the FID Inception weights "
-                         f"(README, 'Evaluation') and pass their path")
-    try:
-        net = load_inception(inception).to(device)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}; --inception must be the FID Inception weights (README, 'Evaluation')")
+    net = load_network(inception, '--inception', device)
     weights = file_hash(inception)
     if images.shape[1] != images.shape[2]:
         raise SystemExit(f"error: the samples are {images.shape[1]} x {images.shape[2]}; {fix}")

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, Diffusion, bcast, phema_gamma
+from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, Diffusion, bcast, phema_gamma, randn
 from model import ARCHS, AEConfig, Autoencoder, compile_for_training, create_model
 from pretrained import dit, or_exit, released_family
 
@@ -484,45 +484,31 @@ def sample_grid():
                              control=grid_ctrl)
         return to_pixels(x)
 
-# FID during training: the reference's statistics (rank 0 computes the distance), the network on every rank
+# FID during training (evaluate.py's): the network on every rank, the reference's statistics on rank 0
 if fid_interval:
     import evaluate
-    if not os.path.isfile(fid_inception):
-        raise SystemExit(f"error: fid_inception='{fid_inception}' is not a file; pass the FID Inception "
-                         f"weights (README, 'Evaluation'), or fid_interval=0")
-    inception = or_exit(evaluate.load_inception, fid_inception).to(device)
     # (a latent dataset's reference is the image dataset it encodes, at the decoder's size)
-    fid_ref = fid_ref or (latent.get('dataset', '') if latent else data_dir)
-    fid_stats = evaluate.reference(fid_ref, H * (autoencoder.factor if latent else 1), inception,
-                                   evaluate.file_hash(fid_inception), 100, device, 50000) if run.master else None
+    inception, fid_stats = evaluate.training_setup(
+        fid_inception, fid_ref or (latent.get('dataset', '') if latent else data_dir),
+        H * (autoencoder.factor if latent else 1), device, run)
 
-@torch.no_grad()
 def fid():
-    """The FID of fid_images EMA samples against fid_ref (rank 0's; None on the others). Sample i has
-    label i % classes and noise seeded by (seed, i), whatever the world size (ddpm's and eta's fresh
-    noise is drawn per batch); rank r samples every world_size-th batch of micro_batch, and rank 0
-    gathers the pool features."""
-    feats = []
-    for lo in range(run.rank * micro_batch, fid_images, run.world_size * micro_batch):
-        n = min(micro_batch, fid_images - lo)
-        z = torch.stack([torch.randn((C, H, W), generator=run.rng(i, 5, device), device=device)
-                         for i in range(lo, lo + n)])
-        y = (torch.arange(lo, lo + n, device=device) % num_classes) if num_classes else \
-            torch.full((n,), null_label, device=device)
+    """The FID of fid_images EMA samples with the grid's sampler settings (rank 0's; None on the
+    others). Sample i's noise, fresh noise included, comes from a generator seeded by (seed, i), so
+    the images do not depend on the world size; its label is i % classes, or with control val image
+    i's control and label (cycling)."""
+    def generate(lo, n):
+        idx = np.arange(lo, lo + n)
+        gens = [run.rng(i, 5, device) for i in idx]
+        y, ctrl = torch.from_numpy(idx % max(num_classes, 1)).to(device), None
+        if control:
+            _, y, ctrl = load_batch('val', idx % len(data['val'][0]))
+        y = y if num_classes else torch.full((n,), null_label, device=device)
         with ctx:
-            x = to_pixels(diffusion.sample(ema, z, y, sampler, sample_steps, cfg_scale=cfg_scale, shift=shift,
-                                           clip_x0=not latent, generator=run.rng(lo, 6, device)))
-        images = ((x.float() + 1) * 127.5).round().clamp(0, 255).expand(-1, 3, -1, -1)
-        feats.append(inception(images)[0].float().cpu())
-    feats = torch.cat(feats) if feats else torch.zeros(0, 2048)
-    if run.ddp:
-        gathered = [None] * run.world_size
-        dist.all_gather_object(gathered, feats)
-        feats = torch.cat(gathered)
-    if not run.master:
-        return None
-    mu, sigma = evaluate.statistics(feats.numpy())
-    return evaluate.frechet_distance(mu, sigma, fid_stats['mu'], fid_stats['sigma'])
+            return to_pixels(diffusion.sample(ema, randn((n, C, H, W), gens, device), y, sampler, sample_steps,
+                                              cfg_scale=cfg_scale, shift=shift, clip_x0=not latent, generator=gens,
+                                              control=ctrl))
+    return evaluate.training_fid(generate, fid_images, micro_batch, inception, fid_stats, run)
 
 # -----------------------------------------------------------------------------
 # training loop. Logged: loss_unweighted, the prediction's plain MSE (comparable across loss

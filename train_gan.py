@@ -44,6 +44,11 @@ keep_last = 0  # also keep the newest keep_last checkpoints as out_dir/ckpt_<ste
 max_minutes = 0.0  # finish the step, save and exit 0 after this much wall time; 0 = no limit
 log_interval = 50  # steps between log lines (the only host syncs of the loop)
 sample_interval = 1000  # steps between grids of the EMA generator's images, out_dir/samples_<step>.png
+# FID during training (evaluate.py's): the EMA's images, with the same noise and labels every time
+fid_interval = 0  # steps between FIDs, logged as fid; 0 = none
+fid_images = 10000  # images per FID, shared by the ranks
+fid_ref = ''  # an ADM reference batch .npz or a prepared dataset ('' = this run's dataset)
+fid_inception = ''  # the FID Inception weights, a local file (README, 'Evaluation')
 ckpt_interval = 1000  # steps between checkpoints (one is also written at the end)
 wandb_log = False
 wandb_project = 'gan'
@@ -109,8 +114,8 @@ ctx = run.ctx  # bf16 autocast (or none)
 
 # -----------------------------------------------------------------------------
 # data: uint8 images (N, H, W, C), memory-mapped from data/<dataset>/
-_, meta, data = bk.load_dataset(dataset, splits=('train',), script='train_gan.py',
-                              classes=class_cond)
+data_dir, meta, data = bk.load_dataset(dataset, splits=('train',), script='train_gan.py',
+                                     classes=class_cond)
 train_x, train_y = data['train']
 H, W, C = meta['image_size'], meta['image_size'], meta['channels']
 num_classes = meta['num_classes'] if class_cond else 0
@@ -265,6 +270,22 @@ def sample_grid():
     with ctx:
         return ema(grid_z, grid_y).float().clamp(-1, 1)
 
+
+# FID during training: the network on every rank, the reference's statistics on rank 0
+if fid_interval:
+    import evaluate
+    inception, fid_stats = evaluate.training_setup(fid_inception, fid_ref or data_dir, H, device, run)
+
+def fid():
+    """The FID of fid_images EMA generator images (rank 0's; None on the others): image i from z
+    seeded by (seed, i), whatever the world size, and label i % classes."""
+    def generate(lo, n):
+        z = torch.stack([torch.randn(model_config.z_dim, generator=run.rng(i, 5, device), device=device)
+                         for i in range(lo, lo + n)])
+        with ctx:
+            return ema(z, torch.arange(lo, lo + n, device=device) % max(num_classes, 1)).float().clamp(-1, 1)
+    return evaluate.training_fid(generate, fid_images, run.micro_batch, inception, fid_stats, run)
+
 # -----------------------------------------------------------------------------
 # training loop: a D step (on regularisation steps the penalty pass, then the loss pass), then a G
 # step against the updated D (alternating, as in Goodfellow et al. and StyleGAN2-ADA)
@@ -322,8 +343,9 @@ for step in range(run.step, max_steps):
     # grids, the log line and checkpoints, each when due
     if run.master and run.due(sample_interval):
         bk.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'), grid_cols)
-    if run.log_step:
-        run.log(lr=lr_now, d_grad_norm=d_grad_norm, g_grad_norm=g_grad_norm)
+    val = {'fid': fid()} if fid_interval and run.due(fid_interval) else {}
+    if run.log_step or val:
+        run.log(lr=lr_now, d_grad_norm=d_grad_norm, g_grad_norm=g_grad_norm, **val)
     if run.due(ckpt_interval) or run.stop:
         run.save(model=raw_model, ema=ema, disc=disc, optimizer=optimizer,
                  d_optimizer=d_optimizer, model_args=asdict(model_config))

@@ -57,6 +57,30 @@ def quickstart(mnist, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope='session')
+def weights(tmp_path_factory):
+    """FID Inception weights in torchvision's names, as the released files hold them, but random (He-initialised, so
+    that the features keep their scale): the numbers they give mean nothing, the plumbing is the same."""
+    from model import InceptionV3
+    path = tmp_path_factory.mktemp('inception') / 'pt_inception-random.pth'
+    torch.manual_seed(0)
+    net = InceptionV3()
+    for conv in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
+        nn.init.normal_(conv.weight, std=(2 / conv.weight[0].numel()) ** 0.5)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope='session')
+def fid_args(mnist, weights, tmp_path_factory):
+    """The keys of FID during training (every 2 steps, 8 images) against a reference of 16 MNIST digits."""
+    ref = tmp_path_factory.mktemp('fid_ref')
+    for name in ('train_x.npy', 'train_y.npy'):
+        np.save(ref / name, np.load(os.path.join(MNIST, name))[:16])
+    (ref / 'meta.json').write_text(json.dumps({'image_size': 28, 'channels': 1, 'num_classes': 10}))
+    return ['--fid_interval=2', '--fid_images=8', f'--fid_ref={ref}', f'--fid_inception={weights}']
+
+
 class DigitNet(nn.Module):
     def __init__(self):
         super().__init__()

@@ -257,10 +257,11 @@ def test_target_ema_and_warmup(teacher, tmp_path):
     assert lrs == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4])
 
 
-def test_two_ranks_match_one_process(teacher, tmp_path):
+def test_two_ranks_match_one_process(teacher, fid_args, tmp_path):
     """torchrun with 2 gloo ranks of batch B == 1 process of batch 2B == 1 process of 2 micro-steps of B (to float
-    rounding), for the distillation too."""
-    common = [*TINY, '--cfg_scale=2.0', f'--teacher={teacher}', '--max_steps=3']
+    rounding), for the distillation and its FID during training (random Inception weights: each rank samples its
+    share in two steps, fresh noise per image) too."""
+    common = [*TINY, '--cfg_scale=2.0', f'--teacher={teacher}', '--max_steps=3', '--sample_sigmas=80,0.8', *fid_args]
     one_thread = {'OMP_NUM_THREADS': '1'}
     run('torchrun', '--standalone', '--nproc_per_node=2', 'distill_consistency.py', *common,
         f'--out_dir={tmp_path / "ddp"}', env=one_thread)
@@ -271,6 +272,9 @@ def test_two_ranks_match_one_process(teacher, tmp_path):
     for name, w in one['model'].items():
         torch.testing.assert_close(ddp['model'][name], w, rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(accum['model'][name], w, rtol=1e-5, atol=1e-6, msg=name)
+    fids = {d: [float(r['fid']) for r in csv.DictReader(open(tmp_path / d / 'metrics.csv')) if r['fid']]
+            for d in ('ddp', 'one', 'accum')}
+    assert len(fids['one']) == 2 and fids['ddp'] == pytest.approx(fids['one'], rel=1e-4) == fids['accum'], fids
 
 
 @pytest.mark.slow

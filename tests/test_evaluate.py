@@ -87,19 +87,6 @@ def test_tf1_resize_and_the_networks_outputs():
     assert torch.allclose(logits, pool @ net.fc.weight.T)  # (the suite's IS leaves the bias out)
 
 
-@pytest.fixture(scope='module')
-def weights(tmp_path_factory):
-    """Random Inception weights in torchvision's names, as the released files hold them (the numbers they give mean
-    nothing; the plumbing is the same)."""
-    path = tmp_path_factory.mktemp('inception') / 'pt_inception-random.pth'
-    torch.manual_seed(0)
-    net = InceptionV3()
-    for conv in (m for m in net.modules() if isinstance(m, torch.nn.Conv2d)):  # He init: features keep their scale
-        torch.nn.init.normal_(conv.weight, std=(2 / conv.weight[0].numel()) ** 0.5)
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def test_the_command_reports_the_five_numbers_with_the_protocol(mnist, weights, tmp_path):
     """16 real training digits as a prepared dataset: their own images score FID and sFID 0, precision and recall 1
     against it, and its statistics are cached beside it under the weights' hash, then read from there. 8 val
@@ -152,19 +139,14 @@ def test_bad_input_stops_with_one_clear_line(mnist, weights, tmp_path):
     assert not list(tmp_path.glob('*.jsonl'))
 
 
-def test_fid_during_training_is_the_same_on_two_ranks_and_after_a_resume(mnist, weights, tmp_path):
+def test_fid_during_training_is_the_same_on_two_ranks_and_after_a_resume(fid_args, tmp_path):
     """train_diffusion.py --fid_interval: the FID of the EMA's samples at steps 2 and 4 (random Inception weights: the
     numbers mean nothing, the plumbing is what is tested) is the same from 2 gloo ranks, each sampling its share, as
-    from one process, and the same after a stop at step 2 and a resume."""
-    ref = tmp_path / 'ref'
-    ref.mkdir()
-    np.save(ref / 'train_x.npy', np.load(os.path.join(MNIST, 'train_x.npy'))[:16])
-    np.save(ref / 'train_y.npy', np.load(os.path.join(MNIST, 'train_y.npy'))[:16])
-    (ref / 'meta.json').write_text(json.dumps({'image_size': 28, 'channels': 1, 'num_classes': 10}))
+    from one process, and the same after a stop at step 2 and a resume. (train_gan.py's and distill_consistency.py's
+    are held to one process in their two-rank tests.)"""
     common = ['train_diffusion.py', '--arch=DiT-N/4', '--batch_size=8', '--log_interval=2', '--eval_interval=2',
               '--eval_images=16', '--sample_interval=1000', '--sample_steps=2', '--ckpt_interval=1000',
-              '--warmup_steps=2', '--lr_decay_steps=4', '--fid_interval=2', '--fid_images=8', f'--fid_ref={ref}',
-              f'--fid_inception={weights}']
+              '--warmup_steps=2', '--lr_decay_steps=4', *fid_args]
     env = {'OMP_NUM_THREADS': '1'}
     run(*common, '--max_steps=4', f'--out_dir={tmp_path / "one"}', env=env)
     run('torchrun', '--standalone', '--nproc_per_node=2', *common, '--max_steps=4', f'--out_dir={tmp_path / "two"}',
