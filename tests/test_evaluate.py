@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import MNIST, run
-from evaluate import frechet_distance, inception_score, precision_recall, statistics
+from evaluate import frechet_distance, inception_features, inception_score, precision_recall, statistics
 from model import InceptionV3, resize_bilinear_tf1
+from pretrained import inception as load_inception
 
 
 def eig_fid(mu1, s1, mu2, s2):
@@ -112,6 +113,16 @@ def test_the_command_reports_the_five_numbers_with_the_protocol(mnist, weights, 
     line = json.loads((out / 'evaluations.jsonl').read_text().splitlines()[-1])
     assert all(np.isfinite(line[k]) for k in ('fid', 'sfid', 'inception_score', 'precision', 'recall'))
     assert line['fid'] > 0 and line['protocol']['step'] == 6000 and line['num_images'] == 8
+    # an ADM reference batch (compressed here; sample.py's .npz above are memory-mapped): its statistics are used
+    # as given (here the samples' own: FID and sFID 0), its images only for precision and recall (as the dataset's)
+    pool, spatial, _ = inception_features(load_inception(str(weights)), np.load(out / 'samples.npz')['arr_0'], 8, 'cpu')
+    stats = dict(zip(('mu', 'sigma', 'mu_s', 'sigma_s'), (*statistics(pool), *statistics(spatial))))
+    np.savez_compressed(out / 'ref.npz', arr_0=train, **stats)
+    run('evaluate.py', f'--samples={out / "samples.npz"}', *args, f'--ref={out / "ref.npz"}')
+    adm = json.loads((out / 'evaluations.jsonl').read_text().splitlines()[-1])
+    assert abs(adm['fid']) < 1e-3 and abs(adm['sfid']) < 1e-3
+    assert (adm['precision'], adm['recall'], adm['inception_score']) == (line['precision'], line['recall'],
+                                                                         line['inception_score'])
 
 
 def test_bad_input_stops_with_one_clear_line(mnist, weights, tmp_path):

@@ -440,6 +440,7 @@ BAD_INPUT = [  # (case, args or setup(tmp, out) -> args, what the one line says)
     ('disk full during a save', ['full disk', '--max_steps=4'], "ckpt.pt failed at step 3 (torch.save could not write it; "),
     ('a key the run would not apply', ['--schedule=flow', '--num_timesteps=500'], "num_timesteps is set, but schedule='flow' is continuous in time, so it would do nothing; drop --num_timesteps"),
     ('classes without images', dataset(y=np.arange(16) % 2), "meta.json says 4 classes, but"),
+    ('FID without its weights', ['--fid_interval=10'], "fid_inception='' must be a file with fid_interval on"),
 ]
 
 
