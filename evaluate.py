@@ -195,7 +195,8 @@ def load_network(path, key, device):
         raise SystemExit(f"error: {key}='{path}' is not a file; download the FID Inception weights "
                          f"(README, 'Evaluation') and pass their path")
     try:
-        return load_inception(path).to(device)
+        with torch.random.fork_rng(devices=[]):  # (its init draws nothing from the RNG a resumed run restored)
+            return load_inception(path).to(device)
     except ValueError as e:
         raise SystemExit(f"error: {e}; {key} must be the FID Inception weights (README, 'Evaluation')")
 

@@ -456,7 +456,8 @@ if latent and (run.master or fid_interval):  # (with FID every rank decodes its 
     ae_ckpt = bk.load_checkpoint(ae_path, "re-encode the dataset with data/prepare_latents.py", device,
                                  ['latent decoder'])
     ae_config = AEConfig(**ae_ckpt['model_args'])
-    autoencoder = Autoencoder(ae_config).to(device).eval().requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):  # (its init draws nothing from the RNG run.resume restored)
+        autoencoder = Autoencoder(ae_config).to(device).eval().requires_grad_(False)
     bk.load_state(autoencoder, ae_ckpt['weights'], ae_path, 'weights')
 
 def to_pixels(x):
@@ -490,7 +491,7 @@ if fid_interval:
     # (a latent dataset's reference is the image dataset it encodes, at the decoder's size)
     inception, fid_stats = evaluate.training_setup(
         fid_inception, fid_ref or (latent.get('dataset', '') if latent else data_dir),
-        H * (autoencoder.factor if latent else 1), device, run)
+        latent['image_size'] if latent else H, device, run)
 
 def fid():
     """The FID of fid_images EMA samples with the grid's sampler settings (rank 0's; None on the

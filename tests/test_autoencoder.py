@@ -261,10 +261,11 @@ def test_wandb_offline_run(mnist, tmp_path):
         assert name.encode() in records, name
 
 
-def test_prepare_latents_on_two_ranks_then_train_and_sample_latent_diffusion(digits, tmp_path):
+def test_prepare_latents_on_two_ranks_then_train_and_sample_latent_diffusion(digits, weights, tmp_path):
     """data/prepare_latents.py under torchrun (each rank its rows of one file) == one process; the flip file holds
-    the latents of the mirror images; train_diffusion.py trains on the latents and sample.py decodes them through
-    autoencoder.pt; without flips, hflip=True is refused with the command that encodes them."""
+    the latents of the mirror images; train_diffusion.py trains on the latents, its FID during training decodes them
+    and compares with the image dataset they encode, and sample.py decodes them through autoencoder.pt; without
+    flips, hflip=True is refused with the command that encodes them."""
     out = tmp_path / 'ae'
     run('train_ae.py', *TINY, f'--out_dir={out}', '--max_steps=2', '--disc_weight=0')
     one, two = tmp_path / 'lat1', tmp_path / 'lat2'
@@ -298,8 +299,11 @@ def test_prepare_latents_on_two_ranks_then_train_and_sample_latent_diffusion(dig
 
     dit = ['--arch=DiT-N/1', '--batch_size=8', '--max_steps=2', '--eval_interval=2', '--eval_images=16',
            '--sample_interval=2', '--sample_steps=2', '--warmup_steps=1']
-    run('train_diffusion.py', *dit, f'--dataset={one}', '--hflip=True', f'--out_dir={tmp_path / "ldm"}')
+    run('train_diffusion.py', *dit, f'--dataset={one}', '--hflip=True', f'--out_dir={tmp_path / "ldm"}',
+        '--fid_interval=2', '--fid_images=8', f'--fid_inception={weights}')
     assert os.path.exists(tmp_path / 'ldm' / 'samples_0000002.png')  # a grid decoded to pixels
+    assert np.isfinite(float(list(csv.DictReader(open(tmp_path / 'ldm' / 'metrics.csv')))[-1]['fid']))
+    assert len(list(digits.glob('fid_ref_50_*.npz'))) == 1  # (the pixels' statistics, cached beside them)
     run('sample.py', f'--out_dir={tmp_path / "ldm"}', '--num_samples=3', '--steps=2', '--save_npz=True')
     images = np.load(tmp_path / 'ldm' / 'samples.npz')['arr_0']
     assert images.shape == (3, 28, 28, 1) and images.dtype == np.uint8

@@ -4,7 +4,8 @@ Sized for a few minutes on one H100/H200; check_gpu.py runs it, then bench.py, a
     python -m pytest tests/test_cuda.py -v
 
 Each train script trains a few dozen steps alone, then resumes under torchrun --nproc_per_node=1 (NCCL) and
-goes on; sample.py samples its checkpoints, alone and under torchrun. A bf16 run's weights stay near a float32
+goes on, with FID during training every 20 steps (random Inception weights); sample.py samples its checkpoints,
+alone and under torchrun. A bf16 run's weights stay near a float32
 run's, and activation checkpointing at least halves a DiT-B/2 step's peak memory.
 TEST_CUDA_DEVICE=cpu runs the same on the CPU (compile on, float32, the memory test skipped): a dry run of this
 file's plumbing, minutes long, not part of the suite."""
@@ -49,29 +50,31 @@ def train_resume_sample(script, out_dir, *extra):
     rows = metrics(out_dir)
     assert [int(r['step']) for r in rows] == list(range(10, TOTAL + 1, 10)), rows
     assert all(math.isfinite(float(r[LOSS[script]])) for r in rows), rows
+    if '--fid_interval=20' in extra:  # (at steps 20, 30 the first run's last, and 40 after the resume)
+        assert [math.isfinite(float(r['fid'])) if r.get('fid') else None for r in rows] == [None, True, True, True], rows
     return rows
 
 
-def sample_both_ways(out_dir):
+def sample_both_ways(out_dir, *extra):
     """sample.py (its defaults: float32) alone and under torchrun; each writes out_dir/samples.png."""
     grid = out_dir / 'samples.png'
     for launcher in ([], ['torchrun', '--standalone', '--nproc_per_node=1']):
         grid.unlink(missing_ok=True)
         run(*launcher, 'sample.py', f'--out_dir={out_dir}',
-            '--num_samples=16', '--steps=4', *(['--device=cpu'] if DEVICE != 'cuda' else []))
+            '--num_samples=16', *extra, *(['--device=cpu'] if DEVICE != 'cuda' else []))
         assert grid.stat().st_size > 0
 
 
 @pytest.fixture(scope='module')
-def diffusion_run(mnist, tmp_path_factory):
+def diffusion_run(mnist, fid_args, tmp_path_factory):
     out = tmp_path_factory.mktemp('cuda') / 'dit'
-    return out, train_resume_sample('train_diffusion.py', out)
+    return out, train_resume_sample('train_diffusion.py', out, *fid_args, '--fid_interval=20', '--fid_images=64')
 
 
 def test_train_diffusion_learns_resumes_and_samples(diffusion_run):
     out, rows = diffusion_run
     assert float(rows[-1]['loss']) < 0.8 * float(rows[0]['loss']), rows
-    sample_both_ways(out)
+    sample_both_ways(out, '--steps=4')
 
 
 def test_train_ae_learns_with_its_adaptive_weight_and_resumes(mnist, tmp_path):
@@ -80,17 +83,18 @@ def test_train_ae_learns_with_its_adaptive_weight_and_resumes(mnist, tmp_path):
     assert float(rows[-1]['adv_weight']) > 0, rows  # the steps past adv_start took the adaptive weight
 
 
-def test_train_gan_trains_with_its_penalties_resumes_and_samples(mnist, tmp_path):
+def test_train_gan_trains_with_its_penalties_resumes_and_samples(mnist, fid_args, tmp_path):
     out = tmp_path / 'gan'
-    rows = train_resume_sample('train_gan.py', out)
+    rows = train_resume_sample('train_gan.py', out, *fid_args, '--fid_interval=20', '--fid_images=64')
     assert any(r['r1'] not in ('', 'nan') for r in rows), rows
     sample_both_ways(out)
 
 
-def test_distill_consistency_from_the_diffusion_run_and_samples(diffusion_run, tmp_path):
+def test_distill_consistency_from_the_diffusion_run_and_samples(diffusion_run, fid_args, tmp_path):
     teacher, _ = diffusion_run
     out = tmp_path / 'cd'
-    train_resume_sample('distill_consistency.py', out, f'--teacher={teacher}')
+    train_resume_sample('distill_consistency.py', out, f'--teacher={teacher}', *fid_args, '--fid_interval=20',
+                        '--fid_images=64')
     sample_both_ways(out)
 
 

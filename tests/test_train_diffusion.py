@@ -45,19 +45,21 @@ def test_quickstart_learns_mnist(quickstart, mnist_classifier):
     assert os.path.exists(quickstart / 'samples.png') and glob.glob(str(quickstart / 'samples_*.png'))
 
 
-def test_unet_resume_is_bit_exact(mnist, tmp_path):
-    """6 steps straight == 3 steps, stop, resume to 6: model, EMA, post-hoc EMAs, optimizer state and best.pt identical
-    to the bit, for the UNet, whose dropout draws from the global RNG that the checkpoint restores (tests/test_robustness.py
-    kills and resumes the DiT). best.pt stays at the lowest EMA val loss when 3 more steps at lr=0.1 make it worse, and
-    sample.py --ckpt=best samples it."""
+def test_unet_resume_is_bit_exact(mnist, fid_args, tmp_path):
+    """6 steps straight == 3 steps, stop, resume to 6: model, EMA, post-hoc EMAs, optimizer state, best.pt and the FID
+    during training identical to the bit, for the UNet, whose dropout draws from the global RNG that the checkpoint
+    restores (tests/test_robustness.py kills and resumes the DiT). best.pt stays at the lowest EMA val loss when 3 more
+    steps at lr=0.1 make it worse, and sample.py --ckpt=best samples it."""
     objective = ['--arch=UNet-S', '--schedule=flow', '--prediction_type=flow', '--timestep_sampling=logit_normal',
                  '--ema_update_every=2', '--batch_size=8', '--eval_images=16', '--phema_stds=0.05,0.1',
                  '--phema_interval=2']
-    run('train_diffusion.py', *TINY, *objective, f'--out_dir={tmp_path / "a"}', '--max_steps=6')
-    run('train_diffusion.py', *TINY, *objective, f'--out_dir={tmp_path / "b"}', '--max_steps=3', '--lr_decay_steps=6')
+    fid = [*fid_args, '--fid_interval=3']  # (FID at step 3, where b stops, and 6)
+    run('train_diffusion.py', *TINY, *objective, *fid, f'--out_dir={tmp_path / "a"}', '--max_steps=6')
+    run('train_diffusion.py', *TINY, *objective, *fid, f'--out_dir={tmp_path / "b"}', '--max_steps=3', '--lr_decay_steps=6')
     with open(tmp_path / 'b' / 'metrics.csv', 'a') as f:  # a row logged after the checkpoint, before a crash
-        f.write('5,0.08,9.9' + ',' * 22 + '\n')  # all 25 columns
-    p = run('train_diffusion.py', *TINY, *objective, f'--out_dir={tmp_path / "b"}', '--max_steps=6', '--init_from=resume')
+        f.write('5,0.08,9.9' + ',' * 23 + '\n')  # all 26 columns
+    p = run('train_diffusion.py', *TINY, *objective, *fid, f'--out_dir={tmp_path / "b"}', '--max_steps=6',
+            '--init_from=resume')
     assert 'resuming' in p.stdout
     a, b = load_ckpt(tmp_path / 'a'), load_ckpt(tmp_path / 'b')
     assert a['step'] == b['step'] == 6 and a['images_seen'] == b['images_seen'] == 6 * a['config']['batch_size']
@@ -73,8 +75,10 @@ def test_unet_resume_is_bit_exact(mnist, tmp_path):
         assert all(torch.equal(pa[k], pb[k]) for pa, pb in zip(sa, sb) for k in pa)
     rows = list(csv.DictReader(open(tmp_path / 'b' / 'metrics.csv')))
     assert [int(r['step']) for r in rows] == [2, 3, 4, 6]  # the row after the checkpoint is gone
-    assert [r['loss'] for r in rows if r['step'] == '6'] == [r['loss'] for r in csv.DictReader(
-        open(tmp_path / 'a' / 'metrics.csv')) if r['step'] == '6']
+    rows_a = list(csv.DictReader(open(tmp_path / 'a' / 'metrics.csv')))
+    assert [r['loss'] for r in rows if r['step'] == '6'] == [r['loss'] for r in rows_a if r['step'] == '6']
+    fids = [[r['fid'] for r in rs if r['step'] in ('3', '6')] for rs in (rows, rows_a)]  # before and after the resume
+    assert fids[0] == fids[1] and len(fids[0]) == 2 and all(fids[0]), fids
     best_a, best_b = (load_ckpt(tmp_path / name, 'best.pt') for name in 'ab')
     assert all(torch.equal(best_a['ema'][k], best_b['ema'][k]) for k in best_a['ema'])
     run('train_diffusion.py', *TINY, *objective, f'--out_dir={tmp_path / "b"}', '--max_steps=9', '--lr=0.1',
@@ -91,9 +95,11 @@ def test_unet_resume_is_bit_exact(mnist, tmp_path):
                                      "pass --ckpt=<one of them>"), p.stderr
 
 
-def test_two_ranks_match_one(mnist, tmp_path):
-    """torchrun with 2 gloo ranks of batch B == 1 process with batch 2B == 1 process, 2 micro-steps of B."""
-    common = [*TINY, '--max_steps=3', '--batch_size=16', '--class_balance=0.5']  # the same weighted draws on every rank
+def test_two_ranks_match_one(mnist, fid_args, tmp_path):
+    """torchrun with 2 gloo ranks of batch B == 1 process with batch 2B == 1 process, 2 micro-steps of B; the FID
+    during training too, each rank sampling its share with ddpm's fresh noise, drawn per image."""
+    common = [*TINY, '--max_steps=3', '--batch_size=16', '--class_balance=0.5',  # the same weighted draws on every rank
+              *fid_args, '--fid_interval=3', '--sampler=ddpm']
     one_thread = {'OMP_NUM_THREADS': '1'}  # 2 ranks on 2 cores: no thread count that changes under load
     run('torchrun', '--standalone', '--nproc_per_node=2', 'train_diffusion.py', *common, f'--out_dir={tmp_path / "ddp"}',
         env=one_thread)
@@ -106,6 +112,9 @@ def test_two_ranks_match_one(mnist, tmp_path):
         for name, w in ref['model'].items():
             torch.testing.assert_close(ckpt['model'][name], w, rtol=1e-5, atol=1e-6, msg=f'{other}: {name}')
     assert not torch.equal(ref['model']['linear_final.weight'], torch.zeros_like(ref['model']['linear_final.weight']))
+    fids = {d: [float(r['fid']) for r in csv.DictReader(open(tmp_path / d / 'metrics.csv')) if r['fid']]
+            for d in ('ddp', 'one', 'accum')}
+    assert len(fids['one']) == 1 and fids['ddp'] == pytest.approx(fids['one'], rel=1e-4) == fids['accum'], fids
 
 
 def test_sampling_is_the_same_on_two_ranks(mnist, tmp_path):
