@@ -306,7 +306,6 @@ def sample_grid():
                                          generator=run.rng(0, 4, device))
     return x.clamp(-1, 1)
 
-
 # FID during training: the network on every rank, the reference's statistics on rank 0
 if fid_interval:
     import evaluate

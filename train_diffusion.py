@@ -488,7 +488,7 @@ def sample_grid():
 # FID during training (evaluate.py's): the network on every rank, the reference's statistics on rank 0
 if fid_interval:
     import evaluate
-    # (a latent dataset's reference is the image dataset it encodes, at the decoder's size)
+    # (a latent dataset's reference is the image dataset it encodes, at its image size)
     inception, fid_stats = evaluate.training_setup(
         fid_inception, fid_ref or (latent.get('dataset', '') if latent else data_dir),
         latent['image_size'] if latent else H, device, run)

@@ -270,7 +270,6 @@ def sample_grid():
     with ctx:
         return ema(grid_z, grid_y).float().clamp(-1, 1)
 
-
 # FID during training: the network on every rank, the reference's statistics on rank 0
 if fid_interval:
     import evaluate
