@@ -126,14 +126,15 @@ def test_the_command_reports_the_five_numbers_with_the_protocol(mnist, weights, 
 
 
 def test_bad_input_stops_with_one_clear_line(mnist, weights, tmp_path):
-    """Samples of the wrong type or count, of another resolution than the reference, and a missing or wrong weights
-    file: one line each, before any image goes through the network."""
+    """Samples of the wrong type or count, of another resolution than the reference, or not a .npz, and a missing or
+    wrong weights file: one line each, before any image goes through the network."""
     good = tmp_path / 'good.npz'
     np.savez(good, arr_0=np.zeros((8, 28, 28, 1), np.uint8))
     np.savez(tmp_path / 'float.npz', arr_0=np.zeros((8, 28, 28, 3), np.float32))
     np.savez(tmp_path / 'two.npz', arr_0=np.zeros((2, 28, 28, 3), np.uint8))
     np.savez(tmp_path / 'big.npz', arr_0=np.zeros((8, 32, 32, 3), np.uint8))
     torch.save({'x_embedder.proj.weight': torch.zeros(3)}, tmp_path / 'dit.pt')
+    (tmp_path / 'text.npz').write_text('not a zip')
     ref = f'--ref={os.path.dirname(MNIST)}/mnist'
     cases = [
         ([f'--samples={tmp_path / "float.npz"}', ref, f'--inception={weights}'], "is float32 (8, 28, 28, 3), not uint8"),
@@ -142,6 +143,7 @@ def test_bad_input_stops_with_one_clear_line(mnist, weights, tmp_path):
         ([f'--samples={good}', ref, f'--inception={tmp_path / "none.pth"}'], "is not a file; download the FID"),
         ([f'--samples={good}', ref, f'--inception={tmp_path / "dit.pt"}'], "lacks Conv2d_1a_3x3.conv.weight"),
         ([f'--samples={good}', f'--inception={weights}'], "ref='' must be set"),
+        ([f'--samples={tmp_path / "text.npz"}', ref, f'--inception={weights}'], "(File is not a zip file); pass a .npz"),
     ]
     for args, says in cases:
         p = run('evaluate.py', *args, check=False)
