@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import MNIST, REPO, run, script_functions
-from model import GAN_PRESETS, Discriminator, GANBlock, create_model
+from model import Discriminator, GANBlock, create_model
 
 TINY = ['config/mnist_gan.py', '--batch_size=8', '--log_interval=1', '--sample_interval=1000', '--ckpt_interval=1000',
         '--reg_interval=2', '--augment=color,translation,cutout', '--lr=2e-4', '--warmup_steps=2', '--lr_schedule=constant',
