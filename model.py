@@ -278,9 +278,11 @@ class DiT(Denoiser):
         if self.config.control == 'controlnet':
             zero_init(self.control_embedder, *self.control_out)
 
-    def forward(self, x, t, y, control=None):
+    def forward(self, x, t, y, control=None, features=()):
         """x: (B, C, H, W) noisy input; t: (B,) timesteps (any real scale, DDPM uses 0..999);
-        y: (B,) int labels; control: (B, control_channels, H, W) when the model has one."""
+        y: (B,) int labels; control: (B, control_channels, H, W) when the model has one. features:
+        block numbers (1 to depth) whose output tokens (B, N, D) are returned too, as a list after
+        the prediction (train_diffusion.py's representation terms read them)."""
         config, p, g = self.config, self.config.patch_size, self.grid
         if (control is None) != (not config.control):
             raise ValueError(f"this DiT has control='{config.control}' but was called "
@@ -302,14 +304,18 @@ class DiT(Denoiser):
             for block, proj in zip(self.control_blocks, self.control_out):
                 h = run(block, h)
                 residuals.append(proj(h))
+        hidden = {}
         for i, block in enumerate(self.blocks):
             x = run(block, x) + (residuals[i] if i < len(residuals) else 0)
+            if i + 1 in features:
+                hidden[i + 1] = x
         shift, scale = self.adaLN_final(cond).chunk(2, dim=1)
         x = self.linear_final(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
         # unpatchify
         x = x.view(-1, g, g, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
         x = x.reshape(-1, self.out_channels, g * p, g * p)
-        return -x if config.convention == 'sit' else x
+        x = -x if config.convention == 'sit' else x
+        return (x, [hidden[i] for i in features]) if features else x
 
     def flops_per_sample(self):
         """Forward FLOPs for one image, a multiply-add counted as 2 (the DiT paper's Gflops count it
@@ -849,6 +855,85 @@ class InceptionV3(nn.Module):
         pool = x.mean(dim=(2, 3))
         # (channels last before flattening, as the suite reshapes the graph's NHWC tensor)
         return pool, spatial.permute(0, 2, 3, 1).flatten(1), pool @ self.fc.weight.T
+
+# -----------------------------------------------------------------------------
+# DINOv2's ViT (Oquab et al. 2024), the frozen encoder REPA aligns a DiT's tokens to: the network of
+# facebookresearch/dinov2's vision_transformer.py with torch.hub's settings (LayerScale, no register
+# tokens, the position embedding interpolated bicubically by a scale factor offset by 0.1), in its
+# parameter names, so that a released file (dinov2_vitb14_pretrain.pth) loads as it is
+
+@dataclass
+class ViTConfig:
+    patch_size: int = 14
+    dim: int = 768  # ViT-S/14 384, B/14 768, L/14 1024 (g/14's SwiGLU blocks are not here)
+    depth: int = 12
+    pos_grid: int = 37  # the position embedding's grid (518 / 14), interpolated to the input's
+
+    @property
+    def num_heads(self):  # (every DINOv2 has heads of 64 channels; a smaller stand-in one head)
+        return max(1, self.dim // 64)
+
+class LayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+class ViTMLP(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+class ViTBlock(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn, self.mlp = Attention(dim, num_heads), ViTMLP(dim)
+        self.ls1, self.ls2 = LayerScale(dim), LayerScale(dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+class DINOv2(nn.Module):
+    """forward(images (B, 3, H, W) normalised with ImageNet's mean and std, H and W multiples of
+    the patch size) returns the final norm's patch tokens (B, H / p * W / p, dim), dinov2's
+    x_norm_patchtokens. Frozen: no gradients, eval mode."""
+    def __init__(self, config):
+        super().__init__()
+        self.config, dim, p = config, config.dim, config.patch_size
+        self.patch_embed = nn.ModuleDict({'proj': nn.Conv2d(3, dim, p, stride=p)})
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.pos_grid ** 2, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))  # (its masked pretraining's; unused)
+        self.blocks = nn.ModuleList([ViTBlock(dim, config.num_heads) for _ in range(config.depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.requires_grad_(False).eval()
+
+    def position_embedding(self, h, w):
+        """The class token's and an h x w grid's position embeddings, (1, 1 + h * w, dim)."""
+        g, pos = self.config.pos_grid, self.pos_embed
+        if (h, w) == (g, g):
+            return pos
+        grid = pos[:, 1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode='bicubic')
+        return torch.cat([pos[:, :1].float(), grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(self, x):
+        p = self.config.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"images of {tuple(x.shape[-2:])} pixels do not split into {p} x {p} patches")
+        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1).to(tokens.dtype), tokens], dim=1)
+        x = tokens + self.position_embedding(x.shape[-2] // p, x.shape[-1] // p).to(tokens.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 1:]
 
 # -----------------------------------------------------------------------------
 # GAN: R3GAN's generator and discriminator (Huang et al. 2024, "The GAN is dead; long live the

@@ -11,7 +11,7 @@ import pickle
 
 import torch
 
-from model import AEConfig, Autoencoder, DIT_SIZES, DiT, DiTConfig, InceptionV3
+from model import AEConfig, Autoencoder, DINOv2, DIT_SIZES, DiT, DiTConfig, InceptionV3, ViTConfig
 
 # the released checkpoints that sd_vae and dit read: their files
 RELEASED = ("Stable Diffusion's VAE: a diffusers folder (config.json with diffusion_pytorch_model."
@@ -209,6 +209,24 @@ def inception(path):
     return net
 
 
+def dinov2(path):
+    """model.DINOv2 with a released DINOv2 ViT's weights (dinov2_vits14_pretrain.pth,
+    dinov2_vitb14_pretrain.pth, dinov2_vitl14_pretrain.pth, the files torch.hub caches: its names
+    are the network's), or with any ViT saved in that layout (its size read from the shapes: REPA's
+    stand-in encoders); frozen, in eval mode."""
+    weights, _ = read_weights(path)
+    require(weights, ['patch_embed.proj.weight', 'pos_embed'], path, ' (a DINOv2 ViT has it)')
+    dim, _, p, _ = weights['patch_embed.proj.weight'].shape
+    depth = len({k.split('.')[1] for k in weights if k.startswith('blocks.')})
+    pos_grid = math.isqrt(weights['pos_embed'].shape[1] - 1)
+    if any(k.startswith('register_tokens') or '.w12.' in k or k.startswith('blocks.0.0.') for k in weights):
+        raise ValueError(f"{path} is a DINOv2 with register tokens, SwiGLU blocks (ViT-g) or chunked "
+                         f"blocks; use dinov2_vitb14_pretrain.pth (or vits14, vitl14)")
+    net = DINOv2(ViTConfig(patch_size=p, dim=dim, depth=depth, pos_grid=pos_grid))
+    load_renamed(net, weights, {}, path)
+    return net
+
+
 def dit_names(depth):
     """{kit module: [its name in facebookresearch/DiT's and willisma/SiT's models.py]} where they
     differ, for a DiT of depth blocks (their pos_embed is the kit's fixed sincos buffer)."""
@@ -271,12 +289,12 @@ def load_renamed(net, weights, names, path):
     layer); every weight of net and every entry of weights used once, or ValueError."""
     state, used = {}, set()
     for key, want in net.state_dict().items():
-        module, leaf = key.rsplit('.', 1)
+        module, _, leaf = key.rpartition('.')  # (module '': a parameter of net itself)
         if leaf == 'num_batches_tracked':  # (a batch norm's counter: no weight, never read in eval)
             state[key] = want
             used.add(key)
             continue
-        theirs = [f'{name}.{leaf}' for name in names.get(module, [module])]
+        theirs = [f'{name}.{leaf}'.lstrip('.') for name in names.get(module, [module])]
         require(weights, theirs, path, f" (for this model's {key})")
         parts = [weights[k].float().reshape(-1, *want.shape[1:]) for k in theirs]
         value = torch.cat(parts) if len(parts) > 1 else parts[0]

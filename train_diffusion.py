@@ -34,12 +34,13 @@ import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a tra
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, Diffusion, bcast, phema_gamma, randn
 from model import ARCHS, AEConfig, Autoencoder, compile_for_training, create_model
-from pretrained import dit, or_exit, released_family
+from pretrained import dinov2, dit, or_exit, released_family
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by config/*.py and --key=value
@@ -93,6 +94,20 @@ loss_weighting = 'min_snr'  # 'uniform' (the prediction's own MSE), 'snr', 'min_
 min_snr_gamma = 5.0  # min_snr: the weight on the x0 error is min(snr, gamma) (Hang et al. 2023)
 class_dropout = 0.1  # probability of the null label, for classifier-free guidance
 cosine_loss = 0.0  # weight of LightningDiT's direction term 1 - cos(F_theta, F), per image
+# representation terms (DiT), each off at weight 0 and on one block's output tokens (block 1 to
+# depth; a depth of 0 is the default given). REPA and SRA align an MLP projection of the tokens to a
+# target's, 1 - cos per token; the MLPs are trained with the model and saved for resume only
+repa_weight = 0.0  # REPA (Yu et al. 2025; 0.5): to a frozen encoder's patch features of the images
+repa_depth = 0  # 0: depth // 3 (the paper's 8 of SiT-XL's 28 blocks)
+repa_encoder = ''  # its weights, a local file: dinov2_vitb14_pretrain.pth (or any DINOv2 ViT)
+sra_weight = 0.0  # SRA (Jiang et al. 2025; 0.5): to the EMA's tokens of a deeper block, less noisy
+sra_depth = 0  # 0: depth // 3
+sra_teacher_depth = 0  # the EMA's block; 0: 2 * depth // 3
+sra_max_gap = 0.2  # the EMA sees noise level u - sra_max_gap * U(0, 1), at least 0
+dispersive_weight = 0.0  # dispersive loss (Wang & He 2025): spreads the tokens over the batch,
+#                          log mean_ij exp(-|z_i - z_j|^2 / (size tau)), over each micro-batch
+dispersive_tau = 0.5
+dispersive_depth = 0  # 0: depth // 3
 # optimization
 batch_size = 128  # images per optimizer step, over all ranks and micro-steps
 grad_accum = 1  # micro-steps per optimizer step on each rank
@@ -157,6 +172,14 @@ bk.check_config(config, choices=[
            ('sigma_data', sigma_data > 0, 'positive'),
            ('class_balance', 0 <= class_balance <= 1, 'in [0, 1]'),
            ('cosine_loss', cosine_loss >= 0, 'at least 0 (0 = off)'),
+           *[(k, config[k] >= 0, 'at least 0 (0 = off)')
+             for k in ('repa_weight', 'sra_weight', 'dispersive_weight')],
+           *[(k, config[k] >= 0, 'at least 0 (0: the default block)')
+             for k in ('repa_depth', 'sra_depth', 'sra_teacher_depth', 'dispersive_depth')],
+           ('repa_encoder', not repa_weight or os.path.isfile(repa_encoder),
+            "a local file of the encoder's weights (README, 'Representation terms')"),
+           ('sra_max_gap', 0 <= sra_max_gap <= 1, 'in [0, 1]'),
+           ('dispersive_tau', dispersive_tau > 0, 'positive'),
            ('learn_sigma', not learn_sigma or schedule in ('linear', 'cosine'),
             "False unless schedule is 'linear' or 'cosine' (the VLB's steps are DDPM's)")])
 bk.check_applied(overridden, config, {  # (every key is applied or refused)
@@ -165,7 +188,10 @@ bk.check_applied(overridden, config, {  # (every key is applied or refused)
     'logit_mean': timestep_sampling != 'logit_normal' and f"timestep_sampling='{timestep_sampling}'",
     'logit_std': timestep_sampling != 'logit_normal' and f"timestep_sampling='{timestep_sampling}'",
     'mode_scale': timestep_sampling != 'mode' and f"timestep_sampling='{timestep_sampling}'",
-    'min_snr_gamma': loss_weighting != 'min_snr' and f"loss_weighting='{loss_weighting}'"})
+    'min_snr_gamma': loss_weighting != 'min_snr' and f"loss_weighting='{loss_weighting}'",
+    **{k: not config[f"{k.split('_')[0]}_weight"] and f"{k.split('_')[0]}_weight=0"
+       for k in ('repa_depth', 'repa_encoder', 'sra_depth', 'sra_teacher_depth', 'sra_max_gap',
+                 'dispersive_tau', 'dispersive_depth')}})
 # a released base file: SiT's weights read time their own way (model.DiTConfig.convention)
 released = init_base if os.path.isfile(init_base) else ''
 try:
@@ -181,6 +207,10 @@ plain_dit = dict(norm='layernorm', mlp='gelu', qk_norm=False, rope=False, learn_
 if not arch.startswith('DiT') and (control == 'controlnet' or dit_options != plain_dit):
     raise SystemExit(f"error: norm, mlp, qk_norm, rope, learn_sigma, control='controlnet' and a "
                      f"released init_base are DiT options, but arch='{arch}'")
+terms = [k for k in ('repa', 'sra', 'dispersive') if config[f'{k}_weight']]  # (representation terms)
+if terms and not arch.startswith('DiT'):
+    raise SystemExit(f"error: {', '.join(f'{k}_weight' for k in terms)} regularize a DiT's tokens, "
+                     f"but arch='{arch}'")
 if control == 'controlnet' and not init_base:
     raise SystemExit("error: control='controlnet' trains beside a frozen base model; pass "
                      "init_base=<its out_dir>")
@@ -316,11 +346,46 @@ if device_type == 'cuda' and arch.startswith('UNet'):
     model = model.to(memory_format=torch.channels_last)
 diffusion = Diffusion(schedule, prediction_type, num_timesteps, sigma_data)
 null_label = model_config.num_classes
+# the representation terms: the block each reads (a depth of 0: the default), REPA's frozen encoder,
+# and REPA's and SRA's projectors, an MLP each from the block's tokens to the target's width, three
+# layers as REPA's (2048 wide, at most 4x the model's); trained with the model and saved for resume
+blocks, encoder, projectors = {}, None, None
+if terms:
+    depth = model_config.depth
+    blocks = {k: config[f'{k}_depth'] or max(1, depth // 3) for k in terms}
+    if sra_weight:
+        blocks['sra_teacher'] = sra_teacher_depth or max(1, 2 * depth // 3)
+    too_deep = [f'{k}_depth={d}' for k, d in blocks.items() if d > depth]
+    if too_deep:
+        raise SystemExit(f"error: {', '.join(too_deep)}, but {arch} has {depth} blocks")
+if repa_weight:
+    if latent:
+        raise SystemExit("error: repa_weight on a latent dataset: the encoder would need the images "
+                         "the latents encode, which this version does not read; train REPA on pixels")
+    encoder = or_exit(dinov2, repa_encoder).to(device)
+    encoder_size = model.grid * encoder.config.patch_size  # (its tokens: the DiT's grid)
+    imagenet_mean, imagenet_std = (torch.tensor(v, device=device).view(1, 3, 1, 1)
+                                   for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+
+class Projectors(nn.ModuleDict):
+    """The projectors, called together (one module for DDP): {term: tokens} -> {term: projected}."""
+    def forward(self, tokens):
+        return {k: self[k](h) for k, h in tokens.items()}
+
+def projector(dim_out):
+    dim = model_config.hidden_size
+    width = min(2048, 4 * dim)
+    return nn.Sequential(nn.Linear(dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                         nn.Linear(width, dim_out))
+if repa_weight or sra_weight:
+    projectors = Projectors({k: projector(encoder.config.dim if k == 'repa' else model_config.hidden_size)
+                             for k in terms if k != 'dispersive'}).to(device)
 trained = [(p, p_ema) for p, p_ema in zip(model.parameters(), ema.parameters()) if p.requires_grad]
 params, ema_params = [p for p, _ in trained], [p_ema for _, p_ema in trained]
-optimizer = bk.adamw(params, lr, (beta1, beta2), weight_decay)
+all_params = params + (list(projectors.parameters()) if projectors else [])
+optimizer = bk.adamw(all_params, lr, (beta1, beta2), weight_decay)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-ckpt = run.resume(model=model, ema=ema, optimizer=optimizer, scaler=scaler,
+ckpt = run.resume(model=model, ema=ema, optimizer=optimizer, scaler=scaler, projectors=projectors,
                   model_args=asdict(model_config))
 if ckpt and ckpt['config'].get('init_base', '') != init_base:  # (init_base only starts a run)
     raise SystemExit(f"error: init_base='{init_base}' starts a new run, but {run.ckpt_path} (step "
@@ -336,8 +401,10 @@ del ckpt
 raw_model = model
 if compile:  # (model.compile_for_training says what runs compiled, and why)
     model = compile_for_training(model)
+proj = projectors
 if run.ddp:
     model = DDP(model, device_ids=[device] if device_type == 'cuda' else None)
+    proj = projectors and DDP(projectors, device_ids=[device] if device_type == 'cuda' else None)
 flops_per_image = 3 * raw_model.flops_per_sample()  # forward + backward (twice the forward)
 if run.master:
     print(f"{arch}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, "
@@ -388,16 +455,20 @@ def variance_loss(x0, xt, t, x0_pred, v):
                 + (bcast(c1, v) * (x0 - x0_pred)) ** 2 * (-log_var_p).exp())
     return kl.mean(dim=(1, 2, 3)) / math.log(2) * (t > 0)
 
-def diffusion_loss(net, x0, y, u, eps, ctrl=None):
+def diffusion_loss(net, x0, y, u, eps, ctrl=None, regularize=False, gap=None):
     """Per-image loss || F_theta(x_t) - F ||^2 at noise levels u (ctrl: the control images),
-    weighted, plus cosine_loss (1 - cos(F_theta, F)); and the unweighted MSE."""
+    weighted, plus cosine_loss (1 - cos(F_theta, F)); the unweighted MSE; and with regularize (the
+    train step) the representation terms of the batch, {term: value} (gap: SRA's U(0, 1) draws)."""
     t = diffusion.t_from_u(u)
     alpha, sigma, A, B = diffusion.coefficients(t)  # float64
     xt = bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
     # eps, v = alpha eps - sigma x0, x0 (EDM: preconditioned), or eps - x0
     target = bcast(A, x0) * x0 + bcast(B, x0) * eps
+    features = tuple(blocks[k] for k in terms) if regularize else ()
     with ctx:
-        pred = net(*diffusion.net_inputs(xt, t), y, ctrl).float()
+        pred = net(*diffusion.net_inputs(xt, t), y, ctrl, **({'features': features} if features else {}))
+    pred, tokens = pred if features else (pred, [])
+    pred = pred.float()
     if learn_sigma:  # the prediction, then the variance channels v
         pred, v = pred.chunk(2, dim=1)
     mse = (pred - target).pow(2).mean(dim=(1, 2, 3))
@@ -406,7 +477,34 @@ def diffusion_loss(net, x0, y, u, eps, ctrl=None):
         loss = loss + variance_loss(x0, xt, t, diffusion.x0_eps(pred.detach(), xt, t)[0], v)
     if cosine_loss:  # LightningDiT's velocity direction term, over each whole image
         loss = loss + cosine_loss * (1 - F.cosine_similarity(pred.flatten(1), target.flatten(1)))
-    return loss, mse
+    return loss, mse, representation_terms(dict(zip(terms, tokens)), x0, u, eps, y, ctrl, gap) if features else {}
+
+def representation_terms(tokens, x0, u, eps, y, ctrl, gap):
+    """The representation terms of a micro-batch from the model's tokens at each term's block: REPA's
+    and SRA's 1 - cos per token between the projected tokens and the target (which gets no
+    gradient), and the dispersive loss over the micro-batch (Wang & He's InfoNCE-L2 form)."""
+    out, targets = {}, {}
+    with torch.no_grad(), ctx:
+        if repa_weight:  # the images at the encoder's patch size times the DiT's token grid
+            rgb = F.interpolate(((x0 + 1) / 2).expand(-1, 3, -1, -1), size=encoder_size, mode='bicubic')
+            targets['repa'] = encoder((rgb - imagenet_mean) / imagenet_std)
+        if sra_weight:  # the EMA at a lower noise level, with the same noise, labels and control
+            t_teacher = diffusion.t_from_u((u - sra_max_gap * gap).clamp(min=0))
+            alpha, sigma = diffusion.alpha_sigma(t_teacher)
+            x_teacher = bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
+            _, (targets['sra'],) = ema(*diffusion.net_inputs(x_teacher, t_teacher), y, ctrl,
+                                       features=(blocks['sra_teacher'],))
+    if targets:
+        with ctx:
+            projected = proj({k: tokens[k] for k in targets})
+        for k, target in targets.items():
+            out[k] = (1 - F.cosine_similarity(projected[k].float(), target.float(), dim=-1)).mean()
+    if dispersive_weight:  # squared distances between the images' tokens, per channel
+        z = tokens['dispersive'].float().flatten(1)
+        sq = z.pow(2).sum(1)
+        dist = (sq[:, None] + sq[None] - 2 * z @ z.T).clamp(min=0) / z.shape[1]
+        out['dispersive'] = torch.logsumexp(-dist.flatten() / dispersive_tau, 0) - math.log(dist.numel())
+    return out
 
 @torch.no_grad()
 def estimate_val_loss(net, suffix=''):
@@ -422,7 +520,7 @@ def estimate_val_loss(net, suffix=''):
         idx = np.arange(lo, min(lo + micro_batch, n))
         x0, y, ctrl = load_batch('val', idx)
         y = y if class_cond else torch.full_like(y, null_label)
-        loss, mse = diffusion_loss(net, x0, y, u_all[idx], eps_all[idx], ctrl)
+        loss, mse, _ = diffusion_loss(net, x0, y, u_all[idx], eps_all[idx], ctrl)
         total += torch.stack([loss.sum(), mse.sum()])
     net.train(net is raw_model)  # the EMA stays in eval mode
     if run.ddp:
@@ -525,14 +623,17 @@ for step in range(run.step, max_steps):
     eps_all = torch.randn((batch_size, C, H, W), generator=g, device=device)
     drop_all = (torch.rand(batch_size, generator=g, device=device)
                 < (class_dropout if class_cond else 1.0))
+    gap_all = torch.rand(batch_size, generator=g, device=device) if sra_weight else None
     for micro in range(grad_accum):
         sl = run.slice(micro)
         y_in = torch.where(drop_all[sl], null_label, y)
         if run.ddp:  # all-reduce the gradients on the last micro-step only
-            model.require_backward_grad_sync = micro == grad_accum - 1
-        loss, mse = diffusion_loss(model, x0, y_in, u_all[sl], eps_all[sl], ctrl)
-        loss = loss.mean()
-        run.add(loss=loss, loss_unweighted=mse.mean(), **noise_level_sums(u_all[sl], mse))
+            for net in (model, proj) if proj else (model,):
+                net.require_backward_grad_sync = micro == grad_accum - 1
+        loss, mse, reg = diffusion_loss(model, x0, y_in, u_all[sl], eps_all[sl], ctrl, regularize=True,
+                                        gap=gap_all[sl] if sra_weight else None)
+        loss = loss.mean() + sum(config[f'{k}_weight'] * value for k, value in reg.items())
+        run.add(loss=loss, loss_unweighted=mse.mean(), **reg, **noise_level_sums(u_all[sl], mse))
         # fetch the next batch while this step runs
         if micro + 1 < grad_accum or step + 1 < max_steps:
             x0, y, ctrl = (get_batch(step, micro + 1) if micro + 1 < grad_accum
@@ -542,7 +643,7 @@ for step in range(run.step, max_steps):
     # sync). A non-finite loss makes the norm so too; the gradients are all-reduced, so every rank
     # agrees. (float16: the scaler sets found_inf itself, from the same gradients.)
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
+    grad_norm = torch.nn.utils.clip_grad_norm_(all_params, grad_clip if grad_clip > 0 else float('inf'))
     bad = ~grad_norm.isfinite()
     optimizer.found_inf = bad.float()
     scaler.step(optimizer)
@@ -575,7 +676,7 @@ for step in range(run.step, max_steps):
     if run.master and phema and (run.due(phema_interval) or checkpoint):
         save_phema(run.step)
     if checkpoint:
-        run.save(model=raw_model, ema=ema, optimizer=optimizer, scaler=scaler,
+        run.save(model=raw_model, ema=ema, optimizer=optimizer, scaler=scaler, projectors=projectors,
                  model_args=asdict(model_config), phema=phema, best_val_loss=best_val_loss)
     if run.stop:
         break
