@@ -772,7 +772,7 @@ class Run:
                 if key not in stateful:
                     check_same(key, saved, value, self.ckpt_path)
             for key, value in stateful.items():
-                if key not in ckpt:
+                if ckpt.get(key) is None:  # (absent, or saved as None by a run without it)
                     raise SystemExit(f"error: {self.ckpt_path} holds no {key}; resume with the "
                                      f"config it was trained with, or choose another out_dir")
                 if isinstance(value, torch.optim.Optimizer):

@@ -209,8 +209,8 @@ if not arch.startswith('DiT') and (control == 'controlnet' or dit_options != pla
                      f"released init_base are DiT options, but arch='{arch}'")
 terms = [k for k in ('repa', 'sra', 'dispersive') if config[f'{k}_weight']]  # (representation terms)
 if terms and not arch.startswith('DiT'):
-    raise SystemExit(f"error: {', '.join(f'{k}_weight' for k in terms)} regularize a DiT's tokens, "
-                     f"but arch='{arch}'")
+    raise SystemExit(f"error: {', '.join(f'{k}_weight' for k in terms)}: the representation terms "
+                     f"read a DiT's block tokens, but arch='{arch}'")
 if control == 'controlnet' and not init_base:
     raise SystemExit("error: control='controlnet' trains beside a frozen base model; pass "
                      "init_base=<its out_dir>")
@@ -385,7 +385,7 @@ params, ema_params = [p for p, _ in trained], [p_ema for _, p_ema in trained]
 all_params = params + (list(projectors.parameters()) if projectors else [])
 optimizer = bk.adamw(all_params, lr, (beta1, beta2), weight_decay)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-ckpt = run.resume(model=model, ema=ema, optimizer=optimizer, scaler=scaler, projectors=projectors,
+ckpt = run.resume(model=model, ema=ema, projector=projectors, optimizer=optimizer, scaler=scaler,
                   model_args=asdict(model_config))
 if ckpt and ckpt['config'].get('init_base', '') != init_base:  # (init_base only starts a run)
     raise SystemExit(f"error: init_base='{init_base}' starts a new run, but {run.ckpt_path} (step "
@@ -676,7 +676,7 @@ for step in range(run.step, max_steps):
     if run.master and phema and (run.due(phema_interval) or checkpoint):
         save_phema(run.step)
     if checkpoint:
-        run.save(model=raw_model, ema=ema, optimizer=optimizer, scaler=scaler, projectors=projectors,
+        run.save(model=raw_model, ema=ema, optimizer=optimizer, scaler=scaler, projector=projectors,
                  model_args=asdict(model_config), phema=phema, best_val_loss=best_val_loss)
     if run.stop:
         break

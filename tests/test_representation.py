@@ -121,13 +121,13 @@ def test_terms_on_two_ranks_and_resumed(mnist, tmp_path):
         f'--out_dir={tmp_path / "ddp"}', env=one_thread)
     run('train_diffusion.py', *common, '--max_steps=3', f'--out_dir={tmp_path / "b"}', env=one_thread)
     ddp, one = load_ckpt(tmp_path / 'ddp'), load_ckpt(tmp_path / 'b')
-    assert set(one['projectors']) == {f'{k}.{i}.{w}' for k in ('repa', 'sra') for i in (0, 2, 4) for w in ('weight', 'bias')}
-    assert one['projectors']['repa.4.weight'].shape == (32, 512)  # DiT-N's 128 channels, 512 wide, to the encoder's 32
-    for key in ('model', 'projectors'):  # (Adam's first steps: a skipped all-reduce moves a weight by ~1e-4)
+    assert set(one['projector']) == {f'{k}.{i}.{w}' for k in ('repa', 'sra') for i in (0, 2, 4) for w in ('weight', 'bias')}
+    assert one['projector']['repa.4.weight'].shape == (32, 512)  # DiT-N's 128 channels, 512 wide, to the encoder's 32
+    for key in ('model', 'projector'):  # (Adam's first steps: a skipped all-reduce moves a weight by ~1e-4)
         for name, w in one[key].items():
             torch.testing.assert_close(ddp[key][name], w, rtol=0, atol=1e-5, msg=f'{key}: {name}')
     run('train_diffusion.py', *common, '--max_steps=6', f'--out_dir={tmp_path / "b"}', env=one_thread)
     run('train_diffusion.py', *common, '--max_steps=6', f'--out_dir={tmp_path / "a"}', env=one_thread)
     a, b = load_ckpt(tmp_path / 'a'), load_ckpt(tmp_path / 'b')
-    for key in ('model', 'ema', 'projectors'):
+    for key in ('model', 'ema', 'projector'):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key

@@ -441,6 +441,10 @@ BAD_INPUT = [  # (case, args or setup(tmp, out) -> args, what the one line says)
     ('a key the run would not apply', ['--schedule=flow', '--num_timesteps=500'], "num_timesteps is set, but schedule='flow' is continuous in time, so it would do nothing; drop --num_timesteps"),
     ('classes without images', dataset(y=np.arange(16) % 2), "meta.json says 4 classes, but"),
     ('FID without its weights', ['--fid_interval=10'], "fid_inception='' must be a file with fid_interval on"),
+    ('REPA without its encoder', ['--repa_weight=0.5'], "repa_encoder='' must be a local file of the encoder's weights"),
+    ('a representation term on a UNet', ['--arch=UNet-S', '--dispersive_weight=0.5'], "dispersive_weight: the representation terms read a DiT's block tokens, but arch='UNet-S'"),
+    ('a block deeper than the model', ['--sra_weight=0.5', '--sra_teacher_depth=9'], "sra_teacher_depth=9, but DiT-N/4 has 4 blocks"),
+    ('a projected term added on resume', ['--sra_weight=0.5'], "ckpt.pt holds no projector; resume with the config it was trained with"),
 ]
 
 
