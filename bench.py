@@ -14,6 +14,7 @@ step.
     python bench.py --script=distill_consistency.py --teacher_arch=DiT-S/2 \
                     --image_size=32 --channels=4
     python bench.py config/mnist_dit.py --profile=True        # and a profile of 2 training steps
+    python bench.py config/mnist_dit.py --sra_weight=0.5      # what a representation term costs a step
 
 With --image_size and --channels (or when the dataset is not prepared) it writes a random uint8
 dataset of that shape; distillation with --teacher_arch first trains a one-step teacher of that arch
