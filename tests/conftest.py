@@ -50,10 +50,11 @@ def mnist():
 
 @pytest.fixture(scope='session')
 def quickstart(mnist, tmp_path_factory):
-    """The README's quickstart run, trained once (4 minutes): the test of its samples reads it, and the distillation
-    test takes it as its teacher."""
+    """The README's quickstart run, trained once (4 minutes): the test of its samples reads it, the distillation
+    test takes it as its teacher, and the representation terms' test its step-2000 checkpoint (keep_last only keeps
+    copies of the checkpoints: the run is the one the README types)."""
     out = tmp_path_factory.mktemp('quickstart') / 'out-mnist-dit'
-    print(run('train_diffusion.py', 'config/mnist_dit.py', f'--out_dir={out}').stdout[-1500:])
+    print(run('train_diffusion.py', 'config/mnist_dit.py', f'--out_dir={out}', '--keep_last=3').stdout[-1500:])
     return out
 
 

@@ -4,13 +4,17 @@ facebookresearch/dinov2's code: tests/released_layouts.json); and the terms in a
 and a resumed run is bit-exact, projectors included."""
 import contextlib
 import math
+import os
+import shutil
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import pretrained
-from conftest import run, script_functions
+from conftest import MNIST, run, script_functions
 from diffusion import Diffusion, bcast
 from model import DINOv2, DiT, DiTConfig, ViTConfig
 from test_pretrained import LAYOUTS
@@ -131,3 +135,37 @@ def test_terms_on_two_ranks_and_resumed(mnist, tmp_path):
     a, b = load_ckpt(tmp_path / 'a'), load_ckpt(tmp_path / 'b')
     for key in ('model', 'ema', 'projector'):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
+
+
+@pytest.mark.slow
+def test_repa_learns_the_classes_faster(quickstart, mnist_classifier, tmp_path):
+    """REPA with a stand-in for DINOv2 (a 2-block ViT in DINOv2's layout, trained here for 15 epochs to classify the
+    training digits): after the quickstart's first 2,000 steps (its seed, batches and learning rates), 200 conditional
+    samples read at least 15 points more right than the quickstart's own at step 2,000 (measured: 91.5% against
+    62.5%; at 1,500 and 3,000 steps, 500 samples, two seeds: README, 'Representation terms')."""
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.load(os.path.join(MNIST, 'train_x.npy'))).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(np.load(os.path.join(MNIST, 'train_y.npy')))
+    vit, head = DINOv2(ViTConfig(patch_size=4, dim=64, depth=2, pos_grid=7)).train().requires_grad_(), nn.Linear(64, 10)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    opt = torch.optim.Adam([*vit.parameters(), *head.parameters()], lr=2e-3)
+    for epoch in range(15):  # (as train_diffusion.py feeds it: three equal channels, ImageNet's normalisation)
+        for idx in torch.randperm(len(x)).split(64):
+            loss = F.cross_entropy(head(vit((x[idx].expand(-1, 3, -1, -1) - mean) / std).mean(1)), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch.save(vit.state_dict(), tmp_path / 'encoder.pth')
+    out = tmp_path / 'repa'
+    run('train_diffusion.py', 'config/mnist_dit.py', '--repa_weight=0.5', f'--repa_encoder={tmp_path / "encoder.pth"}',
+        '--max_steps=2000', '--lr_decay_steps=6000', '--sample_interval=8000', f'--out_dir={out}')
+    base = tmp_path / 'quickstart'
+    base.mkdir()
+    shutil.copy(quickstart / 'ckpt_0002000.pt', base / 'ckpt.pt')
+    accuracy = {}
+    for name, out_dir in (('quickstart', base), ('REPA', out)):
+        run('sample.py', f'--out_dir={out_dir}', '--num_samples=200', '--save_npz=True')
+        samples = np.load(out_dir / 'samples.npz')
+        accuracy[name] = mnist_classifier(samples['arr_0'], samples['arr_1'])
+    print(f"class accuracy of 200 samples at step 2000: {accuracy}")
+    assert accuracy['REPA'] >= accuracy['quickstart'] + 0.15
