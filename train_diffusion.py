@@ -16,8 +16,9 @@ rank keeping its slice of the global batch: the run is the same for any world si
 and a resumed run draws exactly what the uninterrupted one would have.
 
 Off by default: LightningDiT's block options and cosine loss term, class-balanced draws, control
-images (extra input channels, or a ControlNet beside a frozen init_base), and post-hoc EMA snapshots
-(Karras et al. 2024).
+images (extra input channels, or a ControlNet beside a frozen init_base), post-hoc EMA snapshots
+(Karras et al. 2024), and representation terms on a block's tokens: REPA (a frozen DINOv2), SRA (the
+EMA) and the dispersive loss (over each micro-batch: the one term that changes with the world size).
 
 A run survives being killed at any moment: checkpoints are written atomically, and the default
 init_from='auto' resumes from out_dir when it holds one, so re-running the same command (by hand, by
