@@ -297,11 +297,24 @@ def draw_indices(g):
     return torch.randint(len(data['train'][0]), (batch_size,), generator=g)
 
 def get_batch(step, micro):
-    """This rank's images of micro-step `micro` of the global batch of `step`."""
+    """This rank's images of micro-step `micro` of the global batch of `step` (load_batch's), and
+    with REPA its encoder's images."""
     g = run.rng(step, 0)
     idx = np.sort(draw_indices(g).numpy())  # sorted: kinder to mmap
     flip = torch.rand(batch_size, generator=g) < 0.5
-    return load_batch('train', idx[run.slice(micro)], flip[run.slice(micro)] if hflip else None)
+    idx, flip = idx[run.slice(micro)], flip[run.slice(micro)] if hflip else None
+    x, y, ctrl = load_batch('train', idx, flip)
+    return x, y, ctrl, encoder_images(x, idx, flip) if repa_weight else None
+
+def encoder_images(x, idx, flip):
+    """REPA's encoder input in [-1, 1], NCHW: the batch x itself, or of a latent dataset the images
+    its latents x encode (train images idx of that dataset, mirrored where flip, as the latents)."""
+    if not latent:
+        return x
+    images = torch.from_numpy(pixels[idx])
+    if flip is not None:
+        images = torch.where(flip[:, None, None, None], images.flip(2), images)
+    return bk.to_device(images, device) / 127.5 - 1
 
 # -----------------------------------------------------------------------------
 # model, EMA, optimizer, and the checkpoint to resume from
@@ -360,9 +373,21 @@ if terms:
     if too_deep:
         raise SystemExit(f"error: {', '.join(too_deep)}, but {arch} has {depth} blocks")
 if repa_weight:
+    # the encoder sees images: of a latent dataset, the ones it encodes (as REPA's code reads ImageNet's)
     if latent:
-        raise SystemExit("error: repa_weight on a latent dataset: the encoder would need the images "
-                         "the latents encode, which this version does not read; train REPA on pixels")
+        try:
+            image_dir, image_meta, images = bk.load_dataset(latent['dataset'], splits=('train',))
+        except SystemExit as e:
+            raise SystemExit(f"{e} (repa_weight: its encoder sees the images {data_dir} encodes)")
+        pixels, labels = images['train']
+        if ((image_meta['image_size'], image_meta['channels']) != (latent['image_size'], latent['channels'])
+                or not np.array_equal(labels, data['train'][1])):
+            raise SystemExit(f"error: repa_weight: its encoder sees the images {data_dir} encodes, but "
+                             f"{image_dir}'s are others ({len(pixels)} train images and labels; the "
+                             f"latents: {len(data['train'][1])}); encode it again with data/prepare_latents.py")
+    if (latent['channels'] if latent else C) not in (1, 3):
+        raise SystemExit(f"error: repa_weight: its encoder sees gray or RGB images, but {dataset}'s have "
+                         f"{latent['channels'] if latent else C} channels")
     encoder = or_exit(dinov2, repa_encoder).to(device)
     encoder_size = model.grid * encoder.config.patch_size  # (its tokens: the DiT's grid)
     imagenet_mean, imagenet_std = (torch.tensor(v, device=device).view(1, 3, 1, 1)
@@ -456,10 +481,11 @@ def variance_loss(x0, xt, t, x0_pred, v):
                 + (bcast(c1, v) * (x0 - x0_pred)) ** 2 * (-log_var_p).exp())
     return kl.mean(dim=(1, 2, 3)) / math.log(2) * (t > 0)
 
-def diffusion_loss(net, x0, y, u, eps, ctrl=None, regularize=False, gap=None):
+def diffusion_loss(net, x0, y, u, eps, ctrl=None, regularize=False, gap=None, images=None):
     """Per-image loss || F_theta(x_t) - F ||^2 at noise levels u (ctrl: the control images),
     weighted, plus cosine_loss (1 - cos(F_theta, F)); the unweighted MSE; and with regularize (the
-    train step) the representation terms of the batch, {term: value} (gap: SRA's U(0, 1) draws)."""
+    train step) the representation terms of the batch, {term: value} (gap: SRA's U(0, 1) draws;
+    images: REPA's encoder's)."""
     t = diffusion.t_from_u(u)
     alpha, sigma, A, B = diffusion.coefficients(t)  # float64
     xt = bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
@@ -478,16 +504,16 @@ def diffusion_loss(net, x0, y, u, eps, ctrl=None, regularize=False, gap=None):
         loss = loss + variance_loss(x0, xt, t, diffusion.x0_eps(pred.detach(), xt, t)[0], v)
     if cosine_loss:  # LightningDiT's velocity direction term, over each whole image
         loss = loss + cosine_loss * (1 - F.cosine_similarity(pred.flatten(1), target.flatten(1)))
-    return loss, mse, representation_terms(dict(zip(terms, tokens)), x0, u, eps, y, ctrl, gap) if features else {}
+    return loss, mse, representation_terms(dict(zip(terms, tokens)), x0, u, eps, y, ctrl, gap, images) if features else {}
 
-def representation_terms(tokens, x0, u, eps, y, ctrl, gap):
+def representation_terms(tokens, x0, u, eps, y, ctrl, gap, images):
     """The representation terms of a micro-batch from the model's tokens at each term's block: REPA's
     and SRA's 1 - cos per token between the projected tokens and the target (which gets no
     gradient), and the dispersive loss over the micro-batch (Wang & He's InfoNCE-L2 form)."""
     out, targets = {}, {}
     with torch.no_grad(), ctx:
         if repa_weight:  # the images at the encoder's patch size times the DiT's token grid
-            rgb = F.interpolate(((x0 + 1) / 2).expand(-1, 3, -1, -1), size=encoder_size, mode='bicubic')
+            rgb = F.interpolate(((images + 1) / 2).expand(-1, 3, -1, -1), size=encoder_size, mode='bicubic')
             targets['repa'] = encoder((rgb - imagenet_mean) / imagenet_std)
         if sra_weight:  # the EMA at a lower noise level, with the same noise, labels and control
             t_teacher = diffusion.t_from_u((u - sra_max_gap * gap).clamp(min=0))
@@ -613,7 +639,7 @@ def fid():
 # -----------------------------------------------------------------------------
 # training loop. Logged: loss_unweighted, the prediction's plain MSE (comparable across loss
 # weightings and cosine_loss), and loss_u<i> (noise_level_losses)
-x0, y, ctrl = get_batch(run.step, 0)  # the first batch; each later one is fetched while a step runs
+x0, y, ctrl, images = get_batch(run.step, 0)  # the first batch; each later one is fetched while a step runs
 for step in range(run.step, max_steps):
     lr_now = bk.cosine_lr(step, lr, min_lr, warmup_steps, lr_decay_steps or max_steps, lr_schedule)
     for group in optimizer.param_groups:
@@ -632,13 +658,13 @@ for step in range(run.step, max_steps):
             for net in (model, proj) if proj else (model,):
                 net.require_backward_grad_sync = micro == grad_accum - 1
         loss, mse, reg = diffusion_loss(model, x0, y_in, u_all[sl], eps_all[sl], ctrl, regularize=True,
-                                        gap=gap_all[sl] if sra_weight else None)
+                                        gap=gap_all[sl] if sra_weight else None, images=images)
         loss = loss.mean() + sum(config[f'{k}_weight'] * value for k, value in reg.items())
         run.add(loss=loss, loss_unweighted=mse.mean(), **reg, **noise_level_sums(u_all[sl], mse))
         # fetch the next batch while this step runs
         if micro + 1 < grad_accum or step + 1 < max_steps:
-            x0, y, ctrl = (get_batch(step, micro + 1) if micro + 1 < grad_accum
-                           else get_batch(step + 1, 0))
+            x0, y, ctrl, images = (get_batch(step, micro + 1) if micro + 1 < grad_accum
+                                   else get_batch(step + 1, 0))
         scaler.scale(loss / grad_accum).backward()
     # clip, then skip a non-finite update on the device (fused AdamW reads found_inf; no host
     # sync). A non-finite loss makes the norm so too; the gradients are all-reduced, so every rank

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import MNIST, run, script_functions
-from model import AE_PRESETS, LPIPS, Autoencoder, AEConfig, PatchDiscriminator, create_model
+from model import AE_PRESETS, LPIPS, Autoencoder, AEConfig, DINOv2, PatchDiscriminator, ViTConfig, create_model
 
 TINY = ['config/mnist_ae.py', '--batch_size=8', '--log_interval=2', '--eval_interval=2', '--eval_images=16',
         '--ckpt_interval=1000', '--warmup_steps=2', '--disc_start=1', '--adv_start=2']
@@ -299,8 +299,12 @@ def test_prepare_latents_on_two_ranks_then_train_and_sample_latent_diffusion(dig
 
     dit = ['--arch=DiT-N/1', '--batch_size=8', '--max_steps=2', '--eval_interval=2', '--eval_images=16',
            '--sample_interval=2', '--sample_steps=2', '--warmup_steps=1']
+    torch.manual_seed(0)  # REPA's encoder (a random stand-in) sees the digits the latents encode
+    torch.save(DINOv2(ViTConfig(patch_size=4, dim=32, depth=1, pos_grid=7)).state_dict(), tmp_path / 'encoder.pth')
     run('train_diffusion.py', *dit, f'--dataset={one}', '--hflip=True', f'--out_dir={tmp_path / "ldm"}',
-        '--fid_interval=2', '--fid_images=8', f'--fid_inception={weights}')
+        '--fid_interval=2', '--fid_images=8', f'--fid_inception={weights}', '--repa_weight=0.5',
+        f'--repa_encoder={tmp_path / "encoder.pth"}')
+    assert float(list(csv.DictReader(open(tmp_path / 'ldm' / 'metrics.csv')))[0]['repa']) > 0
     assert os.path.exists(tmp_path / 'ldm' / 'samples_0000002.png')  # a grid decoded to pixels
     assert np.isfinite(float(list(csv.DictReader(open(tmp_path / 'ldm' / 'metrics.csv')))[-1]['fid']))
     assert len(list(digits.glob('fid_ref_50_*.npz'))) == 1  # (the pixels' statistics, cached beside them)
@@ -311,6 +315,13 @@ def test_prepare_latents_on_two_ranks_then_train_and_sample_latent_diffusion(dig
             check=False)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 1 and 'holds no latents of mirror images' in last and 'data/prepare_latents.py' in last
+    meta2['latent']['dataset'] = MNIST  # latents that claim to encode other images: REPA's encoder would see others
+    json.dump(meta2, open(two / 'meta.json', 'w'))
+    p = run('train_diffusion.py', *dit, f'--dataset={two}', '--repa_weight=0.5', f'--repa_encoder={tmp_path / "encoder.pth"}',
+            f'--out_dir={tmp_path / "y"}', check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "encoder sees the images" in last and 'are others' in last, p.stderr
+    assert not (tmp_path / 'y' / 'ckpt.pt').exists()
 
 
 def test_prepare_latents_replaces_a_latent_dataset_whole(digits, tmp_path):

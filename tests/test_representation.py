@@ -44,11 +44,11 @@ def test_dispersive_term_is_infonce_l2_over_the_batch():
     repeated, and its gradient moves the images apart."""
     terms = representation_terms(dispersive_weight=0.5, dispersive_tau=0.7)
     z = torch.randn(6, 5, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    value = terms({'dispersive': z}, *[None] * 6)['dispersive']
+    value = terms({'dispersive': z}, *[None] * 7)['dispersive']
     d = torch.pdist(z.detach().flatten(1)).pow(2) / 40
     expected = torch.log(torch.exp(-torch.cat([d, d, torch.zeros(6)]) / 0.7).mean())
     assert value.item() == pytest.approx(expected.item(), abs=1e-6)
-    repeated = terms({'dispersive': z.detach()[:1].expand(4, -1, -1)}, *[None] * 6)['dispersive']
+    repeated = terms({'dispersive': z.detach()[:1].expand(4, -1, -1)}, *[None] * 7)['dispersive']
     assert abs(repeated.item()) < 1e-6
     value.backward()
     with torch.no_grad():
@@ -70,8 +70,8 @@ def test_sra_and_repa_targets():
     _, (h,) = net(*diffusion.net_inputs(bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps, t), y, features=(2,))
     sra = representation_terms(sra_weight=0.5, sra_max_gap=0.3, diffusion=diffusion, ema=net,
                                blocks={'sra_teacher': 2}, proj=lambda tokens: tokens)
-    same = sra({'sra': h}, x0, u, eps, y, None, torch.zeros(4))['sra']
-    lower = sra({'sra': h}, x0, u, eps, y, None, torch.ones(4))['sra']
+    same = sra({'sra': h}, x0, u, eps, y, None, torch.zeros(4), None)['sra']
+    lower = sra({'sra': h}, x0, u, eps, y, None, torch.ones(4), None)['sra']
     assert abs(same.item()) < 1e-6 and lower.item() > 1e-3, (same, lower)
 
     encoder = DINOv2(ViTConfig(patch_size=3, dim=32, depth=1, pos_grid=4))
@@ -82,7 +82,24 @@ def test_sra_and_repa_targets():
     target = encoder((rgb - mean) / std)
     assert target.shape == h.shape == (4, 16, 32)
     expected = (1 - F.cosine_similarity(h, target, dim=-1)).mean()
-    assert repa({'repa': h}, x0, u, eps, y, None, None)['repa'].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert repa({'repa': h}, None, u, eps, y, None, None, x0)['repa'].item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_repa_encoder_sees_the_images_latents_encode():
+    """On pixels REPA's encoder sees the batch itself; on a latent dataset, the train images of the dataset the
+    latents encode, by the batch's indices, mirrored where the batch's latents are the mirror images' (NCHW, [-1, 1])."""
+    import bookkeeping
+    pixels = np.random.default_rng(0).integers(0, 256, (10, 4, 5, 1), dtype=np.uint8)
+    idx, flip = np.array([1, 3, 3, 8]), torch.tensor([False, True, False, True])
+    namespace = dict(torch=torch, bk=bookkeeping, device='cpu', pixels=pixels)
+    (on_pixels,) = script_functions('train_diffusion.py', 'encoder_images', latent=None, **namespace)
+    x = torch.randn(4, 1, 4, 5)
+    assert on_pixels(x, idx, flip) is x
+    (on_latents,) = script_functions('train_diffusion.py', 'encoder_images', latent={'dataset': 'digits'}, **namespace)
+    images = torch.from_numpy(pixels[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    expected = torch.stack([im.flip(-1) if f else im for im, f in zip(images, flip)])
+    assert torch.equal(on_latents(x, idx, flip), expected)
+    assert torch.equal(on_latents(x, idx, None), images)
 
 
 def test_dinov2_reads_the_released_layout(tmp_path):
