@@ -209,22 +209,28 @@ class Diffusion:
         return x0, eps
 
     @torch.no_grad()
-    def denoise(self, model, x, t, y, cfg_scale=1.0, clip_x0=False, control=None, cfg_channels=0):
+    def denoise(self, model, x, t, y, cfg_scale=1.0, clip_x0=False, control=None, cfg_channels=0,
+                guide=None):
         """x0 and eps estimates at one time t (a 0-d tensor) for every image of x, and the learned
-        variance interpolation v of a learn_sigma network (None otherwise). Classifier-free guidance
-        pred_u + cfg_scale (pred_c - pred_u) acts on the prediction's channels (its first
-        cfg_channels only, if set: DiT's and SiT's released numbers guided 3 of 4), null label =
-        model.config.num_classes; v is the conditional one's; both halves see the control image."""
+        variance interpolation v of a learn_sigma network (None otherwise). Guidance pred_u +
+        cfg_scale (pred_c - pred_u) acts on the prediction's channels (its first cfg_channels only,
+        if set: DiT's and SiT's released numbers guided 3 of 4): classifier-free, pred_u the
+        model's at the null label model.config.num_classes, or autoguidance (Karras et al. 2024),
+        pred_u a weaker model's, guide, at the same labels; v is the model's own; every call sees
+        the control image."""
         x_in, c_noise = self.net_inputs(x, t.expand(len(x)))
         # models without a control image take (x, t, y)
         control_args = () if control is None else (control,)
         if cfg_scale == 1.0:
             pred = model(x_in, c_noise, y, *control_args)
         else:
-            null = torch.full_like(y, model.config.num_classes)
-            twice = lambda v: torch.cat([v, v])
-            pred, pred_u = model(twice(x_in), twice(c_noise), torch.cat([y, null]),
-                                 *(twice(v) for v in control_args)).chunk(2)
+            if guide is not None:
+                pred, pred_u = (net(x_in, c_noise, y, *control_args) for net in (model, guide))
+            else:  # one batch of both halves
+                null = torch.full_like(y, model.config.num_classes)
+                twice = lambda v: torch.cat([v, v])
+                pred, pred_u = model(twice(x_in), twice(c_noise), torch.cat([y, null]),
+                                     *(twice(v) for v in control_args)).chunk(2)
             k = cfg_channels or x.shape[1]
             pred = torch.cat([pred_u[:, :k] + cfg_scale * (pred[:, :k] - pred_u[:, :k]),
                               pred[:, k:]], dim=1)
@@ -268,9 +274,10 @@ class Diffusion:
     @torch.no_grad()
     def sample(self, model, z, y, sampler='ddim', steps=50, eta=0.0, cfg_scale=1.0,
                cfg_interval=(0.0, float('inf')), shift=1.0, clip_x0=False, generator=None, control=None,
-               cfg_channels=0):
-        """Images from noise z (B, C, H, W) with labels y. cfg_interval: guidance only where lo <
-        sigma/alpha <= hi (Kynkaanniemi et al. 2024). ddpm is DDIM with eta = 1 (the posterior q(x_s
+               cfg_channels=0, guide=None):
+        """Images from noise z (B, C, H, W) with labels y. cfg_interval: guidance (classifier-free,
+        or by the weaker model guide: denoise) only where lo < sigma/alpha <= hi (Kynkaanniemi et
+        al. 2024). ddpm is DDIM with eta = 1 (the posterior q(x_s
         | x_t, x0) sampled; Ho et al. 2020), ddim takes eta (Song et al. 2021, eq. 12); euler and
         heun integrate the probability-flow ODE (Karras et al. 2022, alg. 1) in the coordinates
         where it is straightest: (x / alpha, sigma / alpha), or (x, t) for flow. DDIM with eta = 0
@@ -289,7 +296,7 @@ class Diffusion:
         def denoise(x, i):
             guided = cfg_interval[0] < sigma[i] / alpha[i] <= cfg_interval[1]
             return self.denoise(model, x, t[i], y, cfg_scale if guided else 1.0, clip_x0, control,
-                                cfg_channels)
+                                cfg_channels, guide)
 
         # x = sigma z + alpha x0, the last ~0: alpha[0] is 1e-5 (flow), < 0.01 (DDPM), sigma / 80
         # (edm)

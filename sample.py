@@ -62,6 +62,10 @@ cfg_channels = 0  # guide only the first k channels (0: all; DiT's, SiT's publis
 # guidance only where cfg_sigma_min < sigma/alpha <= cfg_sigma_max (Kynkaanniemi et al. 2024)
 cfg_sigma_min = 0.0
 cfg_sigma_max = float('inf')
+# autoguidance (Karras et al. 2024): a weaker model of the same data, schedule and prediction type
+# (an early ckpt_<step> of the run, or a smaller model's run) in place of the unconditional branch
+guide = ''  # its out_dir (ckpt.pt) or checkpoint file; '' = classifier-free guidance
+guide_scale = 2.0  # pred_guide + guide_scale (pred - pred_guide); cfg_channels and the interval apply
 shift = 1.0  # flow schedule: timestep shift of the grid (> 1: more steps at high noise)
 clip_x0 = True  # clip the x0 estimate to [-1, 1], the range of pixels (never for a latent model)
 sigmas = ''  # consistency models: decreasing sigmas, a network call each; '' = sigma_max, one call
@@ -91,6 +95,8 @@ bk.check_config(config, counts=['num_samples', 'steps', 'batch_size'],
                        ('memorization', not (pretrained and memorization),
                         'False with pretrained (no training images come with it)'),
                        ('ema_std', not (pretrained and ema_std), '0 with pretrained (no snapshots)'),
+                       ('guide', not (pretrained and guide), "'' with pretrained (a guide is a kit run "
+                        "of the same data)"),
                        ('vae', vae or not pretrained, "set with pretrained: Stable Diffusion's VAE "
                         "decodes its latents (README, 'Released weights': e.g. "
                         "stabilityai/sd-vae-ft-ema on Hugging Face: config.json and "
@@ -255,8 +261,10 @@ if consistency:
     bk.check_config(config, rules=[('sigmas', ok, f"decreasing sigmas in the trained range "
                                     f"({sigma_min}, {sigma_max}], comma-separated, like 80 or 80,0.8")])
 # every sampling key is applied or refused: those that this model's sampling would not read
-guided = ('cfg_scale', 'cfg_channels', 'cfg_sigma_min', 'cfg_sigma_max')
-diffusion_keys = ('sampler', 'steps', 'eta', *guided, 'shift', 'clip_x0')
+scale = guide_scale if guide else cfg_scale  # the guidance's: autoguidance's or classifier-free
+how_guided = ('cfg_channels', 'cfg_sigma_min', 'cfg_sigma_max')
+diffusion_keys = ('sampler', 'steps', 'eta', 'cfg_scale', *how_guided, 'guide', 'guide_scale', 'shift',
+                  'clip_x0')
 ignored = {k: "a consistency model samples at its --sigmas" for k in diffusion_keys if consistency}
 ignored.update({k: "a GAN generator makes an image in one call" for k in (*diffusion_keys, 'sigmas')
                 if gan})
@@ -264,21 +272,51 @@ if not (gan or consistency):
     ignored['sigmas'] = "sigmas are a consistency model's; this diffusion model samples with steps"
     if sampler != 'ddim':
         ignored['eta'] = f"eta is ddim's noise, and the sampler is {sampler}"
+    if guide:
+        ignored['cfg_scale'] = "guide replaces classifier-free guidance; guide_scale is its scale"
+    else:
+        ignored['guide_scale'] = "guide='': the guidance is classifier-free, at cfg_scale"
     if not num_classes:
-        ignored.update({k: "this model has no classes to guide" for k in (*guided, 'class_labels')})
-    elif cfg_scale == 1:
-        ignored.update({k: "guidance is off (cfg_scale=1)" for k in guided[1:]})
+        ignored['class_labels'] = "this model has no classes"
+    if not (num_classes or guide):
+        ignored.update({k: "this model has no classes to guide; a guide can (autoguidance)"
+                        for k in ('cfg_scale', *how_guided)})
+    elif scale == 1:
+        ignored.update({k: f"guidance is off ({'guide_scale' if guide else 'cfg_scale'}=1)"
+                        for k in how_guided})
     if decoder:
         ignored['clip_x0'] = "this model makes latents, never clipped"
 if pretrained:
     ignored['ckpt'] = "pretrained is sampled in place of out_dir's checkpoints"
 bk.check_applied(overridden, config, ignored)
+guide_model = None
+if guide and not (gan or consistency):
+    guide_path = os.path.join(guide, 'ckpt.pt') if os.path.isdir(guide) else guide
+    why = "pass the out_dir or a checkpoint of a weaker train_diffusion.py run of the same data as guide"
+    if not os.path.isfile(guide_path):
+        raise SystemExit(f"error: guide={guide}: {guide_path} not found; {why}")
+    weaker = bk.load_checkpoint(guide_path, why, kinds=['diffusion'])
+    guide_model = create_model(weaker['config']['arch'], **weaker['model_args'])
+    bk.load_state(guide_model, weaker['ema' if use_ema else 'model'], guide_path, 'ema' if use_ema else 'model')
+    # the same task: its prediction of the same x_t is combined with the model's
+    same_task = ('dataset', 'schedule', 'prediction_type', 'num_timesteps', 'sigma_data')
+    shapes = ('image_size', 'in_channels', 'num_classes', 'control')
+    ours, theirs = ({**{k: c.get(k) for k in same_task}, **{k: getattr(m.config, k, '') for k in shapes}}
+                    for c, m in ((train_config, model), (weaker['config'], guide_model)))
+    differs = [f"{k}={theirs[k]!r} (the model's: {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
+    if differs:
+        raise SystemExit(f"error: guide={guide} is not a model of this one's task: its {', '.join(differs)}; "
+                         f"{why}, schedule and prediction type (README, 'Autoguidance')")
+    guide_model.to(device).eval()
+    checkpoint['guide'] = {'path': os.path.abspath(guide_path), 'step': weaker['step'],
+                           **({'checksum': weaker['checksum']} if 'checksum' in weaker else {})}
 if not (gan or consistency) and sampler in ('ddpm', 'ddim') and diffusion.schedule in ('linear', 'cosine'):
     bk.check_config(config, rules=[('steps', steps <= diffusion.num_timesteps,
                                     f"at most the {diffusion.num_timesteps} timesteps the model was "
                                     f"trained on ({sampler} steps through them)")])
 how = f"consistency model, {len(cm_sigmas)} step(s) at sigmas {cm_sigmas}" if consistency else \
-    'GAN generator' if gan else f"{sampler} with {steps} steps, cfg {cfg_scale}" + \
+    'GAN generator' if gan else f"{sampler} with {steps} steps, " + \
+    (f"autoguidance {guide_scale} by {guide_path} (step {weaker['step']})" if guide_model else f"cfg {cfg_scale}") + \
     (f" on {cfg_channels} channels" if cfg_channels else '')
 if vae:
     how += (f"; decoded by {vae} with its scaling_factor {autoencoder.scaling_factor} and "
@@ -314,9 +352,9 @@ for lo in range(0, num_samples, world_size * batch_size):
         elif consistency:
             x = diffusion.consistency_sample(model, z, y, cm_sigmas, sigma_min, generator)
         else:
-            x = diffusion.sample(model, z, y, sampler, steps, eta, cfg_scale,
+            x = diffusion.sample(model, z, y, sampler, steps, eta, scale,
                                  (cfg_sigma_min, cfg_sigma_max), shift, clip_x0, generator, ctrl,
-                                 cfg_channels)
+                                 cfg_channels, guide_model)
         if decoder:
             x = autoencoder.decode(x * latent_std + latent_mean)
     x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

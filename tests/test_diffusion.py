@@ -206,3 +206,29 @@ def test_guidance_acts_on_every_channel_within_its_interval():
     assert torch.equal(run(cfg_scale=3.0, cfg_interval=(1e6, 1e7)), run(cfg_scale=1.0))
     assert not torch.equal(run(cfg_scale=3.0, cfg_interval=(0.5, 5.0)), run(cfg_scale=1.0))
     assert not torch.equal(run(cfg_scale=3.0, cfg_interval=(0.5, 5.0)), run(cfg_scale=3.0))
+
+
+def test_autoguidance_takes_the_weaker_model_at_the_same_labels():
+    """Autoguidance (Karras et al. 2024): F_g + s (F - F_g), F_g the guide's at the same labels, in place of the null
+    label's; within the guidance interval only; guided by itself a model samples as unguided, to the bit."""
+    diffusion = Diffusion('flow', 'v')
+
+    def model(x, t, y):
+        return x * 0.1 + y.float().view(-1, 1, 1, 1) * torch.arange(1, 5.0).view(1, 4, 1, 1)
+
+    def guide(x, t, y):  # weaker: blurrier, and it must see the labels (a null label would read 3)
+        assert (y != 3).all()
+        return x * 0.3 + 0.5 * y.float().view(-1, 1, 1, 1)
+    model.config = SimpleNamespace(num_classes=3)
+    x, y, t = torch.randn(2, 4, 2, 2), torch.tensor([0, 2]), torch.tensor(0.6, dtype=f64)
+    x0_guided, eps_guided, _ = diffusion.denoise(model, x, t, y, cfg_scale=2.5, guide=guide)
+    x_in, c_noise = diffusion.net_inputs(x, t.expand(2))
+    F, F_g = model(x_in, c_noise, y), guide(x_in, c_noise, y)
+    x0_want, eps_want = diffusion.x0_eps(F_g + 2.5 * (F - F_g), x, t.view(1))
+    torch.testing.assert_close(x0_guided, x0_want)
+    torch.testing.assert_close(eps_guided, eps_want)
+    z = torch.randn(2, 4, 2, 2)
+    run = lambda **kw: diffusion.sample(model, z, y, 'heun', 5, **kw)
+    assert torch.equal(run(cfg_scale=2.5, guide=model), run(cfg_scale=1.0))
+    assert torch.equal(run(cfg_scale=2.5, guide=guide, cfg_interval=(1e6, 1e7)), run(cfg_scale=1.0))
+    assert not torch.equal(run(cfg_scale=2.5, guide=guide), run(cfg_scale=1.0))
