@@ -325,6 +325,18 @@ class Diffusion:
             x = x_next.to(z.dtype)
         return x
 
+@torch.no_grad()
+def meanflow_sample(model, z, y, steps):
+    """MeanFlow's sampler (Geng et al. 2025): from noise z at t = 1 to t = 0 in steps even jumps
+    z_r = z_t - (t - r) u(z_t, r, t) of a model of average velocities (a DiT with an interval
+    embedding, on the flow schedule's 1000 t); one step is z - u(z, 0, 1)."""
+    t = torch.linspace(1, 0, steps + 1, device=z.device)
+    x = z
+    for hi, lo in zip(t[:-1], t[1:]):
+        t_hi, gap = hi.expand(len(z)), (hi - lo).expand(len(z))
+        x = x - (hi - lo) * model(x, 1000 * t_hi, y, interval=1000 * gap).to(x.dtype)
+    return x
+
 def randn(shape, generator, device, dtype=torch.float32):
     """Standard normal noise of shape (B, ...) from a generator, or from a list of B generators, one
     per image: then an image's noise does not depend on the batch it is drawn in (FID during

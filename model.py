@@ -123,6 +123,9 @@ class DiTConfig:
     # converts, so that the network takes diffusion.Diffusion's 1000 t and gives its eps - x0
     learn_sigma: bool = False
     convention: str = 'kit'
+    # MeanFlow (Geng et al. 2025): a second time embedding, of the interval t - r the output averages
+    # the velocity over; zero-initialised, so that a flow model loaded into it starts as itself
+    interval: bool = False
 
 # name -> (depth, hidden_size, num_heads): S/B/L/XL are the paper's Table 1, Ti and N small for CPUs
 DIT_SIZES = {'N': (4, 128, 4), 'Ti': (6, 192, 3), 'S': (12, 384, 6), 'B': (12, 768, 12),
@@ -239,6 +242,8 @@ class DiT(Denoiser):
             self.register_buffer('rope_cos', cos, persistent=False)
             self.register_buffer('rope_sin', sin, persistent=False)
         self.t_embedder = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+        if config.interval:
+            self.h_embedder = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.y_embedder = nn.Embedding(config.num_classes + 1, dim)  # last row: the null label
         self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
         # ControlNet (Zhang et al. 2023) on a DiT as in PixArt-delta (Chen et al. 2024): copies of
@@ -269,6 +274,9 @@ class DiT(Denoiser):
         nn.init.normal_(self.y_embedder.weight, std=0.02)
         for layer in (self.t_embedder[0], self.t_embedder[2]):
             nn.init.normal_(layer.weight, std=0.02)
+        if self.config.interval:
+            nn.init.normal_(self.h_embedder[0].weight, std=0.02)
+            zero_init(self.h_embedder[2])
         # adaLN-Zero: every block's gates are zero, so each residual branch starts as the identity,
         # and the final layer is zero, so the output starts at zero
         zero_init(*[block.adaLN_modulation[-1] for block in self.blocks])
@@ -278,15 +286,19 @@ class DiT(Denoiser):
         if self.config.control == 'controlnet':
             zero_init(self.control_embedder, *self.control_out)
 
-    def forward(self, x, t, y, control=None, features=()):
+    def forward(self, x, t, y, control=None, features=(), interval=None):
         """x: (B, C, H, W) noisy input; t: (B,) timesteps (any real scale, DDPM uses 0..999);
         y: (B,) int labels; control: (B, control_channels, H, W) when the model has one. features:
         block numbers (1 to depth) whose output tokens (B, N, D) are returned too, as a list after
-        the prediction (train_diffusion.py's representation terms read them)."""
+        the prediction (train_diffusion.py's representation terms read them). interval: (B,) t - r
+        on t's scale, for a model with config.interval (MeanFlow's average velocity from r to t)."""
         config, p, g = self.config, self.config.patch_size, self.grid
         if (control is None) != (not config.control):
             raise ValueError(f"this DiT has control='{config.control}' but was called "
                              f"with{'out' if control is None else ''} a control image")
+        if (interval is None) == config.interval:
+            raise ValueError(f"this DiT has interval={config.interval} but was called "
+                             f"with{'out' if interval is None else ''} an interval")
         if config.control == 'concat':
             x = torch.cat([x, control.to(x.dtype)], dim=1)
         # tokens (B, N, D), N = g*g, and the conditioning vector (B, D)
@@ -294,6 +306,8 @@ class DiT(Denoiser):
         if config.convention == 'sit':
             t = 1 - t / 1000
         cond = self.t_embedder(timestep_embedding(t, 256)) + self.y_embedder(y)
+        if config.interval:
+            cond = cond + self.h_embedder(timestep_embedding(interval, 256))
         rope = (self.rope_cos, self.rope_sin) if config.rope else None
         checkpointing = self.activation_checkpointing
         run = lambda block, h: self.run_block(block, h, cond, rope, checkpointing=checkpointing)
@@ -325,8 +339,8 @@ class DiT(Denoiser):
         # per block: qkv, proj and the MLP on every token; q @ k^T and attn @ v; adaLN once
         mlp = (3 if config.mlp == 'swiglu' else 2) * dim * mlp_width(config)
         per_block = 2 * N * (3 * dim * dim + dim * dim + mlp) + 2 * 2 * N * N * dim + 2 * dim * 6 * dim
-        # patches and timestep MLP; final adaLN and linear layer; the ControlNet's blocks, control_out
-        embed = patch * (config.in_channels + config.control_channels) + 2 * (256 * dim + dim * dim)
+        # patches and timestep MLPs; final adaLN and linear layer; the ControlNet's blocks, control_out
+        embed = patch * (config.in_channels + config.control_channels) + 2 * (256 * dim + dim * dim) * (1 + config.interval)
         final = 2 * dim * 2 * dim + patch * self.out_channels
         controlnet = (config.depth // 2) * (per_block + 2 * N * dim * dim)
         if config.control != 'controlnet':

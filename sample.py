@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from diffusion import SAMPLERS, Diffusion, phema_weights
+from diffusion import SAMPLERS, Diffusion, meanflow_sample, phema_weights
 from model import AEConfig, Autoencoder, create_model
 from pretrained import dit, or_exit, sd_vae
 
@@ -146,13 +146,14 @@ if rank == 0:
     bk.check_writable(out_dir)
 if pretrained:  # a released DiT or SiT: its diffusion as it was trained, and no dataset
     model = or_exit(dit, pretrained, family=family or None)
-    published, gan, consistency = model.objective, False, None
+    published, gan, consistency, meanflow = model.objective, False, None, None
     train_config = dict(published, sigma_data=0.5, dataset='')
     checkpoint = {'path': published['source'], 'family': published['family']}
 else:
     saved = bk.load_checkpoint(ckpt_path, runs, kinds=['diffusion', 'consistency', 'gan'])
-    consistency = saved.get('consistency')  # a distill_consistency.py run: its teacher's diffusion
-    train_config = saved['teacher_config'] if consistency else saved['config']
+    # a distill_consistency.py run: its teacher's diffusion (meanflow's: the flow schedule's)
+    consistency, meanflow = saved.get('consistency'), saved.get('meanflow')
+    train_config = saved['teacher_config'] if consistency or meanflow else saved['config']
     gan = saved['kind'] == 'gan'  # a train_gan.py checkpoint: its generator, z to images
     model = create_model(train_config['arch'], **saved['model_args'])
     bk.load_state(model, saved['ema' if use_ema else 'model'], ckpt_path,
@@ -266,9 +267,11 @@ how_guided = ('cfg_channels', 'cfg_sigma_min', 'cfg_sigma_max')
 diffusion_keys = ('sampler', 'steps', 'eta', 'cfg_scale', *how_guided, 'guide', 'guide_scale', 'shift',
                   'clip_x0')
 ignored = {k: "a consistency model samples at its --sigmas" for k in diffusion_keys if consistency}
+ignored.update({k: "a MeanFlow model jumps along its average velocities, guided as it was trained"
+                for k in (*diffusion_keys, 'sigmas') if meanflow and k != 'steps'})
 ignored.update({k: "a GAN generator makes an image in one call" for k in (*diffusion_keys, 'sigmas')
                 if gan})
-if not (gan or consistency):
+if not (gan or consistency or meanflow):
     ignored['sigmas'] = "sigmas are a consistency model's; this diffusion model samples with steps"
     if sampler != 'ddim':
         ignored['eta'] = f"eta is ddim's noise, and the sampler is {sampler}"
@@ -290,7 +293,7 @@ if pretrained:
     ignored['ckpt'] = "pretrained is sampled in place of out_dir's checkpoints"
 bk.check_applied(overridden, config, ignored)
 guide_model = None
-if guide and not (gan or consistency):
+if guide and not (gan or consistency or meanflow):
     guide_path = os.path.join(guide, 'ckpt.pt') if os.path.isdir(guide) else guide
     why = "pass the out_dir or a checkpoint of a weaker train_diffusion.py run of the same data as guide"
     if not os.path.isfile(guide_path):
@@ -310,11 +313,12 @@ if guide and not (gan or consistency):
     guide_model.to(device).eval()
     checkpoint['guide'] = {'path': os.path.abspath(guide_path), 'step': weaker['step'],
                            **({'checksum': weaker['checksum']} if 'checksum' in weaker else {})}
-if not (gan or consistency) and sampler in ('ddpm', 'ddim') and diffusion.schedule in ('linear', 'cosine'):
+if not (gan or consistency or meanflow) and sampler in ('ddpm', 'ddim') and diffusion.schedule in ('linear', 'cosine'):
     bk.check_config(config, rules=[('steps', steps <= diffusion.num_timesteps,
                                     f"at most the {diffusion.num_timesteps} timesteps the model was "
                                     f"trained on ({sampler} steps through them)")])
 how = f"consistency model, {len(cm_sigmas)} step(s) at sigmas {cm_sigmas}" if consistency else \
+    f"MeanFlow model, {steps} step(s)" if meanflow else \
     'GAN generator' if gan else f"{sampler} with {steps} steps, " + \
     (f"autoguidance {guide_scale} by {guide_path} (step {weaker['step']})" if guide_model else f"cfg {cfg_scale}") + \
     (f" on {cfg_channels} channels" if cfg_channels else '')
@@ -351,6 +355,8 @@ for lo in range(0, num_samples, world_size * batch_size):
             x = model(z, y).clamp(-1, 1)
         elif consistency:
             x = diffusion.consistency_sample(model, z, y, cm_sigmas, sigma_min, generator)
+        elif meanflow:
+            x = meanflow_sample(model, z, y, steps)
         else:
             x = diffusion.sample(model, z, y, sampler, steps, eta, scale,
                                  (cfg_sigma_min, cfg_sigma_max), shift, clip_x0, generator, ctrl,
@@ -393,7 +399,7 @@ if rank == 0:
             config={k: str(v) if v in (math.inf, -math.inf) else v for k, v in config.items()},
             checkpoint=checkpoint,
             diffusion='GAN' if gan else {'consistency_sigmas': cm_sigmas, 'sigma_min': sigma_min}
-            if consistency else {k: getattr(diffusion, k) for k in
+            if consistency else {'meanflow_steps': steps, **meanflow} if meanflow else {k: getattr(diffusion, k) for k in
                                  ('schedule', 'prediction_type', 'num_timesteps', 'sigma_data')},
             decoder=decoder, labels=counts if num_classes else 'unconditional',
             world_size=world_size, batch_size=batch_size, torch=torch.__version__, argv=sys.argv)

@@ -231,7 +231,7 @@ def test_resume_is_bit_exact(teacher, tmp_path, mode):
             ('distill_consistency.py', [f'--teacher={teacher}', f'--out_dir={teacher}'],
              "is the teacher's folder, which this run reads; pass another --out_dir"),
             ('distill_consistency.py', [f'--teacher={latent_teacher}', f'--out_dir={tmp_path / "c"}'],
-             f"trained on the latents of {latents}; distill_consistency.py distils teachers of pixels only"),
+             f"trained on the latents of {latents}; distill_consistency.py trains on pixels only"),
             ('distill_consistency.py', [f'--teacher={tmp_path / "none"}'],
              "holds no ckpt.pt; pass the out_dir of")]:
         p = run(script, f'--out_dir={tmp_path / "b"}', *args, check=False)
