@@ -326,15 +326,15 @@ class Diffusion:
         return x
 
 @torch.no_grad()
-def meanflow_sample(model, z, y, steps):
+def meanflow_sample(model, z, y, steps, time_scale=1.0):
     """MeanFlow's sampler (Geng et al. 2025): from noise z at t = 1 to t = 0 in steps even jumps
     z_r = z_t - (t - r) u(z_t, r, t) of a model of average velocities (a DiT with an interval
-    embedding, on the flow schedule's 1000 t); one step is z - u(z, 0, 1)."""
+    embedding, its times read as time_scale t); one step is z - u(z, 0, 1)."""
     t = torch.linspace(1, 0, steps + 1, device=z.device)
     x = z
     for hi, lo in zip(t[:-1], t[1:]):
         t_hi, gap = hi.expand(len(z)), (hi - lo).expand(len(z))
-        x = x - (hi - lo) * model(x, 1000 * t_hi, y, interval=1000 * gap).to(x.dtype)
+        x = x - (hi - lo) * model(x, time_scale * t_hi, y, interval=time_scale * gap).to(x.dtype)
     return x
 
 def randn(shape, generator, device, dtype=torch.float32):

@@ -1,10 +1,11 @@
 """
 Turns a train_diffusion.py run into a consistency model, which draws an image in one network call or
-a few.
+a few; or trains a MeanFlow model, which does so from scratch.
 
     python distill_consistency.py config/mnist_cd.py                   # teacher: out-mnist-dit
     torchrun --standalone --nproc_per_node=8 distill_consistency.py --teacher=out-dit-b \
         --out_dir=out-cd-b
+    python distill_consistency.py config/mnist_meanflow.py             # no teacher
 
 mode='cd', consistency distillation (Song et al. 2023): x0 + sigma_{n+1} z, one Heun step of the
 teacher's probability-flow ODE down to sigma_n on a Karras grid of num_scales sigmas, and the
@@ -21,9 +22,17 @@ the student (target='ema', mu = target_ema) or the student itself without gradie
 weighted by 1 / (sigma_{n+1} - sigma_n); noise levels are drawn log-normal as in iCT, or uniformly
 over the grid's intervals as in CD.
 
+mode='meanflow' (Geng et al. 2025) learns the average velocity u(z_t, r, t) = (z_t - z_r) / (t - r)
+of the flow from noise (t = 1) to data (t = 0), x_t = (1 - t) x0 + t eps: a DiT with a second time
+embedding, of t - r, trained to satisfy u = v - (t - r) du/dt, the total derivative du/dt = v d_z u
++ d_t u a Jacobian-vector product (torch.func.jvp) that makes the target, without gradient. From
+scratch (teacher='', the model and data from arch, dataset, class_cond and hflip), or from a flow
+run's DiT. Then z_0 = z_1 - u(z_1, 0, 1) is an image in one call.
+
 The rest is train_diffusion.py's: seeded draws per step, DDP, autocast, EMA, clipping, and
 (bookkeeping.py) atomic checkpoints with exact resume, preemption and the non-finite guard.
-sample.py samples the result: --sigmas=80 (one step) or e.g. --sigmas=80,0.8 (two).
+sample.py samples the result: --sigmas=80 (one step) or e.g. --sigmas=80,0.8 (two); a MeanFlow model
+--steps=1 or 2.
 """
 import copy
 import math
@@ -212,7 +221,8 @@ dataset, hflip, class_cond = tconf['dataset'], tconf['hflip'], tconf['class_cond
 if meanflow and cfg_scale != 1.0 and not class_cond:
     raise SystemExit(f"error: cfg_scale={cfg_scale} guides by the labels, but the model is unconditional "
                      f"(class_cond=False); train with cfg_scale=1")
-data_dir, meta, data = bk.load_dataset(dataset, splits=('train',), latent_ok=True, classes=class_cond)
+data_dir, meta, data = bk.load_dataset(dataset, splits=('train',), latent_ok=True,
+                                      classes=class_cond and not teacher)  # (a teacher has learnt its classes)
 if meta.get('latent'):
     raise SystemExit(f"error: {f'the teacher {teacher_path} trained' if teacher else 'meanflow would train'} on "
                      f"the latents of {data_dir}; distill_consistency.py trains on pixels only")
@@ -260,6 +270,7 @@ if meanflow:
 else:
     model = copy.deepcopy(teacher_net).requires_grad_(True).train()
 model_config = model.config
+time_scale = 1000.0 if teacher else 1.0  # meanflow: what the time embeddings read, time_scale t
 model.activation_checkpointing = activation_checkpointing
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 # target='ema': a copy of its own; 'stopgrad': the student itself (in train mode: the same dropout)
@@ -372,8 +383,9 @@ def draw_times(g):
     return t, torch.where(torch.rand(batch_size, generator=g, device=g.device) < meanflow_ratio, r, t)
 
 def average_velocity(net, z, t, r, y):
-    """u(z_t, r, t): a meanflow network's output, its times on the embedding's 1000 scale."""
-    return net(z, 1000 * t, y, interval=1000 * (t - r))
+    """u(z_t, r, t): a meanflow network's output, its times on time_scale (MeanFlow's own: t in [0, 1],
+    so that du/dt is moderate; a flow teacher's 1000 t when it starts from one)."""
+    return net(z, time_scale * t, y, interval=time_scale * (t - r))
 
 def meanflow_loss(x0, y, eps, t, r):
     """Per image: |u(z_t, r, t) - u_tgt|^2 over the C H W values, u_tgt = v - (t - r) du/dt without
@@ -408,7 +420,7 @@ grid_y = torch.arange(64, device=device) % null_label if class_cond and null_lab
 def sample_grid():
     """The EMA's samples of the grid's noise and labels at sample_sigmas, in [-1, 1]."""
     with ctx:
-        x = (meanflow_sample(ema, grid_z, grid_y, sample_steps) if meanflow else
+        x = (meanflow_sample(ema, grid_z, grid_y, sample_steps, time_scale) if meanflow else
              diffusion.consistency_sample(ema, grid_z, grid_y, grid_sigmas, sigma_min,
                                           generator=run.rng(0, 4, device)))
     return x.clamp(-1, 1)
@@ -428,7 +440,7 @@ def fid():
             torch.full((n,), null_label, device=device)
         with ctx:
             z = randn((n, C, H, W), gens, device)
-            x = (meanflow_sample(ema, z, y, sample_steps) if meanflow else
+            x = (meanflow_sample(ema, z, y, sample_steps, time_scale) if meanflow else
                  diffusion.consistency_sample(ema, z, y, grid_sigmas, sigma_min, generator=gens))
         return x.clamp(-1, 1)
     return evaluate.training_fid(generate, fid_images, run.micro_batch, inception, fid_stats, run)
@@ -489,7 +501,7 @@ for step in range(run.step, max_steps):
         run.save(model=raw_model, ema=ema, optimizer=optimizer,
                  model_args=asdict(model_config), teacher_config=tconf,
                  consistency=None if meanflow else {'sigma_min': sigma_min, 'sigma_max': sigma_max},
-                 meanflow={'cfg_scale': cfg_scale} if meanflow else None,
+                 meanflow={'cfg_scale': cfg_scale, 'time_scale': time_scale} if meanflow else None,
                  target=target_net if target == 'ema' else None)
     if run.stop:
         break

@@ -7,6 +7,8 @@ decoded by the autoencoder its latent dataset names, or by Stable Diffusion's VA
     python sample.py --out_dir=out-mnist-dit --class_labels=3,7 --cfg_scale=2 --save_png=True
     torchrun --nproc_per_node=8 sample.py --out_dir=out-dit-b --num_samples=50000 --save_npz=True
     python sample.py --out_dir=out-mnist-cd --sigmas=80,0.8         # a consistency model: 2 calls
+    python sample.py --out_dir=out-mnist-meanflow --steps=1         # a MeanFlow model: 1 call
+    python sample.py --out_dir=out-mnist-dit --guide=out-mnist-dit/ckpt_0002000.pt  # autoguidance
     python sample.py --out_dir=out-mnist-gan --save_npz=True        # a GAN: one call, z ~ N(0, I)
     python sample.py --out_dir=out-mnist-dit --ckpt=best            # best.pt: the lowest EMA val loss
     python sample.py --out_dir=out-mnist-dit --ema_std=0.1          # a post-hoc EMA (phema_stds)
@@ -55,7 +57,7 @@ ema_std = 0.0  # > 0: the post-hoc EMA of this sigma_rel, from out_dir/phema/ (K
 num_samples = 64
 class_labels = 'all'  # 'all' cycles through the classes; or comma-separated labels: '3' or '1,7'
 sampler = 'ddim'  # 'ddpm', 'ddim', 'euler' or 'heun' (diffusion.Diffusion.sample), on any schedule
-steps = 50  # sampling steps (heun calls the network about twice per step)
+steps = 50  # sampling steps (heun calls the network about twice per step; MeanFlow: 1 or 2)
 eta = 0.0  # ddim's noise: 0 deterministic, 1 is ddpm
 cfg_scale = 4.0  # classifier-free guidance scale (1 = none)
 cfg_channels = 0  # guide only the first k channels (0: all; DiT's, SiT's published FIDs guided 3)
@@ -356,7 +358,7 @@ for lo in range(0, num_samples, world_size * batch_size):
         elif consistency:
             x = diffusion.consistency_sample(model, z, y, cm_sigmas, sigma_min, generator)
         elif meanflow:
-            x = meanflow_sample(model, z, y, steps)
+            x = meanflow_sample(model, z, y, steps, meanflow['time_scale'])
         else:
             x = diffusion.sample(model, z, y, sampler, steps, eta, scale,
                                  (cfg_sigma_min, cfg_sigma_max), shift, clip_x0, generator, ctrl,

@@ -39,15 +39,14 @@ def exact_average_velocity(z, r, t):
     return (z - m_r - sd_r / sd_t * (z - m_t)) / bcast(t - r, z)
 
 
-def exact_net(z, T, y, interval):
-    """The exact average velocity as a meanflow network sees its inputs (times on the 1000 scale)."""
-    t = T / 1000
-    return exact_average_velocity(z, t - interval / 1000, t)
+def exact_net(z, t, y, interval):
+    """The exact average velocity as a meanflow network from scratch sees its inputs (time_scale 1)."""
+    return exact_average_velocity(z, t - interval, t)
 
 
 def script_loss(net, **namespace):
     loss, _ = script_functions('distill_consistency.py', 'meanflow_loss', 'average_velocity', torch=torch, bcast=bcast,
-                               ctx=nullcontext(), sdpa_kernel=sdpa_kernel, SDPBackend=SDPBackend, jvp_net=net,
+                               ctx=nullcontext(), sdpa_kernel=sdpa_kernel, SDPBackend=SDPBackend, jvp_net=net, time_scale=1.0,
                                model=net, raw_model=net, **{**dict(cfg_scale=1.0, adaptive_eps=1e-3, adaptive_p=1.0),
                                                             **namespace})
     return loss
@@ -69,7 +68,7 @@ def test_meanflow_target_is_exact_on_gaussian_data():
     x0, eps = z - bcast(t, z) * v, z + bcast(1 - t, z) * v
     _, mse = script_loss(exact_net)(x0, torch.zeros(6, dtype=torch.long), eps, t, r)
     assert mse.max() < 1e-12, mse
-    instantaneous = lambda z, T, y, interval: exact_velocity(z, T / 1000)
+    instantaneous = lambda z, t, y, interval: exact_velocity(z, t)
     _, mse = script_loss(instantaneous)(x0, torch.zeros(6, dtype=torch.long), eps, t, r)
     assert mse.min() > 1e-4, mse
 
@@ -83,13 +82,13 @@ def test_jvp_through_the_dit_matches_finite_differences():
     with torch.no_grad():  # off the zero init: every path moves the output
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    (average_velocity,) = script_functions('distill_consistency.py', 'average_velocity')
+    (average_velocity,) = script_functions('distill_consistency.py', 'average_velocity', time_scale=1.0)
     g = torch.Generator().manual_seed(1)
     z, v = torch.randn(3, 2, 8, 8, generator=g), torch.randn(3, 2, 8, 8, generator=g)
     t, r, y = torch.tensor([0.4, 0.8, 0.5]), torch.tensor([0.1, 0.8, 0.2]), torch.tensor([0, 2, 3])
     f = lambda z, t, r: average_velocity(net, z, t, r, y)
-    # each part on its own scale, with a step that float32 resolves (the time embedding is on t's 1000 scale)
-    for name, (dz, dt, h) in {'v d_z u': (v, 0, 1e-3), 'd_t u': (0 * v, 1, 2e-5)}.items():
+    # each part on its own scale, with a step that float32 resolves
+    for name, (dz, dt, h) in {'v d_z u': (v, 0, 1e-3), 'd_t u': (0 * v, 1, 1e-3)}.items():
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             _, jvp = torch.func.jvp(f, (z, t, r), (dz, torch.full_like(t, dt), torch.zeros_like(r)))
             numeric = (f(z + h * dz, t + h * dt, r) - f(z - h * dz, t - h * dt, r)) / (2 * h)

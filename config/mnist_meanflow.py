@@ -1,0 +1,17 @@
+# MeanFlow from scratch on MNIST (Geng et al. 2025): digits in one network call, no teacher.
+#   python distill_consistency.py config/mnist_meanflow.py && python sample.py --out_dir=out-mnist-meanflow --steps=1
+out_dir = 'out-mnist-meanflow'
+mode = 'meanflow'
+teacher = ''
+arch = 'DiT-N/4'
+dataset = 'mnist'
+cfg_scale = 2.0  # guidance folded into the target: one-step samples of the digit asked for
+batch_size = 16
+max_steps = 6000
+lr = 2e-3
+lr_schedule = 'cosine'
+warmup_steps = 200
+ema_decay = 0.999
+log_interval = 200
+sample_interval = 2000
+ckpt_interval = 2000
