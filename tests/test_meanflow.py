@@ -1,16 +1,14 @@
 """distill_consistency.py --mode=meanflow (Geng et al. 2025): its target against the closed form of Gaussian data's
 average velocity, the JVP against finite differences, two ranks against one process, exact resume, and sample.py's
 one and two steps."""
-import math
 from contextlib import nullcontext
 
 import numpy as np
-import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import run, script_functions
-from diffusion import bcast, meanflow_sample
+from diffusion import bcast
 from model import DiT, DiTConfig
 
 f64 = torch.float64
