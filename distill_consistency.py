@@ -163,11 +163,10 @@ bk.check_applied(overridden, config, {  # (every key is applied or refused)
     'cfg_scale': mode == 'ect' and "mode='ect' (no teacher's ODE)",
     **{k: mode != 'ect' and f"mode='{mode}'" for k in ('ect_stages', 'ect_q', 'ect_k', 'ect_b')},
     'target_ema': target != 'ema' and f"target='{target}'",
-    **{k: mode == 'cd' and sigma_sampling == 'uniform' and "sigma_sampling='uniform'"
-       for k in ('p_mean', 'p_std')},
     **{k: meanflow and "mode='meanflow' (times t and r, its own target and loss)"
-       for k in ('sigma_min', 'sigma_max', 'sigma_sampling', 'p_mean', 'p_std', 'target', 'loss_type',
-                 'sample_sigmas')},
+       for k in ('sigma_min', 'sigma_max', 'sigma_sampling', 'target', 'loss_type', 'sample_sigmas')},
+    **{k: (meanflow and "mode='meanflow' (times t and r, its own target and loss)")
+       or (mode == 'cd' and sigma_sampling == 'uniform' and "sigma_sampling='uniform'") for k in ('p_mean', 'p_std')},
     **{k: not meanflow and f"mode='{mode}'" for k in ('class_dropout', 'meanflow_ratio', 'logit_mean',
                                                       'logit_std', 'adaptive_p', 'adaptive_eps', 'sample_steps')},
     'cfg_kappa': (not meanflow and f"mode='{mode}'") or (cfg_scale == 1 and "cfg_scale=1 (no guidance)"),

@@ -233,7 +233,13 @@ def test_resume_is_bit_exact(teacher, tmp_path, mode):
             ('distill_consistency.py', [f'--teacher={latent_teacher}', f'--out_dir={tmp_path / "c"}'],
              f"trained on the latents of {latents}; distill_consistency.py trains on pixels only"),
             ('distill_consistency.py', [f'--teacher={tmp_path / "none"}'],
-             "holds no ckpt.pt; pass the out_dir of")]:
+             "holds no ckpt.pt; pass the out_dir of"),
+            ('distill_consistency.py', [f'--teacher={teacher}', '--sigma_sampling=uniform', '--p_mean=-1'],
+             "p_mean is set, but sigma_sampling='uniform'"),
+            ('distill_consistency.py', ['--mode=meanflow', '--teacher=', '--p_std=1'],
+             "p_std is set, but mode='meanflow'"),
+            ('distill_consistency.py', ['--mode=ect', f'--teacher={teacher}', '--hflip=True'],
+             f"hflip is set, but teacher='{teacher}' gives them")]:
         p = run(script, f'--out_dir={tmp_path / "b"}', *args, check=False)
         assert p.returncode != 0 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
 
