@@ -47,7 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from diffusion import Diffusion, bcast, meanflow_sample, randn
-from model import DiT, compile_for_training, create_model, run_block
+from model import compile_for_training, create_model, run_block
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by config/*.py and --key=value
@@ -252,6 +252,8 @@ def get_batch(step, micro):
 # the student (the teacher's weights; meanflow's: the teacher's with an interval embedding, or new),
 # its EMA for sampling, the target, optimizer, and the resume
 if meanflow:
+    if not tconf['arch'].startswith('DiT'):
+        raise SystemExit(f"error: mode='meanflow' trains a DiT (its interval embedding), not arch='{arch}'")
     torch.manual_seed(seed)  # the same initial weights on every rank
     try:
         model = create_model(tconf['arch'], **({**asdict(teacher_net.config), 'interval': True} if teacher else
@@ -259,8 +261,6 @@ if meanflow:
                                                     interval=True))).to(device)
     except ValueError as e:
         raise SystemExit(f"error: arch='{tconf['arch']}' on {H} x {H} x {C} images: {e}")
-    if not isinstance(model, DiT):
-        raise SystemExit(f"error: mode='meanflow' trains a DiT (its interval embedding), not arch='{arch}'")
     if teacher:  # all but the interval embedding, which starts at zero: u(z, t, t) = the teacher's v
         missing, unexpected = model.load_state_dict(teacher_net.state_dict(), strict=False)
         assert not unexpected and all(k.startswith('h_embedder.') for k in missing), (missing, unexpected)
