@@ -6,6 +6,7 @@ a few; or trains a MeanFlow model, which does so from scratch.
     torchrun --standalone --nproc_per_node=8 distill_consistency.py --teacher=out-dit-b \
         --out_dir=out-cd-b
     python distill_consistency.py config/mnist_meanflow.py             # no teacher
+    python distill_consistency.py config/mnist_flow_meanflow.py        # from a flow run: out-mnist-flow
 
 mode='cd', consistency distillation (Song et al. 2023): x0 + sigma_{n+1} z, one Heun step of the
 teacher's probability-flow ODE down to sigma_n on a Karras grid of num_scales sigmas, and the
