@@ -1,7 +1,9 @@
 """Shared fixtures: the offline MNIST subset in data/mnist, a digit classifier trained on it, and a script runner."""
 import ast
+import csv
 import json
 import os
+import resource
 import subprocess
 import sys
 
@@ -11,21 +13,55 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import warm
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(REPO, 'data', 'mnist')
 
 
-def run(*args, env=None, check=True, timeout=900, **kwargs):
-    """Runs `python *args` (or a torchrun line when args[0] is 'torchrun') from the repository root; kwargs go to
-    subprocess.run."""
+def run(*args, env=None, check=True, timeout=900, file_size_limit=None):
+    """Runs `python *args` (or a torchrun line when args[0] is 'torchrun') from the repository root, its output
+    captured, a script in a fork of the warm interpreter (tests/warm.py): a process of its own, as the command would
+    be, without importing torch again. file_size_limit (bytes) makes a write past it fail as on a full disk."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', *args[1:]] if args[0] == 'torchrun' else [sys.executable, *args]
+    cmd = [str(a) for a in cmd]
     full_env = {**os.environ, 'WANDB_MODE': 'disabled', 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2'),
                 **(env or {})}
-    p = subprocess.run([str(a) for a in cmd], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
-                       **kwargs)
+    if cmd[1].endswith('.py') and warm.Server.address(full_env):
+        p = warm.run(cmd[1:], REPO, full_env, timeout=timeout, file_size_limit=file_size_limit)
+    else:
+        limit = file_size_limit and (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit,) * 2))
+        p = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+                           preexec_fn=limit or None)
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+# Two runs of one training on other layouts (2 ranks, 2 micro-steps, 1 process) draw the same images and noise from
+# the same weights. At FROZEN's lr every update moves a weight by about 1e-9 (Adam's step is about lr whatever the
+# size of the gradient), so every step is computed on the weights both runs started from, and a logged value can
+# differ between layouts only by the order of its float32 sums (over ranks, micro-steps, threads and a CPU's
+# vector width). torch's blocked and pairwise sums of the n < 2^17 terms here err by a few ulp of their magnitudes
+# (log2(n) x 6e-8 < 1e-6); SAME_REL = 1e-4 leaves a hundredfold margin for any CPU (seen here: 9e-7, the size of
+# metrics.csv's rounding to 6 decimals, which SAME_ABS covers for values near 0). At a real lr
+# no bound holds: Adam turns a gradient of pure rounding noise (a bias whose effect a norm cancels) into a step of
+# +-lr, and the runs drift apart by 1e-4 in a few steps, by machine. A real divergence (one rank's half batch
+# without the all-reduce, another draw) moves the values by 1e-2 and more: the tests show one fail.
+FROZEN = ['--lr=1e-9', '--lr_schedule=constant']
+SAME_REL, SAME_ABS = 1e-4, 2e-6  # (2 units of the 6th decimal)
+TIMING = {'kimg', 'lr', 'ms_per_step', 'img_per_s', 'tflops', 'mfu', 'peak_mem_gib'}
+
+
+def assert_same_steps(out_a, out_b):
+    """Every value each run logged (metrics.csv, all but the timing), step by step, equal to SAME_REL."""
+    a, b = (list(csv.DictReader(open(os.path.join(out, 'metrics.csv')))) for out in (out_a, out_b))
+    assert [r['step'] for r in a] == [r['step'] for r in b] and a, (out_a, out_b)
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb), (ra.keys(), rb.keys())
+        for k, v in ra.items():
+            if k not in TIMING and (v or rb[k]):
+                assert float(v) == pytest.approx(float(rb[k]), rel=SAME_REL, abs=SAME_ABS), (ra['step'], k, v, rb[k])
 
 
 def script_functions(script, *names, **namespace):
@@ -123,5 +159,26 @@ def mnist_classifier(mnist):
     return accuracy
 
 
+def pytest_sessionfinish(session):
+    warm.Server.stop()
+
+
+# the fast tier's rule: a test that is not marked slow fails when its setup or its call takes longer than this (a
+# fast test takes under 3 s on a 2-core CPU; the margin is for a machine 3x slower that is also busy)
+BUDGET = float(os.environ.get('KIT_TEST_BUDGET', 20))
+
+
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: trains a model for minutes (still runs in CI; deselect with -m "not slow")')
+    config.addinivalue_line('markers', 'slow: trains, kills processes or compiles: seconds to minutes (still runs in '
+                                       'CI; deselect with -m "not slow")')
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if (report.when in ('setup', 'call') and report.passed and report.duration > BUDGET
+            and item.get_closest_marker('slow') is None):
+        report.outcome = 'failed'
+        report.longrepr = (f"{item.nodeid} took {report.duration:.1f} s in its {report.when}, over the {BUDGET:.0f} s "
+                           f"a test outside the slow tier may take: mark it @pytest.mark.slow (or its fixture's "
+                           f"users), or make it faster (KIT_TEST_BUDGET=<seconds> moves the limit)")

@@ -1,6 +1,7 @@
 """Never lose a run: SIGKILL anywhere then resume, preemption signals, torchrun restarts, non-finite updates,
 untrusted checkpoints, and bad input that stops with one clear line and leaves the previous run as it was."""
 import csv
+import functools
 import glob
 import os
 import pickle
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+import warm
 from conftest import MNIST, REPO, run
 
 # 30 steps of a tiny DiT, a log line per step, a checkpoint every 3, evaluations and sample grids on the way
@@ -43,16 +45,19 @@ def no_process_left_behind():
             p.communicate()
 
 
-def launch(out, *args, faults=None, torchrun=False, script='train_diffusion.py', base=BASE, restarts=1):
-    """Starts a script (through tests/faults.py when `faults` sets FAULT_* variables) with its output piped.
-    torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with the store torchrun shares by default, a restarted
+def launch(out, *args, faults=None, torchrun=False, script='train_diffusion.py', base=BASE, restarts=1, cold=False):
+    """Starts a script (through tests/faults.py when `faults` sets FAULT_* variables) with its output piped, in a
+    fork of the warm interpreter unless cold (a fresh one, which loads torch) or torchrun. torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with the store torchrun shares by default, a restarted
     worker can read a peer's address from the failed round and never connect (pytorch/pytorch#167288)."""
     prefix = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', f'--max-restarts={restarts}'] if torchrun \
         else ['tests/faults.py'] if faults else []
     env = {**ENV, **(faults or {}), **({'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'} if torchrun else {})}
-    LAUNCHED.append(subprocess.Popen([sys.executable, *prefix, script, *base, *args, f'--out_dir={out}'],
-                                     cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True))
+    argv, popen = [*prefix, script, *base, *args, f'--out_dir={out}'], subprocess.Popen
+    if not (torchrun or cold) and warm.Server.address(env):  # (a fork of the warm interpreter: conftest.run)
+        popen = functools.partial(warm.Popen, cwd=REPO, env=env)
+    else:
+        argv, popen = [sys.executable, *argv], functools.partial(subprocess.Popen, cwd=REPO, env=env)
+    LAUNCHED.append(popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
     return LAUNCHED[-1]
 
 
@@ -282,8 +287,8 @@ def test_a_frozen_rank_ends_the_job_in_bounded_time_naming_it(mnist, tmp_path):
 
 
 def faulty_run(out, faults, *args):
-    return subprocess.run([sys.executable, 'tests/faults.py', 'train_diffusion.py', *BASE, *args, f'--out_dir={out}'],
-                          cwd=REPO, env={**ENV, **faults}, capture_output=True, text=True, timeout=300)
+    return run('tests/faults.py', 'train_diffusion.py', *BASE, *args, f'--out_dir={out}', env=faults, check=False,
+               timeout=300)
 
 
 def test_a_nonfinite_update_is_skipped_and_counted(mnist, tmp_path):
@@ -456,12 +461,12 @@ def test_bad_input_stops_with_one_clear_line(prior, tmp_path, case, args, messag
     shutil.copytree(prior, out)
     args = args(tmp_path, out) if callable(args) else list(args)
     before = snapshot(out)
-    cmd, kwargs = ['train_diffusion.py', *BASE, f'--out_dir={out}'], {}
+    cmd, limit = ['train_diffusion.py', *BASE, f'--out_dir={out}'], None
     if args[:1] == ['torchrun']:
         cmd, args = ['torchrun', '--standalone', '--nproc_per_node=2', *cmd], args[1:]
     if args[:1] == ['full disk']:  # a file size limit: the checkpoint write fails as it would on a full disk
-        args, kwargs['preexec_fn'] = args[1:], lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
-    p = run(*cmd, *args, check=False, **kwargs)
+        args, limit = args[1:], 2**20
+    p = run(*cmd, *args, check=False, file_size_limit=limit)
     assert p.returncode != 0
     last = p.stderr.strip().splitlines()[-1]
     if cmd[0] == 'torchrun':  # each rank prints the line, then torchrun its own report (and traceback)
@@ -666,7 +671,7 @@ def test_ctrl_c_twice_stops_at_once_and_before_the_handlers_is_one_line(runs, tm
     the first (each step slowed to 0.5 s by a fault) exits at once, non-zero, without saving: ckpt.pt stays as it
     was and no half-written file is left."""
     out, args = tmp_path / 'run', [*tiny(script, runs), '--max_steps=50', '--ckpt_interval=2']
-    p = launch(out, script=script, base=args)
+    p = launch(out, script=script, base=args, cold=True)  # (a fresh interpreter, which loads torch)
     time.sleep(0.5)
     p.send_signal(signal.SIGINT)
     rest = p.communicate(timeout=60)[0]
@@ -724,10 +729,6 @@ def test_a_metrics_file_that_cannot_be_written_stops_with_one_line(runs, tmp_pat
     assert snapshot(out) == before
 
 
-def file_size_limit(n):
-    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
-
-
 def test_a_full_disk_at_a_sample_grid_stops_with_one_line(runs, tmp_path):
     """A file size limit, as a full disk, of half the size of a sample grid (some 10 KiB): of a resumed run's writes,
     metrics.csv stays below it and the grid is the first to reach it, before the checkpoint. One line names it; the
@@ -738,7 +739,7 @@ def test_a_full_disk_at_a_sample_grid_stops_with_one_line(runs, tmp_path):
     assert os.path.getsize(out / 'metrics.csv') + 1000 < limit
     before = snapshot(out)
     p = run('train_diffusion.py', *TINY['train_diffusion.py'], '--max_steps=3', '--ckpt_interval=1', '--keep_last=2',
-            f'--out_dir={out}', check=False, preexec_fn=file_size_limit(limit))
+            f'--out_dir={out}', check=False, file_size_limit=limit)
     assert_one_line(p, f"error: writing {out / 'samples_0000003.png'} failed (File too large; ")
     assert snapshot(out) == before  # (the step's row comes after its grid)
 
@@ -749,7 +750,7 @@ def test_a_full_disk_at_a_log_row_stops_with_one_line(runs, tmp_path):
     header = open(runs('train_gan.py') / 'metrics.csv').readline()
     out = tmp_path / 'out'
     p = run('train_gan.py', *TINY['train_gan.py'], '--max_steps=3', f'--out_dir={out}', check=False,
-            preexec_fn=file_size_limit(len(header) + 8))
+            file_size_limit=len(header) + 8)
     assert_one_line(p, f"error: writing {out / 'metrics.csv'} failed at step 1 (File too large); make room and re-run "
                        f"the same command")
     assert os.listdir(out) == []

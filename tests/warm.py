@@ -1,0 +1,254 @@
+"""
+A warm interpreter for the tests' script runs: `python script.py args` without importing torch again.
+
+    python tests/warm.py SOCKET     # the server: imports the kit once, computes nothing, forks a child per run
+
+A run is a child process of its own, as the command would be: its exit status (or the signal that killed it), its
+stdin, stdout and stderr (the caller's file descriptors), its environment, working directory, session, signals,
+locks and atexit handlers. What it skips is the interpreter's start and the 2-3 s of imports a fresh process pays,
+most of a short run's time on a 2-core machine. The server computes nothing before it forks (no thread pool is
+started, which a fork could not carry), and each child sets torch's threads from its own OMP_NUM_THREADS. A
+command whose environment changes what a library reads at import (TORCH_*, MKL_*, ...), or that is not a script,
+runs in a fresh process instead (Popen and run below decide).
+"""
+import json
+import os
+import resource
+import runpy
+import select
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# variables a library reads when it is imported: a run that sets one of these to other than the server's value
+# needs its own interpreter
+AT_IMPORT = ('TORCH', 'PYTORCH', 'OMP_', 'KMP_', 'MKL_', 'CUDA', 'NCCL', 'GLOO', 'PYTHONHASHSEED', 'PYTHONPATH',
+             'LD_')
+
+
+# -----------------------------------------------------------------------------
+# the server
+
+
+def serve(path):
+    sys.path.insert(0, REPO)
+    import numpy  # noqa: F401
+    import PIL.Image  # noqa: F401
+    import torch
+    import torch.distributed  # noqa: F401
+    import torch.nn.parallel  # noqa: F401
+    import bookkeeping  # noqa: F401
+    import diffusion  # noqa: F401
+    import model  # noqa: F401
+    import pretrained  # noqa: F401
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    print('ready', flush=True)
+    events = selectors.DefaultSelector()
+    events.register(listener, selectors.EVENT_READ)
+    events.register(sys.stdin, selectors.EVENT_READ)  # (a pipe from the tests: closed when they end, however)
+    running = {}
+    while True:
+        for key, _ in events.select():
+            if key.fileobj is sys.stdin:  # the tests ended: so do their runs
+                for pid in running:
+                    os.kill(pid, signal.SIGKILL)
+                return
+            if key.fileobj is listener:
+                conn, _ = listener.accept()
+                message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+                pid = os.fork()
+                if pid == 0:
+                    listener.close()
+                    conn.close()
+                    events.close()
+                    child(json.loads(message), fds, torch)
+                for fd in fds:
+                    os.close(fd)
+                conn.sendall(json.dumps({'pid': pid}).encode() + b'\n')
+                running[pid] = conn
+                events.register(os.pidfd_open(pid), selectors.EVENT_READ, (pid, conn))
+            else:  # a child ended
+                pid, conn = key.data
+                events.unregister(key.fileobj)
+                os.close(key.fileobj)
+                _, status = os.waitpid(pid, 0)
+                del running[pid]
+                with conn:
+                    conn.sendall(json.dumps({'returncode': os.waitstatus_to_exitcode(status)}).encode() + b'\n')
+
+
+def child(request, fds, torch):
+    """Runs the script as `python script args` would, in this forked process, and exits with its status."""
+    code = 1
+    try:
+        for fd, std in zip(fds, (0, 1, 2)):
+            os.dup2(fd, std)
+            os.close(fd)
+        if request['new_session']:
+            os.setsid()
+        if request['file_size_limit']:  # (a write past it fails with EFBIG: Python ignores SIGXFSZ)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (request['file_size_limit'],) * 2)
+        os.chdir(request['cwd'])
+        os.environ.clear()
+        os.environ.update(request['env'])
+        if os.environ.get('PYTHONUNBUFFERED'):
+            sys.stdout.reconfigure(write_through=True)
+        if os.environ.get('OMP_NUM_THREADS'):
+            torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
+        script = os.path.abspath(request['argv'][0])
+        sys.argv = list(request['argv'])
+        sys.path[0] = os.path.dirname(script)
+        code = 0
+        try:
+            runpy.run_path(script, run_name='__main__')
+        except SystemExit as e:
+            code = exit_code(e)
+        except BaseException:
+            try:
+                sys.excepthook(*sys.exc_info())  # (the kit's hook may end it with sys.exit)
+                code = 1
+            except SystemExit as e:
+                code = exit_code(e)
+        threading._shutdown()  # the interpreter's own end: its threads, then atexit
+        import atexit
+        atexit._run_exitfuncs()
+    finally:
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
+def exit_code(e):
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code
+    print(e.code, file=sys.stderr)
+    return 1
+
+
+# -----------------------------------------------------------------------------
+# the client
+
+
+class Server:
+    """The warm server of this test session, started at its first use."""
+    process = path = env = None
+
+    @classmethod
+    def address(cls, env):
+        """The server's socket, or None when this run needs a fresh interpreter."""
+        if not (hasattr(os, 'pidfd_open') and hasattr(socket, 'send_fds')) or os.environ.get('KIT_TESTS_COLD'):
+            return None
+        if cls.process is None:
+            cls.env = {**os.environ, 'OMP_NUM_THREADS': env.get('OMP_NUM_THREADS', '')}
+            cls.path = os.path.join(tempfile.mkdtemp(prefix='kit-warm-'), 'socket')
+            cls.process = subprocess.Popen([sys.executable, __file__, cls.path], env=cls.env, cwd=REPO,
+                                           stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+            assert cls.process.stdout.readline() == 'ready\n', 'the warm server did not start'
+        differs = {k for k in set(env) | set(cls.env) if env.get(k) != cls.env.get(k)}
+        if any(k.startswith(AT_IMPORT) and k != 'OMP_NUM_THREADS' for k in differs):
+            return None
+        return cls.path
+
+    @classmethod
+    def stop(cls):
+        if cls.process is not None:
+            cls.process.stdin.close()
+            cls.process.wait(timeout=30)
+            cls.process = None
+
+
+class Popen:
+    """subprocess.Popen([python, script, *args]) run in a fork of the warm server: pid, returncode, stdout (a pipe
+    with stdout=subprocess.PIPE), poll, wait, communicate, send_signal, kill."""
+
+    def __init__(self, argv, cwd, env, stdout=None, stderr=None, text=True, start_new_session=False,
+                 file_size_limit=None):
+        address = Server.address(env)
+        assert address, 'check Server.address(env) first'
+        self.args, self.returncode, self._text = argv, None, text
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        out_r, out_w = os.pipe() if stdout == subprocess.PIPE else (None, stdout.fileno())
+        err = out_w if stderr == subprocess.STDOUT else stderr.fileno()
+        self.stdout = os.fdopen(out_r, 'r' if text else 'rb') if out_r is not None else None
+        self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._conn.connect(address)
+        request = dict(argv=[str(a) for a in argv], cwd=str(cwd), env=env, new_session=start_new_session,
+                       file_size_limit=file_size_limit)
+        socket.send_fds(self._conn, [json.dumps(request).encode()], [devnull, out_w, err])
+        os.close(devnull)
+        if out_r is not None:
+            os.close(out_w)
+        self._buffer = b''
+        self.pid = json.loads(self._line(None))['pid']
+
+    def _line(self, timeout):
+        """The server's next line, waiting at most timeout seconds (None: as long as it takes)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while b'\n' not in self._buffer:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            if not select.select([self._conn], [], [], left)[0]:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            chunk = self._conn.recv(4096)
+            if not chunk:
+                raise RuntimeError('the warm server ended')
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b'\n', 1)
+        return line
+
+    def poll(self):
+        return self.wait(0) if self.returncode is None and self._ended() else self.returncode
+
+    def _ended(self):
+        return b'\n' in self._buffer or bool(select.select([self._conn], [], [], 0)[0])
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            self.returncode = json.loads(self._line(timeout))['returncode']
+            self._conn.close()
+        return self.returncode
+
+    def communicate(self, timeout=None):
+        out = self.stdout.read() if self.stdout else None
+        self.wait(timeout)
+        return out, None
+
+    def send_signal(self, sig):
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+def run(argv, cwd, env, timeout=None, file_size_limit=None):
+    """subprocess.run([python, script, *args], capture_output=True, text=True) in a fork of the warm server."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        p = Popen(argv, cwd, env, stdout=out, stderr=err, file_size_limit=file_size_limit)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            raise
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read().decode(errors='replace'))
+    return subprocess.CompletedProcess(argv, p.returncode, *texts)
+
+
+if __name__ == '__main__':
+    serve(sys.argv[1])
