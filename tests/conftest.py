@@ -159,13 +159,10 @@ def mnist_classifier(mnist):
     return accuracy
 
 
-def pytest_sessionfinish(session):
-    warm.Server.stop()
-
-
 # the fast tier's rule: a test that is not marked slow fails when its setup or its call takes longer than this (a
-# fast test takes under 3 s on a 2-core CPU; the margin is for a machine 3x slower that is also busy)
-BUDGET = float(os.environ.get('KIT_TEST_BUDGET', 20))
+# fast test takes under 4 s on a 2-core CPU; the margin is for a machine 3x slower that is also busy)
+BUDGET = float(os.environ.get('KIT_TEST_BUDGET', 15))
+FAST = {}  # nodeid -> the seconds a fast-tier test took in this session (its setup, call and teardown)
 
 
 def pytest_configure(config):
@@ -176,9 +173,20 @@ def pytest_configure(config):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
-    if (report.when in ('setup', 'call') and report.passed and report.duration > BUDGET
-            and item.get_closest_marker('slow') is None):
+    if item.get_closest_marker('slow') is not None:
+        return
+    FAST[item.nodeid] = FAST.get(item.nodeid, 0) + report.duration
+    if report.when in ('setup', 'call') and report.passed and report.duration > BUDGET:
         report.outcome = 'failed'
         report.longrepr = (f"{item.nodeid} took {report.duration:.1f} s in its {report.when}, over the {BUDGET:.0f} s "
                            f"a test outside the slow tier may take: mark it @pytest.mark.slow (or its fixture's "
                            f"users), or make it faster (KIT_TEST_BUDGET=<seconds> moves the limit)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FAST:
+        terminalreporter.write_line(f"fast tier (not marked slow): {len(FAST)} tests in {sum(FAST.values()):.0f} s")
+
+
+def pytest_sessionfinish(session):
+    warm.Server.stop()

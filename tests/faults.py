@@ -10,8 +10,13 @@ FAULT_NAN_STEPS=3,4    the network's output is NaN in those training forwards (c
 FAULT_NAN_WEIGHTS=3    in that training forward the network's first weight is set to NaN, and stays so
 FAULT_SLOW_STEPS=0.5   every training forward first sleeps this many seconds, so that a test has time to send a
                        second signal within one step
+FAULT_CALL=numpy.save:raise:3
+                       the 3rd call of that function raises OSError(ENOSPC), as a full disk does; with 'kill' the
+                       process ends there instead (exit 9), as on SIGKILL: no cleanup runs
 The script runs in this process (runpy), so it imports the patched torch.save and model.create_model.
 """
+import errno
+import importlib
 import io
 import os
 import runpy
@@ -66,5 +71,21 @@ def create_model(*args, **kwargs):
 
 
 model.create_model = create_model
+
+if os.environ.get('FAULT_CALL'):
+    target, how, at = os.environ['FAULT_CALL'].split(':')
+    owner, name = target.rsplit('.', 1)
+    owner = importlib.import_module(owner)
+    real, calls = getattr(owner, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == int(at) and how == 'kill':
+            os._exit(9)
+        if len(calls) == int(at):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    setattr(owner, name, failing)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')

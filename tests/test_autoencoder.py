@@ -106,6 +106,7 @@ def test_lpips_reads_the_two_local_weight_files(tmp_path):
         LPIPS().load(tmp_path / 'wrong.pth', tmp_path / 'vgg.pth')
 
 
+@pytest.mark.slow
 def test_the_other_switches_run(digits, tmp_path):
     """A plain autoencoder (kl_weight=0) without middle attention, trained on L2 + SSIM + LPIPS (weight files made
     here) with flips, gradient accumulation and keep_last; the SSIM and LPIPS terms add to the logged loss; then
@@ -131,6 +132,7 @@ def test_the_other_switches_run(digits, tmp_path):
     assert load(tmp_path / 'latents' / 'autoencoder.pt')['step'] == 4  # ckpt.pt's
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_across_the_discriminator_switching_on(mnist, tmp_path):
     """6 steps straight == 1 step, stop, resume to 6, with the discriminator training from step 1 and reaching the
     decoder from step 2: autoencoder, EMA, discriminator and both optimizers identical to the bit; best.pt tracked."""
@@ -152,6 +154,7 @@ def test_resume_is_bit_exact_across_the_discriminator_switching_on(mnist, tmp_pa
     assert os.path.exists(tmp_path / 'b' / 'recon_0000006.png')
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(digits, tmp_path):
     """torchrun with 2 gloo ranks == 1 process, with the discriminator and both heads on: every logged value at every
     step (the adaptive weight is computed from the gradients of the whole micro-step, averaged over ranks), both
@@ -260,6 +263,7 @@ def test_wandb_offline_run(mnist, tmp_path):
         assert name.encode() in records, name
 
 
+@pytest.mark.slow
 def test_prepare_latents_on_two_ranks_then_train_and_sample_latent_diffusion(digits, weights, tmp_path):
     """data/prepare_latents.py under torchrun (each rank its rows of one file) == one process; the flip file holds
     the latents of the mirror images; train_diffusion.py trains on the latents, its FID during training decodes them
@@ -442,6 +446,7 @@ def test_heads_losses_and_metrics_match_closed_forms():
     assert per_class[:2].tolist() == pytest.approx([3 / 6, 4 / 7]) and per_class[2].isnan()
 
 
+@pytest.mark.slow
 def test_class_and_segmentation_heads_learn_digits_from_a_prepared_folder(mnist, tmp_path):
     """200 MNIST digits as PNGs in class folders, each with its label map (ink 1, paper 0, the top row 255 and
     ignored), through data/folder/prepare.py --mask_src; train_ae.py with both heads then finds the val digits' ink

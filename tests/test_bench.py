@@ -36,6 +36,7 @@ def assert_bench_is_the_log(stdout, row):
     assert gflop == pytest.approx(float(row['tflops']) / float(row['img_per_s']) * 1e3, rel=1e-3, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_bench_prints_the_logs_step_the_ceiling_and_data_path(mnist, tmp_path):
     p = run('bench.py', 'config/mnist_dit.py', '--bench_steps=2', '--bench_warmup=1', '--peak_tflops=1.0',
             '--activation_checkpointing=True', '--profile=True', f'--bench_dir={tmp_path}')

@@ -84,6 +84,7 @@ def nodes_reaching(root, param):
     return [node for node, hit in memo.items() if hit]
 
 
+@pytest.mark.slow
 def test_adaptive_weight_takes_its_gradients_outside_the_compiled_graph():
     """train_ae.py's adaptive weight runs autograd.grad(..., retain_graph=True) at the decoder's last layer twice.
     A compiled backward that donated its buffers refuses that (on CUDA), so no node on those gradients' path may

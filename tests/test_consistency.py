@@ -189,6 +189,7 @@ def teacher(mnist, tmp_path_factory):
 
 
 # cd's resume is held to the bit through SIGKILLs in test_robustness.py; ect's here
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', [['--mode=ect']], ids=['ect'])
 def test_resume_is_bit_exact(teacher, tmp_path, mode):
     """6 steps straight == 3, stop, resume to 6 (saying which keys changed): student, EMA, target and optimizer
@@ -263,6 +264,7 @@ def test_target_ema_and_warmup(teacher, tmp_path):
     assert lrs == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4])
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(teacher, fid_args, tmp_path):
     """torchrun with 2 gloo ranks of batch B == 1 process of batch 2B == 1 process of 2 micro-steps of B: every logged
     value at every step to float rounding (FROZEN's lr: conftest.py), the distillation and its FID during training

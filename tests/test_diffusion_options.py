@@ -16,6 +16,7 @@ from diffusion import phema_gamma, phema_weights
 from test_train_diffusion import TINY, load_ckpt
 
 
+@pytest.mark.slow
 def test_posthoc_ema_rebuilds_a_profile_it_also_tracked(mnist, tmp_path):
     """Track sigma_rel = 0.05, 0.07 and 0.10 for 100 steps with snapshots every 10, then rebuild 0.07 from the 0.05 and
     0.10 snapshots alone: it must land 10x closer to the tracked 0.07 than the nearer of the other two (measured: 40x)."""
@@ -77,6 +78,7 @@ def test_class_balanced_sampling_hits_its_target_frequencies(class_balance):
     assert np.abs(freq - target).max() < 5 * math.sqrt(0.25 / len(drawn))
 
 
+@pytest.mark.slow
 def test_memorization_check_flags_a_planted_copy(quickstart, tmp_path):
     """The quickstart's samples have no training image much closer than the next one; a training digit planted among
     them (with noise of +-8 levels) is flagged and found."""
@@ -120,6 +122,7 @@ def downsampled_error(images, controls):
     return ((pool(images) - pool(controls)) ** 2).mean()
 
 
+@pytest.mark.slow
 def test_unet_takes_a_control_image_by_concat(mnist, tmp_path):
     """control='concat' on the UNet, from scratch and from a UNet base (its first conv widened with zeros), then
     sample.py, which feeds each sample its val image's control; the cosine loss term rides along."""

@@ -88,6 +88,7 @@ def test_tf1_resize_and_the_networks_outputs():
     assert torch.allclose(logits, pool @ net.fc.weight.T)  # (the suite's IS leaves the bias out)
 
 
+@pytest.mark.slow
 def test_the_command_reports_the_five_numbers_with_the_protocol(mnist, weights, tmp_path):
     """16 real training digits as a prepared dataset: their own images score FID and sFID 0, precision and recall 1
     against it, and its statistics are cached beside it under the weights' hash, then read from there. 8 val

@@ -3,6 +3,7 @@ checkpoints, resumes bit-exactly and is timed by bench.py, with no edit anywhere
 import csv
 import os
 
+import pytest
 import torch
 
 from conftest import REPO, run
@@ -11,6 +12,7 @@ SHORT = ['config/mnist_dit.py', '--batch_size=16', '--log_interval=1', '--eval_i
          '--sample_interval=1000', '--sample_steps=2', '--ckpt_interval=3', '--warmup_steps=2']
 
 
+@pytest.mark.slow
 def test_a_fork_of_train_diffusion_trains_resumes_and_is_benchmarked(mnist, tmp_path):
     src = open(os.path.join(REPO, 'train_diffusion.py')).read()
     mse = "    mse = (pred - target).pow(2).mean(dim=(1, 2, 3))\n"

@@ -107,6 +107,7 @@ def test_resume_is_bit_exact_and_sample_py_reads_the_checkpoint(mnist, tmp_path)
     assert os.path.exists(tmp_path / 'b' / 'samples.png')
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(mnist, fid_args, tmp_path):
     """torchrun with 2 gloo ranks == 1 process == 1 process with 2 micro-steps: the noise and augmentation of the
     whole batch are drawn once and sliced, and the penalty pass's gradients join the all-reduce of the loss pass.

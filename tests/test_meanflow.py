@@ -4,6 +4,7 @@ one and two steps."""
 from contextlib import nullcontext
 
 import numpy as np
+import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -102,6 +103,7 @@ TINY = ['--mode=meanflow', '--teacher=', '--batch_size=8', '--log_interval=1', '
         '--ckpt_interval=1000', '--lr=1e-3']
 
 
+@pytest.mark.slow
 def test_meanflow_two_ranks_resume_and_sampling(mnist, tmp_path):
     """With guidance folded into the target (cfg_scale=2): torchrun with 2 gloo ranks == 1 process (the DDP model's
     own forward carries the gradient, so it is all-reduced; the JVP's target has none); 3 steps, a stop and 3 more

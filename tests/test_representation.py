@@ -129,6 +129,7 @@ def test_dinov2_reads_the_released_layout(tmp_path):
         assert message in str(e.value), (name, str(e.value))
 
 
+@pytest.mark.slow
 def test_terms_on_two_ranks_and_resumed(mnist, tmp_path):
     """REPA (a random stand-in encoder) and SRA together: torchrun with 2 gloo ranks == 1 process, projectors
     included; 3 steps, stop, resume to 6 == 6 straight, to the bit. (The dispersive loss is over each micro-batch, so

@@ -7,7 +7,6 @@ import os
 import pickle
 import random
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -165,6 +164,7 @@ KILLED = {'train_diffusion.py': ('diffusion_setup', r'^(resuming .* at step (\d+
           'train_ae.py': ('ae_setup', r'^(resuming .* at step (\d+)|AE-S/f4: )', 4, (1,), 4)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', KILLED)
 def test_sigkill_anywhere_then_resume_is_bit_exact(request, tmp_path, script):
     """SIGKILLs at random moments of one run (10 of train_diffusion.py's and distill_consistency.py's, 4 of the
@@ -206,6 +206,7 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(request, tmp_path, script):
     print('resumed from steps', resumed)
 
 
+@pytest.mark.slow
 def test_sigterm_sigusr1_and_max_minutes_stop_cleanly(reference, tmp_path):
     """SIGTERM, SIGUSR1, SIGHUP (a closed terminal) and Ctrl-C finish the step, save and exit 0; so does max_minutes.
     Re-running the command resumes, and the run ends bit-identical to the uninterrupted one."""
@@ -239,6 +240,7 @@ def children(pid):
     return kids
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker_and_sigterm_stops_the_group(mnist, tmp_path):
     """Under torchrun --max-restarts=1, SIGKILL one of two workers: torchrun restarts the group, which resumes from
     the last checkpoint by itself. Then SIGTERM to torchrun (what SLURM sends at preemption): it passes the signal to
@@ -265,6 +267,7 @@ def test_torchrun_restarts_a_killed_worker_and_sigterm_stops_the_group(mnist, tm
     assert len(load(out / 'ckpt.pt')['rng']) == 2
 
 
+@pytest.mark.slow
 def test_a_frozen_rank_ends_the_job_in_bounded_time_naming_it(mnist, tmp_path):
     """A rank that stops answering without dying (SIGSTOP: what a hung machine looks like to its peers) would keep
     the other in a collective forever: its heartbeat stays the same, so the job ends within KIT_RANK_TIMEOUT with
@@ -557,6 +560,7 @@ def test_a_checkpoint_of_another_script_is_refused_by_name(runs, tmp_path, scrip
 
 
 # 2. one writer per out_dir; a killed run's lock blocks nothing (test_sigkill_anywhere_then_resume_is_bit_exact)
+@pytest.mark.slow
 @pytest.mark.parametrize('script', ['train_diffusion.py', 'train_gan.py'])
 def test_a_second_run_on_a_busy_out_dir_stops_at_once(runs, tmp_path, script):
     """While a run holds its out_dir (here stopped by SIGSTOP after its first log line, so that it holds it for as
@@ -665,6 +669,7 @@ def test_a_checkpoint_changed_on_disk_is_refused_as_corrupt(runs, tmp_path, scri
 
 
 # 6. stopping: Ctrl-C twice, at once; before the handlers, one line (once: as SIGTERM, above)
+@pytest.mark.slow
 @pytest.mark.parametrize('script', ['train_diffusion.py'])  # one StopSignals, in bookkeeping.py
 def test_ctrl_c_twice_stops_at_once_and_before_the_handlers_is_one_line(runs, tmp_path, script):
     """A Ctrl-C before the run's handlers (here while torch loads) is one line. A second Ctrl-C within the step after
@@ -822,6 +827,7 @@ def test_foreign_files_and_links_in_out_dir_are_left_as_they_are(mnist, tmp_path
     assert folder.is_dir() and load(folder.parent / 'ckpt.pt')['step'] == 1
 
 
+@pytest.mark.slow
 def test_bench_removes_only_the_folders_it_made(tmp_path):
     """bench.py empties its own folders on every run, and refuses, in one line, one it did not make: a user's data/
     in --bench_dir=. is not deleted."""
@@ -838,6 +844,7 @@ def test_bench_removes_only_the_folders_it_made(tmp_path):
 
 
 # 10. a resumed run notices that an input it reads changed
+@pytest.mark.slow
 def test_a_changed_input_or_another_runs_snapshots_are_refused(mnist, tmp_path):
     """A dataset prepared again under a run, a teacher trained further under its student: the resume stops in one
     line naming the input. init_base given to a run that resumes is refused rather than recorded and never applied,

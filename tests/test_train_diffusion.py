@@ -46,6 +46,7 @@ def test_quickstart_learns_mnist(quickstart, mnist_classifier):
     assert os.path.exists(quickstart / 'samples.png') and glob.glob(str(quickstart / 'samples_*.png'))
 
 
+@pytest.mark.slow
 def test_unet_resume_is_bit_exact(mnist, fid_args, tmp_path):
     """6 steps straight == 3 steps, stop, resume to 6: model, EMA, post-hoc EMAs, optimizer state, best.pt and the FID
     during training identical to the bit, for the UNet, whose dropout draws from the global RNG that the checkpoint
@@ -96,6 +97,7 @@ def test_unet_resume_is_bit_exact(mnist, fid_args, tmp_path):
                                      "pass --ckpt=<one of them>"), p.stderr
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one(mnist, fid_args, tmp_path):
     """torchrun with 2 gloo ranks of batch B == 1 process with batch 2B == 1 process, 2 micro-steps of B: every logged
     value at every step to float rounding (FROZEN's lr: conftest.py), the FID during training too, each rank sampling
@@ -118,6 +120,7 @@ def test_two_ranks_match_one(mnist, fid_args, tmp_path):
         assert_same_steps(tmp_path / 'half', tmp_path / 'ddp')
 
 
+@pytest.mark.slow
 def test_sampling_is_the_same_on_two_ranks(mnist, tmp_path):
     out = tmp_path / 'run'
     run('train_diffusion.py', *TINY, f'--out_dir={out}', '--max_steps=2')
@@ -192,6 +195,7 @@ def test_the_other_switches_run(mnist, tmp_path):
     assert samples['arr_0'].shape == (4, 28, 28, 1) and 'arr_1' not in samples.files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
 def test_mixed_precision_runs(mnist, tmp_path, dtype):
     """Autocast in bf16, and fp16 with its GradScaler (checkpointed), on CPU: finite losses, a resumable run."""

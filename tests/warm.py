@@ -178,19 +178,25 @@ class Popen:
                  file_size_limit=None):
         address = Server.address(env)
         assert address, 'check Server.address(env) first'
-        self.args, self.returncode, self._text = argv, None, text
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        out_r, out_w = os.pipe() if stdout == subprocess.PIPE else (None, stdout.fileno())
-        err = out_w if stderr == subprocess.STDOUT else stderr.fileno()
-        self.stdout = os.fdopen(out_r, 'r' if text else 'rb') if out_r is not None else None
+        self.args, self.returncode = argv, None
+        fds, ours = [os.open(os.devnull, os.O_RDONLY)], []  # (the child's stdin, stdout, stderr; pipes' ends)
+        for stream in (stdout, stderr):
+            if stream == subprocess.PIPE:  # (a pipe: no file size limit applies to it, as to a command's)
+                read, write = os.pipe()
+                fds.append(write)
+                ours.append(os.fdopen(read, 'r' if text else 'rb'))
+            else:
+                fds.append(fds[1] if stream == subprocess.STDOUT else stream.fileno())
+                ours.append(None)
+        self.stdout, self.stderr = ours
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._conn.connect(address)
         request = dict(argv=[str(a) for a in argv], cwd=str(cwd), env=env, new_session=start_new_session,
                        file_size_limit=file_size_limit)
-        socket.send_fds(self._conn, [json.dumps(request).encode()], [devnull, out_w, err])
-        os.close(devnull)
-        if out_r is not None:
-            os.close(out_w)
+        socket.send_fds(self._conn, [json.dumps(request).encode()], fds)
+        for fd, pipe in zip(fds, [None, *ours]):
+            if pipe is not None or fd == fds[0]:
+                os.close(fd)
         self._buffer = b''
         self.pid = json.loads(self._line(None))['pid']
 
@@ -221,9 +227,16 @@ class Popen:
         return self.returncode
 
     def communicate(self, timeout=None):
-        out = self.stdout.read() if self.stdout else None
+        """(stdout, stderr) read to their ends (None where not piped), once the run ended within timeout."""
+        texts, readers = [None, None], []
+        for i, pipe in enumerate((self.stdout, self.stderr)):
+            if pipe is not None:
+                readers.append(threading.Thread(target=lambda i=i, pipe=pipe: texts.__setitem__(i, pipe.read())))
+                readers[-1].start()
         self.wait(timeout)
-        return out, None
+        for reader in readers:
+            reader.join()
+        return tuple(texts)
 
     def send_signal(self, sig):
         if self.returncode is None:
@@ -235,19 +248,14 @@ class Popen:
 
 def run(argv, cwd, env, timeout=None, file_size_limit=None):
     """subprocess.run([python, script, *args], capture_output=True, text=True) in a fork of the warm server."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        p = Popen(argv, cwd, env, stdout=out, stderr=err, file_size_limit=file_size_limit)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-            raise
-        texts = []
-        for f in (out, err):
-            f.seek(0)
-            texts.append(f.read().decode(errors='replace'))
-    return subprocess.CompletedProcess(argv, p.returncode, *texts)
+    p = Popen(argv, cwd, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, file_size_limit=file_size_limit)
+    try:
+        out, err = p.communicate(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 
 if __name__ == '__main__':
