@@ -4,7 +4,7 @@ A warm interpreter for the tests' script runs: `python script.py args` without i
     python tests/warm.py SOCKET     # the server: imports the kit once, computes nothing, forks a child per run
 
 A run is a child process of its own, as the command would be: its exit status (or the signal that killed it), its
-stdin, stdout and stderr (the caller's file descriptors), its environment, working directory, session, signals,
+stdout and stderr (the caller's pipes or files; stdin is /dev/null), its environment, working directory, session, signals,
 locks and atexit handlers. What it skips is the interpreter's start and the 2-3 s of imports a fresh process pays,
 most of a short run's time on a 2-core machine. The server computes nothing before it forks (no thread pool is
 started, which a fork could not carry), and each child sets torch's threads from its own OMP_NUM_THREADS. A
@@ -17,6 +17,7 @@ import resource
 import runpy
 import select
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -167,6 +168,7 @@ class Server:
         if cls.process is not None:
             cls.process.stdin.close()
             cls.process.wait(timeout=30)
+            shutil.rmtree(os.path.dirname(cls.path), ignore_errors=True)
             cls.process = None
 
 
