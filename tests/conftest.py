@@ -161,11 +161,20 @@ def mnist_classifier(mnist):
 
 # the fast tier's rule: a test that is not marked slow fails when its setup or its call takes longer than this (a
 # fast test takes under 6 s on a 2-core CPU; the margin is for a machine 3x slower that is also busy)
-BUDGET = float(os.environ.get('KIT_TEST_BUDGET', 30))
+BUDGET = 30.0
 FAST = {}  # nodeid -> the seconds a fast-tier test took in this session (its setup, call and teardown)
 
 
 def pytest_configure(config):
+    global BUDGET
+    value = os.environ.get('KIT_TEST_BUDGET', str(BUDGET))
+    try:
+        BUDGET = float(value)
+    except ValueError:
+        BUDGET = float('nan')
+    if not BUDGET > 0:
+        raise pytest.UsageError(f"KIT_TEST_BUDGET={value} is not a number of seconds above 0; unset it (30 s) or "
+                                f"set it to one")
     config.addinivalue_line('markers', 'slow: trains, kills processes or compiles: seconds to minutes (still runs in '
                                        'CI; deselect with -m "not slow")')
 

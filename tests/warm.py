@@ -11,6 +11,7 @@ started, which a fork could not carry), and each child sets torch's threads from
 command whose environment changes what a library reads at import (TORCH_*, MKL_*, ...), or that is not a script,
 runs in a fresh process instead (Popen and run below decide).
 """
+import atexit
 import json
 import os
 import resource
@@ -61,6 +62,7 @@ def serve(path):
             if key.fileobj is sys.stdin:  # the tests ended: so do their runs
                 for pid in running:
                     os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
                 return
             if key.fileobj is listener:
                 conn, _ = listener.accept()
@@ -105,6 +107,11 @@ def child(request, fds, torch):
         if os.environ.get('OMP_NUM_THREADS'):
             torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
         script = os.path.abspath(request['argv'][0])
+        if not os.path.isfile(script):  # (python's own line and status)
+            print(f"{sys.executable}: can't open file {script!r}: [Errno 2] No such file or directory",
+                  file=sys.stderr)
+            code = 2
+            return
         sys.argv = list(request['argv'])
         sys.path[0] = os.path.dirname(script)
         code = 0
@@ -119,7 +126,6 @@ def child(request, fds, torch):
             except SystemExit as e:
                 code = exit_code(e)
         threading._shutdown()  # the interpreter's own end: its threads, then atexit
-        import atexit
         atexit._run_exitfuncs()
     finally:
         for f in (sys.stdout, sys.stderr):
