@@ -6,6 +6,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ def run(*args, env=None, check=True, timeout=900, file_size_limit=None):
     be, without importing torch again. file_size_limit (bytes) makes a write past it fail as on a full disk."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', *args[1:]] if args[0] == 'torchrun' else [sys.executable, *args]
     cmd = [str(a) for a in cmd]
-    full_env = {**os.environ, 'WANDB_MODE': 'disabled', 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2'),
+    full_env = {**os.environ, 'WANDB_MODE': 'disabled', 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', THREADS),
                 **(env or {})}
     if cmd[1].endswith('.py') and warm.Server.address(full_env):
         p = warm.run(cmd[1:], REPO, full_env, timeout=timeout, file_size_limit=file_size_limit)
@@ -84,14 +85,109 @@ def mnist():
         return json.load(f)
 
 
+# The trainings that tests share, run once each, one after another, in the background from the session's start (one
+# core: a run at 1 thread takes about 1.2-1.7x its time at 2, and the tests beside it lose about as little: most of
+# their time is the one-threaded Python around small tensors), their users last. fixture -> (out_dir, the runs)
+SHARED = {
+    # the README's quickstart, as typed (6,000 steps), keeping a copy of every 1,000th step's checkpoint: the test
+    # of its samples reads it, the distillation test takes it as its teacher, the representation terms' and
+    # LightningDiT's tests compare with its early steps, the control models start from it
+    'quickstart': ('out-mnist-dit', [['train_diffusion.py', 'config/mnist_dit.py', '--out_dir={out}',
+                                      '--ckpt_interval=1000', '--keep_last=6']]),
+    # config/mnist_gan.py as typed, then 200 conditional samples
+    'gan_run': ('out-mnist-gan', [['train_gan.py', 'config/mnist_gan.py', '--out_dir={out}'],
+                                  ['sample.py', '--out_dir={out}', '--num_samples=200', '--save_npz=True']]),
+    # the latent path as typed: config/mnist_ae.py, its latents, config/mnist_ldm.py, 200 samples by Euler's 25 steps
+    'latent_run': ('latent', [['train_ae.py', 'config/mnist_ae.py', '--out_dir={out}/ae'],
+                              ['data/prepare_latents.py', '--autoencoder={out}/ae', '--dataset=mnist',
+                               '--latents={out}/latents'],
+                              ['train_diffusion.py', 'config/mnist_ldm.py', '--dataset={out}/latents',
+                               '--out_dir={out}/ldm'],
+                              ['sample.py', '--out_dir={out}/ldm', '--num_samples=200', '--save_npz=True',
+                               '--sampler=euler', '--steps=25']]),
+}
+THREADS = '2'  # a run's OMP_NUM_THREADS in this test (1 while the shared trainings take the other core)
+
+
+class Background:
+    """The shared trainings this session's tests use, run in a thread of the tests' process (each in the warm
+    interpreter, as run() runs them); wait(name) blocks until that one has ended and returns its out_dir."""
+    def __init__(self, names, root):
+        self.names, self.root, self.done, self.outputs = names, root, {}, {}
+        self.ended = {name: threading.Event() for name in names}
+        self.thread = threading.Thread(target=self.work, daemon=True)
+        self.thread.start()
+
+    def work(self):
+        for name in self.names:
+            folder, commands = SHARED[name]
+            out = self.root / folder
+            try:
+                for command in commands:
+                    p = run(*(arg.format(out=out) for arg in command), env={'OMP_NUM_THREADS': '1'}, check=False)
+                    self.outputs[name] = self.outputs.get(name, '') + p.stdout[-1500:]
+                    assert p.returncode == 0, f"{' '.join(command)} exited {p.returncode}\n{p.stdout[-3000:]}\n" \
+                                              f"{p.stderr[-3000:]}"
+                self.done[name] = out
+            except BaseException as e:
+                self.done[name] = e
+            self.ended[name].set()
+
+    def wait(self, name):
+        self.ended[name].wait()
+        print(self.outputs.get(name, ''))
+        if isinstance(self.done[name], BaseException):
+            raise self.done[name]
+        return self.done[name]
+
+    @property
+    def running(self):
+        return self.thread.is_alive()
+
+
+BACKGROUND = None
+
+
+@pytest.hookimpl(trylast=True)  # (after -m and -k deselected)
+def pytest_collection_modifyitems(session, config, items):
+    """The users of a shared training run last, in the order the trainings end."""
+    uses = lambda item: [i for i, name in enumerate(SHARED) if name in getattr(item, 'fixturenames', ())]
+    items.sort(key=lambda item: max(uses(item), default=-1))
+    config.shared = [name for name in SHARED if any(name in getattr(item, 'fixturenames', ()) for item in items)]
+
+
+@pytest.fixture(scope='session', autouse=True)
+def background(request, tmp_path_factory):
+    """Starts the shared trainings this session uses, at its first test (after the data is prepared)."""
+    global BACKGROUND
+    if request.config.shared:
+        request.getfixturevalue('mnist')
+        BACKGROUND = Background(request.config.shared, tmp_path_factory.mktemp('shared'))
+    yield BACKGROUND
+
+
+@pytest.fixture(autouse=True)
+def threads(background):
+    """This test's thread count, fixed for the whole test (a resume compared to the bit is run at one count)."""
+    global THREADS
+    THREADS = '1' if background is not None and background.running else os.environ.get('OMP_NUM_THREADS', '2')
+    torch.set_num_threads(int(THREADS))
+    yield
+
+
 @pytest.fixture(scope='session')
-def quickstart(mnist, tmp_path_factory):
-    """The README's quickstart run, trained once (4 minutes): the test of its samples reads it, the distillation
-    test takes it as its teacher, and the representation terms' test its step-2000 checkpoint (keep_last only keeps
-    copies of the checkpoints: the run is the one the README types)."""
-    out = tmp_path_factory.mktemp('quickstart') / 'out-mnist-dit'
-    print(run('train_diffusion.py', 'config/mnist_dit.py', f'--out_dir={out}', '--keep_last=3').stdout[-1500:])
-    return out
+def quickstart(background):
+    return background.wait('quickstart')
+
+
+@pytest.fixture(scope='session')
+def gan_run(background):
+    return background.wait('gan_run')
+
+
+@pytest.fixture(scope='session')
+def latent_run(background):
+    return background.wait('latent_run')
 
 
 @pytest.fixture(scope='session')

@@ -210,15 +210,14 @@ def test_max_minutes_stops_and_resuming_another_network_is_refused(mnist, tmp_pa
 
 
 @pytest.mark.slow
-def test_conditional_gan_learns_mnist(mnist, mnist_classifier, tmp_path):
-    """config/mnist_gan.py as typed: the EMA generator's samples show the digit asked for (the spine's bar, 80% of
-    200) without collapsing to one image per class (the mean distance between two samples of a class is at least
-    a third of that between two real digits of it), and no update was non-finite."""
-    print(run('train_gan.py', 'config/mnist_gan.py', f'--out_dir={tmp_path}').stdout[-1500:])
-    rows = list(csv.DictReader(open(tmp_path / 'metrics.csv')))
+def test_conditional_gan_learns_mnist(gan_run, mnist_classifier):
+    """config/mnist_gan.py as typed (trained in the background: conftest.SHARED): the EMA generator's samples show the
+    digit asked for (the spine's bar, 80% of 200) without collapsing to one image per class (the mean distance
+    between two samples of a class is at least a third of that between two real digits of it), and no update was
+    non-finite."""
+    rows = list(csv.DictReader(open(gan_run / 'metrics.csv')))
     assert all(r['skipped'] == '0' and np.isfinite(float(r['d_loss'])) for r in rows)
-    run('sample.py', f'--out_dir={tmp_path}', '--num_samples=200', '--save_npz=True')
-    samples = np.load(tmp_path / 'samples.npz')
+    samples = np.load(gan_run / 'samples.npz')
     accuracy = mnist_classifier(samples['arr_0'], samples['arr_1'])
     x, y = samples['arr_0'].reshape(200, -1) / 255.0, samples['arr_1']
     real_x, real_y = np.load(os.path.join(MNIST, 'train_x.npy'))[:1000].reshape(1000, -1) / 255.0, \

@@ -152,18 +152,20 @@ def exit_code(e):
 class Server:
     """The warm server of this test session, started at its first use."""
     process = path = env = None
+    lock = threading.Lock()  # (the tests' shared trainings start runs from a thread of their own)
 
     @classmethod
     def address(cls, env):
         """The server's socket, or None when this run needs a fresh interpreter."""
         if not (hasattr(os, 'pidfd_open') and hasattr(socket, 'send_fds')) or os.environ.get('KIT_TESTS_COLD'):
             return None
-        if cls.process is None:
-            cls.env = {**os.environ, 'OMP_NUM_THREADS': env.get('OMP_NUM_THREADS', '')}
-            cls.path = os.path.join(tempfile.mkdtemp(prefix='kit-warm-'), 'socket')
-            cls.process = subprocess.Popen([sys.executable, __file__, cls.path], env=cls.env, cwd=REPO,
-                                           stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
-            assert cls.process.stdout.readline() == 'ready\n', 'the warm server did not start'
+        with cls.lock:
+            if cls.process is None:
+                cls.env = {**os.environ, 'OMP_NUM_THREADS': env.get('OMP_NUM_THREADS', '')}
+                cls.path = os.path.join(tempfile.mkdtemp(prefix='kit-warm-'), 'socket')
+                cls.process = subprocess.Popen([sys.executable, __file__, cls.path], env=cls.env, cwd=REPO,
+                                               stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+                assert cls.process.stdout.readline() == 'ready\n', 'the warm server did not start'
         differs = {k for k in set(env) | set(cls.env) if env.get(k) != cls.env.get(k)}
         if any(k.startswith(AT_IMPORT) and k != 'OMP_NUM_THREADS' for k in differs):
             return None
