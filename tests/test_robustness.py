@@ -21,12 +21,13 @@ import pytest
 import torch
 
 import warm
+import conftest
 from conftest import MNIST, REPO, run
 
 # 30 steps of a tiny DiT, a log line per step, a checkpoint every 3, evaluations and sample grids on the way
 BASE = ['--arch=DiT-N/4', '--batch_size=16', '--log_interval=1', '--eval_interval=6', '--eval_images=32',
         '--sample_interval=12', '--sample_steps=2', '--ckpt_interval=3', '--warmup_steps=2', '--max_steps=30']
-ENV = {**os.environ, 'WANDB_MODE': 'disabled', 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '2'}
+ENV = {**os.environ, 'WANDB_MODE': 'disabled', 'PYTHONUNBUFFERED': '1'}
 
 
 LAUNCHED = []
@@ -50,7 +51,8 @@ def launch(out, *args, faults=None, torchrun=False, script='train_diffusion.py',
     worker can read a peer's address from the failed round and never connect (pytorch/pytorch#167288)."""
     prefix = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', f'--max-restarts={restarts}'] if torchrun \
         else ['tests/faults.py'] if faults else []
-    env = {**ENV, **(faults or {}), **({'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'} if torchrun else {})}
+    env = {**ENV, 'OMP_NUM_THREADS': conftest.THREADS, **(faults or {}),
+           **({'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'} if torchrun else {})}
     argv, popen = [*prefix, script, *base, *args, f'--out_dir={out}'], subprocess.Popen
     if not (torchrun or cold) and warm.Server.address(env):  # (a fork of the warm interpreter: conftest.run)
         popen = functools.partial(warm.Popen, cwd=REPO, env=env)
