@@ -86,7 +86,7 @@ COMMON_RULES = {
     'fid_interval': (lambda v, c: v >= 0, 'at least 0 (0 = no FID during training)'),
     'fid_images': (lambda v, c: v >= 2, 'at least 2 (a covariance; 10,000 or more to mean something)'),
     'fid_inception': (lambda v, c: not c['fid_interval'] or os.path.isfile(v),
-                      "a file with fid_interval on: the FID Inception weights (README, 'Evaluation')"),
+                      "a file with fid_interval on: the FID Inception weights (docs/guide.md, 'Evaluation protocol')"),
 }
 
 

@@ -42,7 +42,7 @@ from pretrained import inception as load_inception
 # -----------------------------------------------------------------------------
 samples = ''  # a .npz of uint8 images (N, H, W, C), arr_0, as sample.py and the ADM suite write
 ref = ''  # the reference: an ADM reference batch .npz, or a prepared dataset (data/<name> or its name)
-inception = ''  # the FID Inception weights (README, 'Evaluation'): a local file
+inception = ''  # the FID Inception weights (docs/guide.md, 'Evaluation protocol'): a local file
 ref_images = 50000  # a prepared dataset's train images in its statistics (the first ones: a random subset)
 batch_size = 100
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -193,12 +193,12 @@ def load_network(path, key, device):
     """The Inception network from the weights file at path (key: the setting that names it), or one line."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: {key}='{path}' is not a file; download the FID Inception weights "
-                         f"(README, 'Evaluation') and pass their path")
+                         f"(docs/guide.md, 'Evaluation protocol') and pass their path")
     try:
         with torch.random.fork_rng(devices=[]):  # (its init draws nothing from the RNG a resumed run restored)
             return load_inception(path).to(device)
     except ValueError as e:
-        raise SystemExit(f"error: {e}; {key} must be the FID Inception weights (README, 'Evaluation')")
+        raise SystemExit(f"error: {e}; {key} must be the FID Inception weights (docs/guide.md, 'Evaluation protocol')")
 
 def reference(ref, size, net, weights, batch_size, device, ref_images):
     """The reference's {'pool': features for precision and recall, 'mu', 'sigma', 'mu_s', 'sigma_s'}:

@@ -100,7 +100,7 @@ bk.check_config(config, counts=['num_samples', 'steps', 'batch_size'],
                        ('guide', not (pretrained and guide), "'' with pretrained (a guide is a kit run "
                         "of the same data)"),
                        ('vae', vae or not pretrained, "set with pretrained: Stable Diffusion's VAE "
-                        "decodes its latents (README, 'Released weights': e.g. "
+                        "decodes its latents (docs/guide.md, 'Released weights': e.g. "
                         "stabilityai/sd-vae-ft-ema on Hugging Face: config.json and "
                         "diffusion_pytorch_model.safetensors)")])
 
@@ -139,7 +139,7 @@ ctx = torch.autocast(device_type=device_type, dtype=ptdtype, enabled=dtype != 'f
 # the checkpoint; out_dir, where the samples go, is checked writable now rather than after sampling
 ckpt_path = pretrained or os.path.join(out_dir, ckpt.removesuffix('.pt') + '.pt')
 runs = "pass the out_dir of a train_diffusion.py, distill_consistency.py or train_gan.py run" \
-    if not pretrained else "pass a released DiT or SiT .pt file (README, 'Released weights')"
+    if not pretrained else "pass a released DiT or SiT .pt file (docs/guide.md, 'Released weights')"
 if not os.path.exists(ckpt_path):
     there = sorted(f for f in os.listdir(out_dir) if f.endswith('.pt')) if os.path.isdir(out_dir) else []
     raise SystemExit(f"error: {ckpt_path} not found; "
@@ -311,7 +311,7 @@ if guide and not (gan or consistency or meanflow):
     differs = [f"{k}={theirs[k]!r} (the model's: {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
     if differs:
         raise SystemExit(f"error: guide={guide} is not a model of this one's task: its {', '.join(differs)}; "
-                         f"{why}, schedule and prediction type (README, 'Autoguidance')")
+                         f"{why}, schedule and prediction type (docs/guide.md, 'Autoguidance')")
     guide_model.to(device).eval()
     checkpoint['guide'] = {'path': os.path.abspath(guide_path), 'step': weaker['step'],
                            **({'checksum': weaker['checksum']} if 'checksum' in weaker else {})}

@@ -137,7 +137,7 @@ cfg_scale = 4.0  # classifier-free guidance scale (1 = none)
 fid_interval = 0  # steps between FIDs, logged as fid; 0 = none
 fid_images = 10000  # samples per FID, shared by the ranks: the same noise and labels every time
 fid_ref = ''  # an ADM reference batch .npz or a prepared dataset ('' = this run's dataset)
-fid_inception = ''  # the FID Inception weights, a local file (README, 'Evaluation')
+fid_inception = ''  # the FID Inception weights, a local file (docs/guide.md, 'Evaluation protocol')
 shift = 1.0  # flow schedule: the sampling grid's timestep shift (Esser et al. 2024;
 #              > 1: more high-noise steps)
 # system
@@ -178,7 +178,7 @@ bk.check_config(config, choices=[
            *[(k, config[k] >= 0, 'at least 0 (0: the default block)')
              for k in ('repa_depth', 'sra_depth', 'sra_teacher_depth', 'dispersive_depth')],
            ('repa_encoder', not repa_weight or os.path.isfile(repa_encoder),
-            "a local file of the encoder's weights (README, 'Representation terms')"),
+            "a local file of the encoder's weights (docs/guide.md, 'Representation terms')"),
            ('sra_max_gap', 0 <= sra_max_gap <= 1, 'in [0, 1]'),
            ('dispersive_tau', dispersive_tau > 0, 'positive'),
            ('learn_sigma', not learn_sigma or schedule in ('linear', 'cosine'),

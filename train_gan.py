@@ -48,7 +48,7 @@ sample_interval = 1000  # steps between grids of the EMA generator's images, out
 fid_interval = 0  # steps between FIDs, logged as fid; 0 = none
 fid_images = 10000  # images per FID, shared by the ranks
 fid_ref = ''  # an ADM reference batch .npz or a prepared dataset ('' = this run's dataset)
-fid_inception = ''  # the FID Inception weights, a local file (README, 'Evaluation')
+fid_inception = ''  # the FID Inception weights, a local file (docs/guide.md, 'Evaluation protocol')
 ckpt_interval = 1000  # steps between checkpoints (one is also written at the end)
 wandb_log = False
 wandb_project = 'gan'

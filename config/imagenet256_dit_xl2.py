@@ -8,8 +8,8 @@
 #       --flips=True
 # Train (1 node of 8 GPUs; the same line on each of several nodes with torchrun's --nnodes/--rdzv flags):
 #   torchrun --standalone --nproc_per_node=8 train_diffusion.py config/imagenet256_dit_xl2.py
-# Fine-tune the released weights instead: add --init_base=DiT-XL-2-256x256.pt (README, "Released weights").
-# FID as the paper samples (README, "Evaluation protocol"):
+# Fine-tune the released weights instead: add --init_base=DiT-XL-2-256x256.pt (docs/guide.md, "Released weights").
+# FID as the paper samples (docs/guide.md, "Evaluation protocol"):
 #   torchrun --standalone --nproc_per_node=8 sample.py --out_dir=out-imagenet256-dit-xl2 --sampler=ddpm \
 #       --steps=250 --cfg_scale=1.5 --cfg_channels=3 --num_samples=50000 --save_npz=True
 # Differences from DiT's train.py: bf16 autocast on CUDA (DiT trained in fp32/TF32; set dtype='float32' for

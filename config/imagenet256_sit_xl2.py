@@ -4,7 +4,7 @@
 # 1.5: 2.06 with its SDE sampler, 2.15 with its ODE one (17.2 unguided at 400K).
 #   torchrun --standalone --nproc_per_node=8 train_diffusion.py config/imagenet256_dit_xl2.py \
 #       config/imagenet256_sit_xl2.py
-# Fine-tune the released weights instead: add --init_base=SiT-XL-2-256.pt (README, "Released weights").
+# Fine-tune the released weights instead: add --init_base=SiT-XL-2-256.pt (docs/guide.md, "Released weights").
 # FID: SiT's samplers are not in the kit; its closest are the ddpm sampler on the flow schedule (an ancestral
 # SDE sampler; SiT's SDE adds noise by another diffusion coefficient) and heun for the ODE (SiT: adaptive dopri5):
 #   torchrun --standalone --nproc_per_node=8 sample.py --out_dir=out-imagenet256-sit-xl2 --sampler=ddpm \

@@ -170,7 +170,8 @@ def test_lightningdit_options_learn_faster(quickstart, tmp_path):
     """LightningDiT's options together (RMSNorm, SwiGLU, QK-norm, 2-D RoPE, the cosine loss term) learn MNIST faster
     than the plain DiT: after the quickstart's first 1,000 steps (its seed, batches and learning rates), the EMA's
     unweighted val loss on the real val digits is at least 10% below the quickstart's at that step (15.4% and 18.7%
-    below at seeds 0 and 1). At 3,000 steps their samples read 96.6% right against the plain DiT's 76.8% (README)."""
+    below at seeds 0 and 1). At 3,000 steps their samples read 96.6% right against the plain DiT's 76.8%
+    (docs/guide.md)."""
     out = tmp_path / 'out'
     run('train_diffusion.py', 'config/mnist_dit.py', '--norm=rmsnorm', '--mlp=swiglu', '--qk_norm=True', '--rope=True',
         '--cosine_loss=1.0', '--max_steps=1000', '--lr_decay_steps=6000', '--sample_interval=8000', f'--out_dir={out}')

@@ -1,6 +1,6 @@
 """evaluate.py: the ADM suite's statistics against closed forms, the Inception network's plumbing, the command and
 its bad inputs. (The network against torch-fidelity's and the statistics against the suite's own code were measured
-outside the repository: see the README's evaluation section. FID during training is held equal on two ranks and
+outside the repository: see docs/guide.md's evaluation protocol. FID during training is held equal on two ranks and
 after a resume in the train scripts' own tests.)"""
 import json
 import os

@@ -165,7 +165,7 @@ def test_repa_learns_the_classes_faster(quickstart, mnist_classifier, tmp_path):
     training digits): after the quickstart's first 1,000 steps (its seed, batches and learning rates), 400 conditional
     samples (25 DDIM steps) read at least 15 points more right than the quickstart's own at step 1,000 (measured:
     47.2% against 19.8%, a gap of 27 points where the noise of 400 samples' accuracies is 3; at 2,000 steps 91.5%
-    against 62.5%; at 1,500 and 3,000 steps, 500 samples, two seeds: README, 'Representation terms')."""
+    against 62.5%; at 1,500 and 3,000 steps, 500 samples, two seeds: docs/guide.md, 'Representation terms')."""
     torch.manual_seed(0)
     x = torch.from_numpy(np.load(os.path.join(MNIST, 'train_x.npy'))).permute(0, 3, 1, 2).float() / 255
     y = torch.from_numpy(np.load(os.path.join(MNIST, 'train_y.npy')))
