@@ -45,6 +45,11 @@ def no_process_left_behind():
             p.communicate()
 
 
+# Ctrl-C as in a terminal, where a command starts with SIGINT at its default (a suite started in the background of a
+# shell script would hand its processes SIGINT ignored, and python then installs no KeyboardInterrupt of its own)
+SIGINT_DFL = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+
+
 def launch(out, *args, faults=None, torchrun=False, script='train_diffusion.py', base=BASE, restarts=1, cold=False):
     """Starts a script (through tests/faults.py when `faults` sets FAULT_* variables) with its output piped, in a
     fork of the warm interpreter unless cold (a fresh one, which loads torch) or torchrun. torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with the store torchrun shares by default, a restarted
@@ -57,7 +62,8 @@ def launch(out, *args, faults=None, torchrun=False, script='train_diffusion.py',
     if not (torchrun or cold) and warm.Server.address(env):  # (a fork of the warm interpreter: conftest.run)
         popen = functools.partial(warm.Popen, cwd=REPO, env=env)
     else:
-        argv, popen = [sys.executable, *argv], functools.partial(subprocess.Popen, cwd=REPO, env=env)
+        argv = [sys.executable, *argv]
+        popen = functools.partial(subprocess.Popen, cwd=REPO, env=env, preexec_fn=SIGINT_DFL)
     LAUNCHED.append(popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
     return LAUNCHED[-1]
 

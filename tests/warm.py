@@ -97,6 +97,7 @@ def child(request, fds, torch):
             os.close(fd)
         if request['new_session']:
             os.setsid()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as `python` in a terminal starts
         if request['file_size_limit']:  # (a write past it fails with EFBIG: Python ignores SIGXFSZ)
             resource.setrlimit(resource.RLIMIT_FSIZE, (request['file_size_limit'],) * 2)
         os.chdir(request['cwd'])
