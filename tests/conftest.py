@@ -84,9 +84,10 @@ def mnist():
         return json.load(f)
 
 
-# The trainings that tests share, run once each, one after another, in the background from the session's start (one
-# core: a run at 1 thread takes about 1.2-1.7x its time at 2, and the tests beside it lose about as little: most of
-# their time is the one-threaded Python around small tensors), their users last. fixture -> (out_dir, the runs)
+# The trainings that tests share, run once each, one after another, in the background from the session's first test
+# (in a thread of this process: Background), their users last. Beside other tests every run takes one thread: two runs
+# of one thread on 2 cores do about 1.2x the work of one run of two (the quickstart side by side: 84 and 78 ms a step
+# each, 48 alone at two threads). fixture -> (out_dir, its runs)
 SHARED = {
     # the README's quickstart, as typed (6,000 steps), keeping a copy of every 1,000th step's checkpoint: the test
     # of its samples reads it, the distillation test takes it as its teacher, the representation terms' and
@@ -123,7 +124,7 @@ class Background:
             out = self.root / folder
             try:
                 for command in commands:
-                    p = run(*(arg.format(out=out) for arg in command), env={'OMP_NUM_THREADS': '1'}, timeout=3600)
+                    p = run(*(arg.format(out=out) for arg in command), timeout=3600)
                     self.outputs[name] = self.outputs.get(name, '') + p.stdout[-1500:]
                 self.done[name] = out
             except BaseException as e:
@@ -145,9 +146,9 @@ def pytest_collection_modifyitems(session, config, items):
     uses = lambda item: [i for i, name in enumerate(SHARED) if name in getattr(item, 'fixturenames', ())]
     items.sort(key=lambda item: max(uses(item), default=-1))
     config.shared = [name for name in SHARED if any(name in getattr(item, 'fixturenames', ()) for item in items)]
-    if config.shared:  # one count for the whole session: a reference run and the runs compared with it to the bit,
-        THREADS = '1'  # in tests that may come before and after the trainings end, reduce in one order
-        torch.set_num_threads(1)
+    if config.shared and not all(uses(item) for item in items):  # tests to run beside the trainings: one count for
+        THREADS = '1'  # the session (a reference run and the runs compared with it to the bit, in tests before and
+        torch.set_num_threads(1)  # after the trainings end, reduce in one order), and one core for the trainings
 
 
 @pytest.fixture(scope='session', autouse=True)
