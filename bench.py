@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 import bookkeeping
-from bookkeeping import data_path
+import common
+from dataformat import data_path
 
 # -----------------------------------------------------------------------------
 # bench.py's own keys; every other argument goes to the script
@@ -87,7 +88,7 @@ if bench['bench_steps'] < 1 or bench['bench_warmup'] < 1:
 bench_dir = os.path.abspath(bench['bench_dir'])
 MARK = '.made-by-bench'  # in each folder bench.py makes: the only ones it removes
 for sub in ('data', 'teacher', 'run', 'profile'):
-    bookkeeping.remove_made(os.path.join(bench_dir, sub), MARK)
+    common.remove_made(os.path.join(bench_dir, sub), MARK)
 os.makedirs(bench_dir, exist_ok=True)
 
 def run_script(name, args):
@@ -108,7 +109,7 @@ if H or C:
         raise SystemExit(f"error: image_size={H}, channels={C}: pass both, positive")
     K = bench['num_classes'] if bench['num_classes'] >= 0 else 10
     dataset = os.path.join(bench_dir, 'data')
-    bookkeeping.make_folder(dataset, MARK)
+    common.make_folder(dataset, MARK)
     for split, N in (('train', max(256, K)), ('val', 256)):  # (each class has training images)
         np.save(os.path.join(dataset, f'{split}_x.npy'),
                 np.random.randint(0, 256, (N, H, H, C), np.uint8))
@@ -120,7 +121,7 @@ if 'teacher' in keys:  # a distillation: its teacher
     teacher = str(seen.get('teacher', 'out-mnist-dit'))
     if bench['teacher_arch']:
         teacher = os.path.join(bench_dir, 'teacher')
-        bookkeeping.make_folder(teacher, MARK)
+        common.make_folder(teacher, MARK)
         run_script('train_diffusion.py', [f'--arch={bench["teacher_arch"]}', f'--dataset={dataset}',
                                           '--max_steps=1', '--batch_size=8', '--eval_images=8',
                                           '--sample_steps=1', f'--out_dir={teacher}'])
@@ -148,7 +149,7 @@ small = {'eval_images': 16, 'sample_steps': 1, 'disc_start': 0, 'adv_start': 0, 
 extra = [f'--{k}={v}' for k, v in small.items() if k in keys]
 
 def timed_run(out_dir, total, log_interval):
-    bookkeeping.make_folder(out_dir, MARK)
+    common.make_folder(out_dir, MARK)
     return run_script(script, [*script_args, *[f'--{k}={never}' for k in intervals], *extra,
                                f'--out_dir={out_dir}', '--init_from=scratch', '--keep_last=0',
                                '--max_minutes=0', '--wandb_log=False', f'--max_steps={total}',

@@ -1,612 +1,36 @@
 """
 What every run does around its training loop, written once: the run's lifecycle as one object
 (start_run -> Run: resume, named sums, the end of a step, log, save, finish), which the train
-scripts call in loop order, and what they and sample.py share: config checks, the prepared dataset
-and its checks, checkpoints (atomic writes, checksummed safe loads, init_from, keep_last, RNG
-state), the lock on out_dir, metrics.csv, stop signals and the per-step stop vote, non-finite update
-counting, the learning-rate schedule, AdamW, the device's peak and memory, and the sample grids.
+scripts call in loop order, and what only it uses: the lock and init_from on out_dir, RNG state,
+keep_last, metrics.csv (and wandb), stop signals and the per-step stop vote, non-finite update
+counting, the ranks' heartbeat, and the speed and memory it logs.
 
 Each function takes what it needs as arguments and reads no script's globals; every error is one
 line that names the value and the fix (a SystemExit, so no traceback reaches the user).
 """
-import atexit
 import contextlib
 import csv
 import errno
-import fcntl
-import functools
 import hashlib
-import json
-import math
 import os
-import pickle
 import random
 import re
 import resource
 import shutil
 import signal
-import socket
 import sys
-import tempfile
 import threading
 import time
-import zlib
 
-
-def excepthook(kind, error, tb):
-    """sys.excepthook from the kit's first import on (the scripts import it before torch): a Ctrl-C
-    before a run's own handlers take it, or in a script without them, is one line; so is memory
-    the run asked for and could not have (a batch or a count too large for this machine). Every
-    other exception keeps its traceback (that is a bug)."""
-    text = str(error)
-    if issubclass(kind, KeyboardInterrupt):
-        print("\nerror: interrupted (Ctrl-C); the kit writes every file whole or not at all, so "
-              "none is left half-written", file=sys.stderr)
-        sys.exit(130)
-    if issubclass(kind, MemoryError) or 'out of memory' in text or "can't allocate memory" in text:
-        why = text.splitlines()[0][:160] if text else kind.__name__
-        print(f"error: out of memory ({why}); lower batch_size (or grad_accum it), the model's "
-              f"size or the count that asked for it", file=sys.stderr)
-        sys.exit(1)
-    sys.__excepthook__(kind, error, tb)
-
-
-sys.excepthook = excepthook
-
-import numpy as np  # noqa: E402 (after the hook: a Ctrl-C while torch loads is one line too)
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from PIL import Image  # noqa: E402
-
-# -----------------------------------------------------------------------------
-# config values
-
-
-# the keys that several scripts share, checked the same way wherever a script has them:
-# (ok(value, config), rule)
-COMMON_RULES = {
-    'lr': (lambda v, c: v > 0, 'positive'),
-    'min_lr': (lambda v, c: 0 <= v <= c['lr'] or c.get('lr_schedule') == 'constant',
-               'in [0, lr] (the cosine decays from lr to min_lr)'),
-    'warmup_steps': (lambda v, c: v >= 0, 'at least 0'),
-    'lr_decay_steps': (lambda v, c: v >= 0, 'at least 0 (0 = max_steps)'),
-    'weight_decay': (lambda v, c: v >= 0, 'at least 0'),
-    'beta1': (lambda v, c: 0 <= v < 1, 'in [0, 1)'),
-    'beta2': (lambda v, c: 0 <= v < 1, 'in [0, 1)'),
-    'grad_clip': (lambda v, c: v >= 0, 'at least 0 (0 = no clipping)'),
-    'ema_decay': (lambda v, c: 0 <= v < 1, 'in [0, 1)'),
-    'keep_last': (lambda v, c: v >= 0, 'at least 0'),
-    'max_minutes': (lambda v, c: v >= 0, 'at least 0 (0 = no limit)'),
-    'seed': (lambda v, c: 0 <= v < 2**31, 'in [0, 2^31)'),
-    'peak_tflops': (lambda v, c: v >= 0, 'at least 0 (0 = the known GPUs\' peak)'),
-    'cfg_scale': (lambda v, c: v >= 0, 'at least 0 (1 = no guidance)'),
-    'out_dir': (lambda v, c: v.strip() != '' and not v.startswith('~'),
-                'a folder (a path starting with ~ is not expanded here: pass it unquoted, or in full)'),
-    'dataset': (lambda v, c: v.strip() != '', 'a prepared dataset, like mnist'),
-    'fid_interval': (lambda v, c: v >= 0, 'at least 0 (0 = no FID during training)'),
-    'fid_images': (lambda v, c: v >= 2, 'at least 2 (a covariance; 10,000 or more to mean something)'),
-    'fid_inception': (lambda v, c: not c['fid_interval'] or os.path.isfile(v),
-                      "a file with fid_interval on: the FID Inception weights (docs/guide.md, 'Evaluation protocol')"),
-}
-
-
-FID_KEYS = ('fid_images', 'fid_ref', 'fid_inception')  # (apply with fid_interval on)
-
-
-def check_config(config, choices=(), counts=(), rules=()):
-    """Stops at the first bad value: choices are (key, allowed values), counts keys that must be at
-    least 1, and rules (key, ok, what it must be); then the COMMON_RULES of the keys the script has."""
-    rules = [*rules, *[(k, ok(config[k], config), rule)
-                       for k, (ok, rule) in COMMON_RULES.items() if k in config]]
-    for key, allowed in choices:
-        if config[key] not in allowed:
-            raise SystemExit(f"error: {key}={config[key]!r} is not one of "
-                             f"{', '.join(map(str, allowed))}")
-    for key in counts:
-        if config[key] < 1:
-            raise SystemExit(f"error: {key}={config[key]} must be at least 1")
-    for key, ok, rule in rules:
-        if not ok:
-            raise SystemExit(f"error: {key}={config[key]!r} must be {rule}")
-
-
-def check_applied(overridden, config, ignored):
-    """Stops at the first key the command line set to other than its default (the configurator's
-    overridden) that this run would not apply: ignored maps a key to why not (falsy: it applies),
-    for the alternatives a choice leaves idle (a key of another schedule, weighting, sampler or
-    mode); the keys the scripts share are judged here. (A component switched off, disc_weight=0
-    say, leaves its keys as set: a config file's settings stay while one flag turns it off.)"""
-    constant = config.get('lr_schedule') == 'constant' and "lr_schedule='constant' (no cosine)"
-    no_fid = not config.get('fid_interval') and "fid_interval=0 (no FID during training)"
-    ignored = {'min_lr': constant, 'lr_decay_steps': constant, **{k: no_fid for k in FID_KEYS}, **ignored}
-    for key in overridden:
-        if ignored.get(key):
-            raise SystemExit(f"error: {key} is set, but {ignored[key]}, so it would do nothing; "
-                             f"drop --{key}")
-
-
-def check_device(device):
-    """'cuda' or 'cpu', the device's type; one line for a device that is not one or not here, and
-    for a launch that sets RANK without the other variables torchrun sets with it."""
-    unset = [k for k in ('LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
-             if 'RANK' in os.environ and k not in os.environ]
-    if unset:
-        raise SystemExit(f"error: RANK={os.environ['RANK']} is set but not {', '.join(unset)}: launch "
-                         f"with torchrun, or unset RANK")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise SystemExit(f"error: device={device!r} is not a device; "
-                         f"pass cpu, cuda or cuda:<index>")
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise SystemExit(f"error: device='{device}' but CUDA is not available here; "
-                         f"pass --device=cpu")
-    return 'cuda' if device.startswith('cuda') else 'cpu'
-
-
-def seeded(seed, step, stream, device='cpu'):
-    """A generator seeded by (seed, step, stream): the same on every rank, and the same again
-    after a resume."""
-    state = np.random.SeedSequence([seed, step, stream]).generate_state(1)[0]
-    return torch.Generator(device).manual_seed(int(state))
-
-
-# -----------------------------------------------------------------------------
-# prepared datasets: data/<name>/ (or a path) with meta.json and {split}_x.npy, {split}_y.npy
-
-
-def data_path(dataset):
-    """data/<dataset>/ beside the scripts, or dataset itself when it is a path."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
-
-
-def load_dataset(dataset, splits=('train', 'val'), latent_ok=False, script='', classes=False,
-                 masks=False):
-    """meta.json and the memory-mapped arrays of each split, checked against each other: (data_dir,
-    meta, {split: (x, y)}, or (x, y, mask) with masks). Images are uint8 (N, H, W, C) and latents
-    (latent_ok) float16; labels are integers in [0, num_classes), and each class has training images
-    when they condition a model (classes); label maps are uint8 (N, H, W) below mask_classes or
-    mask_ignore."""
-    data_dir = data_path(dataset)
-    prepare = (f"python data/{dataset}/prepare.py" if os.path.basename(dataset) == dataset
-               else "its prepare.py")
-    if dataset.rstrip('/').endswith('-latents'):  # prepare_latents.py's default name
-        prepare = (f"python data/prepare_latents.py --vae=<Stable Diffusion's VAE> (or "
-                   f"--autoencoder=<a train_ae.py out_dir>) --dataset={dataset.rstrip('/')[:-8]}")
-    try:
-        with open(os.path.join(data_dir, 'meta.json')) as f:
-            meta = json.load(f)
-        H, C, K = (meta[k] for k in ('image_size', 'channels', 'num_classes'))
-        if not all(isinstance(v, int) and v > 0 for v in (H, C, K)):
-            raise ValueError(f"image_size, channels and num_classes are {H!r}, {C!r}, {K!r}: "
-                             f"positive integers")
-        data = {s: (np.load(os.path.join(data_dir, f'{s}_x.npy'), mmap_mode='r'),
-                    np.load(os.path.join(data_dir, f'{s}_y.npy'))) for s in splits}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        why = f'{e.strerror}: {e.filename}' if isinstance(e, OSError) else repr(e)
-        raise SystemExit(f"error: dataset '{dataset}' is missing or unreadable in {data_dir} "
-                         f"({why}); run {prepare} first")
-    latent = meta.get('latent')
-    if latent:
-        if not latent_ok:
-            raise SystemExit(f"error: dataset '{dataset}' holds latents; {script} trains on images")
-        prepare = (f"python data/prepare_latents.py --vae=<its VAE> (or --autoencoder=<its "
-                   f"train_ae.py out_dir>) --dataset={latent.get('dataset', '<the images>')} "
-                   f"--latents={dataset}")
-    kind = 'float16' if latent else 'uint8'
-    for split, (x, y) in data.items():
-        where = os.path.join(data_dir, split)
-        if (x.dtype != kind or x.shape[1:] != (H, H, C) or y.shape != (len(x),)
-                or y.dtype.kind not in 'iu'):
-            raise SystemExit(f"error: {where}_x.npy is {x.dtype} {x.shape} with {y.dtype} "
-                             f"{y.shape} labels, but meta.json says {kind} (N, {H}, {H}, {C}) "
-                             f"and N integer labels; re-run {prepare}")
-        if len(x) == 0:
-            raise SystemExit(f"error: {where}_x.npy holds no images; re-run {prepare}")
-        if y.min() < 0 or y.max() >= K:
-            raise SystemExit(f"error: {where}_y.npy has labels in [{y.min()}, {y.max()}] but "
-                             f"meta.json says {K} classes; re-run {prepare}")
-        seen = np.count_nonzero(np.bincount(y, minlength=K)) if classes else K
-        if split == 'train' and seen < K:  # (the model would learn those from nothing)
-            raise SystemExit(f"error: meta.json says {K} classes, but {where}_y.npy has images of "
-                             f"{seen} of them; re-run {prepare} (or correct num_classes)")
-    if masks:
-        data = {split: (x, y, load_masks(data_dir, split, meta, len(x), dataset, script))
-                for split, (x, y) in data.items()}
-    return data_dir, meta, data
-
-
-def load_masks(data_dir, split, meta, n, dataset, script):
-    """The split's label maps (memory-mapped), checked against meta.json and its n images."""
-    path = os.path.join(data_dir, f'{split}_mask.npy')
-    K, ignore, H = meta.get('mask_classes'), meta.get('mask_ignore'), meta['image_size']
-    if not os.path.exists(path) or not isinstance(K, int):
-        raise SystemExit(f"error: dataset '{dataset}' has no label maps ({path}, mask_classes in "
-                         f"meta.json); {script} needs them: prepare it with data/folder/prepare.py "
-                         f"--mask_src=<folder of label PNGs>")
-    try:
-        mask = np.load(path, mmap_mode='r')
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {path} is unreadable ({e}); re-run data/folder/prepare.py")
-    if mask.dtype != np.uint8 or mask.shape != (n, H, H):
-        raise SystemExit(f"error: {path} is {mask.dtype} {mask.shape}, but meta.json says uint8 "
-                         f"({n}, {H}, {H}); re-run data/folder/prepare.py")
-    values = np.unique(np.concatenate([np.unique(mask[i:i + 4096]) for i in range(0, n, 4096)]))
-    if any(v >= K and v != ignore for v in values):
-        raise SystemExit(f"error: {path} holds labels {values.tolist()}, but meta.json says "
-                         f"mask_classes {K} (mask_ignore {ignore}); re-run data/folder/prepare.py")
-    return mask
-
-
-DATASET_MARK = '.prepared-by-kit'  # in each folder a prepare script writes a dataset into
-
-
-def claim_dataset(out_dir, names):
-    """Before a prepare script writes the files names into out_dir: stops, in one line, when one of
-    them is there already and out_dir is no dataset this kit prepared (its DATASET_MARK, or a
-    meta.json of the kit's), as a user's own train_x.npy is never overwritten; else marks it."""
-    there = [n for n in names if os.path.lexists(os.path.join(out_dir, n))]
-    try:
-        with open(os.path.join(out_dir, 'meta.json')) as f:
-            meta = json.load(f)
-        ours = all(isinstance(meta.get(k), int) for k in ('image_size', 'channels', 'num_classes'))
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    mark = os.path.join(out_dir, DATASET_MARK)
-    if there and not (ours or os.path.isfile(mark) and not os.path.islink(mark)):
-        raise SystemExit(f"error: {out_dir} holds {there[0]} but is no dataset this kit prepared "
-                         f"(no {DATASET_MARK}, no meta.json of the kit's), so it is not "
-                         f"overwritten; move it away, or pass another --out_dir")
-    if not os.path.isfile(mark) or os.path.islink(mark):
-        open_new(mark).close()
-
-
-def save_dataset(out_dir, arrays, meta):
-    """The arrays as out_dir/{name}.npy and meta.json, whole or absent. Every file goes to a .tmp
-    name first; then the old meta.json is removed, the arrays get their names and meta.json comes
-    last, so a kill leaves the old dataset, none (a loader says to re-run) or the new one."""
-    files = {f"{name}.npy": functools.partial(np.save, arr=arr) for name, arr in arrays.items()}
-    files["meta.json"] = lambda f: f.write(json.dumps(meta, indent=2).encode())
-    claim_dataset(out_dir, list(files))
-    paths = [os.path.join(out_dir, name) for name in files]
-    try:
-        for path, write in zip(paths, files.values()):
-            with open_new(path + ".tmp") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        if os.path.lexists(paths[-1]):
-            os.remove(paths[-1])
-        for path in paths:
-            os.replace(path + ".tmp", path)
-    except OSError as e:
-        raise SystemExit(f"error: writing {e.filename or out_dir} failed ({e.strerror or e}); "
-                         f"make room or pass another --out_dir")
-    finally:  # remove what a failure left behind
-        for path in paths:
-            if os.path.lexists(path + ".tmp") and not os.path.isdir(path + ".tmp"):
-                os.remove(path + ".tmp")
-
-
-def to_device(x, device, images=True):
-    """A (B, H, W, C) uint8 or float16 CPU tensor as float32 NCHW on the device (a view of NHWC
-    memory: the channels_last layout), or any other tensor as it is (images=False: labels, label
-    maps); on CUDA a pinned, non-blocking copy."""
-    if device.startswith('cuda'):
-        x = x.pin_memory().to(device, non_blocking=True)
-    return x.to(device).permute(0, 3, 1, 2).float() if images else x.to(device)
-
-
-# -----------------------------------------------------------------------------
-# the out_dir: checkpoints, RNG state, keep_last
-
-
-# the kit's kinds of checkpoint and the scripts that write them (a checkpoint also names its script,
-# so a fork's kind needs no entry here); the format of what Run.save writes
-KINDS = {'diffusion': 'train_diffusion.py', 'consistency': 'distill_consistency.py',
-         'gan': 'train_gan.py', 'autoencoder': 'train_ae.py',
-         'latent decoder': 'data/prepare_latents.py'}
-FORMAT = 1
-
-
-def checksum(state):
-    """CRC-32 of a nested state's keys, plain values and tensor bytes, in order: what torch.load
-    does not check."""
-    crc = 0
-
-    def walk(v):
-        nonlocal crc
-        if isinstance(v, torch.Tensor):
-            crc = zlib.crc32(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                crc = zlib.crc32(repr(k).encode(), crc)
-                walk(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-        else:
-            crc = zlib.crc32(repr(v).encode(), crc)
-    walk(state)
-    return crc
-
-
-def load_checkpoint(path, fix, device='cpu', kinds=None):
-    """A checkpoint as tensors and plain types (weights_only: nothing in the file can run code),
-    its checksum verified before any weight is used, and (given kinds) refused when another script
-    wrote it."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        why = ('it holds objects other than tensors and plain types'
-               if isinstance(e, pickle.UnpicklingError)
-               else (str(e).split('. ')[0].splitlines() or [f'{type(e).__name__}, an empty file?'])[0][:200])
-        raise SystemExit(f"error: cannot load {path} ({why}); {fix}")
-    if not isinstance(ckpt, dict):
-        raise SystemExit(f"error: {path} holds a {type(ckpt).__name__}, not a checkpoint of this "
-                         f"kit; {fix}")
-    if ('checksum' in ckpt
-            and checksum({k: v for k, v in ckpt.items() if k != 'checksum'}) != ckpt['checksum']):
-        raise SystemExit(f"error: {path} is corrupt: its contents do not match the checksum "
-                         f"written with them; {fix}")
-    kind = ckpt.get('kind')
-    if kinds and kind not in kinds:
-        writer = ckpt.get('script') or KINDS.get(kind)
-        what = (f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} checkpoint, "
-                f"which {writer} writes" if writer
-                else "not a checkpoint of this kit's scripts (it records no kind)")
-        wanted = ' or '.join(f"{'an' if k[0] in 'aeiou' else 'a'} {k} checkpoint"
-                             + (f" ({KINDS[k]})" if k in KINDS else '') for k in kinds)
-        raise SystemExit(f"error: {path} is {what}; this needs {wanted}")
-    if ckpt.get('format', FORMAT) > FORMAT:
-        raise SystemExit(f"error: {path} has format {ckpt['format']}, newer than this kit's "
-                         f"{FORMAT}; update the kit")
-    return ckpt
-
-
-def rng_state(device_type):
-    """This process's global RNGs (for what a fork draws from them; the scripts' own draws are
-    seeded)."""
-    return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
-            'numpy': [np.random.get_state()[1].tolist(), *np.random.get_state()[2:]],
-            'python': random.getstate()}
-
-
-def restore_rng(states, seed, rank, world_size, device_type):
-    """The global RNGs as a checkpoint saved them for this rank (same world size), else seeded by
-    seed + rank."""
-    state = states[rank] if states and len(states) == world_size else None
-    if state is None:
-        torch.manual_seed(seed + rank)
-        np.random.seed(seed + rank)
-        random.seed(seed + rank)
-        return
-    torch.set_rng_state(state['torch'].cpu())
-    if device_type == 'cuda' and state['cuda'] is not None:
-        torch.cuda.set_rng_state(state['cuda'].cpu())
-    np.random.set_state(('MT19937', np.array(state['numpy'][0], dtype=np.uint32),
-                         *state['numpy'][1:]))
-    random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
-
-
-def changed_keys(saved, config):
-    """'key old -> new' for each config key whose value differs from the checkpoint's config."""
-    return [f"{k} {v!r} -> {config[k]!r}" for k, v in saved.items() if config.get(k, v) != v]
-
-
-def check_same(what, saved, current, path):
-    """Stops when a checkpoint's record (model_args and the like, dicts) differs from this run's;
-    keys added since it was written take their defaults."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        diff = {k: (v, current.get(k)) for k, v in saved.items() if current.get(k, v) != v}
-    else:
-        diff = (saved, current) if saved != current else None
-    if diff:
-        raise SystemExit(f"error: {path} holds another {what} (checkpoint vs config: {diff}); "
-                         f"resume with the config it was trained with, or choose another out_dir")
-
-
-def load_state(net, state, path, key):
-    """net.load_state_dict(state), with a mismatch as one line."""
-    try:
-        net.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: {path}'s {key} does not fit this run "
-                         f"({str(e).splitlines()[-1].strip()[:200]}); "
-                         f"resume with the config it was trained with, or choose another out_dir")
-
-
-def fingerprint(path):
-    """What identifies an input a run reads, cheaply, and changes when it is written again: for a
-    run's folder its ckpt.pt, for a prepared dataset its arrays and its latents' decoder, else the
-    file itself; each file by its size and a hash of its first and last MiB (None: nothing there)."""
-    if os.path.isfile(os.path.join(path, 'ckpt.pt')):
-        files = [os.path.join(path, 'ckpt.pt')]
-    elif os.path.isdir(path):
-        files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                       if re.fullmatch(r'(train|val)_(x|y|x_flip)\.npy|autoencoder\.pt', n))
-    else:
-        files = [path] if os.path.isfile(path) else []
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for name in files:
-        size = os.path.getsize(name)
-        with open(name, 'rb') as f:
-            head = f.read(2**20)
-            f.seek(max(0, size - 2**20))
-            digest.update(f"{os.path.basename(name)} {size}".encode() + head + f.read())
-    return digest.hexdigest()[:16]
-
-
-def open_new(path, mode='wb'):
-    """path opened for writing as a new file. What is there already, a file or a link, is removed
-    first, never written through (a planted link's target stays as it was); a folder there is one
-    line."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        raise SystemExit(f"error: {path} is a folder where this kit writes a file; it is left as it "
-                         f"is: move it away and re-run the same command")
-    if os.path.lexists(path):
-        os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    return os.fdopen(fd, mode, **({} if 'b' in mode else {'newline': ''}))
-
-
-@contextlib.contextmanager
-def replacing(path, mode='wb'):
-    """A new file to fill in a with block (path + '.tmp', made by open_new), on disk and renamed
-    over path when the block ends, removed when it fails (an error, a Ctrl-C): path is the old file
-    or the new one at every moment, and nothing half-written is left. (Not fsynced: a checkpoint's
-    writer does that itself; 50,000 sample PNGs need not wait for the disk each.)"""
-    tmp = path + '.tmp'
-    f = open_new(tmp, mode)
-    try:
-        with f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def new_memmap(path, dtype, shape):
-    """A new .npy file at path (made by open_new) mapped for writing, its space taken on disk now: a
-    full disk is one line here, not a SIGBUS at some later write into the map."""
-    try:
-        open_new(path).close()
-        array = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=tuple(shape))
-        if hasattr(os, 'posix_fallocate'):  # (Linux; elsewhere the map's pages come as written)
-            with open(path, 'r+b') as f:
-                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-        return array
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        raise SystemExit(f"error: writing {path} failed ({e.strerror}; "
-                         f"{shutil.disk_usage(folder).free / 2**30:.1f} GiB free); make room (or "
-                         f"pass a folder you can write to) and re-run the same command")
-
-
-def own_folder(path):
-    """path as a folder the kit writes files into (phema/, samples/): made if need be; a link there
-    (the files would land in its target) or a file is one line, and left as it is."""
-    if os.path.islink(path) or os.path.lexists(path) and not os.path.isdir(path):
-        raise SystemExit(f"error: {path} is a {'link' if os.path.islink(path) else 'file'} where "
-                         f"this kit makes a folder; it is left as it is: move it away and re-run "
-                         f"the same command")
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def make_folder(path, marker):
-    """A new folder at path with the empty file marker in it: what remove_made may remove later."""
-    os.makedirs(path)
-    open_new(os.path.join(path, marker)).close()
-
-
-def remove_made(path, marker):
-    """Removes the folder path if this kit made it (make_folder's marker is in it), never following
-    a link; anything else there stops the run with one line and is left as it is."""
-    if not os.path.lexists(path):
-        return
-    if (os.path.islink(path) or not os.path.isdir(path)
-            or not os.path.isfile(os.path.join(path, marker))):
-        raise SystemExit(f"error: {path} is not a folder this kit made (no {marker} in it), so it is "
-                         f"not removed; move it away, or pass another folder")
-    shutil.rmtree(path)
-
-
-KEPT = re.compile(r'ckpt_(\d{7})\.pt')  # keep_last's copies: ckpt_<step, 7 digits>.pt
-# the temporary files of a run's writes (open_new's path + '.tmp'), left behind by a killed run
-STALE = re.compile(r'((ckpt|best)\.pt|ckpt_\d{7}\.pt|metrics\.csv|(samples|recon)_\d{7}\.png)\.tmp')
-
-
-def kept_checkpoints(out_dir):
-    """keep_last's copies in out_dir as (step, path), oldest first: files of exactly the kit's names
-    (a user's ckpt_5.pt, ckpt_20_old.pt or a link is not one, and is never pruned)."""
-    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    return sorted((int(m[1]), os.path.join(out_dir, name)) for name in names
-                  if (m := KEPT.fullmatch(name))
-                  and os.path.isfile(os.path.join(out_dir, name))
-                  and not os.path.islink(os.path.join(out_dir, name)))
-
-
-def check_writable(out_dir):
-    """Makes out_dir if need be, and stops now when nothing can be written there (a run, or
-    sample.py, finds out before its work rather than at its first file)."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        raise SystemExit(f"error: cannot write to out_dir='{out_dir}' ({e.strerror}); "
-                         f"pass an --out_dir you can write to")
-
-
-_LOCKS = {}  # out_dir (real path) -> the open lock file this process holds
-LOCK_TEXT = re.compile(r'pid \d+ on .+ since [\d: -]+')  # what a lock says of its holder
-
-
-def lock_out_dir(out_dir, path=None, flag='out_dir'):
-    """Takes out_dir/run.lock (or the lock file path, for a folder that is replaced whole) for this
-    process: an flock, which the kernel drops when the process dies, so a killed run leaves no block
-    behind; a second run on the same out_dir (passed as --flag) stops at once, naming the holder."""
-    path = path or os.path.join(out_dir, 'run.lock')
-    key = os.path.realpath(path)
-    if key in _LOCKS:  # this process holds it already (a script run again in-process)
-        return
-    while True:
-        try:  # never through a link: a planted run.lock -> somefile would have it truncated
-            f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), 'r+')
-        except OSError as e:
-            raise SystemExit(f"error: {path} is not a lock this kit made ({e.strerror}: a link or a "
-                             f"folder); it is left as it is: remove it and re-run the same command")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or 'another process'
-            f.close()
-            raise SystemExit(f"error: {flag}='{out_dir}' is in use by {holder}; wait for that run "
-                             f"to end (or stop it), or pass another --{flag}")
-        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-            break  # (else the holder removed the file as we opened it: lock the new one)
-        f.close()
-    f.seek(0)
-    held = f.read()
-    if held and not LOCK_TEXT.fullmatch(held):  # (empty, or a killed holder's: the kit's own)
-        f.close()
-        raise SystemExit(f"error: {path} is not a lock this kit made (a file of other text); it is "
-                         f"left as it is: move it away and re-run the same command")
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} "
-            f"since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    f.flush()
-    _LOCKS[key] = f
-
-    def release():
-        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-            os.remove(path)
-        f.close()
-    atexit.register(release)
+from common import (FORMAT, check_writable, checksum, load_checkpoint, load_state,  # (first: its excepthook)
+                    lock_out_dir, own_folder, replacing, seeded)
+import numpy as np
+import torch
+import torch.distributed as dist
 
 
 # what every kit checkpoint says of a run that went wrong: the one spelling of the fix
 FIX = "resume it with a lower lr, grad_clip or dtype='float32'"
-
-
-def cosine_lr(step, lr, min_lr, warmup_steps, decay_steps, schedule='cosine'):
-    """The learning rate of a step: a linear warm-up over warmup_steps, then constant, or a cosine
-    from lr down to min_lr at decay_steps (warm-up included) that stays there."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if schedule == 'constant':
-        return lr
-    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def start_run(config, kind, device, inputs=()):
@@ -628,7 +52,7 @@ class Run:
     """One training run around its loop, called by the script in loop order; it never owns the
     loop, calls a model or holds a callback.
 
-        run = bk.start_run(config, 'diffusion', device)  # rank, world_size, ctx, micro_batch, slice
+        run = bk.start_run(config, 'diffusion', device)  # rank, world_size, micro_batch, slice
         ckpt = run.resume(model=model, ema=ema, optimizer=optimizer, model_args=args)
         for step in range(run.step, max_steps):
             ...                                   # the step; run.add(loss=loss) per micro-step
@@ -659,10 +83,6 @@ class Run:
                              f"grad_accum = {self.world_size} x {grad_accum}; pick a batch_size "
                              f"that is a multiple of {self.world_size * grad_accum}")
         self.micro_batch = batch_size // (self.world_size * grad_accum)
-        dtype = {'float32': None, 'bfloat16': torch.bfloat16,
-                 'float16': torch.float16}[config['dtype']]
-        self.ctx = (torch.autocast(self.device_type, dtype=dtype) if dtype
-                    else contextlib.nullcontext())
         if (self.master and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0))
                 and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'):
             print("warning: with the store torchrun shares by default, a restarted group can fail "
@@ -1057,7 +477,7 @@ class Metrics:
 
 
 # -----------------------------------------------------------------------------
-# stopping: signals, max_minutes, non-finite updates
+# stop signals, skipped updates, the ranks heartbeat
 
 
 class StopSignals:
@@ -1207,7 +627,105 @@ class Heartbeat:
 
 
 # -----------------------------------------------------------------------------
-# speed: the device's peak, the step's rate and memory, as logged
+# what a checkpoint carries besides the weights
+
+
+def rng_state(device_type):
+    """This process's global RNGs (for what a fork draws from them; the scripts' own draws are
+    seeded)."""
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
+            'numpy': [np.random.get_state()[1].tolist(), *np.random.get_state()[2:]],
+            'python': random.getstate()}
+
+
+def restore_rng(states, seed, rank, world_size, device_type):
+    """The global RNGs as a checkpoint saved them for this rank (same world size), else seeded by
+    seed + rank."""
+    state = states[rank] if states and len(states) == world_size else None
+    if state is None:
+        torch.manual_seed(seed + rank)
+        np.random.seed(seed + rank)
+        random.seed(seed + rank)
+        return
+    torch.set_rng_state(state['torch'].cpu())
+    if device_type == 'cuda' and state['cuda'] is not None:
+        torch.cuda.set_rng_state(state['cuda'].cpu())
+    np.random.set_state(('MT19937', np.array(state['numpy'][0], dtype=np.uint32),
+                         *state['numpy'][1:]))
+    random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
+
+
+def load_optimizer(optimizer, state, path, key):
+    """Restores an optimizer's moments and step counts, then applies this run's hyperparameters
+    (betas, weight decay, eps) to them: a key changed since the checkpoint takes effect (lr is set
+    at every step anyway)."""
+    now = [{k: v for k, v in group.items() if k not in ('params', 'lr', 'initial_lr')}
+           for group in optimizer.param_groups]
+    load_state(optimizer, state, path, key)
+    for group, hyper in zip(optimizer.param_groups, now):
+        group.update(hyper)
+
+
+def changed_keys(saved, config):
+    """'key old -> new' for each config key whose value differs from the checkpoint's config."""
+    return [f"{k} {v!r} -> {config[k]!r}" for k, v in saved.items() if config.get(k, v) != v]
+
+
+def check_same(what, saved, current, path):
+    """Stops when a checkpoint's record (model_args and the like, dicts) differs from this run's;
+    keys added since it was written take their defaults."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        diff = {k: (v, current.get(k)) for k, v in saved.items() if current.get(k, v) != v}
+    else:
+        diff = (saved, current) if saved != current else None
+    if diff:
+        raise SystemExit(f"error: {path} holds another {what} (checkpoint vs config: {diff}); "
+                         f"resume with the config it was trained with, or choose another out_dir")
+
+
+def fingerprint(path):
+    """What identifies an input a run reads, cheaply, and changes when it is written again: for a
+    run's folder its ckpt.pt, for a prepared dataset its arrays and its latents' decoder, else the
+    file itself; each file by its size and a hash of its first and last MiB (None: nothing there)."""
+    if os.path.isfile(os.path.join(path, 'ckpt.pt')):
+        files = [os.path.join(path, 'ckpt.pt')]
+    elif os.path.isdir(path):
+        files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if re.fullmatch(r'(train|val)_(x|y|x_flip)\.npy|autoencoder\.pt', n))
+    else:
+        files = [path] if os.path.isfile(path) else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for name in files:
+        size = os.path.getsize(name)
+        with open(name, 'rb') as f:
+            head = f.read(2**20)
+            f.seek(max(0, size - 2**20))
+            digest.update(f"{os.path.basename(name)} {size}".encode() + head + f.read())
+    return digest.hexdigest()[:16]
+
+
+KEPT = re.compile(r'ckpt_(\d{7})\.pt')  # keep_last's copies: ckpt_<step, 7 digits>.pt
+
+
+# the temporary files of a run's writes (open_new's path + '.tmp'), left behind by a killed run
+STALE = re.compile(r'((ckpt|best)\.pt|ckpt_\d{7}\.pt|metrics\.csv|(samples|recon)_\d{7}\.png)\.tmp')
+
+
+def kept_checkpoints(out_dir):
+    """keep_last's copies in out_dir as (step, path), oldest first: files of exactly the kit's names
+    (a user's ckpt_5.pt, ckpt_20_old.pt or a link is not one, and is never pruned)."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted((int(m[1]), os.path.join(out_dir, name)) for name in names
+                  if (m := KEPT.fullmatch(name))
+                  and os.path.isfile(os.path.join(out_dir, name))
+                  and not os.path.islink(os.path.join(out_dir, name)))
+
+
+# -----------------------------------------------------------------------------
+# speed: the device peak, the step rate and memory, as logged
 
 
 def device_peak_tflops(device_type, dtype):
@@ -1245,53 +763,3 @@ def speed_text(row, steps_left):
     return (f"{row['ms_per_step']:.0f} ms/step | {row['img_per_s']:.0f} img/s | "
             f"{row['tflops']:.2f} TFLOP/s | mfu {mfu} | {row['peak_mem_gib']:.2f} GiB | "
             f"eta {row['ms_per_step'] * steps_left / 6e4:.1f} min")
-
-
-# -----------------------------------------------------------------------------
-# images
-
-
-def write_file(path, write, mode='wb'):
-    """Writes a file whole or not at all: write(f) fills a temporary file, renamed over path at the
-    end; a full disk or an unwritable folder is one line, and no half-written file is left."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with replacing(path, mode) as f:
-            write(f)
-    except (OSError, RuntimeError) as e:  # (a full disk surfaces from torch.save as a RuntimeError)
-        why = e.strerror if isinstance(e, OSError) else 'the write failed'
-        free = shutil.disk_usage(folder).free / 2**30 if os.path.isdir(folder) else 0.0
-        raise SystemExit(f"error: writing {path} failed ({why}; {free:.1f} GiB free); make "
-                         f"room (or pass a folder you can write to) and re-run the same command")
-
-
-def save_grid(x, path, ncol=8):
-    """Images in [-1, 1], (B, C, H, W), to one PNG grid of ncol columns (the last row padded with
-    black)."""
-    x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
-    x = torch.cat([x, x.new_zeros((-len(x) % ncol, *x.shape[1:]))])
-    B, C, H, W = x.shape
-    grid = (x.view(B // ncol, ncol, C, H, W).permute(0, 3, 1, 4, 2)
-            .reshape(B // ncol * H, ncol * W, C))
-    write_file(path, lambda f: Image.fromarray(grid.squeeze(-1).numpy()).save(f, format='PNG'))
-
-
-def adamw(params, lr, betas, weight_decay):
-    """AdamW with weight decay on the weights of 2 or more dimensions only; fused, so that setting
-    optimizer.found_inf skips a non-finite update on the device, with no host sync."""
-    params = list(params)
-    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
-
-
-def load_optimizer(optimizer, state, path, key):
-    """Restores an optimizer's moments and step counts, then applies this run's hyperparameters
-    (betas, weight decay, eps) to them: a key changed since the checkpoint takes effect (lr is set
-    at every step anyway)."""
-    now = [{k: v for k, v in group.items() if k not in ('params', 'lr', 'initial_lr')}
-           for group in optimizer.param_groups]
-    load_state(optimizer, state, path, key)
-    for group, hyper in zip(optimizer.param_groups, now):
-        group.update(hyper)

@@ -71,7 +71,7 @@ RUNS = {
             ['sample.py', '--num_samples=4']),
     'consistency': (['distill_consistency.py', 'config/mnist_cd.py', '--teacher={teacher}', '--sample_interval=1000'],
                     ['sample.py', '--num_samples=4']),
-    'meanflow': (['distill_consistency.py', 'config/mnist_meanflow.py', '--sample_interval=1000'],
+    'meanflow': (['train_meanflow.py', 'config/mnist_meanflow.py', '--sample_interval=1000'],
                  ['sample.py', '--num_samples=4']),
 }
 assert tuple(RUNS) == NAMES

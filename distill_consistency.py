@@ -1,12 +1,10 @@
 """
 Turns a train_diffusion.py run into a consistency model, which draws an image in one network call or
-a few; or trains a MeanFlow model, which does so from scratch.
+a few. (MeanFlow, which does so from scratch, is train_meanflow.py.)
 
     python distill_consistency.py config/mnist_cd.py                   # teacher: out-mnist-dit
     torchrun --standalone --nproc_per_node=8 distill_consistency.py --teacher=out-dit-b \
         --out_dir=out-cd-b
-    python distill_consistency.py config/mnist_meanflow.py             # no teacher
-    python distill_consistency.py config/mnist_flow_meanflow.py        # from a flow run: out-mnist-flow
 
 mode='cd', consistency distillation (Song et al. 2023): x0 + sigma_{n+1} z, one Heun step of the
 teacher's probability-flow ODE down to sigma_n on a Karras grid of num_scales sigmas, and the
@@ -23,38 +21,32 @@ the student (target='ema', mu = target_ema) or the student itself without gradie
 weighted by 1 / (sigma_{n+1} - sigma_n); noise levels are drawn log-normal as in iCT, or uniformly
 over the grid's intervals as in CD.
 
-mode='meanflow' (Geng et al. 2025) learns the average velocity u(z_t, r, t) = (z_t - z_r) / (t - r)
-of the flow from noise (t = 1) to data (t = 0), x_t = (1 - t) x0 + t eps: a DiT with a second time
-embedding, of t - r, trained to satisfy u = v - (t - r) du/dt, the total derivative du/dt = v d_z u
-+ d_t u a Jacobian-vector product (torch.func.jvp) that makes the target, without gradient. From
-scratch (teacher='', the model and data from arch, dataset, class_cond and hflip), or from a flow
-run's DiT. Then z_0 = z_1 - u(z_1, 0, 1) is an image in one call.
-
 The rest is train_diffusion.py's: seeded draws per step, DDP, autocast, EMA, clipping, and
 (bookkeeping.py) atomic checkpoints with exact resume, preemption and the non-finite guard.
-sample.py samples the result: --sigmas=80 (one step) or e.g. --sigmas=80,0.8 (two); a MeanFlow model
---steps=1 or 2.
+sample.py samples the result: --sigmas=80 (one step) or e.g. --sigmas=80,0.8 (two).
 """
 import copy
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a traceback)
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from diffusion import Diffusion, bcast, meanflow_sample, randn
-from model import compile_for_training, create_model, run_block
+import common
+import dataformat
+from diffusion import Diffusion, bcast, randn
+from model import compile_for_training, create_model
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by config/*.py and --key=value
 # I/O
 out_dir = 'out-cd'
-teacher = 'out-mnist-dit'  # a train_diffusion.py out_dir: its EMA weights teach, start the student ('': meanflow)
+teacher = 'out-mnist-dit'  # a train_diffusion.py out_dir: its EMA weights teach and start the student
 # 'auto': 'resume' if out_dir holds ckpt.pt, else 'scratch' (which never overwrites a checkpoint)
 init_from = 'auto'
 keep_last = 0  # also keep the newest keep_last checkpoints as out_dir/ckpt_<step>.pt (hard links)
@@ -71,7 +63,7 @@ wandb_log = False
 wandb_project = 'consistency'
 wandb_run_name = 'cd'
 # consistency
-mode = 'cd'  # 'cd' (distillation through the teacher's ODE), 'ect' (the data's noise), or 'meanflow'
+mode = 'cd'  # 'cd' (distillation through the teacher's ODE) or 'ect' (the data's noise)
 num_scales = 18  # cd: N sigmas on the grid (Song et al. 2023: 18 on CIFAR-10, 40 on ImageNet 64)
 sigma_min = 0.002  # the boundary f(x, sigma_min) = x, and the grid's low end (EDM's)
 sigma_max = 80.0  # cd: the grid's high end; ect: the largest t drawn
@@ -84,27 +76,12 @@ target = 'stopgrad'  # 'stopgrad': the student without gradient (iCT, ECT); 'ema
 target_ema = 0.95  # mu of target='ema' (Song et al. 2023)
 # 'pseudo_huber': sqrt(|a - b|^2 + c^2) - c, c = 0.00054 sqrt(dim) (iCT); or 'l2', the mean square
 loss_type = 'pseudo_huber'
-cfg_scale = 1.0  # guidance (1 = none) of cd's teacher ODE, or folded into meanflow's target: guided images
+cfg_scale = 1.0  # guidance (1 = none) of cd's teacher ODE
 ect_stages = 8  # ect: stages of the gap's schedule, evenly over max_steps
 ect_q = 2.0  # ect: the gap shrinks by q each stage
 ect_k = 8.0  # ect: r / t = 1 - (1 + k sigmoid(-b t)) / q^stage
 ect_b = 1.0
 sample_sigmas = '80'  # grids during training: comma-separated sigmas, one network call each
-# meanflow (Geng et al. 2025): average velocities u(z_t, r, t), one step from scratch. teacher='' trains
-# from scratch the model these keys say; a teacher (a flow run: schedule and prediction_type 'flow')
-# starts it from that run's EMA, with its model and data
-arch = 'DiT-N/4'
-dataset = 'mnist'
-class_cond = True
-hflip = False
-class_dropout = 0.1  # meanflow: labels dropped to the null label (for cfg_scale, the guidance it learns)
-meanflow_ratio = 0.25  # meanflow: the share of pairs with r < t; the others are flow matching (r = t)
-logit_mean = -0.4  # meanflow: t and r each logit-normal, then sorted (MeanFlow's)
-logit_std = 1.0
-adaptive_p = 1.0  # meanflow: each image's squared error over (its value + adaptive_eps)^p, no gradient
-adaptive_eps = 1e-3
-cfg_kappa = 0.0  # meanflow, cfg_scale > 1: the guided velocity's share of the conditional u (eq. 21)
-sample_steps = 1  # meanflow: grids and FID in this many even steps
 # optimization
 batch_size = 128  # images per optimizer step, over all ranks and micro-steps
 grad_accum = 1  # micro-steps per optimizer step on each rank
@@ -136,13 +113,13 @@ try:
 except ValueError:
     grid_sigmas = []
 grid_ok = grid_sigmas and all(a > b for a, b in zip(grid_sigmas, grid_sigmas[1:] + [sigma_min]))
-bk.check_config(config, choices=[
-    ('init_from', ('auto', 'scratch', 'resume')), ('mode', ('cd', 'ect', 'meanflow')),
+common.check_config(config, choices=[
+    ('init_from', ('auto', 'scratch', 'resume')), ('mode', ('cd', 'ect')),
     ('sigma_sampling', ('lognormal', 'uniform')), ('target', ('stopgrad', 'ema')),
     ('loss_type', ('pseudo_huber', 'l2')), ('lr_schedule', ('cosine', 'constant')),
     ('dtype', ('float32', 'bfloat16'))],  # (float16 would need loss scaling; bfloat16 needs none)
     counts=['batch_size', 'grad_accum', 'max_steps', 'log_interval', 'sample_interval',
-            'ckpt_interval', 'ect_stages', 'max_nonfinite', 'sample_steps'],
+            'ckpt_interval', 'ect_stages', 'max_nonfinite'],
     rules=[('num_scales', num_scales >= 2, 'at least 2'),
            ('sigma_min', 0 < sigma_min < sigma_max, 'positive and below sigma_max'),
            ('rho', rho > 0, 'positive'), ('p_std', p_std > 0, 'positive'),
@@ -150,86 +127,56 @@ bk.check_config(config, choices=[
             "'lognormal' under mode='ect', which draws t log-normal"),
            ('target_ema', 0 <= target_ema < 1, 'in [0, 1)'), ('ect_q', ect_q > 1, 'above 1'),
            ('sample_sigmas', grid_ok, 'decreasing sigmas above sigma_min, like 80,0.8'),
-           ('teacher', teacher or mode == 'meanflow', "a train_diffusion.py out_dir ('' only with "
-            "mode='meanflow', which trains from scratch)"),
-           ('class_dropout', 0 <= class_dropout < 1, 'in [0, 1)'),
-           ('meanflow_ratio', 0 <= meanflow_ratio <= 1, 'in [0, 1]'), ('logit_std', logit_std > 0, 'positive'),
-           ('adaptive_p', adaptive_p >= 0, 'at least 0 (0: the squared error)'),
-           ('adaptive_eps', adaptive_eps > 0, 'positive'),
-           ('cfg_scale', mode != 'meanflow' or cfg_scale == 1 or class_dropout > 0,
-            "1 unless class_dropout > 0: meanflow's guidance needs the unconditional velocity")])
-meanflow = mode == 'meanflow'
-bk.check_applied(overridden, config, {  # (every key is applied or refused)
+           ('teacher', teacher, "a train_diffusion.py out_dir (MeanFlow from scratch: train_meanflow.py)")])
+common.check_applied(overridden, config, {  # (every key is applied or refused)
     **{k: mode != 'cd' and f"mode='{mode}' (no teacher's grid)" for k in ('num_scales', 'rho')},
     'cfg_scale': mode == 'ect' and "mode='ect' (no teacher's ODE)",
     **{k: mode != 'ect' and f"mode='{mode}'" for k in ('ect_stages', 'ect_q', 'ect_k', 'ect_b')},
     'target_ema': target != 'ema' and f"target='{target}'",
-    **{k: meanflow and "mode='meanflow' (times t and r, its own target and loss)"
-       for k in ('sigma_min', 'sigma_max', 'sigma_sampling', 'target', 'loss_type', 'sample_sigmas')},
-    **{k: (meanflow and "mode='meanflow' (times t and r, its own target and loss)")
-       or (mode == 'cd' and sigma_sampling == 'uniform' and "sigma_sampling='uniform'") for k in ('p_mean', 'p_std')},
-    **{k: not meanflow and f"mode='{mode}'" for k in ('class_dropout', 'meanflow_ratio', 'logit_mean',
-                                                      'logit_std', 'adaptive_p', 'adaptive_eps', 'sample_steps')},
-    'cfg_kappa': (not meanflow and f"mode='{mode}'") or (cfg_scale == 1 and "cfg_scale=1 (no guidance)"),
-    **{k: (not meanflow or teacher) and f"teacher='{teacher}' gives them" for k in ('arch', 'dataset', 'class_cond',
-                                                                                   'hflip')}})
+    **{k: mode == 'cd' and sigma_sampling == 'uniform' and "sigma_sampling='uniform'" for k in ('p_mean', 'p_std')}})
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on GPUs, gloo on CPUs
-device_type = bk.check_device(device)
+device_type = common.check_device(device)
 if 'RANK' in os.environ:
     device = f"cuda:{os.environ['LOCAL_RANK']}" if device_type == 'cuda' else device
     dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
 # the run: out_dir and its lock, resume, sums, the log, checkpoints (bookkeeping.Run)
-run = bk.start_run(config, 'consistency', device,
-                   inputs=[('teacher', teacher)] if teacher else [('dataset', bk.data_path(dataset))])
-ctx = run.ctx  # bf16 autocast (or none)
+run = bk.start_run(config, 'consistency', device, inputs=[('teacher', teacher)])
+# bf16 autocast around the forward passes (float32: none)
+ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != 'float32' else nullcontext()
 
 # -----------------------------------------------------------------------------
-# the teacher: a train_diffusion.py checkpoint, its EMA weights (meanflow: the start, if any)
-if teacher:
-    teacher_path = os.path.join(teacher, 'ckpt.pt')
-    if not os.path.exists(teacher_path):
-        raise SystemExit(f"error: teacher='{teacher}' holds no ckpt.pt; pass the out_dir of a "
-                         f"train_diffusion.py run")
-    tckpt = bk.load_checkpoint(teacher_path, "pass a train_diffusion.py run's out_dir as --teacher",
+# the teacher: a train_diffusion.py checkpoint, its EMA weights
+teacher_path = os.path.join(teacher, 'ckpt.pt')
+if not os.path.exists(teacher_path):
+    raise SystemExit(f"error: teacher='{teacher}' holds no ckpt.pt; pass the out_dir of a "
+                     f"train_diffusion.py run")
+tckpt = common.load_checkpoint(teacher_path, "pass a train_diffusion.py run's out_dir as --teacher",
                                device, kinds=['diffusion'])
-    if tckpt['model_args'].get('control'):
-        raise SystemExit(f"error: {teacher_path} follows control images, which distillation does not "
-                         f"feed it yet; distill its base model")
-    tconf = tckpt['config']
-    if meanflow and (tconf['schedule'], tconf['prediction_type'], tconf['arch'][:3]) != ('flow', 'flow', 'DiT'):
-        raise SystemExit(f"error: mode='meanflow' starts from a DiT's flow velocity (schedule and prediction_type "
-                         f"'flow'), but {teacher_path} is a {tconf['arch']} of schedule='{tconf['schedule']}', "
-                         f"prediction_type='{tconf['prediction_type']}'; start from such a run, or from "
-                         f"scratch with teacher=''")
-    teacher_net = create_model(tconf['arch'], **tckpt['model_args']).to(device)
-    teacher_net.load_state_dict(tckpt['ema'])
-    teacher_net.requires_grad_(False).eval()
-    # the faster layout for convolutions on tensor cores (the student and its target are copies)
-    if device_type == 'cuda' and tconf['arch'].startswith('UNet'):
-        teacher_net = teacher_net.to(memory_format=torch.channels_last)
-    del tckpt
-else:  # meanflow from scratch: the flow interpolant's (x_t = (1 - t) x0 + t eps, velocity eps - x0)
-    tconf = dict(arch=arch, schedule='flow', prediction_type='flow', num_timesteps=1000, sigma_data=0.5,
-                 dataset=dataset, hflip=hflip, class_cond=class_cond)
-    teacher_net = None
+if tckpt['model_args'].get('control'):
+    raise SystemExit(f"error: {teacher_path} follows control images, which distillation does not "
+                     f"feed it yet; distill its base model")
+tconf = tckpt['config']
+teacher_net = create_model(tconf['arch'], **tckpt['model_args']).to(device)
+teacher_net.load_state_dict(tckpt['ema'])
+teacher_net.requires_grad_(False).eval()
+# the faster layout for convolutions on tensor cores (the student and its target are copies)
+if device_type == 'cuda' and tconf['arch'].startswith('UNet'):
+    teacher_net = teacher_net.to(memory_format=torch.channels_last)
+del tckpt
 diffusion = Diffusion(tconf['schedule'], tconf['prediction_type'], tconf['num_timesteps'],
                       tconf['sigma_data'])
 
 # data: the teacher's, uint8 images (N, H, W, C) memory-mapped from data/<dataset>/
 dataset, hflip, class_cond = tconf['dataset'], tconf['hflip'], tconf['class_cond']
-if meanflow and cfg_scale != 1.0 and not class_cond:
-    raise SystemExit(f"error: cfg_scale={cfg_scale} guides by the labels, but the model is unconditional "
-                     f"(class_cond=False); train with cfg_scale=1")
-data_dir, meta, data = bk.load_dataset(dataset, splits=('train',), latent_ok=True,
-                                      classes=class_cond and not teacher)  # (a teacher has learnt its classes)
+data_dir, meta, data = dataformat.load_dataset(dataset, splits=('train',), latent_ok=True)
 if meta.get('latent'):
-    raise SystemExit(f"error: {f'the teacher {teacher_path} trained' if teacher else 'meanflow would train'} on "
-                     f"the latents of {data_dir}; distill_consistency.py trains on pixels only")
+    raise SystemExit(f"error: the teacher {teacher_path} trained on the latents of {data_dir}; "
+                     f"distill_consistency.py trains on pixels only")
 train_x, train_y = data['train']
 H, W, C = train_x.shape[1:]
-null_label = teacher_net.config.num_classes if teacher else meta['num_classes'] * class_cond
-if teacher and (C, H) != (teacher_net.config.in_channels, teacher_net.config.image_size):
+null_label = teacher_net.config.num_classes
+if (C, H) != (teacher_net.config.in_channels, teacher_net.config.image_size):
     raise SystemExit(f"error: {data_dir} holds {H} x {W} x {C} images, but the teacher takes "
                      f"{teacher_net.config.image_size} x {teacher_net.config.image_size} x "
                      f"{teacher_net.config.in_channels}; prepare the dataset as for the teacher's "
@@ -247,63 +194,38 @@ def get_batch(step, micro):
     if hflip:
         x = torch.where(flip[:, None, None, None], x.flip(2), x)
     y = y.to(device) if class_cond else torch.full_like(y, null_label, device=device)
-    return bk.to_device(x, device) / 127.5 - 1, y
+    return dataformat.to_device(x, device) / 127.5 - 1, y
 
 # -----------------------------------------------------------------------------
-# the student (the teacher's weights; meanflow's: the teacher's with an interval embedding, or new),
-# its EMA for sampling, the target, optimizer, and the resume
-if meanflow:
-    if not tconf['arch'].startswith('DiT'):
-        raise SystemExit(f"error: mode='meanflow' trains a DiT (its interval embedding), not arch='{arch}'")
-    torch.manual_seed(seed)  # the same initial weights on every rank
-    try:
-        model = create_model(tconf['arch'], **({**asdict(teacher_net.config), 'interval': True} if teacher else
-                                               dict(image_size=H, in_channels=C, num_classes=null_label,
-                                                    interval=True))).to(device)
-    except ValueError as e:
-        raise SystemExit(f"error: arch='{tconf['arch']}' on {H} x {H} x {C} images: {e}")
-    if teacher:  # all but the interval embedding, which starts at zero: u(z, t, t) = the teacher's v
-        missing, unexpected = model.load_state_dict(teacher_net.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith('h_embedder.') for k in missing), (missing, unexpected)
-    teacher_net = None
-    model.train()
-else:
-    model = copy.deepcopy(teacher_net).requires_grad_(True).train()
+# the student (the teacher's weights), its EMA for sampling, the target, optimizer, and the resume
+model = copy.deepcopy(teacher_net).requires_grad_(True).train()
 model_config = model.config
-time_scale = 1000.0 if teacher else 1.0  # meanflow: what the time embeddings read, time_scale t
 model.activation_checkpointing = activation_checkpointing
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 # target='ema': a copy of its own; 'stopgrad': the student itself (in train mode: the same dropout)
 target_net = copy.deepcopy(model).requires_grad_(False) if target == 'ema' else model
 params, ema_params = list(model.parameters()), list(ema.parameters())
 target_params = list(target_net.parameters())
-optimizer = bk.adamw(params, lr, (beta1, beta2), weight_decay)
+optimizer = common.adamw(params, lr, (beta1, beta2), weight_decay)
 # the teacher's diffusion says how the student's output reads as a denoiser
 keys = ('arch', 'schedule', 'prediction_type', 'num_timesteps', 'sigma_data')
 ckpt = run.resume(model_args=asdict(model_config), teacher_config={k: tconf[k] for k in keys},
                   model=model, ema=ema, optimizer=optimizer)
 if ckpt and target == 'ema':  # (a run that switches to target='ema' starts it from the student)
-    bk.load_state(target_net, ckpt.get('target') or ckpt['model'], run.ckpt_path, 'target')
+    common.load_state(target_net, ckpt.get('target') or ckpt['model'], run.ckpt_path, 'target')
 del ckpt
 if run.master:
     print(f"teacher {teacher_path}: {tconf['arch']}, {tconf['schedule']} schedule, "
-          f"{tconf['prediction_type']} prediction" if teacher else
-          f"meanflow from scratch: {tconf['arch']} on {dataset}")
+          f"{tconf['prediction_type']} prediction")
 raw_model = model
 if compile:  # (model.compile_for_training says what runs compiled, and why)
     model = compile_for_training(model)
 if run.ddp:
     model = DDP(model, device_ids=[device] if device_type == 'cuda' else None)
-# meanflow's JVP runs on the raw model eager: never compiled nor checkpointed (a view of it: the same
-# weights); the gradients come from the DDP model's own forward, so they are all-reduced
-jvp_net = copy.copy(raw_model)
-jvp_net.run_block, jvp_net.activation_checkpointing = run_block, False
 # FLOPs per image of a step: the student's forward and backward (3 forwards), the target's forward,
-# and for 'cd' the teacher's Heun step (2 evaluations, each on a doubled batch under guidance);
-# meanflow: the JVP (primal and tangent, 2) of meanflow_ratio of the images, the guided velocity's 2 forwards
+# and for 'cd' the teacher's Heun step (2 evaluations, each on a doubled batch under guidance)
 teacher_calls = (mode == 'cd') * 2 * (1 + (cfg_scale != 1.0))
-flops_per_image = raw_model.flops_per_sample() * (3 + 2 * meanflow_ratio + 2 * (cfg_scale != 1.0) if meanflow
-                                                  else 4 + teacher_calls)
+flops_per_image = raw_model.flops_per_sample() * (4 + teacher_calls)
 
 # -----------------------------------------------------------------------------
 # the consistency objective
@@ -376,47 +298,6 @@ def consistency_loss(x0, y, z, hi, lo):
     huber_c = 0.00054 * math.sqrt(dim)
     return ((sq + huber_c ** 2).sqrt() - huber_c) / (hi - lo).float()
 
-def draw_times(g):
-    """meanflow: each image's times (t, r), r <= t, for the global batch: two logit-normal draws,
-    sorted, and r = t for all but meanflow_ratio of the images (MeanFlow's sampler)."""
-    a, b = torch.sigmoid(logit_mean + logit_std * torch.randn(2, batch_size, generator=g, device=g.device))
-    t, r = torch.maximum(a, b), torch.minimum(a, b)
-    return t, torch.where(torch.rand(batch_size, generator=g, device=g.device) < meanflow_ratio, r, t)
-
-def average_velocity(net, z, t, r, y):
-    """u(z_t, r, t): a meanflow network's output, its times on time_scale (MeanFlow's own: t in [0, 1],
-    so that du/dt is moderate; a flow teacher's 1000 t when it starts from one)."""
-    return net(z, time_scale * t, y, interval=time_scale * (t - r))
-
-def meanflow_loss(x0, y, eps, t, r):
-    """Per image: |u(z_t, r, t) - u_tgt|^2 over the C H W values, u_tgt = v - (t - r) du/dt without
-    gradient, du/dt = v d_z u + d_t u, the JVP along (v, 0, 1) (MeanFlow's eq. 8), each image's
-    over (its value + adaptive_eps)^adaptive_p, no gradient. v is the velocity eps - x0, or under
-    cfg_scale = w for the images with a label, eq. 21's w v + kappa u(z_t, t, t | y) + (1 - w -
-    kappa) u(z_t, t, t | null). The JVP is float32 with the math attention (forward-mode AD has no
-    flash or memory-efficient kernels)."""
-    z = bcast(1 - t, x0) * x0 + bcast(t, x0) * eps
-    v = eps - x0
-    if cfg_scale != 1.0:
-        with torch.no_grad(), ctx:
-            u_c, u_u = average_velocity(raw_model, torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]),
-                                        torch.cat([y, torch.full_like(y, null_label)])).float().chunk(2)
-        guided = cfg_scale * v + cfg_kappa * u_c + (1 - cfg_scale - cfg_kappa) * u_u
-        v = torch.where((y != null_label).view(-1, 1, 1, 1), guided, v)
-    # the JVP only for the images with r < t: the others' target is v itself, (t - r) du/dt = 0 (their
-    # indices cost a host sync, in a pass that runs eager anyway; the JVP costs meanflow_ratio of the batch's)
-    i = (t > r).nonzero().squeeze(1)
-    target = v.clone()
-    if len(i):
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            _, dudt = torch.func.jvp(lambda z, t, r: average_velocity(jvp_net, z, t, r, y[i]), (z[i], t[i], r[i]),
-                                     (v[i], torch.ones_like(t[i]), torch.zeros_like(r[i])))
-        target[i] = v[i] - bcast(t[i] - r[i], dudt) * dudt.float()
-    with ctx:
-        u = average_velocity(model, z, t, r, y).float()
-    sq = (u - target).pow(2).flatten(1).sum(1)
-    return sq / (sq.detach() + adaptive_eps) ** adaptive_p, sq.detach() / x0[0].numel()
-
 # the sample grids: fixed noise and labels, the same picture of progress at every sample_interval
 grid_z = torch.randn((64, C, H, W), generator=run.rng(0, 3, device), device=device)
 grid_y = torch.arange(64, device=device) % null_label if class_cond and null_label else \
@@ -426,9 +307,8 @@ grid_y = torch.arange(64, device=device) % null_label if class_cond and null_lab
 def sample_grid():
     """The EMA's samples of the grid's noise and labels at sample_sigmas, in [-1, 1]."""
     with ctx:
-        x = (meanflow_sample(ema, grid_z, grid_y, sample_steps, time_scale) if meanflow else
-             diffusion.consistency_sample(ema, grid_z, grid_y, grid_sigmas, sigma_min,
-                                          generator=run.rng(0, 4, device)))
+        x = diffusion.consistency_sample(ema, grid_z, grid_y, grid_sigmas, sigma_min,
+                                         generator=run.rng(0, 4, device))
     return x.clamp(-1, 1)
 
 # FID during training: the network on every rank, the reference's statistics on rank 0
@@ -446,38 +326,37 @@ def fid():
             torch.full((n,), null_label, device=device)
         with ctx:
             z = randn((n, C, H, W), gens, device)
-            x = (meanflow_sample(ema, z, y, sample_steps, time_scale) if meanflow else
-                 diffusion.consistency_sample(ema, z, y, grid_sigmas, sigma_min, generator=gens))
+            x = diffusion.consistency_sample(ema, z, y, grid_sigmas, sigma_min, generator=gens)
         return x.clamp(-1, 1)
     return evaluate.training_fid(generate, fid_images, run.micro_batch, inception, fid_stats, run)
+
+def get_lr(step):
+    """The learning rate of a step: a linear warm-up over warmup_steps, then constant, or a cosine
+    from lr down to min_lr at lr_decay_steps (warm-up included; 0 = max_steps) that stays there."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if lr_schedule == 'constant':
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, (lr_decay_steps or max_steps) - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 # -----------------------------------------------------------------------------
 # training loop
 x0, y = get_batch(run.step, 0)  # the first batch; each later one is fetched while the step runs
 for step in range(run.step, max_steps):
-    lr_now = bk.cosine_lr(step, lr, min_lr, warmup_steps, lr_decay_steps or max_steps, lr_schedule)
+    lr_now = get_lr(step)
     for group in optimizer.param_groups:
         group['lr'] = lr_now
     # noise levels and noise for the whole global batch
     g = run.rng(step, 1, device)
-    if meanflow:  # times, and label dropout
-        t_all, r_all = draw_times(g)
-        drop_all = torch.rand(batch_size, generator=g, device=device) < class_dropout
-    else:
-        hi_all, lo_all = draw_sigmas(step, g)
+    hi_all, lo_all = draw_sigmas(step, g)
     z_all = torch.randn((batch_size, C, H, W), generator=g, device=device)
     for micro in range(grad_accum):
         sl = run.slice(micro)
         if run.ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro == grad_accum - 1
-        if meanflow:
-            y_in = torch.where(drop_all[sl], null_label, y)
-            loss, mse = meanflow_loss(x0, y_in, z_all[sl], t_all[sl], r_all[sl])
-            loss = loss.mean()
-            run.add(loss=loss, loss_unweighted=mse.mean())
-        else:
-            loss = consistency_loss(x0, y, z_all[sl], hi_all[sl], lo_all[sl]).mean()
-            run.add(loss=loss)
+        loss = consistency_loss(x0, y, z_all[sl], hi_all[sl], lo_all[sl]).mean()
+        run.add(loss=loss)
         # fetch the next batch while this step runs
         if micro + 1 < grad_accum or step + 1 < max_steps:
             x0, y = get_batch(step, micro + 1) if micro + 1 < grad_accum else get_batch(step + 1, 0)
@@ -498,7 +377,7 @@ for step in range(run.step, max_steps):
     run.end_step(bad, flops_per_image)
     # grids, the log line and checkpoints, each when due
     if run.master and run.due(sample_interval):
-        bk.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'))
+        common.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'))
     val = {'fid': fid()} if fid_interval and run.due(fid_interval) else {}
     if run.log_step or val:
         run.log(lr=lr_now, grad_norm=grad_norm,
@@ -506,8 +385,7 @@ for step in range(run.step, max_steps):
     if run.due(ckpt_interval) or run.stop:
         run.save(model=raw_model, ema=ema, optimizer=optimizer,
                  model_args=asdict(model_config), teacher_config=tconf,
-                 consistency=None if meanflow else {'sigma_min': sigma_min, 'sigma_max': sigma_max},
-                 meanflow={'cfg_scale': cfg_scale, 'time_scale': time_scale} if meanflow else None,
+                 consistency={'sigma_min': sigma_min, 'sigma_max': sigma_max},
                  target=target_net if target == 'ema' else None)
     if run.stop:
         break

@@ -32,11 +32,12 @@ import json
 import os
 import zipfile
 
-import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a traceback)
+import common  # (first: from here on a Ctrl-C is one line, not a traceback)
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import dataformat
 from pretrained import inception as load_inception
 
 # -----------------------------------------------------------------------------
@@ -214,7 +215,7 @@ def reference(ref, size, net, weights, batch_size, device, ref_images):
         check_images(images, ref, fix)
     else:
         dataset = os.path.abspath(ref) if os.path.isdir(ref) else ref  # (a path, or a name under data/)
-        data_dir, meta, data = bk.load_dataset(dataset, splits=('train',), script='evaluate.py')
+        data_dir, meta, data = dataformat.load_dataset(dataset, splits=('train',), script='evaluate.py')
         images = data['train'][0][:ref_images]
         cache = os.path.join(data_dir, f'fid_ref_{len(images)}_{weights}.npz')
         check_images(images, f"{data_dir}/train_x.npy", fix)
@@ -230,7 +231,7 @@ def reference(ref, size, net, weights, batch_size, device, ref_images):
         stats.update({k: npz[k] for k in ('mu', 'sigma', 'mu_s', 'sigma_s') if k in npz})  # the suite's
         return dict(stats, pool=pool)
     stats['pool'] = pool[:10000]  # (the suite's reference batches hold 10,000 images)
-    bk.write_file(cache, lambda f: np.savez(f, **stats))
+    common.write_file(cache, lambda f: np.savez(f, **stats))
     print(f"cached the reference statistics of {len(images)} images in {cache}")
     return stats
 
@@ -266,11 +267,11 @@ def training_fid(generate, num_images, batch, net, ref_stats, run):
 
 if __name__ == '__main__':  # the command; the functions above serve FID during training too
     config_keys = ['samples', 'ref', 'inception', 'ref_images', 'batch_size', 'device']
-    exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's)
+    exec(open(os.path.join(os.path.dirname(common.__file__), 'configurator.py')).read())  # (the kit's)
     config = {k: globals()[k] for k in config_keys}
-    bk.check_config(config, counts=['ref_images', 'batch_size'],
+    common.check_config(config, counts=['ref_images', 'batch_size'],
                     rules=[(k, bool(config[k]), f"set: --{k}=<path>") for k in ('samples', 'ref', 'inception')])
-    bk.check_device(device)
+    common.check_device(device)
     fix = "pass a .npz that sample.py wrote (--save_npz=True)"
     images = read_npz(samples, 'the samples', fix).get('arr_0')
     if images is None:

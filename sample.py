@@ -1,7 +1,7 @@
 """
-Samples images from a train_diffusion.py, distill_consistency.py or train_gan.py checkpoint (EMA
-weights by default), or from a released DiT or SiT checkpoint (pretrained); a model of latents is
-decoded by the autoencoder its latent dataset names, or by Stable Diffusion's VAE (vae).
+Samples images from a train_diffusion.py, distill_consistency.py, train_meanflow.py or train_gan.py
+checkpoint (EMA weights by default), or from a released DiT or SiT checkpoint (pretrained); a model
+of latents is decoded by the autoencoder its latent dataset names, or by Stable Diffusion's VAE (vae).
 
     python sample.py --out_dir=out-mnist-dit                            # out-mnist-dit/samples.png
     python sample.py --out_dir=out-mnist-dit --class_labels=3,7 --cfg_scale=2 --save_png=True
@@ -34,11 +34,12 @@ import math
 import os
 import sys
 
-import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a traceback)
+import common  # (first: from here on a Ctrl-C is one line, not a traceback)
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import dataformat
 from diffusion import SAMPLERS, Diffusion, meanflow_sample, phema_weights
 from model import AEConfig, Autoencoder, create_model
 from pretrained import dit, or_exit, sd_vae
@@ -81,9 +82,9 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'float32'  # fp32 sampling unless asked: the published protocols sample in fp32
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's; it also sets overridden)
+exec(open(os.path.join(os.path.dirname(common.__file__), 'configurator.py')).read())  # (the kit's; it also sets overridden)
 config = {k: globals()[k] for k in config_keys}
-bk.check_config(config, counts=['num_samples', 'steps', 'batch_size'],
+common.check_config(config, counts=['num_samples', 'steps', 'batch_size'],
                 choices=[('sampler', SAMPLERS), ('dtype', ('float32', 'bfloat16', 'float16'))],
                 rules=[('eta', 0 <= eta <= 1, 'in [0, 1] (0: deterministic, 1: ddpm)'),
                        ('ema_std', ema_std >= 0, "at least 0 (0: the checkpoint's EMA)"),
@@ -120,11 +121,11 @@ def nearest_training_images(images, train, chunk=4096):
     return best_d.cpu().numpy(), best_i.cpu().numpy()
 
 def write_png(images, path, ncol=1):
-    """uint8 images (N, H, W, C) as one PNG of ncol columns (bk.save_grid takes them in [-1, 1])."""
+    """uint8 images (N, H, W, C) as one PNG of ncol columns (common.save_grid takes them in [-1, 1])."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    bk.save_grid(x / 127.5 - 1, path, ncol)
+    common.save_grid(x / 127.5 - 1, path, ncol)
 
-device_type = bk.check_device(device)
+device_type = common.check_device(device)
 ddp = int(os.environ.get('RANK', -1)) != -1
 rank, world_size = 0, 1
 if ddp:
@@ -138,27 +139,27 @@ ctx = torch.autocast(device_type=device_type, dtype=ptdtype, enabled=dtype != 'f
 
 # the checkpoint; out_dir, where the samples go, is checked writable now rather than after sampling
 ckpt_path = pretrained or os.path.join(out_dir, ckpt.removesuffix('.pt') + '.pt')
-runs = "pass the out_dir of a train_diffusion.py, distill_consistency.py or train_gan.py run" \
+runs = "pass the out_dir of a train_diffusion.py, distill_consistency.py, train_meanflow.py or train_gan.py run" \
     if not pretrained else "pass a released DiT or SiT .pt file (docs/guide.md, 'Released weights')"
 if not os.path.exists(ckpt_path):
     there = sorted(f for f in os.listdir(out_dir) if f.endswith('.pt')) if os.path.isdir(out_dir) else []
     raise SystemExit(f"error: {ckpt_path} not found; "
                      + (f"{out_dir} holds {', '.join(there)}: pass --ckpt=<one of them>" if there else runs))
 if rank == 0:
-    bk.check_writable(out_dir)
+    common.check_writable(out_dir)
 if pretrained:  # a released DiT or SiT: its diffusion as it was trained, and no dataset
     model = or_exit(dit, pretrained, family=family or None)
     published, gan, consistency, meanflow = model.objective, False, None, None
     train_config = dict(published, sigma_data=0.5, dataset='')
     checkpoint = {'path': published['source'], 'family': published['family']}
 else:
-    saved = bk.load_checkpoint(ckpt_path, runs, kinds=['diffusion', 'consistency', 'gan'])
-    # a distill_consistency.py run: its teacher's diffusion (meanflow's: the flow schedule's)
+    saved = common.load_checkpoint(ckpt_path, runs, kinds=['diffusion', 'consistency', 'meanflow', 'gan'])
+    # a distill_consistency.py run: its teacher's diffusion; a MeanFlow run: no diffusion, its own jumps
     consistency, meanflow = saved.get('consistency'), saved.get('meanflow')
-    train_config = saved['teacher_config'] if consistency or meanflow else saved['config']
+    train_config = saved['teacher_config'] if consistency else saved['config']
     gan = saved['kind'] == 'gan'  # a train_gan.py checkpoint: its generator, z to images
     model = create_model(train_config['arch'], **saved['model_args'])
-    bk.load_state(model, saved['ema' if use_ema else 'model'], ckpt_path,
+    common.load_state(model, saved['ema' if use_ema else 'model'], ckpt_path,
                   'ema' if use_ema else 'model')
     checkpoint = {'path': os.path.abspath(ckpt_path), 'step': saved['step'], 'kind': saved['kind'],
                   **({'checksum': saved['checksum']} if 'checksum' in saved else {})}
@@ -191,9 +192,9 @@ if ema_std:  # the post-hoc EMA of the trained weights (the others stay the EMA'
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"error: ema_std={ema_std}: {str(e).splitlines()[0][:200]}")
 model.to(device).eval()
-diffusion = None if gan else Diffusion(train_config['schedule'], train_config['prediction_type'],
+diffusion = None if gan or meanflow else Diffusion(train_config['schedule'], train_config['prediction_type'],
                                        train_config['num_timesteps'], train_config['sigma_data'])
-if shift != 1.0 and (gan or diffusion.schedule != 'flow'):
+if shift != 1.0 and not meanflow and (gan or diffusion.schedule != 'flow'):
     raise SystemExit(f"error: shift={shift} applies to the flow schedule only; this run used "
                      f"'{'a GAN' if gan else diffusion.schedule}'")
 num_classes, size = model.config.num_classes, model.config.image_size
@@ -204,10 +205,10 @@ z_shape = (model.config.z_dim,) if gan else (model.config.in_channels, size, siz
 # that decodes the samples, a control model takes the val images' controls and labels, memorization
 # the training images; a released checkpoint has none
 dataset, control = train_config['dataset'], getattr(model.config, 'control', '')
-data_dir, meta, data = bk.data_path(dataset), {}, {}
+data_dir, meta, data = dataformat.data_path(dataset), {}, {}
 splits = ('val',) * bool(control) + ('train',) * memorization
 if dataset and (splits or os.path.exists(os.path.join(data_dir, 'meta.json'))):
-    _, meta, data = bk.load_dataset(dataset, splits, latent_ok=True)
+    _, meta, data = dataformat.load_dataset(dataset, splits, latent_ok=True)
 latent, decoder = meta.get('latent'), None
 if vae:  # a diffusion model of Stable Diffusion's latents sees (z - shift_factor) * scaling_factor
     autoencoder = or_exit(sd_vae, vae).to(device)
@@ -216,11 +217,11 @@ if vae:  # a diffusion model of Stable Diffusion's latents sees (z - shift_facto
                    shift_factor=autoencoder.shift_factor)
 elif latent:
     ae_path = os.path.join(data_dir, latent['autoencoder'])
-    ae_ckpt = bk.load_checkpoint(ae_path, "re-encode the dataset with data/prepare_latents.py: its "
+    ae_ckpt = common.load_checkpoint(ae_path, "re-encode the dataset with data/prepare_latents.py: its "
                                  "autoencoder decodes this model's samples",
                                  kinds=['latent decoder'])
     autoencoder = Autoencoder(AEConfig(**ae_ckpt['model_args']))
-    bk.load_state(autoencoder, ae_ckpt['weights'], ae_path, 'weights')
+    common.load_state(autoencoder, ae_ckpt['weights'], ae_path, 'weights')
     autoencoder.to(device).eval()
     latent_mean, latent_std = (torch.tensor(latent[k], device=device).view(1, -1, 1, 1)
                                for k in ('mean', 'std'))
@@ -245,7 +246,7 @@ try:
         else []
 except ValueError:
     wanted = [-1]
-bk.check_config(config, rules=[('class_labels', all(0 <= v < num_classes for v in wanted),
+common.check_config(config, rules=[('class_labels', all(0 <= v < num_classes for v in wanted),
                                 f"'all' or comma-separated labels in 0..{num_classes - 1}"),
                                ('cfg_channels', cfg_channels <= model.config.in_channels,
                                 f"at most the model's {model.config.in_channels} channels")])
@@ -261,7 +262,7 @@ if consistency:
     ok = cm_sigmas and all(a > b for a, b in zip(cm_sigmas, cm_sigmas[1:] + [sigma_min]))
     sigma_max = consistency['sigma_max']
     ok = ok and cm_sigmas[0] <= sigma_max
-    bk.check_config(config, rules=[('sigmas', ok, f"decreasing sigmas in the trained range "
+    common.check_config(config, rules=[('sigmas', ok, f"decreasing sigmas in the trained range "
                                     f"({sigma_min}, {sigma_max}], comma-separated, like 80 or 80,0.8")])
 # every sampling key is applied or refused: those that this model's sampling would not read
 scale = guide_scale if guide else cfg_scale  # the guidance's: autoguidance's or classifier-free
@@ -293,16 +294,16 @@ if not (gan or consistency or meanflow):
         ignored['clip_x0'] = "this model makes latents, never clipped"
 if pretrained:
     ignored['ckpt'] = "pretrained is sampled in place of out_dir's checkpoints"
-bk.check_applied(overridden, config, ignored)
+common.check_applied(overridden, config, ignored)
 guide_model = None
 if guide and not (gan or consistency or meanflow):
     guide_path = os.path.join(guide, 'ckpt.pt') if os.path.isdir(guide) else guide
     why = "pass the out_dir or a checkpoint of a weaker train_diffusion.py run of the same data as guide"
     if not os.path.isfile(guide_path):
         raise SystemExit(f"error: guide={guide}: {guide_path} not found; {why}")
-    weaker = bk.load_checkpoint(guide_path, why, kinds=['diffusion'])
+    weaker = common.load_checkpoint(guide_path, why, kinds=['diffusion'])
     guide_model = create_model(weaker['config']['arch'], **weaker['model_args'])
-    bk.load_state(guide_model, weaker['ema' if use_ema else 'model'], guide_path, 'ema' if use_ema else 'model')
+    common.load_state(guide_model, weaker['ema' if use_ema else 'model'], guide_path, 'ema' if use_ema else 'model')
     # the same task: its prediction of the same x_t is combined with the model's
     same_task = ('dataset', 'schedule', 'prediction_type', 'num_timesteps', 'sigma_data')
     shapes = ('image_size', 'in_channels', 'num_classes', 'control')
@@ -316,7 +317,7 @@ if guide and not (gan or consistency or meanflow):
     checkpoint['guide'] = {'path': os.path.abspath(guide_path), 'step': weaker['step'],
                            **({'checksum': weaker['checksum']} if 'checksum' in weaker else {})}
 if not (gan or consistency or meanflow) and sampler in ('ddpm', 'ddim') and diffusion.schedule in ('linear', 'cosine'):
-    bk.check_config(config, rules=[('steps', steps <= diffusion.num_timesteps,
+    common.check_config(config, rules=[('steps', steps <= diffusion.num_timesteps,
                                     f"at most the {diffusion.num_timesteps} timesteps the model was "
                                     f"trained on ({sampler} steps through them)")])
 how = f"consistency model, {len(cm_sigmas)} step(s) at sigmas {cm_sigmas}" if consistency else \
@@ -349,7 +350,7 @@ for lo in range(0, num_samples, world_size * batch_size):
     y = torch.from_numpy(labels[idx % num_samples]).to(device)
     ctrl = None
     if control:  # val image i's control image
-        ctrl = bk.to_device(torch.from_numpy(controls[idx % len(controls)]), device) / 127.5 - 1
+        ctrl = dataformat.to_device(torch.from_numpy(controls[idx % len(controls)]), device) / 127.5 - 1
     # ddpm and eta > 0 add fresh noise per step, drawn per round: their images depend on the rounds
     with ctx:
         generator = torch.Generator(device).manual_seed(seed + lo + rank)
@@ -381,12 +382,12 @@ if rank == 0:
         math.ceil(math.sqrt(min(num_samples, 256)))
     write_png(images[:256], os.path.join(out_dir, 'samples.png'), ncol)
     if save_png:
-        bk.own_folder(os.path.join(out_dir, 'samples'))
+        common.own_folder(os.path.join(out_dir, 'samples'))
         for i in range(len(images)):
             write_png(images[i:i + 1], os.path.join(out_dir, 'samples', f'{i:06d}.png'))
     if save_npz:
         arrays = {'arr_0': images, **({'arr_1': labels.astype(np.int64)} if num_classes else {})}
-        bk.write_file(os.path.join(out_dir, 'samples.npz'), lambda f: np.savez(f, **arrays))
+        common.write_file(os.path.join(out_dir, 'samples.npz'), lambda f: np.savez(f, **arrays))
         # every setting beside the samples (the rounds too: ddpm and eta > 0 draw noise per round)
         if pretrained:  # the released file's sha256, read in chunks
             digest = hashlib.sha256()
@@ -405,7 +406,7 @@ if rank == 0:
                                  ('schedule', 'prediction_type', 'num_timesteps', 'sigma_data')},
             decoder=decoder, labels=counts if num_classes else 'unconditional',
             world_size=world_size, batch_size=batch_size, torch=torch.__version__, argv=sys.argv)
-        bk.write_file(os.path.join(out_dir, 'samples.json'),
+        common.write_file(os.path.join(out_dir, 'samples.json'),
                       lambda f: f.write(json.dumps(record, indent=2) + '\n'), 'w')
     print(f"wrote {os.path.join(out_dir, 'samples.png')}" + (", samples/*.png" if save_png else "")
           + (", samples.npz, samples.json" if save_npz else ""))

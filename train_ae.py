@@ -27,6 +27,7 @@ import copy
 import math
 import os
 import pickle
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a traceback)
@@ -36,6 +37,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import common
+import dataformat
 from model import (AE_PRESETS, LPIPS, PatchDiscriminator, compile_for_training, count_flops,
                    create_model)
 
@@ -102,7 +105,7 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's; it also sets overridden)
 config = {k: globals()[k] for k in config_keys}
 # (float16 would need loss scaling, left out: bfloat16 needs none)
-bk.check_config(config, choices=[
+common.check_config(config, choices=[
     ('init_from', ('auto', 'scratch', 'resume')), ('arch', AE_PRESETS), ('rec_loss', ('l1', 'l2')),
     ('lr_schedule', ('cosine', 'constant')), ('dtype', ('float32', 'bfloat16'))],
     counts=['batch_size', 'grad_accum', 'max_steps', 'log_interval', 'eval_interval', 'eval_images',
@@ -117,22 +120,24 @@ bk.check_config(config, choices=[
             f'at least disc_start={disc_start}: the discriminator learns before its loss reaches the decoder'),
            ('disc_channels', disc_channels % 16 == 0, 'a multiple of 16 (its GroupNorms have 32 groups)'),
            ('patience', patience >= 0, 'at least 0')])
-bk.check_applied(overridden, config, {})  # (every key is applied or refused)
+common.check_applied(overridden, config, {})  # (every key is applied or refused)
 disc_args = dict(channels=disc_channels, num_layers=disc_layers) if disc_weight > 0 else None
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on GPUs, gloo on CPUs
-device_type = bk.check_device(device)
+device_type = common.check_device(device)
 if 'RANK' in os.environ:
     device = f"cuda:{os.environ['LOCAL_RANK']}" if device_type == 'cuda' else device
     dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
 # the run: out_dir and its lock, resume, sums, the log, checkpoints (bookkeeping.Run)
-run = bk.start_run(config, 'autoencoder', device, inputs=[('dataset', bk.data_path(dataset))])
-ctx, micro_batch = run.ctx, run.micro_batch  # bf16 autocast (or none); images per micro-step
+run = bk.start_run(config, 'autoencoder', device, inputs=[('dataset', dataformat.data_path(dataset))])
+micro_batch = run.micro_batch  # images per micro-step
+# bf16 autocast around the forward passes (float32: none)
+ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != 'float32' else nullcontext()
 
 # -----------------------------------------------------------------------------
 # data: uint8 images (N, H, W, C), memory-mapped from data/<dataset>/
 # (and the label maps (N, H, W) when a segmentation head learns them)
-_, meta, data = bk.load_dataset(dataset, script='train_ae.py', masks=seg_weight > 0)
+_, meta, data = dataformat.load_dataset(dataset, script='train_ae.py', masks=seg_weight > 0)
 H, W, C = meta['image_size'], meta['image_size'], meta['channels']
 num_classes = meta['num_classes'] if cls_weight > 0 else 0
 seg_classes, ignore = (meta['mask_classes'], meta['mask_ignore']) if seg_weight > 0 else (0, None)
@@ -149,9 +154,9 @@ def load_batch(split, idx, flip=None):
     if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(2), x)
         m = torch.where(flip[:, None, None], m.flip(2), m) if seg_classes else None
-    y, m = (t if t is None else bk.to_device(t, device, images=False).long()
+    y, m = (t if t is None else dataformat.to_device(t, device, images=False).long()
             for t in (torch.from_numpy(data[split][1][idx]), m))
-    return bk.to_device(x, device) / 127.5 - 1, y, m
+    return dataformat.to_device(x, device) / 127.5 - 1, y, m
 
 def get_batch(step, micro):
     """This rank's images of micro-step `micro` of the global batch of `step`, drawn with replacement
@@ -199,8 +204,8 @@ if device_type == 'cuda':
     model, disc, lpips = (net if net is None else net.to(memory_format=torch.channels_last)
                           for net in (model, disc, lpips))
 ema = copy.deepcopy(model).requires_grad_(False).eval()
-optimizer = bk.adamw(model.parameters(), lr, (beta1, beta2), weight_decay)
-d_optimizer = bk.adamw(disc.parameters(), lr, (beta1, beta2), weight_decay) if disc else None
+optimizer = common.adamw(model.parameters(), lr, (beta1, beta2), weight_decay)
+d_optimizer = common.adamw(disc.parameters(), lr, (beta1, beta2), weight_decay) if disc else None
 ckpt = run.resume(model_args=asdict(model_config), disc_args=disc_args, model=model, ema=ema,
                   optimizer=optimizer, disc=disc, d_optimizer=d_optimizer)
 # the best EMA PSNR so far (best.pt's), and the validations since it
@@ -344,6 +349,16 @@ def reconstruction_grid():
         grid_rec = ema(grid_x)[0].float().clamp(-1, 1)
     return torch.stack([imgs.unflatten(0, (-1, grid_cols)) for imgs in (grid_x, grid_rec)], dim=1).flatten(0, 2)
 
+def get_lr(step):
+    """The learning rate of a step: a linear warm-up over warmup_steps, then constant, or a cosine
+    from lr down to min_lr at lr_decay_steps (warm-up included; 0 = max_steps) that stays there."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if lr_schedule == 'constant':
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, (lr_decay_steps or max_steps) - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
 # -----------------------------------------------------------------------------
 # training loop
 if patience and stale_evals >= patience:
@@ -354,7 +369,7 @@ if patience and stale_evals >= patience:
 x, y, m = get_batch(run.step, 0)  # the first batch; each later one is fetched while the current step runs
 for step in range(run.step, max_steps):
     train_disc, adv_on = disc is not None and step >= disc_start, disc is not None and step >= adv_start
-    lr_now = bk.cosine_lr(step, lr, min_lr, warmup_steps, lr_decay_steps or max_steps, lr_schedule)
+    lr_now = get_lr(step)
     for group in optimizer.param_groups + (d_optimizer.param_groups if disc else []):
         group['lr'] = lr_now
     eps_all = torch.randn((batch_size, z_channels, latent_size, latent_size),
@@ -404,7 +419,7 @@ for step in range(run.step, max_steps):
         best_psnr, stale_evals = (val['val_psnr_ema'], 0) if improved else (best_psnr, stale_evals + 1)
         early_stop = patience > 0 and stale_evals >= patience
         if run.master:
-            bk.save_grid(reconstruction_grid(), run.path(f'recon_{run.step:07d}.png'), grid_cols)
+            common.save_grid(reconstruction_grid(), run.path(f'recon_{run.step:07d}.png'), grid_cols)
     if run.log_step or val:
         run.log(lr=lr_now, grad_norm=grad_norm, d_grad_norm=d_grad_norm if train_disc else None, **val,
                 quiet=quiet)

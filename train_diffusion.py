@@ -29,6 +29,7 @@ not finite is skipped. (bookkeeping.py holds all that.)
 import copy
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a traceback)
@@ -39,6 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import common
+import dataformat
 from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, Diffusion, bcast, phema_gamma, randn
 from model import ARCHS, AEConfig, Autoencoder, compile_for_training, create_model
 from pretrained import dinov2, dit, or_exit, released_family
@@ -152,7 +155,7 @@ seed = 0
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's; it also sets overridden)
 config = {k: globals()[k] for k in config_keys}
-bk.check_config(config, choices=[
+common.check_config(config, choices=[
     ('init_from', ('auto', 'scratch', 'resume')), ('arch', ARCHS), ('schedule', SCHEDULES),
     ('prediction_type', PREDICTIONS), ('timestep_sampling', ('uniform', 'logit_normal', 'mode')),
     ('loss_weighting', ('uniform', 'snr', 'min_snr', 'edm')), ('sampler', SAMPLERS),
@@ -183,7 +186,7 @@ bk.check_config(config, choices=[
            ('dispersive_tau', dispersive_tau > 0, 'positive'),
            ('learn_sigma', not learn_sigma or schedule in ('linear', 'cosine'),
             "False unless schedule is 'linear' or 'cosine' (the VLB's steps are DDPM's)")])
-bk.check_applied(overridden, config, {  # (every key is applied or refused)
+common.check_applied(overridden, config, {  # (every key is applied or refused)
     'num_timesteps': schedule in ('flow', 'edm') and f"schedule='{schedule}' is continuous in time",
     'sigma_data': 'edm' not in (schedule, loss_weighting) and "only edm's schedule and weighting read it",
     'logit_mean': timestep_sampling != 'logit_normal' and f"timestep_sampling='{timestep_sampling}'",
@@ -223,18 +226,20 @@ except ValueError as e:
                      f"in (0, 0.28), like 0.05,0.1 ({e})")
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on GPUs, gloo on CPUs
-device_type = bk.check_device(device)
+device_type = common.check_device(device)
 if 'RANK' in os.environ:
     device = f"cuda:{os.environ['LOCAL_RANK']}" if device_type == 'cuda' else device
     dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
 # the run: out_dir and its lock, resume, sums, the log, checkpoints (bookkeeping.Run)
 run = bk.start_run(config, 'diffusion', device,
-                   inputs=[('dataset', bk.data_path(dataset)), ('init_base', init_base)])
-ctx, micro_batch = run.ctx, run.micro_batch  # bf16 autocast (or none); images per micro-step
+                   inputs=[('dataset', dataformat.data_path(dataset)), ('init_base', init_base)])
+micro_batch = run.micro_batch  # images per micro-step
+# bf16 autocast around the forward passes (float32: none)
+ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != 'float32' else nullcontext()
 
 # -----------------------------------------------------------------------------
 # data: uint8 images or float16 latents (N, H, W, C), memory-mapped from data/<dataset>/
-data_dir, meta, data = bk.load_dataset(dataset, latent_ok=True, classes=class_cond)
+data_dir, meta, data = dataformat.load_dataset(dataset, latent_ok=True, classes=class_cond)
 H, W, C, K = meta['image_size'], meta['image_size'], meta['channels'], meta['num_classes']
 num_classes = K if class_cond else 0
 latent = meta.get('latent')  # a latent dataset: float16 latents, their statistics and their decoder
@@ -284,9 +289,9 @@ def load_batch(split, idx, flip=None):
         mirrored = torch.from_numpy(x_flip[idx]) if latent else x.flip(2)
         x = torch.where(flip[:, None, None, None], mirrored, x)
         ctrl = torch.where(flip[:, None, None, None], ctrl.flip(2), ctrl) if control else None
-    x, y = bk.to_device(x, device), y.to(device)
+    x, y = dataformat.to_device(x, device), y.to(device)
     x = (x - latent_mean) / latent_std if latent else x / 127.5 - 1
-    return x, y, bk.to_device(ctrl, device) / 127.5 - 1 if control else None
+    return x, y, dataformat.to_device(ctrl, device) / 127.5 - 1 if control else None
 
 def draw_indices(g):
     """The global batch's image indices, drawn with replacement: uniformly, or by sample_weights.
@@ -314,7 +319,7 @@ def encoder_images(x, idx, flip):
     images = torch.from_numpy(pixels[idx])
     if flip is not None:
         images = torch.where(flip[:, None, None, None], images.flip(2), images)
-    return bk.to_device(images, device) / 127.5 - 1
+    return dataformat.to_device(images, device) / 127.5 - 1
 
 # -----------------------------------------------------------------------------
 # model, EMA, optimizer, and the checkpoint to resume from
@@ -334,7 +339,7 @@ if init_base and run.init_from == 'scratch':
         base = {'model_args': asdict(base.config), 'ema': base.state_dict(),
                 'config': {**base.objective, 'sigma_data': sigma_data}}
     else:
-        base = bk.load_checkpoint(base_path, "pass the out_dir of a train_diffusion.py run",
+        base = common.load_checkpoint(base_path, "pass the out_dir of a train_diffusion.py run",
                                   device, ['diffusion'])
     base_args, weights = base['model_args'], base['ema']
     diff = {k: (v, base_args.get(k)) for k, v in asdict(model_config).items()
@@ -376,7 +381,7 @@ if repa_weight:
     # the encoder sees images: of a latent dataset, the ones it encodes (as REPA's code reads ImageNet's)
     if latent:
         try:
-            image_dir, image_meta, images = bk.load_dataset(latent['dataset'], splits=('train',))
+            image_dir, image_meta, images = dataformat.load_dataset(latent['dataset'], splits=('train',))
         except SystemExit as e:
             raise SystemExit(f"{e} (repa_weight: its encoder sees the images {data_dir} encodes)")
         pixels, labels = images['train']
@@ -409,7 +414,7 @@ if repa_weight or sra_weight:
 trained = [(p, p_ema) for p, p_ema in zip(model.parameters(), ema.parameters()) if p.requires_grad]
 params, ema_params = [p for p, _ in trained], [p_ema for _, p_ema in trained]
 all_params = params + (list(projectors.parameters()) if projectors else [])
-optimizer = bk.adamw(all_params, lr, (beta1, beta2), weight_decay)
+optimizer = common.adamw(all_params, lr, (beta1, beta2), weight_decay)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 ckpt = run.resume(model=model, ema=ema, projector=projectors, optimizer=optimizer, scaler=scaler,
                   model_args=asdict(model_config))
@@ -563,7 +568,7 @@ def save_phema(step):
     names = [name for name, p in raw_model.named_parameters() if p.requires_grad]
     snapshot = {'step': step, 'run_id': run.run_id, 'sigma_rel': phema_sigmas, 'gamma': phema_gammas,
                 'ema': [dict(zip(names, (w.cpu() for w in tracked))) for tracked in phema]}
-    bk.write_file(path, lambda f: torch.save(snapshot, f))
+    common.write_file(path, lambda f: torch.save(snapshot, f))
 
 # -----------------------------------------------------------------------------
 # the sample grids: fixed noise and labels, the same picture of progress at every sample_interval
@@ -578,12 +583,12 @@ if control:
 # the grids' latents are decoded by the autoencoder that encoded the dataset
 if latent and (run.master or fid_interval):  # (with FID every rank decodes its share)
     ae_path = os.path.join(data_dir, latent['autoencoder'])
-    ae_ckpt = bk.load_checkpoint(ae_path, "re-encode the dataset with data/prepare_latents.py", device,
+    ae_ckpt = common.load_checkpoint(ae_path, "re-encode the dataset with data/prepare_latents.py", device,
                                  ['latent decoder'])
     ae_config = AEConfig(**ae_ckpt['model_args'])
     with torch.random.fork_rng(devices=[]):  # (its init draws nothing from the RNG run.resume restored)
         autoencoder = Autoencoder(ae_config).to(device).eval().requires_grad_(False)
-    bk.load_state(autoencoder, ae_ckpt['weights'], ae_path, 'weights')
+    common.load_state(autoencoder, ae_ckpt['weights'], ae_path, 'weights')
 
 def to_pixels(x):
     """Samples as images in [-1, 1]: latents are un-normalised and decoded."""
@@ -636,12 +641,22 @@ def fid():
                                               control=ctrl))
     return evaluate.training_fid(generate, fid_images, micro_batch, inception, fid_stats, run)
 
+def get_lr(step):
+    """The learning rate of a step: a linear warm-up over warmup_steps, then constant, or a cosine
+    from lr down to min_lr at lr_decay_steps (warm-up included; 0 = max_steps) that stays there."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if lr_schedule == 'constant':
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, (lr_decay_steps or max_steps) - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
 # -----------------------------------------------------------------------------
 # training loop. Logged: loss_unweighted, the prediction's plain MSE (comparable across loss
 # weightings and cosine_loss), and loss_u<i> (noise_level_losses)
 x0, y, ctrl, images = get_batch(run.step, 0)  # the first batch; each later one is fetched while a step runs
 for step in range(run.step, max_steps):
-    lr_now = bk.cosine_lr(step, lr, min_lr, warmup_steps, lr_decay_steps or max_steps, lr_schedule)
+    lr_now = get_lr(step)
     for group in optimizer.param_groups:
         group['lr'] = lr_now
     # noise levels, noise and label dropout for the whole global batch
@@ -692,7 +707,7 @@ for step in range(run.step, max_steps):
     if fid_interval and run.due(fid_interval):
         val['fid'] = fid()
     if run.master and run.due(sample_interval):
-        bk.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'))
+        common.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'))
     if run.log_step or val:
         run.log(lr=lr_now, grad_norm=grad_norm, **val, quiet=noise_level_losses(run.averages))
     if 'val_loss_ema' in val and val['val_loss_ema'] < best_val_loss:  # the weights to sample: sample.py --ckpt=best

@@ -23,7 +23,9 @@ Resume, preemption and non-finite steps work as in train_diffusion.py: re-run th
 (bookkeeping.py holds all that).
 """
 import copy
+import math
 import os
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a traceback)
@@ -33,6 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import common
+import dataformat
 from model import GAN_PRESETS, Discriminator, count_flops, create_model
 
 # -----------------------------------------------------------------------------
@@ -92,7 +96,7 @@ config = {k: globals()[k] for k in config_keys}
 AUGMENTS = ('color', 'translation', 'cutout')
 augment_ops = [op for op in augment.split(',') if op]
 # dtype: no float16, which would need loss scaling (bfloat16 needs none)
-bk.check_config(config, choices=[
+common.check_config(config, choices=[
     ('init_from', ('auto', 'scratch', 'resume')), ('arch', GAN_PRESETS), ('loss', ('rpgan', 'ns')),
     ('lr_schedule', ('cosine', 'constant')), ('dtype', ('float32', 'bfloat16'))],
     counts=['batch_size', 'grad_accum', 'max_steps', 'log_interval', 'sample_interval',
@@ -101,20 +105,21 @@ bk.check_config(config, choices=[
            ('augment', set(augment_ops) <= set(AUGMENTS), f"comma-separated ops from {', '.join(AUGMENTS)}, or ''"),
            ('ema_kimg', ema_kimg >= 0, 'at least 0 (0 = no EMA)'),
            ('ema_rampup', ema_rampup >= 0, 'at least 0 (0 = none)')])
-bk.check_applied(overridden, config, {})  # (every key is applied or refused)
+common.check_applied(overridden, config, {})  # (every key is applied or refused)
 # -----------------------------------------------------------------------------
 # DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on GPUs, gloo on CPUs
-device_type = bk.check_device(device)
+device_type = common.check_device(device)
 if 'RANK' in os.environ:
     device = f"cuda:{os.environ['LOCAL_RANK']}" if device_type == 'cuda' else device
     dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
 # the run: out_dir and its lock, resume, sums, the log, checkpoints (bookkeeping.Run)
-run = bk.start_run(config, 'gan', device, inputs=[('dataset', bk.data_path(dataset))])
-ctx = run.ctx  # bf16 autocast (or none)
+run = bk.start_run(config, 'gan', device, inputs=[('dataset', dataformat.data_path(dataset))])
+# bf16 autocast around the forward passes (float32: none)
+ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != 'float32' else nullcontext()
 
 # -----------------------------------------------------------------------------
 # data: uint8 images (N, H, W, C), memory-mapped from data/<dataset>/
-data_dir, meta, data = bk.load_dataset(dataset, splits=('train',), script='train_gan.py',
+data_dir, meta, data = dataformat.load_dataset(dataset, splits=('train',), script='train_gan.py',
                                      classes=class_cond)
 train_x, train_y = data['train']
 H, W, C = meta['image_size'], meta['image_size'], meta['channels']
@@ -131,7 +136,7 @@ def get_batch(step, micro):
     if hflip:
         x = torch.where(flip[:, None, None, None], x.flip(2), x)
     y = torch.from_numpy(train_y[idx]).long()
-    return bk.to_device(x, device) / 127.5 - 1, y.to(device)
+    return dataformat.to_device(x, device) / 127.5 - 1, y.to(device)
 
 def diff_augment(x, draws):
     """DiffAugment (Zhao et al. 2020) with per-image draws (B, 7) uniform in [0, 1): brightness,
@@ -285,13 +290,23 @@ def fid():
             return ema(z, torch.arange(lo, lo + n, device=device) % max(num_classes, 1)).float().clamp(-1, 1)
     return evaluate.training_fid(generate, fid_images, run.micro_batch, inception, fid_stats, run)
 
+def get_lr(step):
+    """The learning rate of a step: a linear warm-up over warmup_steps, then constant, or a cosine
+    from lr down to min_lr at lr_decay_steps (warm-up included; 0 = max_steps) that stays there."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if lr_schedule == 'constant':
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, (lr_decay_steps or max_steps) - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
 # -----------------------------------------------------------------------------
 # training loop: a D step (on regularisation steps the penalty pass, then the loss pass), then a G
 # step against the updated D (alternating, as in Goodfellow et al. and StyleGAN2-ADA)
 batches = [get_batch(run.step, micro) for micro in range(grad_accum)]  # the first step's reals
 draws = ('penalty_real', 'penalty_fake', 'd_real', 'd_fake', 'g_real', 'g_fake')  # augmentations
 for step in range(run.step, max_steps):
-    lr_now = bk.cosine_lr(step, lr, min_lr, warmup_steps, lr_decay_steps or max_steps, lr_schedule)
+    lr_now = get_lr(step)
     for group in optimizer.param_groups + d_optimizer.param_groups:
         group['lr'] = lr_now
     regularize = gamma > 0 and step % reg_interval == 0
@@ -341,7 +356,7 @@ for step in range(run.step, max_steps):
     run.end_step(d_bad | g_bad, flops_per_image)  # either update skipped: the step's sums drop
     # grids, the log line and checkpoints, each when due
     if run.master and run.due(sample_interval):
-        bk.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'), grid_cols)
+        common.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'), grid_cols)
     val = {'fid': fid()} if fid_interval and run.due(fid_interval) else {}
     if run.log_step or val:
         run.log(lr=lr_now, d_grad_norm=d_grad_norm, g_grad_norm=g_grad_norm, **val)

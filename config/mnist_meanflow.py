@@ -1,8 +1,6 @@
-# MeanFlow from scratch on MNIST (Geng et al. 2025): digits in one network call, no teacher.
-#   python distill_consistency.py config/mnist_meanflow.py && python sample.py --out_dir=out-mnist-meanflow --steps=1
+# MeanFlow from scratch on MNIST (Geng et al. 2025): digits in one network call.
+#   python train_meanflow.py config/mnist_meanflow.py && python sample.py --out_dir=out-mnist-meanflow --steps=1
 out_dir = 'out-mnist-meanflow'
-mode = 'meanflow'
-teacher = ''
 arch = 'DiT-N/4'
 dataset = 'mnist'
 cfg_scale = 4.0  # guidance folded into the target (the quickstart samples at 4): samples of the digit asked for

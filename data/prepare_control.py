@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bookkeeping import lock_out_dir, new_memmap, replacing  # noqa: E402 (the kit's lock and writers)
+from common import lock_out_dir, new_memmap, replacing  # noqa: E402 (the kit's lock and writers)
 
 KINDS = ('downsample4', 'edges')
 

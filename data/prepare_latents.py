@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bookkeeping as bk  # noqa: E402
+import common  # noqa: E402
+import dataformat  # noqa: E402
 from model import AEConfig, Autoencoder  # noqa: E402
 from pretrained import or_exit, sd_vae  # noqa: E402
 
@@ -71,7 +72,7 @@ def load_autoencoder(source, H, C, dataset):
     if not os.path.exists(source):
         raise SystemExit(f"error: {source} not found; train the autoencoder first (python train_ae.py "
                          f"--out_dir={os.path.dirname(source)}), or pass --weights=ckpt")
-    ckpt = bk.load_checkpoint(source, "pass the out_dir of a train_ae.py run as --autoencoder",
+    ckpt = common.load_checkpoint(source, "pass the out_dir of a train_ae.py run as --autoencoder",
                               kinds=['autoencoder'])
     try:
         ae = Autoencoder(AEConfig(**ckpt['model_args']))
@@ -94,7 +95,7 @@ def encode_rows(ae, images, out, rows, flip, batch_size, device, ctx):
     for lo in range(rows.start, rows.stop, batch_size):
         hi = min(lo + batch_size, rows.stop)
         x = torch.from_numpy(np.array(images[lo:hi]))  # a copy: the memmap is read-only
-        x = bk.to_device(x.flip(2) if flip else x, device) / 127.5 - 1
+        x = dataformat.to_device(x.flip(2) if flip else x, device) / 127.5 - 1
         with torch.no_grad(), ctx:
             z = ae.encode(x)[0].float().permute(0, 2, 3, 1)
         out[lo:hi] = z.cpu().numpy().astype(np.float16)
@@ -135,17 +136,17 @@ def main():
                          "(use --scaling=stats)")
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch_size={args.batch_size} must be at least 1")
-    device_type = bk.check_device(args.device)
+    device_type = common.check_device(args.device)
 
     # the images; where the latents go (never over the images, nor over anything but a latent dataset); the
     # autoencoder: every rank checks alike, before any rank writes
-    data_dir, meta, data = bk.load_dataset(args.dataset, latent_ok=True)
+    data_dir, meta, data = dataformat.load_dataset(args.dataset, latent_ok=True)
     H, C = meta['image_size'], meta['channels']
     if meta.get('latent'):
         raise SystemExit(f"error: dataset '{args.dataset}' holds latents already; encode the image dataset "
                          f"they came from, --dataset={meta['latent'].get('dataset', '<images>')}")
     latents = args.latents or args.dataset.rstrip('/') + '-latents'
-    target = os.path.abspath(bk.data_path(latents))
+    target = os.path.abspath(dataformat.data_path(latents))
     if os.path.realpath(target) == os.path.realpath(data_dir):
         raise SystemExit(f"error: --latents={latents} is the image dataset itself ({data_dir}), whose images "
                          f"the latents would replace; pass another --latents, e.g. {args.dataset}-latents")
@@ -154,7 +155,7 @@ def main():
                          f"entry), and writing the latents there would delete it; pass another --latents")
     if int(os.environ.get('RANK', 0)) == 0:  # one writer at a time: a lock beside the folder it replaces
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        bk.lock_out_dir(target, path=f'{target}.lock', flag='latents')
+        common.lock_out_dir(target, path=f'{target}.lock', flag='latents')
     # the new latents replace the old folder whole: only when it holds nothing but what the kit writes there
     foreign = sorted(name for name in (os.listdir(target) if os.path.isdir(target) else [])
                      if not LATENT_FILES.fullmatch(name)
@@ -187,7 +188,7 @@ def main():
         os.makedirs(folder[0])
         try:
             for (split, flip), name in jobs.items():
-                bk.new_memmap(os.path.join(folder[0], name), np.float16, (len(data[split][0]), h, h, zc))
+                common.new_memmap(os.path.join(folder[0], name), np.float16, (len(data[split][0]), h, h, zc))
         except SystemExit:
             shutil.rmtree(folder[0], ignore_errors=True)
             raise
@@ -219,8 +220,8 @@ def main():
                 np.save(os.path.join(folder, f'{split}_y.npy'), data[split][1])
             source, step = os.path.abspath(source), ckpt['step']
             decoder = {'model_args': asdict(ae.config), 'weights': ckpt['ema'], 'source': source, 'step': step,
-                       'kind': 'latent decoder', 'format': bk.FORMAT}
-            torch.save({**decoder, 'checksum': bk.checksum(decoder)}, os.path.join(folder, 'autoencoder.pt'))
+                       'kind': 'latent decoder', 'format': common.FORMAT}
+            torch.save({**decoder, 'checksum': common.checksum(decoder)}, os.path.join(folder, 'autoencoder.pt'))
             # the image dataset's entries (but 'control': its control images stay behind), the latents' shape,
             # and the 'latent' entry that train_diffusion.py and sample.py read
             latent = {'autoencoder': 'autoencoder.pt', 'mean': mean.tolist(), 'std': std.tolist(),

@@ -1,6 +1,7 @@
 """Shared fixtures: the offline MNIST subset in data/mnist, a digit classifier trained on it, and a script runner."""
 import ast
 import csv
+import inspect
 import json
 import os
 import resource
@@ -84,68 +85,114 @@ def mnist():
         return json.load(f)
 
 
-# The trainings that tests share, run once each, one after another, in the background from the session's first test
-# (in a thread of this process: Background), their users last. Beside other tests every run takes one thread: two runs
-# of one thread on 2 cores do about 1.2x the work of one run of two (the quickstart side by side: 84 and 78 ms a step
-# each, 48 alone at two threads). fixture -> (out_dir, its runs)
-SHARED = {
-    # the README's quickstart, as typed (6,000 steps), keeping a copy of every 1,000th step's checkpoint: the test
-    # of its samples reads it, the distillation test takes it as its teacher, the representation terms' and
-    # LightningDiT's tests compare with its early steps, the control models start from it
-    'quickstart': ('out-mnist-dit', [['train_diffusion.py', 'config/mnist_dit.py', '--out_dir={out}',
-                                      '--ckpt_interval=1000', '--keep_last=6']]),
-    # config/mnist_gan.py as typed, then 200 conditional samples
-    'gan_run': ('out-mnist-gan', [['train_gan.py', 'config/mnist_gan.py', '--out_dir={out}'],
-                                  ['sample.py', '--out_dir={out}', '--num_samples=200', '--save_npz=True']]),
-    # the latent path as typed: config/mnist_ae.py, its latents, config/mnist_ldm.py, 200 samples by Euler's 25 steps
-    'latent_run': ('latent', [['train_ae.py', 'config/mnist_ae.py', '--out_dir={out}/ae'],
-                              ['data/prepare_latents.py', '--autoencoder={out}/ae', '--dataset=mnist',
-                               '--latents={out}/latents'],
-                              ['train_diffusion.py', 'config/mnist_ldm.py', '--dataset={out}/latents',
-                               '--out_dir={out}/ldm'],
-                              ['sample.py', '--out_dir={out}/ldm', '--num_samples=200', '--save_npz=True',
-                               '--sampler=euler', '--steps=25']]),
-}
+# The trainings that tests share, each run once, in the background from the session's first test: a thread of this
+# process (Background) works through them in the order they are declared here and in the test modules, and a test that
+# needs one nobody has started yet runs it itself, so that neither lane idles while work is left. Their users run
+# last. Beside other tests every run takes one thread: two runs of one thread on 2 cores do about 1.2x the work of one
+# run of two (the quickstart side by side: 84 and 78 ms a step each, 48 alone at two threads).
+SHARED = {}  # name -> make(out, *the out_dirs of the trainings it builds on, by name)
 THREADS = os.environ.get('OMP_NUM_THREADS', '2')  # the runs' and the tests' threads (1 beside the shared trainings)
 
 
+def shared(make):
+    """Declares make(out, *others) as a shared training: it fills the new folder out, from the out_dirs of the shared
+    trainings its other parameters name, and returns what to print for its users. Returns the session fixture of its
+    name, which waits for it and returns out."""
+    SHARED[make.__name__] = make
+
+    @pytest.fixture(scope='session', name=make.__name__)
+    def fixture(background):
+        return background.wait(make.__name__)
+    return fixture
+
+
+def builds_on(name):
+    """The shared trainings whose out_dirs name's takes."""
+    return list(inspect.signature(SHARED[name]).parameters)[1:]
+
+
+def needs(name):
+    """name's shared training and those it builds on."""
+    return {name, *(n for other in builds_on(name) for n in needs(other))}
+
+
 class Background:
-    """The shared trainings this session's tests use, run in a thread of the tests' process (each in the warm
-    interpreter, as run() runs them); wait(name) blocks until that one has ended and returns its out_dir."""
+    """The shared trainings this session's tests use: a thread of the tests' process runs them one after another;
+    wait(name) runs one that has not started in the caller's thread, else (while it runs elsewhere) those that are
+    ready, then blocks until it has ended, and returns its out_dir (or raises what it raised)."""
     def __init__(self, names, root):
-        self.names, self.root, self.done, self.outputs = names, root, {}, {}
-        self.ended = {name: threading.Event() for name in names}
-        self.thread = threading.Thread(target=self.work, daemon=True)
+        self.names, self.root, self.done, self.output, self.started = names, root, {}, {}, set()
+        self.lock = threading.Lock()
+        self.ended = {name: threading.Event() for name in SHARED}
+        self.thread = threading.Thread(target=lambda: [self.claim(name) for name in names], daemon=True)
         self.thread.start()
 
-    def work(self):
-        for name in self.names:
-            folder, commands = SHARED[name]
-            out = self.root / folder
-            try:
-                for command in commands:
-                    p = run(*(arg.format(out=out) for arg in command), timeout=3600)
-                    self.outputs[name] = self.outputs.get(name, '') + p.stdout[-1500:]
-                self.done[name] = out
-            except BaseException as e:
-                self.done[name] = e
-            self.ended[name].set()
+    def claim(self, name):
+        with self.lock:
+            if name in self.started:
+                return
+            self.started.add(name)
+        try:
+            out = self.root / name
+            out.mkdir()
+            others = [self.wait(other, quiet=True) for other in builds_on(name)]
+            self.output[name] = SHARED[name](out, *others) or ''
+            self.done[name] = out
+        except BaseException as e:
+            self.done[name] = e
+        self.ended[name].set()
 
-    def wait(self, name):
-        self.ended[name].wait()
-        print(self.outputs.get(name, ''))
+    def wait(self, name, quiet=False):
+        self.claim(name)
+        while not self.ended[name].is_set():  # it runs in the other thread: meanwhile, one that nobody has started
+            ready = [n for n in self.names if n not in self.started and all(self.ended[o].is_set() for o in builds_on(n))]
+            if not ready:
+                self.ended[name].wait()
+            else:
+                self.claim(ready[0])
         if isinstance(self.done[name], BaseException):
             raise self.done[name]
+        if not quiet:
+            print(self.output[name])
         return self.done[name]
+
+
+@shared
+def quickstart(out):
+    """The README's quickstart, as typed (6,000 steps), keeping a copy of every 1,000th step's checkpoint: the test of
+    its samples reads it, the distillation test takes it as its teacher, the representation terms' and
+    LightningDiT's tests compare with its early steps, the control models start from it."""
+    return run('train_diffusion.py', 'config/mnist_dit.py', f'--out_dir={out}', '--ckpt_interval=1000',
+               '--keep_last=6').stdout[-1500:]
+
+
+@shared
+def gan_run(out):
+    """config/mnist_gan.py as typed, then 200 conditional samples."""
+    log = run('train_gan.py', 'config/mnist_gan.py', f'--out_dir={out}').stdout[-1500:]
+    run('sample.py', f'--out_dir={out}', '--num_samples=200', '--save_npz=True')
+    return log
+
+
+@shared
+def latent_run(out):
+    """The latent path as typed: config/mnist_ae.py, its latents, config/mnist_ldm.py, 200 samples by Euler's 25
+    steps."""
+    log = run('train_ae.py', 'config/mnist_ae.py', f'--out_dir={out}/ae').stdout[-1500:]
+    run('data/prepare_latents.py', f'--autoencoder={out}/ae', '--dataset=mnist', f'--latents={out}/latents')
+    log += run('train_diffusion.py', 'config/mnist_ldm.py', f'--dataset={out}/latents', f'--out_dir={out}/ldm').stdout[-1500:]
+    run('sample.py', f'--out_dir={out}/ldm', '--num_samples=200', '--save_npz=True', '--sampler=euler', '--steps=25')
+    return log
 
 
 @pytest.hookimpl(trylast=True)  # (after -m and -k deselected)
 def pytest_collection_modifyitems(session, config, items):
-    """The users of a shared training run last, in the order the trainings end."""
+    """The users of a shared training run last, in the order the trainings were declared."""
     global THREADS
     uses = lambda item: [i for i, name in enumerate(SHARED) if name in getattr(item, 'fixturenames', ())]
     items.sort(key=lambda item: max(uses(item), default=-1))
-    config.shared = [name for name in SHARED if any(name in getattr(item, 'fixturenames', ()) for item in items)]
+    used = {n for item in items for name in SHARED if name in getattr(item, 'fixturenames', ()) for n in needs(name)}
+    config.shared = [name for name in SHARED if name in used]
     if config.shared and not all(uses(item) for item in items):  # tests to run beside the trainings: one count for
         THREADS = '1'  # the session (a reference run and the runs compared with it to the bit, in tests before and
         torch.set_num_threads(1)  # after the trainings end, reduce in one order), and one core for the trainings
@@ -157,21 +204,6 @@ def background(request, tmp_path_factory):
     if request.config.shared:
         request.getfixturevalue('mnist')
         return Background(request.config.shared, tmp_path_factory.mktemp('shared'))
-
-
-@pytest.fixture(scope='session')
-def quickstart(background):
-    return background.wait('quickstart')
-
-
-@pytest.fixture(scope='session')
-def gan_run(background):
-    return background.wait('gan_run')
-
-
-@pytest.fixture(scope='session')
-def latent_run(background):
-    return background.wait('latent_run')
 
 
 @pytest.fixture(scope='session')

@@ -26,8 +26,8 @@ COMPILED_RUNS = {
     'distill_consistency.py': ['config/mnist_cd.py', '--batch_size=4', '--sample_interval=1000',
                                '--activation_checkpointing=True'],
     # MeanFlow's JVP runs on an eager view of the model whose blocks are compiled: no graph of it at all
-    'distill_consistency.py --mode=meanflow': ['config/mnist_meanflow.py', '--batch_size=4', '--sample_interval=1000',
-                                               '--activation_checkpointing=True'],
+    'train_meanflow.py': ['config/mnist_meanflow.py', '--batch_size=4', '--sample_interval=1000',
+                          '--activation_checkpointing=True'],
 }
 
 

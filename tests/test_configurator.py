@@ -78,17 +78,20 @@ def script_defaults(script):
 @pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'config', '*.py'))))
 def test_config_files_set_only_known_keys_of_the_right_type(path):
     """A run config names its own out_dir; a recipe (objective only) stacks on one and changes only objective keys;
-    a distillation config (*_cd.py) is distill_consistency.py's and names its teacher, a *_meanflow.py one trains
-    there from scratch; *_ae.py is train_ae.py's, *_gan.py train_gan.py's."""
+    a distillation config (*_cd.py) is distill_consistency.py's and names its teacher, a *_meanflow.py one is
+    train_meanflow.py's; *_ae.py is train_ae.py's, *_gan.py train_gan.py's."""
     if os.path.basename(path).endswith('_ae.py'):
         cfg = configure([path], **script_defaults('train_ae.py'))
         assert cfg['arch'].startswith('AE-') and cfg['out_dir'] != 'out-ae'
     elif os.path.basename(path).endswith('_gan.py'):
         cfg = configure([path], **script_defaults('train_gan.py'))
         assert cfg['arch'].startswith('GAN-') and cfg['out_dir'] != 'out-gan'
-    elif os.path.basename(path).endswith(('_cd.py', '_meanflow.py')):
+    elif os.path.basename(path).endswith('_cd.py'):
         cfg = configure([path], **script_defaults('distill_consistency.py'))
-        assert (cfg['teacher'] or cfg['mode'] == 'meanflow') and cfg['out_dir'] != 'out-cd'
+        assert cfg['teacher'] and cfg['out_dir'] != 'out-cd'
+    elif os.path.basename(path).endswith('_meanflow.py'):
+        cfg = configure([path], **script_defaults('train_meanflow.py'))
+        assert cfg['arch'].startswith('DiT-') and cfg['out_dir'] != 'out-meanflow'
     elif os.path.basename(path).startswith('recipe_'):
         base = configure([os.path.join(REPO, 'config', 'mnist_dit.py')], **script_defaults('train_diffusion.py'))
         cfg = configure([os.path.join(REPO, 'config', 'mnist_dit.py'), path], **script_defaults('train_diffusion.py'))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import bookkeeping as bk
-from conftest import FROZEN, assert_same_steps, run, script_functions
+from common import checksum
+from conftest import FROZEN, assert_same_steps, run, script_functions, shared
 from diffusion import PREDICTIONS, SCHEDULES, Diffusion, bcast
 
 f64 = torch.float64
@@ -219,7 +219,7 @@ def test_resume_is_bit_exact(teacher, tmp_path, mode):
                                        '"latent": {"autoencoder": "ae.pt"}}')
     tckpt = torch.load(teacher / 'ckpt.pt', weights_only=True)
     tckpt['config']['dataset'] = str(latents)
-    tckpt['checksum'] = bk.checksum({k: v for k, v in tckpt.items() if k != 'checksum'})
+    tckpt['checksum'] = checksum({k: v for k, v in tckpt.items() if k != 'checksum'})
     torch.save(tckpt, latent_teacher / 'ckpt.pt')
     for script, args, message in [
             ('sample.py', ['--sigmas=0.8,80'], "sigmas='0.8,80' must be decreasing sigmas in the trained range (0.002, 80.0]"),
@@ -237,10 +237,10 @@ def test_resume_is_bit_exact(teacher, tmp_path, mode):
              "holds no ckpt.pt; pass the out_dir of"),
             ('distill_consistency.py', [f'--teacher={teacher}', '--sigma_sampling=uniform', '--p_mean=-1'],
              "p_mean is set, but sigma_sampling='uniform'"),
-            ('distill_consistency.py', ['--mode=meanflow', '--teacher=', '--p_std=1'],
-             "p_std is set, but mode='meanflow'"),
-            ('distill_consistency.py', ['--mode=ect', f'--teacher={teacher}', '--hflip=True'],
-             f"hflip is set, but teacher='{teacher}' gives them")]:
+            ('distill_consistency.py', ['--teacher='], "teacher='' must be a train_diffusion.py out_dir (MeanFlow "
+             "from scratch: train_meanflow.py)"),
+            ('train_meanflow.py', ['--cfg_kappa=0.5'], "cfg_kappa is set, but cfg_scale=1 (no guidance)"),
+            ('train_meanflow.py', ['--arch=UNet-S'], "arch='UNet-S' must be a DiT preset")]:
         p = run(script, f'--out_dir={tmp_path / "b"}', *args, check=False)
         assert p.returncode != 0 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
 
@@ -282,13 +282,18 @@ def test_two_ranks_match_one_process(teacher, fid_args, tmp_path):
     assert [bool(r['fid']) for r in csv.DictReader(open(tmp_path / 'one' / 'metrics.csv'))] == [False, False, True]
 
 
+@shared
+def cd_run(out, quickstart):
+    """config/mnist_cd.py as typed, distilling the quickstart's run."""
+    return run('distill_consistency.py', 'config/mnist_cd.py', f'--teacher={quickstart}', f'--out_dir={out}').stdout[-800:]
+
+
 @pytest.mark.slow
-def test_one_and_two_step_digits_from_the_quickstart(quickstart, mnist_classifier, tmp_path):
+def test_one_and_two_step_digits_from_the_quickstart(cd_run, mnist_classifier):
     """config/mnist_cd.py distils the quickstart's model (600 steps of 16, 1 minute): 500 conditional samples drawn in
     one network call each must show the digit asked for at least 70% of the time (88% measured), and two calls
     (sigmas 80, 6) as often, to within two standard errors of 500 samples (90% measured)."""
-    out = tmp_path / 'out-mnist-cd'
-    print(run('distill_consistency.py', 'config/mnist_cd.py', f'--teacher={quickstart}', f'--out_dir={out}').stdout[-800:])
+    out = cd_run
     acc = {}
     for sigmas in ('80', '80,6'):
         run('sample.py', f'--out_dir={out}', '--num_samples=500', '--save_npz=True', f'--sigmas={sigmas}')

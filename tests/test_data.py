@@ -356,8 +356,8 @@ def test_two_writers_of_one_dataset_folder_are_refused(tmp_path):
     src, out = tmp_path / "src" / "all", tmp_path / "out"
     solid(src / "a.png", (255, 0, 0))
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {REPO!r}); import bookkeeping, "
-                               f"time; bookkeeping.lock_out_dir({str(out)!r}); print('held', flush=True); "
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {REPO!r}); import common, "
+                               f"time; common.lock_out_dir({str(out)!r}); print('held', flush=True); "
                                f"time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MNIST, run, script_functions
+from conftest import MNIST, run, script_functions, shared
 from diffusion import phema_gamma, phema_weights
 from test_train_diffusion import TINY, load_ckpt
 
@@ -101,10 +101,9 @@ def test_memorization_check_flags_a_planted_copy(quickstart, tmp_path):
     assert i[7, 0] == 1234 and ratio[7] < 1 / 3 and (np.delete(ratio, 7) < 1 / 3).sum() <= flagged
 
 
-def control_dataset(tmp_path):
+@shared
+def control_data(data):
     """A copy of data/mnist with data/prepare_control.py's 4x-downsampled digits (after trying its edges)."""
-    data = tmp_path / 'mnist_control'
-    data.mkdir()
     for name in ('train_x.npy', 'train_y.npy', 'val_x.npy', 'val_y.npy', 'meta.json'):
         shutil.copy(os.path.join(MNIST, name), data / name)
     run('data/prepare_control.py', f'--dataset={data}', '--kind=edges')
@@ -113,7 +112,6 @@ def control_dataset(tmp_path):
     blank = np.all([padded[:, i:i + 28, j:j + 28] == 0 for i in range(3) for j in range(3)], axis=0)
     assert edges.shape == (500, 28, 28) and edges[blank].max() == 0 and edges[~blank].mean() > 50  # zero where flat
     run('data/prepare_control.py', f'--dataset={data}', '--kind=downsample4', '--chunk=1000')
-    return data
 
 
 def downsampled_error(images, controls):
@@ -123,11 +121,12 @@ def downsampled_error(images, controls):
 
 
 @pytest.mark.slow
-def test_unet_takes_a_control_image_by_concat(mnist, tmp_path):
+def test_unet_takes_a_control_image_by_concat(control_data, tmp_path):
     """control='concat' on the UNet, from scratch and from a UNet base (its first conv widened with zeros), then
     sample.py, which feeds each sample its val image's control; the cosine loss term rides along."""
-    data = control_dataset(tmp_path)
-    unet = ['--arch=UNet-S', f'--dataset={data}', '--batch_size=8', '--eval_images=16', '--cosine_loss=0.5']
+    data = control_data
+    unet = ['--arch=UNet-S', f'--dataset={data}', '--batch_size=4', '--eval_images=8', '--cosine_loss=0.5',
+            '--cfg_scale=1']
     run('train_diffusion.py', *TINY, *unet, '--max_steps=2', f'--out_dir={tmp_path / "base"}')
     for name, extra in (('scratch', []), ('tuned', [f'--init_base={tmp_path / "base"}'])):
         run('train_diffusion.py', *TINY, *unet, '--control=concat', '--max_steps=2', f'--out_dir={tmp_path / name}', *extra)
@@ -136,45 +135,57 @@ def test_unet_takes_a_control_image_by_concat(mnist, tmp_path):
     assert (np.load(tmp_path / 'tuned' / 'samples.npz')['arr_1'] == np.load(data / 'val_y.npy')[:3]).all()
 
 
+@shared
+def control_runs(out, quickstart, control_data):
+    """From the quickstart's DiT, 200 steps of concat and of ControlNet training on the 4x-downsampled digits, and 200
+    samples of each and of the base model (of the val images' labels, 25 steps)."""
+    labels = np.load(control_data / 'val_y.npy')[:200]
+    (out / 'base').mkdir()
+    shutil.copy(quickstart / 'ckpt.pt', out / 'base' / 'ckpt.pt')
+    run('sample.py', f'--out_dir={out / "base"}', '--num_samples=200', '--steps=25', '--save_npz=True',
+        f'--class_labels={",".join(map(str, labels))}')
+    for control in ('concat', 'controlnet'):
+        run('train_diffusion.py', 'config/mnist_dit.py', f'--dataset={control_data}', f'--init_base={quickstart}',
+            f'--control={control}', '--max_steps=200', '--warmup_steps=50', '--eval_interval=200',
+            f'--out_dir={out / control}')
+        run('sample.py', f'--out_dir={out / control}', '--num_samples=200', '--steps=25', '--save_npz=True')
+
+
 @pytest.mark.slow
-def test_control_models_follow_their_control(quickstart, mnist_classifier, tmp_path):
+def test_control_models_follow_their_control(control_runs, quickstart, control_data, mnist_classifier):
     """From the quickstart's DiT, 200 steps of concat and of ControlNet training on 4x-downsampled digits: samples drawn
     under a val digit's control must match it (4x4 block means) at least 10x better than the base model's samples of
     the same labels, still show their label, and ControlNet must leave the base weights as they were."""
-    data = control_dataset(tmp_path)
-    controls, labels = np.load(data / 'val_control.npy')[:200], np.load(data / 'val_y.npy')[:200]
-    base = tmp_path / 'base'
-    base.mkdir()
-    shutil.copy(quickstart / 'ckpt.pt', base / 'ckpt.pt')
-    run('sample.py', f'--out_dir={base}', '--num_samples=200', '--steps=25', '--save_npz=True',
-        f'--class_labels={",".join(map(str, labels))}')
-    base_error = downsampled_error(np.load(base / 'samples.npz')['arr_0'], controls)
+    controls, labels = np.load(control_data / 'val_control.npy')[:200], np.load(control_data / 'val_y.npy')[:200]
+    base_error = downsampled_error(np.load(control_runs / 'base' / 'samples.npz')['arr_0'], controls)
     for control in ('concat', 'controlnet'):
-        out = tmp_path / control
-        run('train_diffusion.py', 'config/mnist_dit.py', f'--dataset={data}', f'--init_base={quickstart}',
-            f'--control={control}', '--max_steps=200', '--warmup_steps=50', '--eval_interval=200', f'--out_dir={out}')
-        run('sample.py', f'--out_dir={out}', '--num_samples=200', '--steps=25', '--save_npz=True')
-        samples = np.load(out / 'samples.npz')
+        samples = np.load(control_runs / control / 'samples.npz')
         assert (samples['arr_1'] == labels).all()  # a control model's samples take their val image's label
         error = downsampled_error(samples['arr_0'], controls)
         accuracy = mnist_classifier(samples['arr_0'], labels)
         print(f"{control}: downsampled error {error:.4f} vs the base model's {base_error:.4f}; class accuracy {accuracy:.1%}")
         assert error < base_error / 10 and accuracy >= 0.8
-    trained, start = load_ckpt(tmp_path / 'controlnet')['ema'], load_ckpt(quickstart)['ema']
+    trained, start = load_ckpt(control_runs / 'controlnet')['ema'], load_ckpt(quickstart)['ema']
     assert all(torch.equal(trained[k], w) for k, w in start.items())  # the base stayed frozen
     assert any(not torch.equal(w, torch.zeros_like(w)) for k, w in trained.items() if k.startswith('control_out'))
 
 
+@shared
+def lightning_run(out):
+    """The quickstart's first 1,000 steps (its seed, batches and learning rates) with LightningDiT's options."""
+    return run('train_diffusion.py', 'config/mnist_dit.py', '--norm=rmsnorm', '--mlp=swiglu', '--qk_norm=True',
+               '--rope=True', '--cosine_loss=1.0', '--max_steps=1000', '--lr_decay_steps=6000', '--sample_interval=8000',
+               f'--out_dir={out}').stdout[-800:]
+
+
 @pytest.mark.slow
-def test_lightningdit_options_learn_faster(quickstart, tmp_path):
+def test_lightningdit_options_learn_faster(lightning_run, quickstart):
     """LightningDiT's options together (RMSNorm, SwiGLU, QK-norm, 2-D RoPE, the cosine loss term) learn MNIST faster
     than the plain DiT: after the quickstart's first 1,000 steps (its seed, batches and learning rates), the EMA's
     unweighted val loss on the real val digits is at least 10% below the quickstart's at that step (15.4% and 18.7%
     below at seeds 0 and 1). At 3,000 steps their samples read 96.6% right against the plain DiT's 76.8%
     (docs/guide.md)."""
-    out = tmp_path / 'out'
-    run('train_diffusion.py', 'config/mnist_dit.py', '--norm=rmsnorm', '--mlp=swiglu', '--qk_norm=True', '--rope=True',
-        '--cosine_loss=1.0', '--max_steps=1000', '--lr_decay_steps=6000', '--sample_interval=8000', f'--out_dir={out}')
+    out = lightning_run
     val = [next(r for r in csv.DictReader(open(d / 'metrics.csv')) if r['step'] == '1000' and r['val_loss_ema'])
            for d in (quickstart, out)]
     plain, options = (float(r['val_loss_unweighted_ema']) for r in val)

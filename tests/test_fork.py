@@ -1,12 +1,13 @@
 """A fork in one file: train_diffusion.py copied to train_mine.py outside the repository, its loss changed, trains,
 checkpoints, resumes bit-exactly and is timed by bench.py, with no edit anywhere else."""
 import csv
+import math
 import os
 
 import pytest
 import torch
 
-from conftest import REPO, run
+from conftest import REPO, run, script_functions
 
 SHORT = ['config/mnist_dit.py', '--batch_size=16', '--log_interval=1', '--eval_interval=3', '--eval_images=16',
          '--sample_interval=1000', '--sample_steps=2', '--ckpt_interval=3', '--warmup_steps=2']
@@ -42,3 +43,17 @@ def test_a_fork_of_train_diffusion_trains_resumes_and_is_benchmarked(mnist, tmp_
             f'--bench_dir={tmp_path / "bench"}', env=env)
     assert 'train_mine.py: DiT-N/4 on 1 x 28 x 28' in p.stdout and 'step: ' in p.stdout, p.stdout[-2000:]
 
+
+
+@pytest.mark.parametrize('script', ['train_diffusion.py', 'train_ae.py', 'train_gan.py', 'distill_consistency.py'])
+def test_each_script_writes_the_lr_schedule_inline(script):
+    """Each train script's own get_lr (written in it, where a fork changes it): a linear warm-up, then a cosine from lr
+    to min_lr at lr_decay_steps (0: max_steps) that stays there, or constant."""
+    keys = dict(lr=1.0, min_lr=0.1, warmup_steps=2, lr_decay_steps=6, max_steps=8, lr_schedule='cosine', math=math)
+    (get_lr,) = script_functions(script, 'get_lr', **keys)
+    lrs = [get_lr(s) for s in range(8)]
+    assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[4] == pytest.approx(0.55) and lrs[6:] == [0.1, 0.1]
+    (get_lr,) = script_functions(script, 'get_lr', **{**keys, 'lr_decay_steps': 0, 'max_steps': 6})
+    assert [get_lr(s) for s in range(8)] == lrs
+    (get_lr,) = script_functions(script, 'get_lr', **{**keys, 'lr_schedule': 'constant'})
+    assert [get_lr(s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]

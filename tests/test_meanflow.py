@@ -1,4 +1,4 @@
-"""distill_consistency.py --mode=meanflow (Geng et al. 2025): its target against the closed form of Gaussian data's
+"""train_meanflow.py (Geng et al. 2025): its target against the closed form of Gaussian data's
 average velocity, the JVP against finite differences, two ranks against one process, exact resume, and sample.py's
 one and two steps."""
 from contextlib import nullcontext
@@ -45,7 +45,7 @@ def exact_net(z, t, y, interval):
 
 
 def script_loss(net, **namespace):
-    loss, _ = script_functions('distill_consistency.py', 'meanflow_loss', 'average_velocity', torch=torch, bcast=bcast,
+    loss, _ = script_functions('train_meanflow.py', 'meanflow_loss', 'average_velocity', torch=torch, bcast=bcast,
                                ctx=nullcontext(), sdpa_kernel=sdpa_kernel, SDPBackend=SDPBackend, jvp_net=net, time_scale=1.0,
                                model=net, raw_model=net, **{**dict(cfg_scale=1.0, adaptive_eps=1e-3, adaptive_p=1.0),
                                                             **namespace})
@@ -84,7 +84,7 @@ def test_jvp_through_the_dit_matches_finite_differences():
     with torch.no_grad():  # off the zero init: every path moves the output
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    (average_velocity,) = script_functions('distill_consistency.py', 'average_velocity', time_scale=1.0)
+    (average_velocity,) = script_functions('train_meanflow.py', 'average_velocity', time_scale=1.0)
     g = torch.Generator().manual_seed(1)
     z, v = torch.randn(3, 2, 8, 8, generator=g), torch.randn(3, 2, 8, 8, generator=g)
     t, r, y = torch.tensor([0.4, 0.8, 0.5]), torch.tensor([0.1, 0.8, 0.2]), torch.tensor([0, 2, 3])
@@ -99,7 +99,7 @@ def test_jvp_through_the_dit_matches_finite_differences():
         assert scale > 0.1, name
 
 
-TINY = ['--mode=meanflow', '--teacher=', '--batch_size=8', '--log_interval=1', '--sample_interval=1000',
+TINY = ['--batch_size=8', '--log_interval=1', '--sample_interval=1000',
         '--ckpt_interval=1000', '--lr=1e-3']
 
 
@@ -107,18 +107,18 @@ TINY = ['--mode=meanflow', '--teacher=', '--batch_size=8', '--log_interval=1', '
 def test_meanflow_two_ranks_resume_and_sampling(mnist, tmp_path):
     """With guidance folded into the target (cfg_scale=2): torchrun with 2 gloo ranks == 1 process (the DDP model's
     own forward carries the gradient, so it is all-reduced; the JVP's target has none); 3 steps, a stop and 3 more
-    == 6 to the bit; sample.py draws in one step and in two. A teacher of another objective stops in one line; a
-    flow teacher starts the student as itself (u(z, t, t) = its v)."""
+    == 6 to the bit; sample.py draws in one step and in two. A base run of another objective stops in one line; a
+    flow run starts the model as itself (u(z, t, t) = its v)."""
     common = [*TINY, '--cfg_scale=2', '--max_steps=3']
     one_thread = {'OMP_NUM_THREADS': '1'}
-    run('torchrun', '--standalone', '--nproc_per_node=2', 'distill_consistency.py', *common, *FROZEN,
+    run('torchrun', '--standalone', '--nproc_per_node=2', 'train_meanflow.py', *common, *FROZEN,
         f'--out_dir={tmp_path / "ddp"}', env=one_thread)
-    run('distill_consistency.py', *common, *FROZEN, f'--out_dir={tmp_path / "frozen"}', env=one_thread)
+    run('train_meanflow.py', *common, *FROZEN, f'--out_dir={tmp_path / "frozen"}', env=one_thread)
     assert_same_steps(tmp_path / 'frozen', tmp_path / 'ddp')  # (FROZEN's lr: conftest.py)
     six = [*TINY, '--cfg_scale=2', '--max_steps=6']
-    run('distill_consistency.py', *common, f'--out_dir={tmp_path / "one"}')
-    run('distill_consistency.py', *six, f'--out_dir={tmp_path / "one"}')
-    run('distill_consistency.py', *six, f'--out_dir={tmp_path / "straight"}')
+    run('train_meanflow.py', *common, f'--out_dir={tmp_path / "one"}')
+    run('train_meanflow.py', *six, f'--out_dir={tmp_path / "one"}')
+    run('train_meanflow.py', *six, f'--out_dir={tmp_path / "straight"}')
     a, b = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True) for d in ('one', 'straight'))
     for key in ('model', 'ema'):
         assert all(torch.equal(w, b[key][name]) for name, w in a[key].items()), key
@@ -133,10 +133,10 @@ def test_meanflow_two_ranks_resume_and_sampling(mnist, tmp_path):
         teachers[name] = tmp_path / f'teacher_{name}'
         run('train_diffusion.py', '--arch=DiT-N/4', '--batch_size=8', '--max_steps=2', '--eval_images=16',
             '--sample_steps=2', *args, f'--out_dir={teachers[name]}')
-    p = run('distill_consistency.py', *TINY[:1], *TINY[2:], f'--teacher={teachers["eps"]}', f'--out_dir={tmp_path / "x"}',
-            check=False)
-    assert p.returncode == 1 and "mode='meanflow' starts from a DiT's flow velocity" in p.stderr.strip().splitlines()[-1]
-    run('distill_consistency.py', *TINY[:1], *TINY[2:], f'--teacher={teachers["flow"]}', '--max_steps=1', '--lr=1e-12',
+    p = run('train_meanflow.py', *TINY, f'--init_base={teachers["eps"]}', f'--out_dir={tmp_path / "x"}', check=False)
+    assert p.returncode == 1 and "is not a flow run of this model and data (this run vs the base: {'schedule': " \
+        "('flow', 'linear'), 'prediction_type': ('flow', 'eps')})" in p.stderr.strip().splitlines()[-1], p.stderr
+    run('train_meanflow.py', *TINY, f'--init_base={teachers["flow"]}', '--max_steps=1', '--lr=1e-12',
         f'--out_dir={tmp_path / "from_flow"}')
     student = DiT(DiTConfig(**torch.load(tmp_path / 'from_flow' / 'ckpt.pt', weights_only=True)['model_args']))
     student.load_state_dict(torch.load(tmp_path / 'from_flow' / 'ckpt.pt', weights_only=True)['model'])

@@ -5,17 +5,15 @@ and a resumed run is bit-exact, projectors included."""
 import csv
 import contextlib
 import math
-import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import pretrained
-from conftest import FROZEN, MNIST, assert_same_steps, run, script_functions
+from conftest import FROZEN, assert_same_steps, run, script_functions, shared
 from diffusion import Diffusion, bcast
 from model import DINOv2, DiT, DiTConfig, ViTConfig
 from test_pretrained import LAYOUTS
@@ -89,10 +87,10 @@ def test_sra_and_repa_targets():
 def test_repa_encoder_sees_the_images_latents_encode():
     """On pixels REPA's encoder sees the batch itself; on a latent dataset, the train images of the dataset the
     latents encode, by the batch's indices, mirrored where the batch's latents are the mirror images' (NCHW, [-1, 1])."""
-    import bookkeeping
+    import dataformat
     pixels = np.random.default_rng(0).integers(0, 256, (10, 4, 5, 1), dtype=np.uint8)
     idx, flip = np.array([1, 3, 3, 8]), torch.tensor([False, True, False, True])
-    namespace = dict(torch=torch, bk=bookkeeping, device='cpu', pixels=pixels)
+    namespace = dict(torch=torch, dataformat=dataformat, device='cpu', pixels=pixels)
     (on_pixels,) = script_functions('train_diffusion.py', 'encoder_images', latent=None, **namespace)
     x = torch.randn(4, 1, 4, 5)
     assert on_pixels(x, idx, flip) is x
@@ -159,35 +157,31 @@ def test_terms_on_two_ranks_and_resumed(mnist, tmp_path):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
 
 
+@shared
+def repa_run(out):
+    """REPA with a stand-in for DINOv2 (tests/repa_encoder.py: a 2-block ViT in DINOv2's layout, trained for 15 epochs
+    to classify the training digits) over the quickstart's first 1,000 steps (its seed, batches and learning rates),
+    and 400 conditional samples (25 DDIM steps)."""
+    run('tests/repa_encoder.py', out / 'encoder.pth')
+    log = run('train_diffusion.py', 'config/mnist_dit.py', '--repa_weight=0.5', f'--repa_encoder={out / "encoder.pth"}',
+              '--max_steps=1000', '--lr_decay_steps=6000', '--sample_interval=8000', f'--out_dir={out}').stdout[-800:]
+    run('sample.py', f'--out_dir={out}', '--num_samples=400', '--steps=25', '--save_npz=True')
+    return log
+
+
 @pytest.mark.slow
-def test_repa_learns_the_classes_faster(quickstart, mnist_classifier, tmp_path):
-    """REPA with a stand-in for DINOv2 (a 2-block ViT in DINOv2's layout, trained here for 15 epochs to classify the
-    training digits): after the quickstart's first 1,000 steps (its seed, batches and learning rates), 400 conditional
-    samples (25 DDIM steps) read at least 15 points more right than the quickstart's own at step 1,000 (measured:
-    47.2% against 19.8%, a gap of 27 points where the noise of 400 samples' accuracies is 3; at 2,000 steps 91.5%
-    against 62.5%; at 1,500 and 3,000 steps, 500 samples, two seeds: docs/guide.md, 'Representation terms')."""
-    torch.manual_seed(0)
-    x = torch.from_numpy(np.load(os.path.join(MNIST, 'train_x.npy'))).permute(0, 3, 1, 2).float() / 255
-    y = torch.from_numpy(np.load(os.path.join(MNIST, 'train_y.npy')))
-    vit, head = DINOv2(ViTConfig(patch_size=4, dim=64, depth=2, pos_grid=7)).train().requires_grad_(), nn.Linear(64, 10)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    opt = torch.optim.Adam([*vit.parameters(), *head.parameters()], lr=2e-3)
-    for epoch in range(15):  # (as train_diffusion.py feeds it: three equal channels, ImageNet's normalisation)
-        for idx in torch.randperm(len(x)).split(64):
-            loss = F.cross_entropy(head(vit((x[idx].expand(-1, 3, -1, -1) - mean) / std).mean(1)), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    torch.save(vit.state_dict(), tmp_path / 'encoder.pth')
-    out = tmp_path / 'repa'
-    run('train_diffusion.py', 'config/mnist_dit.py', '--repa_weight=0.5', f'--repa_encoder={tmp_path / "encoder.pth"}',
-        '--max_steps=1000', '--lr_decay_steps=6000', '--sample_interval=8000', f'--out_dir={out}')
+def test_repa_learns_the_classes_faster(repa_run, quickstart, mnist_classifier, tmp_path):
+    """REPA with a stand-in encoder (repa_run): after the quickstart's first 1,000 steps (its seed, batches and learning
+    rates), 400 conditional samples (25 DDIM steps) read at least 15 points more right than the quickstart's own at
+    step 1,000 (measured: 47.2% against 19.8%, a gap of 27 points where the noise of 400 samples' accuracies is 3; at
+    2,000 steps 91.5% against 62.5%; at 1,500 and 3,000 steps, 500 samples, two seeds: docs/guide.md, 'Representation
+    terms')."""
     base = tmp_path / 'quickstart'
     base.mkdir()
     shutil.copy(quickstart / 'ckpt_0001000.pt', base / 'ckpt.pt')
+    run('sample.py', f'--out_dir={base}', '--num_samples=400', '--steps=25', '--save_npz=True')
     accuracy = {}
-    for name, out_dir in (('quickstart', base), ('REPA', out)):
-        run('sample.py', f'--out_dir={out_dir}', '--num_samples=400', '--steps=25', '--save_npz=True')
+    for name, out_dir in (('quickstart', base), ('REPA', repa_run)):
         samples = np.load(out_dir / 'samples.npz')
         accuracy[name] = mnist_classifier(samples['arr_0'], samples['arr_1'])
     print(f"class accuracy of 400 samples at step 1000: {accuracy}")

@@ -163,13 +163,22 @@ def ae_setup(mnist, tmp_path_factory):
     return base, reference_run('train_ae.py', base, tmp_path_factory.mktemp('reference_ae'))
 
 
+@pytest.fixture(scope='module')
+def meanflow_setup(mnist, tmp_path_factory):
+    """train_meanflow.py's 12 steps from scratch (guidance folded into the target), and its reference."""
+    base = ['--batch_size=8', '--log_interval=1', '--sample_interval=6', '--ckpt_interval=2', '--max_steps=12',
+            '--cfg_scale=2', '--warmup_steps=2']
+    return base, reference_run('train_meanflow.py', base, tmp_path_factory.mktemp('reference_meanflow'))
+
+
 # each script's killed run: the fixture of its arguments and reference run, the line printed once it has resumed (or
 # started), the number of kills, those of them that come halfway through a checkpoint write, and how many steps
 # past its start a run may go before it is killed
 KILLED = {'train_diffusion.py': ('diffusion_setup', r'^(resuming .* at step (\d+)|DiT-N/4: )', 10, (2, 5, 8), 8),
           'distill_consistency.py': ('distill_setup', r'^(resuming .* at step (\d+)|teacher )', 10, (2, 5, 8), 8),
           'train_gan.py': ('gan_setup', r'^(resuming .* at step (\d+)|GAN-T: )', 4, (1,), 4),
-          'train_ae.py': ('ae_setup', r'^(resuming .* at step (\d+)|AE-S/f4: )', 4, (1,), 4)}
+          'train_ae.py': ('ae_setup', r'^(resuming .* at step (\d+)|AE-S/f4: )', 4, (1,), 4),
+          'train_meanflow.py': ('meanflow_setup', r'^(resuming .* at step (\d+)|DiT-N/4: )', 4, (1,), 4)}
 
 
 @pytest.mark.slow
@@ -494,7 +503,6 @@ def test_bad_input_stops_with_one_clear_line(prior, tmp_path, case, args, messag
 # what bookkeeping.py guarantees every script, by class of input: each case feeds one script (parametrized over the
 # scripts it applies to) and checks the one line, the exit, and that the out_dir and the inputs are as they were
 
-TRAIN_SCRIPTS = ['train_diffusion.py', 'train_gan.py', 'train_ae.py', 'distill_consistency.py']
 # each script's smallest run: a log line per step; evaluations, grids and a checkpoint at the end
 TINY = {'train_diffusion.py': ['--arch=DiT-N/4', '--batch_size=8', '--log_interval=1', '--eval_images=16',
                                '--sample_steps=2', '--warmup_steps=2'],

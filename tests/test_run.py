@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import bookkeeping as bk
+import common
 
 
 @pytest.fixture(autouse=True)
@@ -57,14 +58,14 @@ def train(run, model, optimizer, steps, bad=()):
 
 def test_resume_restores_each_object_by_name_the_counters_and_the_rngs(tmp_path):
     model = net()
-    optimizer = bk.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
+    optimizer = common.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
     run = bk.Run(config(tmp_path), 'test', 'cpu')
     assert run.resume(model=model, optimizer=optimizer, model_args={'width': 2}) == {} and run.step == 0
     train(run, model, optimizer, 5)
     drawn = torch.rand(3)  # the global RNG right after the save
     assert run.saved_step == 5 and sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'metrics.csv', 'run.lock']
     again = nn.Linear(3, 2)
-    again_opt = bk.adamw(again.parameters(), 1e-2, (0.9, 0.95), 0.0)  # a changed beta2 is this run's
+    again_opt = common.adamw(again.parameters(), 1e-2, (0.9, 0.95), 0.0)  # a changed beta2 is this run's
     resumed = bk.Run(config(tmp_path), 'test', 'cpu')
     ckpt = resumed.resume(model=again, optimizer=again_opt, model_args={'width': 2})
     assert resumed.init_from == 'resume' and ckpt['step'] == resumed.step == 5
@@ -78,7 +79,7 @@ def test_resume_restores_each_object_by_name_the_counters_and_the_rngs(tmp_path)
 
 def test_resume_refuses_a_run_of_another_shape_kind_or_parts(tmp_path):
     model = net()
-    optimizer = bk.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
+    optimizer = common.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
     run = bk.Run(config(tmp_path, max_steps=2), 'test', 'cpu')
     run.resume(model=model, optimizer=optimizer, model_args={'width': 2})
     train(run, model, optimizer, 2)
@@ -120,7 +121,7 @@ def test_sums_are_averaged_over_the_log_window_without_the_skipped_updates(tmp_p
 
 def test_max_nonfinite_skipped_updates_in_a_row_stop_the_run_naming_the_last_good_checkpoint(tmp_path):
     model = net()
-    optimizer = bk.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
+    optimizer = common.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
     run = bk.Run(config(tmp_path, log_interval=1, max_nonfinite=2), 'test', 'cpu')
     run.resume(model=model)
     train(run, model, optimizer, 5)
@@ -150,7 +151,7 @@ def test_due_and_the_log_steps(tmp_path):
 @pytest.mark.parametrize('how', ['SIGTERM', 'SIGUSR1', 'SIGHUP', 'SIGINT', 'max_minutes'])
 def test_a_signal_or_max_minutes_stops_the_loop_at_the_step_with_a_save(tmp_path, capsys, how):
     model = net()
-    optimizer = bk.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
+    optimizer = common.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
     run = bk.Run(config(tmp_path, max_minutes=1e-9 if how == 'max_minutes' else 0), 'test', 'cpu')
     run.resume(model=model)
     if how != 'max_minutes':
@@ -167,25 +168,25 @@ def test_a_signal_or_max_minutes_stops_the_loop_at_the_step_with_a_save(tmp_path
 
 def test_save_is_whole_checksummed_and_keep_last_keeps_the_newest(tmp_path):
     model = net()
-    optimizer = bk.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
+    optimizer = common.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
     run = bk.Run(config(tmp_path, ckpt_interval=1, keep_last=2, max_steps=4), 'test', 'cpu')
     run.resume(model=model)
     train(run, model, optimizer, 4)
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.pt')) == [
         'ckpt.pt', 'ckpt_0000003.pt', 'ckpt_0000004.pt']
     assert os.path.samefile(tmp_path / 'ckpt.pt', tmp_path / 'ckpt_0000004.pt')  # (a second name: no space)
-    ckpt = bk.load_checkpoint(tmp_path / 'ckpt.pt', 'fix')
-    assert ckpt['step'] == 4 and ckpt['format'] == bk.FORMAT and ckpt['checksum'] == bk.checksum(
+    ckpt = common.load_checkpoint(tmp_path / 'ckpt.pt', 'fix')
+    assert ckpt['step'] == 4 and ckpt['format'] == common.FORMAT and ckpt['checksum'] == common.checksum(
         {k: v for k, v in ckpt.items() if k != 'checksum'})
     ckpt['model']['weight'][0, 0] += 1  # one weight changed on disk
     torch.save(ckpt, tmp_path / 'changed.pt')
     with pytest.raises(SystemExit, match="changed.pt is corrupt: its contents do not match the checksum"):
-        bk.load_checkpoint(tmp_path / 'changed.pt', 'fix')
+        common.load_checkpoint(tmp_path / 'changed.pt', 'fix')
 
 
 def test_init_from_never_mixes_histories(tmp_path):
     model = net()
-    optimizer = bk.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
+    optimizer = common.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
     with pytest.raises(SystemExit, match=r"init_from='resume' but .*ckpt.pt does not exist; use --init_from=scratch"):
         bk.Run(config(tmp_path, init_from='resume'), 'test', 'cpu')
     run = bk.Run(config(tmp_path, ckpt_interval=1, keep_last=3, max_steps=3), 'test', 'cpu')
@@ -208,7 +209,7 @@ def test_a_resumed_run_logs_on_from_its_checkpoint_and_notices_a_changed_input(t
     data.write_bytes(b'images')
     out = tmp_path / 'out'
     model = net()
-    optimizer = bk.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
+    optimizer = common.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
     run = bk.Run(config(out, log_interval=1, ckpt_interval=3), 'test', 'cpu', inputs=[('dataset', str(data))])
     run.resume(model=model)
     train(run, model, optimizer, 5)  # logged 1..5, saved at 3
@@ -242,9 +243,3 @@ def test_the_lock_names_its_holder_and_a_killed_runs_files_are_cleared(tmp_path)
     (out / 'samples').write_text('')
     with pytest.raises(SystemExit, match="samples is a file where this kit makes a folder"):
         run.path('samples/0.png')
-
-
-def test_lr_schedule():
-    lrs = [bk.cosine_lr(s, 1.0, 0.1, 2, 6) for s in range(8)]
-    assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0 and lrs[4] == pytest.approx(0.55) and lrs[6:] == [0.1, 0.1]
-    assert [bk.cosine_lr(s, 1.0, 0.1, 2, 6, 'constant') for s in range(4)] == [0.5, 1.0, 1.0, 1.0]

@@ -46,6 +46,8 @@ def serve(path):
     import torch.distributed  # noqa: F401
     import torch.nn.parallel  # noqa: F401
     import bookkeeping  # noqa: F401
+    import common  # noqa: F401
+    import dataformat  # noqa: F401
     import diffusion  # noqa: F401
     import model  # noqa: F401
     import pretrained  # noqa: F401

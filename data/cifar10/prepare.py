@@ -23,7 +23,8 @@ import zlib
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from bookkeeping import lock_out_dir, replacing, save_dataset  # noqa: E402 (the kit's writers: whole files)
+from common import lock_out_dir, replacing  # noqa: E402 (the kit's lock and writers: whole files)
+from dataformat import save_dataset  # noqa: E402
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 MD5 = "c32a1d4ab5d03f1284b67883e8d87530"  # as listed on https://www.cs.toronto.edu/~kriz/cifar.html

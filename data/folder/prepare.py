@@ -38,7 +38,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from bookkeeping import claim_dataset, lock_out_dir, new_memmap, open_new, replacing  # noqa: E402 (the kit's lock and writers)
+from common import lock_out_dir, new_memmap, open_new, replacing  # noqa: E402 (the kit's lock and writers)
+from dataformat import claim_dataset  # noqa: E402
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # folders that are never classes nor searched, besides hidden ones (any name starting with '.')

@@ -29,7 +29,8 @@ import zlib
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from bookkeeping import lock_out_dir, replacing, save_dataset  # noqa: E402 (the kit's writers: whole files)
+from common import lock_out_dir, replacing  # noqa: E402 (the kit's lock and writers: whole files)
+from dataformat import save_dataset  # noqa: E402
 
 MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
 IDX_MD5 = {  # as listed in torchvision.datasets.MNIST.resources
