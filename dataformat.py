@@ -98,6 +98,53 @@ def load_masks(data_dir, split, meta, n, dataset, script):
     return mask
 
 
+def load_controls(dataset, data_dir, meta, data, asker):
+    """The control images of data's splits, memory-mapped: {split: uint8 (N, H, W, channels)}, one per
+    image (data/prepare_control.py's), checked against the split's images. meta.json names them: a dataset
+    prepared again since has none until prepare_control.py runs again. asker: what needs them."""
+    try:
+        if not isinstance(meta.get('control'), dict):
+            raise OSError(2, 'meta.json has no control entry', os.path.join(data_dir, 'meta.json'))
+        controls = {s: np.load(os.path.join(data_dir, f'{s}_control.npy'), mmap_mode='r') for s in data}
+    except (OSError, ValueError) as e:
+        why = f'{e.strerror}: {e.filename}' if isinstance(e, OSError) else repr(e)
+        raise SystemExit(f"error: {asker} but {data_dir} holds no readable control images ({why}); run "
+                         f"python data/prepare_control.py --dataset={dataset}")
+    H = meta['image_size']
+    for split, ctrl in controls.items():
+        if ctrl.dtype != np.uint8 or ctrl.shape[:3] != (len(data[split][0]), H, H):
+            raise SystemExit(f"error: {os.path.join(data_dir, split)}_control.npy is {ctrl.dtype} {ctrl.shape}, "
+                             f"not uint8 ({len(data[split][0])}, {H}, {H}, channels); re-run "
+                             f"data/prepare_control.py")
+    return controls
+
+
+def mirrored_latents(data_dir, meta, asker):
+    """The latents of the train images' mirror images (data/prepare_latents.py --flips=True),
+    memory-mapped. asker: what needs them."""
+    if not meta['latent']['flips']:
+        raise SystemExit(f"error: {asker} but {data_dir} holds no latents of mirror images; encode them "
+                         f"with data/prepare_latents.py --flips=True, or train with --hflip=False")
+    return np.load(os.path.join(data_dir, 'train_x_flip.npy'), mmap_mode='r')
+
+
+def encoded_images(data_dir, meta, data, asker):
+    """The train images (uint8, memory-mapped) of the dataset whose latents data_dir holds, checked to be
+    those the latents encode (their size, channels and labels). asker: what needs them."""
+    latent = meta['latent']
+    try:
+        image_dir, image_meta, images = load_dataset(latent['dataset'], splits=('train',))
+    except SystemExit as e:
+        raise SystemExit(f"{e} ({asker} sees the images {data_dir} encodes)")
+    pixels, labels = images['train']
+    if ((image_meta['image_size'], image_meta['channels']) != (latent['image_size'], latent['channels'])
+            or not np.array_equal(labels, data['train'][1])):
+        raise SystemExit(f"error: {asker} sees the images {data_dir} encodes, but {image_dir}'s are others "
+                         f"({len(pixels)} train images and labels; the latents: {len(data['train'][1])}); "
+                         f"encode it again with data/prepare_latents.py")
+    return pixels
+
+
 DATASET_MARK = '.prepared-by-kit'  # in each folder a prepare script writes a dataset into
 
 

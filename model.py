@@ -949,6 +949,18 @@ class DINOv2(nn.Module):
             x = block(x)
         return self.norm(x)[:, 1:]
 
+class Projectors(nn.ModuleDict):
+    """REPA's and SRA's projectors from a DiT block's tokens (dim wide) to each target's width, called
+    together (one module for DDP): {term: tokens} -> {term: projected}. Each is REPA's MLP: three
+    layers, 2048 wide (at most 4 dim)."""
+    def __init__(self, dim, widths):
+        hidden = min(2048, 4 * dim)
+        super().__init__({k: nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                           nn.Linear(hidden, width)) for k, width in widths.items()})
+
+    def forward(self, tokens):
+        return {k: self[k](h) for k, h in tokens.items()}
+
 # -----------------------------------------------------------------------------
 # GAN: R3GAN's generator and discriminator (Huang et al. 2024, "The GAN is dead; long live the
 # GAN!"): ResNeXt-style residual blocks with no normalisation, kept stable at initialisation by

@@ -232,11 +232,8 @@ if decoder:
                          f"latents, and this model makes {model.config.in_channels} channels")
     clip_x0 = False  # x0 is a latent: no [-1, 1] to clip to
 if control:
-    try:
-        controls = np.load(os.path.join(data_dir, 'val_control.npy'), mmap_mode='r')
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: this model follows control images, and {data_dir} has none "
-                         f"({e}); run python data/prepare_control.py --dataset={dataset}")
+    controls = dataformat.load_controls(dataset, data_dir, meta, {'val': data['val']},
+                                        'this model follows control images')['val']
 if memorization and latent:
     raise SystemExit("error: memorization=True compares pixels, and this model's training images "
                      "are latents; check a pixel model, or compare decoded samples with the images")

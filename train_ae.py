@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.utils import clip_grad_norm_
 
 import common
 import dataformat
@@ -217,11 +218,14 @@ if compile:  # (model.compile_for_training says what runs compiled, and why)
 if run.ddp:
     model = DDP(model, device_ids=[device] if device_type == 'cuda' else None)
     disc = DDP(disc, device_ids=[device] if device_type == 'cuda' else None) if disc else None
+ddp_nets = [net for net in (model, disc) if run.ddp and net is not None]  # (all-reduce on a step's last micro-step)
+no_norm = torch.zeros((), device=device)  # (the discriminator's gradient norm before it trains)
 params, ema_params = list(raw_model.parameters()), list(ema.parameters())
 d_params = list(raw_disc.parameters()) if disc else []
 ae_flops = raw_model.flops_per_sample()
 d_flops = count_flops(raw_disc, torch.zeros(1, C, H, W, device=device)) if disc else 0
 latent_size = H // raw_model.factor
+noise_shape = (batch_size, z_channels, latent_size, latent_size)  # a step's draw of the posterior's noise
 if run.master:
     print(f"{arch}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, {ae_flops / 1e9:.3f} GFLOPs "
           f"forward per image; latents {z_channels} x {latent_size} x {latent_size}"
@@ -372,36 +376,31 @@ for step in range(run.step, max_steps):
     lr_now = get_lr(step)
     for group in optimizer.param_groups + (d_optimizer.param_groups if disc else []):
         group['lr'] = lr_now
-    eps_all = torch.randn((batch_size, z_channels, latent_size, latent_size),
-                          generator=run.rng(step, 1, device), device=device)
+    eps_all = torch.randn(noise_shape, generator=run.rng(step, 1, device), device=device)
     for micro in range(grad_accum):
-        if run.ddp:  # all-reduce the gradients on the last micro-step only
-            for net in (model, disc) if disc else (model,):
-                net.require_backward_grad_sync = micro == grad_accum - 1
+        for net in ddp_nets:  # all-reduce the gradients on the last micro-step only
+            net.require_backward_grad_sync = micro == grad_accum - 1
         with ctx:
             xrec, mean, logvar, heads = model(x, eps_all[run.slice(micro)])
         xrec = xrec.float()
         nll, rec, kl = reconstruction_losses(x, xrec, mean, logvar)
         loss = nll + kl_weight * kl
-        heads = head_losses(heads, y, m)
-        if heads:
-            loss = loss + cls_weight * heads.get('cls_loss', 0) + seg_weight * heads.get('seg_loss', 0)
-            run.add(**heads)
+        heads = head_losses(heads, y, m)  # ({} without heads)
+        loss = loss + cls_weight * heads.get('cls_loss', 0) + seg_weight * heads.get('seg_loss', 0)
         if adv_on:
             adv, weight = adversarial_term(nll, xrec)
             loss = loss + disc_weight * weight * adv
             run.add(adv=adv, adv_weight=weight)
         (loss / grad_accum).backward()
-        run.add(loss=loss, rec=rec, kl=kl)
+        run.add(loss=loss, rec=rec, kl=kl, **heads)
         if train_disc:
             d_loss, logits_real, logits_fake = hinge_loss(x, xrec)
             (d_loss / grad_accum).backward()
             run.add(d_loss=d_loss, logits_real=logits_real, logits_fake=logits_fake)
         if micro + 1 < grad_accum or step + 1 < max_steps:  # fetch the next batch while this step runs
             x, y, m = get_batch(step, micro + 1) if micro + 1 < grad_accum else get_batch(step + 1, 0)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float('inf'))
-    d_grad_norm = (torch.nn.utils.clip_grad_norm_(d_params, grad_clip or float('inf')) if train_disc
-                   else torch.zeros((), device=device))
+    grad_norm = clip_grad_norm_(params, grad_clip or float('inf'))
+    d_grad_norm = clip_grad_norm_(d_params, grad_clip or float('inf')) if train_disc else no_norm
     bad = ~(grad_norm.isfinite() & d_grad_norm.isfinite())  # skipped by fused AdamW: no host sync
     for opt in (optimizer, d_optimizer) if train_disc else (optimizer,):
         opt.found_inf = bad.float()
@@ -410,8 +409,7 @@ for step in range(run.step, max_steps):
     with torch.no_grad():  # the EMA with warm-up (a skipped update leaves it alone)
         torch._foreach_lerp_(ema_params, params, (1 - min(ema_decay, (1 + step) / (10 + step))) * ~bad)
     run.end_step(bad, flops_per_image(step))
-    # validation (best.pt, early stopping), the log line and checkpoints, each when due
-    val, quiet, improved, early_stop = {}, {}, False, False
+    val, quiet, improved, early_stop = {}, {}, False, False  # validation (best.pt, early stopping) when due
     if run.due(eval_interval):
         (val, _), (val_ema, quiet) = evaluate(raw_model), evaluate(ema, '_ema')
         val.update(val_ema)

@@ -36,14 +36,13 @@ import bookkeeping as bk  # (first: from here on a Ctrl-C is one line, not a tra
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import dataformat
 from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, Diffusion, bcast, phema_gamma, randn
-from model import ARCHS, AEConfig, Autoencoder, compile_for_training, create_model
+from model import ARCHS, AEConfig, Autoencoder, Projectors, compile_for_training, create_model
 from pretrained import dinov2, dit, or_exit, released_family
 
 # -----------------------------------------------------------------------------
@@ -244,33 +243,12 @@ H, W, C, K = meta['image_size'], meta['image_size'], meta['channels'], meta['num
 num_classes = K if class_cond else 0
 latent = meta.get('latent')  # a latent dataset: float16 latents, their statistics and their decoder
 if latent:
-    if hflip and not latent['flips']:
-        raise SystemExit(f"error: hflip=True but {data_dir} holds no latents of mirror images; "
-                         f"encode them with data/prepare_latents.py --flips=True, or train with "
-                         f"--hflip=False")
-    x_flip = np.load(os.path.join(data_dir, 'train_x_flip.npy'), mmap_mode='r') if hflip else None
+    x_flip = dataformat.mirrored_latents(data_dir, meta, 'hflip=True') if hflip else None
     latent_mean, latent_std = (torch.tensor(latent[k], device=device).view(1, C, 1, 1)
                                for k in ('mean', 'std'))
 # control images (N, H, W, C_ctrl) uint8, one per image, from data/prepare_control.py
-controls, C_ctrl = {}, 0
-if control:
-    # meta.json names them: a dataset prepared again since has none until prepare_control.py
-    # runs again
-    try:
-        if not isinstance(meta.get('control'), dict):
-            raise OSError(2, 'meta.json has no control entry', os.path.join(data_dir, 'meta.json'))
-        controls = {s: np.load(os.path.join(data_dir, f'{s}_control.npy'), mmap_mode='r')
-                    for s in data}
-        C_ctrl = controls['train'].shape[-1]
-    except (OSError, ValueError) as e:
-        why = f'{e.strerror}: {e.filename}' if isinstance(e, OSError) else repr(e)
-        raise SystemExit(f"error: control='{control}' but {data_dir} holds no readable control "
-                         f"images ({why}); run python data/prepare_control.py --dataset={dataset}")
-    for split, ctrl in controls.items():
-        if ctrl.dtype != np.uint8 or ctrl.shape[:3] != (len(data[split][0]), H, W):
-            raise SystemExit(f"error: {os.path.join(data_dir, split)}_control.npy is "
-                             f"{ctrl.dtype} {ctrl.shape}, not uint8 ({len(data[split][0])}, {H}, "
-                             f"{W}, channels); re-run data/prepare_control.py")
+controls = dataformat.load_controls(dataset, data_dir, meta, data, f"control='{control}'") if control else {}
+C_ctrl = controls['train'].shape[-1] if control else 0
 
 def class_weights(labels):
     """Per-image sampling weights count(class)^-class_balance, normalised: class k is drawn with
@@ -379,17 +357,7 @@ if terms:
         raise SystemExit(f"error: {', '.join(too_deep)}, but {arch} has {depth} blocks")
 if repa_weight:
     # the encoder sees images: of a latent dataset, the ones it encodes (as REPA's code reads ImageNet's)
-    if latent:
-        try:
-            image_dir, image_meta, images = dataformat.load_dataset(latent['dataset'], splits=('train',))
-        except SystemExit as e:
-            raise SystemExit(f"{e} (repa_weight: its encoder sees the images {data_dir} encodes)")
-        pixels, labels = images['train']
-        if ((image_meta['image_size'], image_meta['channels']) != (latent['image_size'], latent['channels'])
-                or not np.array_equal(labels, data['train'][1])):
-            raise SystemExit(f"error: repa_weight: its encoder sees the images {data_dir} encodes, but "
-                             f"{image_dir}'s are others ({len(pixels)} train images and labels; the "
-                             f"latents: {len(data['train'][1])}); encode it again with data/prepare_latents.py")
+    pixels = dataformat.encoded_images(data_dir, meta, data, 'repa_weight: its encoder') if latent else None
     if (latent['channels'] if latent else C) not in (1, 3):
         raise SystemExit(f"error: repa_weight: its encoder sees gray or RGB images, but {dataset}'s have "
                          f"{latent['channels'] if latent else C} channels")
@@ -398,19 +366,9 @@ if repa_weight:
     imagenet_mean, imagenet_std = (torch.tensor(v, device=device).view(1, 3, 1, 1)
                                    for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
 
-class Projectors(nn.ModuleDict):
-    """The projectors, called together (one module for DDP): {term: tokens} -> {term: projected}."""
-    def forward(self, tokens):
-        return {k: self[k](h) for k, h in tokens.items()}
-
-def projector(dim_out):
-    dim = model_config.hidden_size
-    width = min(2048, 4 * dim)
-    return nn.Sequential(nn.Linear(dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                         nn.Linear(width, dim_out))
-if repa_weight or sra_weight:
-    projectors = Projectors({k: projector(encoder.config.dim if k == 'repa' else model_config.hidden_size)
-                             for k in terms if k != 'dispersive'}).to(device)
+if repa_weight or sra_weight:  # (model.Projectors: REPA's MLPs)
+    widths = {k: encoder.config.dim if k == 'repa' else model_config.hidden_size for k in terms if k != 'dispersive'}
+    projectors = Projectors(model_config.hidden_size, widths).to(device)
 trained = [(p, p_ema) for p, p_ema in zip(model.parameters(), ema.parameters()) if p.requires_grad]
 params, ema_params = [p for p, _ in trained], [p_ema for _, p_ema in trained]
 all_params = params + (list(projectors.parameters()) if projectors else [])
@@ -436,6 +394,7 @@ proj = projectors
 if run.ddp:
     model = DDP(model, device_ids=[device] if device_type == 'cuda' else None)
     proj = projectors and DDP(projectors, device_ids=[device] if device_type == 'cuda' else None)
+ddp_nets = [net for net in (model, proj) if run.ddp and net is not None]  # (all-reduce on a step's last micro-step)
 flops_per_image = 3 * raw_model.flops_per_sample()  # forward + backward (twice the forward)
 if run.master:
     print(f"{arch}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, "
@@ -653,7 +612,9 @@ def get_lr(step):
 
 # -----------------------------------------------------------------------------
 # training loop. Logged: loss_unweighted, the prediction's plain MSE (comparable across loss
-# weightings and cosine_loss), and loss_u<i> (noise_level_losses)
+# weightings and cosine_loss), and loss_u<i> (noise_level_losses). A non-finite loss makes the
+# gradient norm so too, and the gradients are all-reduced: every rank skips the same updates
+# (float16: the scaler sets found_inf itself, from the same gradients)
 x0, y, ctrl, images = get_batch(run.step, 0)  # the first batch; each later one is fetched while a step runs
 for step in range(run.step, max_steps):
     lr_now = get_lr(step)
@@ -663,27 +624,22 @@ for step in range(run.step, max_steps):
     g = run.rng(step, 1, device)
     u_all = sample_u(batch_size, g)
     eps_all = torch.randn((batch_size, C, H, W), generator=g, device=device)
-    drop_all = (torch.rand(batch_size, generator=g, device=device)
-                < (class_dropout if class_cond else 1.0))
+    drop_all = torch.rand(batch_size, generator=g, device=device) < (class_dropout if class_cond else 1.0)
     gap_all = torch.rand(batch_size, generator=g, device=device) if sra_weight else None
     for micro in range(grad_accum):
         sl = run.slice(micro)
         y_in = torch.where(drop_all[sl], null_label, y)
-        if run.ddp:  # all-reduce the gradients on the last micro-step only
-            for net in (model, proj) if proj else (model,):
-                net.require_backward_grad_sync = micro == grad_accum - 1
+        for net in ddp_nets:  # all-reduce the gradients on the last micro-step only
+            net.require_backward_grad_sync = micro == grad_accum - 1
         loss, mse, reg = diffusion_loss(model, x0, y_in, u_all[sl], eps_all[sl], ctrl, regularize=True,
                                         gap=gap_all[sl] if sra_weight else None, images=images)
         loss = loss.mean() + sum(config[f'{k}_weight'] * value for k, value in reg.items())
         run.add(loss=loss, loss_unweighted=mse.mean(), **reg, **noise_level_sums(u_all[sl], mse))
-        # fetch the next batch while this step runs
-        if micro + 1 < grad_accum or step + 1 < max_steps:
+        if micro + 1 < grad_accum or step + 1 < max_steps:  # the next batch, fetched while this step runs
             x0, y, ctrl, images = (get_batch(step, micro + 1) if micro + 1 < grad_accum
                                    else get_batch(step + 1, 0))
         scaler.scale(loss / grad_accum).backward()
-    # clip, then skip a non-finite update on the device (fused AdamW reads found_inf; no host
-    # sync). A non-finite loss makes the norm so too; the gradients are all-reduced, so every rank
-    # agrees. (float16: the scaler sets found_inf itself, from the same gradients.)
+    # clip, then skip a non-finite update on the device (fused AdamW reads found_inf: no host sync)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(all_params, grad_clip if grad_clip > 0 else float('inf'))
     bad = ~grad_norm.isfinite()
@@ -691,8 +647,7 @@ for step in range(run.step, max_steps):
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    # the EMA with warm-up (a skipped update leaves it alone), and the post-hoc EMAs (rank 0's):
-    # beta = (1 - 1 / (step + 1))^(gamma + 1)
+    # the EMA with warm-up (a skipped update leaves it alone); the post-hoc EMAs (rank 0's)
     with torch.no_grad():
         if (step + 1) % ema_update_every == 0:
             weight = (1 - min(ema_decay, (1 + step) / (10 + step)) ** ema_update_every) * ~bad
@@ -700,10 +655,8 @@ for step in range(run.step, max_steps):
         for gamma, tracked in zip(phema_gammas, phema):
             torch._foreach_lerp_(tracked, params, 1 - (1 - 1 / (step + 1)) ** (gamma + 1))
     run.end_step(bad, flops_per_image)
-
     # evaluations, grids, the log line and checkpoints, each when due
-    val = ({**estimate_val_loss(raw_model), **estimate_val_loss(ema, '_ema')}
-           if run.due(eval_interval) else {})
+    val = {**estimate_val_loss(raw_model), **estimate_val_loss(ema, '_ema')} if run.due(eval_interval) else {}
     if fid_interval and run.due(fid_interval):
         val['fid'] = fid()
     if run.master and run.due(sample_interval):

@@ -311,8 +311,7 @@ for step in range(run.step, max_steps):
         group['lr'] = lr_now
     regularize = gamma > 0 and step % reg_interval == 0
     # the global batch's noise and augmentation draws, sliced per rank: any world size, one run
-    z_d, z_g = torch.randn((2, batch_size, model_config.z_dim), generator=run.rng(step, 1, device),
-                           device=device)
+    z_d, z_g = torch.randn((2, batch_size, model_config.z_dim), generator=run.rng(step, 1, device), device=device)
     aug = dict(zip(draws, torch.rand((6, batch_size, 7), generator=run.rng(step, 2, device),
                                      device=device)))
     # D: on regularisation steps the penalties (float32) at G's fakes and the reals, then its loss

@@ -8,6 +8,7 @@ import resource
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -86,24 +87,27 @@ def mnist():
 
 
 # The trainings that tests share, each run once, in the background from the session's first test: a thread of this
-# process (Background) works through them in the order they are declared here and in the test modules, and a test that
-# needs one nobody has started yet runs it itself, so that neither lane idles while work is left. Their users run
-# last. Beside other tests every run takes one thread: two runs of one thread on 2 cores do about 1.2x the work of one
-# run of two (the quickstart side by side: 84 and 78 ms a step each, 48 alone at two threads).
-SHARED = {}  # name -> make(out, *the out_dirs of the trainings it builds on, by name)
+# process (Background) works through them, the longest first, and a test that needs one nobody has started yet runs
+# it itself, so that neither lane idles while work is left. Their users run last, in the same order. Beside other
+# tests every run takes one thread: two runs of one thread on 2 cores do about 1.2x the work of one run of two (the
+# quickstart side by side: 84 and 78 ms a step each, 48 alone at two threads).
+SHARED, COST = {}, {}  # name -> make(out, *the out_dirs of the trainings it builds on, by name); its seconds
 THREADS = os.environ.get('OMP_NUM_THREADS', '2')  # the runs' and the tests' threads (1 beside the shared trainings)
 
 
-def shared(make):
-    """Declares make(out, *others) as a shared training: it fills the new folder out, from the out_dirs of the shared
-    trainings its other parameters name, and returns what to print for its users. Returns the session fixture of its
-    name, which waits for it and returns out."""
-    SHARED[make.__name__] = make
+def shared(seconds):
+    """@shared(seconds) declares make(out, *others) as a shared training that takes about that long at one thread
+    (the order to run them in): it fills the new folder out, from the out_dirs of the shared trainings its other
+    parameters name, and returns what to print for its users. Returns the session fixture of its name, which waits
+    for it and returns out."""
+    def declare(make):
+        SHARED[make.__name__], COST[make.__name__] = make, seconds
 
-    @pytest.fixture(scope='session', name=make.__name__)
-    def fixture(background):
-        return background.wait(make.__name__)
-    return fixture
+        @pytest.fixture(scope='session', name=make.__name__)
+        def fixture(background):
+            return background.wait(make.__name__)
+        return fixture
+    return declare
 
 
 def builds_on(name):
@@ -120,6 +124,8 @@ class Background:
     """The shared trainings this session's tests use: a thread of the tests' process runs them one after another;
     wait(name) runs one that has not started in the caller's thread, else (while it runs elsewhere) those that are
     ready, then blocks until it has ended, and returns its out_dir (or raises what it raised)."""
+    times = []  # (name, in the background thread, seconds), as each ended
+
     def __init__(self, names, root):
         self.names, self.root, self.done, self.output, self.started = names, root, {}, {}, set()
         self.lock = threading.Lock()
@@ -136,8 +142,10 @@ class Background:
             out = self.root / name
             out.mkdir()
             others = [self.wait(other, quiet=True) for other in builds_on(name)]
+            start = time.time()
             self.output[name] = SHARED[name](out, *others) or ''
             self.done[name] = out
+            Background.times.append((name, threading.current_thread() is self.thread, time.time() - start))
         except BaseException as e:
             self.done[name] = e
         self.ended[name].set()
@@ -157,7 +165,7 @@ class Background:
         return self.done[name]
 
 
-@shared
+@shared(600)
 def quickstart(out):
     """The README's quickstart, as typed (6,000 steps), keeping a copy of every 1,000th step's checkpoint: the test of
     its samples reads it, the distillation test takes it as its teacher, the representation terms' and
@@ -166,7 +174,7 @@ def quickstart(out):
                '--keep_last=6').stdout[-1500:]
 
 
-@shared
+@shared(130)
 def gan_run(out):
     """config/mnist_gan.py as typed, then 200 conditional samples."""
     log = run('train_gan.py', 'config/mnist_gan.py', f'--out_dir={out}').stdout[-1500:]
@@ -174,7 +182,7 @@ def gan_run(out):
     return log
 
 
-@shared
+@shared(250)
 def latent_run(out):
     """The latent path as typed: config/mnist_ae.py, its latents, config/mnist_ldm.py, 200 samples by Euler's 25
     steps."""
@@ -187,12 +195,13 @@ def latent_run(out):
 
 @pytest.hookimpl(trylast=True)  # (after -m and -k deselected)
 def pytest_collection_modifyitems(session, config, items):
-    """The users of a shared training run last, in the order the trainings were declared."""
+    """The users of a shared training run last, in the order the trainings run (the longest first)."""
     global THREADS
-    uses = lambda item: [i for i, name in enumerate(SHARED) if name in getattr(item, 'fixturenames', ())]
+    order = sorted(SHARED, key=lambda name: -COST[name])
+    uses = lambda item: [i for i, name in enumerate(order) if name in getattr(item, 'fixturenames', ())]
     items.sort(key=lambda item: max(uses(item), default=-1))
     used = {n for item in items for name in SHARED if name in getattr(item, 'fixturenames', ()) for n in needs(name)}
-    config.shared = [name for name in SHARED if name in used]
+    config.shared = [name for name in order if name in used]
     if config.shared and not all(uses(item) for item in items):  # tests to run beside the trainings: one count for
         THREADS = '1'  # the session (a reference run and the runs compared with it to the bit, in tests before and
         torch.set_num_threads(1)  # after the trainings end, reduce in one order), and one core for the trainings
@@ -305,6 +314,10 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if Background.times:
+        terminalreporter.write_line('shared trainings: ' + ', '.join(
+            f"{name} {seconds:.0f} s ({'background' if background else 'a test'})"
+            for name, background, seconds in Background.times))
     if FAST:
         terminalreporter.write_line(f"fast tier (not marked slow): {len(FAST)} tests in {sum(FAST.values()):.0f} s")
 

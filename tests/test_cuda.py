@@ -31,8 +31,10 @@ RUNS = {  # each script's smallest config, the intervals cut to fit 40 steps
                     '--eval_interval=20', '--eval_images=64'],
     'train_gan.py': ['config/mnist_gan.py', '--reg_interval=4', '--sample_interval=40'],
     'distill_consistency.py': ['config/mnist_cd.py', '--sample_interval=40'],
+    'train_meanflow.py': ['config/mnist_meanflow.py', '--warmup_steps=5', '--sample_interval=40'],
 }
-LOSS = {'train_diffusion.py': 'loss', 'train_ae.py': 'rec', 'train_gan.py': 'd_loss', 'distill_consistency.py': 'loss'}
+LOSS = {'train_diffusion.py': 'loss', 'train_ae.py': 'rec', 'train_gan.py': 'd_loss', 'distill_consistency.py': 'loss',
+        'train_meanflow.py': 'loss'}
 
 
 def metrics(out_dir):
@@ -96,6 +98,13 @@ def test_distill_consistency_from_the_diffusion_run_and_samples(diffusion_run, f
     train_resume_sample('distill_consistency.py', out, f'--teacher={teacher}', *fid_args, '--fid_interval=20',
                         '--fid_images=64')
     sample_both_ways(out)
+
+
+def test_train_meanflow_trains_resumes_and_samples(mnist, fid_args, tmp_path):
+    """MeanFlow from scratch with guidance folded into the target (its JVP on the eager view of the compiled model)."""
+    out = tmp_path / 'meanflow'
+    train_resume_sample('train_meanflow.py', out, *fid_args, '--fid_interval=20', '--fid_images=64')
+    sample_both_ways(out, '--steps=1')
 
 
 def test_bf16_weights_stay_near_float32(mnist, tmp_path):

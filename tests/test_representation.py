@@ -157,7 +157,7 @@ def test_terms_on_two_ranks_and_resumed(mnist, tmp_path):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
 
 
-@shared
+@shared(220)
 def repa_run(out):
     """REPA with a stand-in for DINOv2 (tests/repa_encoder.py: a 2-block ViT in DINOv2's layout, trained for 15 epochs
     to classify the training digits) over the quickstart's first 1,000 steps (its seed, batches and learning rates),
