@@ -165,7 +165,7 @@ class Background:
         return self.done[name]
 
 
-@shared(600)
+@shared(530)
 def quickstart(out):
     """The README's quickstart, as typed (6,000 steps), keeping a copy of every 1,000th step's checkpoint: the test of
     its samples reads it, the distillation test takes it as its teacher, the representation terms' and
@@ -174,7 +174,7 @@ def quickstart(out):
                '--keep_last=6').stdout[-1500:]
 
 
-@shared(130)
+@shared(180)
 def gan_run(out):
     """config/mnist_gan.py as typed, then 200 conditional samples."""
     log = run('train_gan.py', 'config/mnist_gan.py', f'--out_dir={out}').stdout[-1500:]
@@ -182,7 +182,7 @@ def gan_run(out):
     return log
 
 
-@shared(250)
+@shared(350)
 def latent_run(out):
     """The latent path as typed: config/mnist_ae.py, its latents, config/mnist_ldm.py, 200 samples by Euler's 25
     steps."""

@@ -282,7 +282,7 @@ def test_two_ranks_match_one_process(teacher, fid_args, tmp_path):
     assert [bool(r['fid']) for r in csv.DictReader(open(tmp_path / 'one' / 'metrics.csv'))] == [False, False, True]
 
 
-@shared(150)
+@shared(120)
 def cd_run(out, quickstart):
     """config/mnist_cd.py as typed, distilling the quickstart's run."""
     return run('distill_consistency.py', 'config/mnist_cd.py', f'--teacher={quickstart}', f'--out_dir={out}').stdout[-800:]

@@ -101,7 +101,7 @@ def test_memorization_check_flags_a_planted_copy(quickstart, tmp_path):
     assert i[7, 0] == 1234 and ratio[7] < 1 / 3 and (np.delete(ratio, 7) < 1 / 3).sum() <= flagged
 
 
-@shared(15)
+@shared(2)
 def control_data(data):
     """A copy of data/mnist with data/prepare_control.py's 4x-downsampled digits (after trying its edges)."""
     for name in ('train_x.npy', 'train_y.npy', 'val_x.npy', 'val_y.npy', 'meta.json'):
@@ -170,7 +170,7 @@ def test_control_models_follow_their_control(control_runs, quickstart, control_d
     assert any(not torch.equal(w, torch.zeros_like(w)) for k, w in trained.items() if k.startswith('control_out'))
 
 
-@shared(110)
+@shared(100)
 def lightning_run(out):
     """The quickstart's first 1,000 steps (its seed, batches and learning rates) with LightningDiT's options."""
     return run('train_diffusion.py', 'config/mnist_dit.py', '--norm=rmsnorm', '--mlp=swiglu', '--qk_norm=True',
