@@ -66,5 +66,5 @@ for _key, _default in _defaults.items():
     if _new != _default:
         print(f"overriding: {_key} = {_new!r}")
 # the keys the command line sets to other than their defaults, which a script refuses when it would not apply them
-# (bookkeeping.check_applied; a config file's other settings may sit idle: a flag can switch one off)
+# (common.check_applied; a config file's other settings may sit idle: a flag can switch one off)
 overridden = [_k for _k in config_keys if _k in _cli and globals()[_k] != _defaults[_k]]
