@@ -458,7 +458,7 @@ def test_class_and_segmentation_heads_learn_digits_from_a_prepared_folder(mnist,
     run('data/folder/prepare.py', f'--src={src}', f'--mask_src={masks}', '--mask_ignore=255', f'--out_dir={data}',
         '--image_size=28', '--channels=1', '--val_fraction=0.2', '--workers=1')
     run('train_ae.py', 'config/mnist_ae.py', f'--dataset={data}', f'--out_dir={tmp_path / "ae"}', '--disc_weight=0',
-        '--cls_weight=0.1', '--seg_weight=1', '--max_steps=150', '--eval_interval=150', '--log_interval=50',
+        '--batch_size=8', '--cls_weight=0.1', '--seg_weight=1', '--max_steps=150', '--eval_interval=150', '--log_interval=50',
         '--eval_images=40', '--ema_decay=0.9')
     rows = list(csv.DictReader(open(tmp_path / 'ae' / 'metrics.csv')))
     val = rows[-1]
