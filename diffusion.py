@@ -208,6 +208,25 @@ class Diffusion:
         eps = bcast(alpha / det, x) * pred - bcast(A / det, x) * x
         return x0, eps
 
+    def variance_kl(self, x0, xt, t, x0_pred, v):
+        """DiT's variance term of a learn_sigma network, per image: the KL from the posterior
+        q(x_s | x_t, x0), s = t - 1, to the model's Gaussian of the same form around x0_pred (no
+        gradient: only v learns here) with variance exp(f log beta_t + (1 - f) log beta~_t),
+        f = (v + 1) / 2, in bits per dimension (Nichol & Dhariwal 2021, eqs. 10-16); DDPM schedules.
+        At t = 0 the term (a decoder likelihood) is left out."""
+        t1 = t.clamp(min=1)  # t = 0's finite stand-in, masked out below
+        (alpha, sigma), (alpha_s, sigma_s) = self.alpha_sigma(t1), self.alpha_sigma(t1 - 1)
+        beta = 1 - (alpha / alpha_s) ** 2
+        log_var_q = (beta * sigma_s ** 2 / sigma ** 2).log()
+        # the posterior mean is c1 x0 + c2 x_t: the two means differ by c1 (x0 - x0_pred)
+        c1 = alpha_s * beta / sigma ** 2
+        f = (v + 1) / 2
+        log_var_p = f * bcast(beta.log(), v) + (1 - f) * bcast(log_var_q, v)
+        log_var_q = bcast(log_var_q, v)
+        kl = 0.5 * (log_var_p - log_var_q - 1 + (log_var_q - log_var_p).exp()
+                    + (bcast(c1, v) * (x0 - x0_pred)) ** 2 * (-log_var_p).exp())
+        return kl.mean(dim=(1, 2, 3)) / math.log(2) * (t > 0)
+
     @torch.no_grad()
     def denoise(self, model, x, t, y, cfg_scale=1.0, clip_x0=False, control=None, cfg_channels=0,
                 guide=None):

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MNIST, run, script_functions
+from conftest import MNIST, run
 import pretrained
-from diffusion import Diffusion, bcast
+from diffusion import Diffusion
 from model import AE_PRESETS, DIT_PRESETS, AEConfig, Autoencoder, DiT, DiTConfig, create_model
 from pretrained import dit_names, sd_vae_names
 
@@ -407,12 +407,11 @@ def test_train_diffusion_fine_tunes_from_a_released_file(padded_digits, tmp_path
 # the learned variance: the loss term and the sampler step against their closed forms
 
 def test_variance_loss_is_the_kl_to_the_posterior_in_closed_form():
-    """train_diffusion.py's variance term with DDPM's linear betas written out: the KL in bits per dimension from
+    """Diffusion.variance_kl, train_diffusion.py's variance term, with DDPM's linear betas written out: the KL in bits per dimension from
     q(x_{t-1} | x_t, x0) = N(mu_q, beta~) to the model's N(mu_q + c1 (x0_pred - x0), beta^f beta~^(1 - f)); zero
     where the model is the posterior; t = 0 left out."""
     diffusion = Diffusion('linear', 'eps', 1000)
-    variance_loss, = script_functions('train_diffusion.py', 'variance_loss', diffusion=diffusion, bcast=bcast,
-                                      math=math, torch=torch)
+    variance_loss = diffusion.variance_kl
     betas = np.linspace(1e-4, 0.02, 1000)
     abar = np.cumprod(1 - betas)
     t = torch.tensor([0.0, 1.0, 37.0, 500.0, 999.0], dtype=torch.float64)
