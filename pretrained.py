@@ -8,9 +8,11 @@ import json
 import math
 import os
 import pickle
+from dataclasses import asdict
 
 import torch
 
+import common
 from model import AEConfig, Autoencoder, DINOv2, DIT_SIZES, DiT, DiTConfig, InceptionV3, ViTConfig
 
 # the released checkpoints that sd_vae and dit read: their files
@@ -105,6 +107,58 @@ def released_family(path, family=None):
         raise ValueError(f"{path}: say whether it is a DiT or a SiT checkpoint (family 'DiT' or "
                          f"'SiT'; the file name starts with neither)")
     return family
+
+
+def base_convention(init_base):
+    """How the network of train_diffusion.py's init_base reads time (model.DiTConfig.convention):
+    'sit' for a released SiT file, whose weights read it their own way, else 'kit'."""
+    try:
+        return 'sit' if os.path.isfile(init_base) and released_family(init_base) == 'SiT' else 'kit'
+    except ValueError:
+        raise SystemExit(f"error: init_base={init_base} is a file, so a released DiT or SiT "
+                         f"checkpoint, but its name starts with neither; name it as released "
+                         f"(DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt)")
+
+
+def load_base(model, init_base, config, device):
+    """Fine-tuning, train_diffusion.py's init_base: model starts from the EMA weights of a
+    train_diffusion.py out_dir or of a released DiT-*.pt or SiT-*.pt file (dit), which must be the
+    same network (control aside) trained with config's objective; new control weights start where
+    they change nothing (model.Denoiser.load_base). Anything else ends the run in one line."""
+    path = init_base if os.path.isfile(init_base) else os.path.join(init_base, 'ckpt.pt')
+    if os.path.isfile(init_base):
+        net = or_exit(dit, path)
+        base = {'model_args': asdict(net.config), 'ema': net.state_dict(),
+                'config': {**net.objective, 'sigma_data': config['sigma_data']}}
+    else:
+        base = common.load_checkpoint(path, "pass the out_dir of a train_diffusion.py run", device,
+                                      ['diffusion'])
+    base_args, base_control = base['model_args'], base['model_args'].get('control', '')
+    diff = {k: (v, base_args.get(k)) for k, v in asdict(model.config).items()
+            if k not in ('control', 'control_channels') and base_args.get(k, v) != v}
+    diff.update({k: (config[k], base['config'][k])
+                 for k in ('schedule', 'prediction_type', 'num_timesteps', 'sigma_data')
+                 if config[k] != base['config'][k]})
+    if diff or base_control not in ('', model.config.control):
+        raise SystemExit(f"error: init_base {path} is another model (this run vs the base: "
+                         f"{diff or 'control'}); train with the base's config")
+    try:
+        model.load_base(base['ema'], base_control)
+    except ValueError as e:
+        raise SystemExit(f"error: init_base {path} does not fit {config['arch']}: {e}")
+
+
+def latent_decoder(data_dir, latent, device):
+    """The autoencoder that encoded a latent dataset (its meta.json's latent entry names it),
+    frozen, on device: it decodes the latents of the dataset and of the models trained on it. It
+    draws nothing from the global RNG (a resumed run's is restored before)."""
+    path = os.path.join(data_dir, latent['autoencoder'])
+    ckpt = common.load_checkpoint(path, "re-encode the dataset with data/prepare_latents.py: its "
+                                  "autoencoder decodes the samples", device, ['latent decoder'])
+    with torch.random.fork_rng(devices=[]):
+        autoencoder = Autoencoder(AEConfig(**ckpt['model_args']))
+    common.load_state(autoencoder, ckpt['weights'], path, 'weights')
+    return autoencoder.to(device).eval().requires_grad_(False)
 
 
 def dit(path, family=None):

@@ -41,8 +41,8 @@ import torch.distributed as dist
 
 import dataformat
 from diffusion import SAMPLERS, Diffusion, meanflow_sample, phema_weights
-from model import AEConfig, Autoencoder, create_model
-from pretrained import dit, or_exit, sd_vae
+from model import create_model
+from pretrained import dit, latent_decoder, or_exit, sd_vae
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # holds ckpt.pt; the samples are written here too
@@ -217,12 +217,7 @@ if vae:  # a diffusion model of Stable Diffusion's latents sees (z - shift_facto
                    shift_factor=autoencoder.shift_factor)
 elif latent:
     ae_path = os.path.join(data_dir, latent['autoencoder'])
-    ae_ckpt = common.load_checkpoint(ae_path, "re-encode the dataset with data/prepare_latents.py: its "
-                                 "autoencoder decodes this model's samples",
-                                 kinds=['latent decoder'])
-    autoencoder = Autoencoder(AEConfig(**ae_ckpt['model_args']))
-    common.load_state(autoencoder, ae_ckpt['weights'], ae_path, 'weights')
-    autoencoder.to(device).eval()
+    autoencoder = latent_decoder(data_dir, latent, device)
     latent_mean, latent_std = (torch.tensor(latent[k], device=device).view(1, -1, 1, 1)
                                for k in ('mean', 'std'))
     decoder = dict(autoencoder=os.path.abspath(ae_path), mean=latent['mean'], std=latent['std'])
