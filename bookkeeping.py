@@ -23,7 +23,7 @@ import threading
 import time
 
 from common import (FORMAT, check_writable, checksum, load_checkpoint, load_state,  # (first: its excepthook)
-                    lock_out_dir, own_folder, replacing, seeded)
+                    lock_out_dir, own_folder, replacing, seeded, write_file)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -33,19 +33,20 @@ import torch.distributed as dist
 FIX = "resume it with a lower lr, grad_clip or dtype='float32'"
 
 
-def start_run(config, kind, device, inputs=()):
+def start_run(config, kind, device, inputs=(), fixed=()):
     """Starts the run a train script's config describes, after the script's torchrun setup: a Run.
     Its side effects, here and nowhere else (but the import's excepthook): out_dir is made and
     locked for this process (rank 0), SIGTERM, SIGUSR1, SIGHUP and Ctrl-C ask the loop to stop,
     TF32 matmuls are allowed, and under torchrun a gloo group carries the stop vote and a heartbeat
     watches the ranks.
     kind names what the checkpoints hold ('diffusion', 'gan', ...: what readers ask for); inputs are
-    (what, path) pairs of folders the run reads, which out_dir must not be."""
+    (what, path) pairs of folders the run reads, which out_dir must not be; fixed names the config
+    keys that say what the run is, which a resume must not change."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if device.startswith('cuda'):
         torch.cuda.set_device(device)
-    return Run(config, kind, device, inputs)
+    return Run(config, kind, device, inputs, fixed)
 
 
 class Run:
@@ -70,8 +71,8 @@ class Run:
     (a temporary file, flushed, renamed over the last one, which stays whole until that moment) by
     rank 0 with every rank's RNG state, the run's kind and script, and a checksum."""
 
-    def __init__(self, config, kind, device, inputs=()):
-        self.config, self.kind, self.device = config, kind, device
+    def __init__(self, config, kind, device, inputs=(), fixed=()):
+        self.config, self.kind, self.device, self.fixed = config, kind, device, fixed
         self.device_type = 'cuda' if device.startswith('cuda') else 'cpu'
         self.ddp = dist.is_initialized()
         self.rank = dist.get_rank() if self.ddp else 0
@@ -159,6 +160,12 @@ class Run:
             own_folder(os.path.join(self.out_dir, os.path.dirname(name)))
         return os.path.join(self.out_dir, name)
 
+    def snapshot(self, name, **state):
+        """out_dir/name (rank 0's call), written whole: state with the step and the run's id, by
+        which its reader (sample.py, of the phema/ snapshots) keeps to this run's history."""
+        state = {'step': self.step, 'run_id': self.run_id, **state}
+        write_file(self.path(name), lambda f: torch.save(state, f))
+
     def last_good(self):
         if not self.master:  # (rank 0 writes them: this rank does not see a write end)
             return f"the last checkpoint rank 0 wrote to {self.out_dir} is whole"
@@ -203,6 +210,11 @@ class Run:
             self._skips.streak.fill_(ckpt.get('nonfinite_streak', 0))
             self.wandb_id, self.run_id = ckpt.get('wandb_id'), ckpt.get('run_id', self.run_id)
             self._check_inputs(ckpt.get('inputs', {}))
+            for key in self.fixed:  # (what the run is: a value to start another run with)
+                if ckpt['config'].get(key, self.config[key]) != self.config[key]:
+                    raise SystemExit(f"error: {key}={self.config[key]!r}, but {self.ckpt_path} (step "
+                                     f"{self.step}) is a run of {key}={ckpt['config'][key]!r}, which "
+                                     f"a resume keeps; pass that value, or another out_dir")
             changed = changed_keys(ckpt['config'], self.config)
             if self.master:
                 print(f"resuming {self.ckpt_path} at step {self.step} "
@@ -217,9 +229,10 @@ class Run:
             wandb_run = None
             if self.config.get('wandb_log'):
                 import wandb
-                wandb_run = wandb.init(project=self.config['wandb_project'],
-                                       name=self.config['wandb_run_name'], config=self.config,
-                                       dir=self.out_dir, id=self.wandb_id, resume='allow')
+                wandb_run = wandb.init(project=os.environ.get('WANDB_PROJECT', self.kind),
+                                       name=os.environ.get('WANDB_NAME', self.out_dir),
+                                       config=self.config, dir=self.out_dir, id=self.wandb_id,
+                                       resume='allow')
                 self.wandb_id = wandb_run.id
             self._metrics = Metrics(self.path('metrics.csv'), self.step, wandb_run)
         self._mark = time.time()  # the loop's first step starts about now

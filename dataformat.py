@@ -195,6 +195,14 @@ def save_dataset(out_dir, arrays, meta):
                 os.remove(path + ".tmp")
 
 
+def class_weights(labels, power):
+    """Per-image sampling weights count(class)^-power, normalised (float64): class k is drawn with
+    probability proportional to count_k^(1 - power); 0 is as the data, 1 equal classes."""
+    counts = np.bincount(labels)
+    per_image = counts[labels].astype(np.float64) ** -power
+    return per_image / per_image.sum()
+
+
 def to_device(x, device, images=True):
     """A (B, H, W, C) uint8 or float16 CPU tensor as float32 NCHW on the device (a view of NHWC
     memory: the channels_last layout), or any other tensor as it is (images=False: labels, label

@@ -59,9 +59,7 @@ fid_images = 10000  # images per FID, shared by the ranks
 fid_ref = ''  # an ADM reference batch .npz or a prepared dataset ('' = this run's dataset)
 fid_inception = ''  # the FID Inception weights, a local file (docs/guide.md, 'Evaluation protocol')
 ckpt_interval = 500  # steps between checkpoints (and one at the end)
-wandb_log = False
-wandb_project = 'consistency'
-wandb_run_name = 'cd'
+wandb_log = False  # project and run name: $WANDB_PROJECT and $WANDB_NAME, else the run's kind and out_dir
 # consistency
 mode = 'cd'  # 'cd' (distillation through the teacher's ODE) or 'ect' (the data's noise)
 num_scales = 18  # cd: N sigmas on the grid (Song et al. 2023: 18 on CIFAR-10, 40 on ImageNet 64)
@@ -141,7 +139,8 @@ if 'RANK' in os.environ:
     device = f"cuda:{os.environ['LOCAL_RANK']}" if device_type == 'cuda' else device
     dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
 # the run: out_dir and its lock, resume, sums, the log, checkpoints (bookkeeping.Run)
-run = bk.start_run(config, 'consistency', device, inputs=[('teacher', teacher)])
+run = bk.start_run(config, 'consistency', device, inputs=[('teacher', teacher)],
+                   fixed=['mode', 'sigma_min', 'cfg_scale'])  # (what the student learns: a resume keeps it)
 # bf16 autocast around the forward passes (float32: none)
 ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != 'float32' else nullcontext()
 

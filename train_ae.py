@@ -55,9 +55,7 @@ eval_interval = 500  # steps between validations: PSNR, SSIM, L1, a grid of reco
 eval_images = 512  # val images in each validation
 patience = 0  # stop when this many validations in a row did not improve on the best EMA PSNR; 0 = never
 ckpt_interval = 1000  # steps between checkpoints (one is also written at the end)
-wandb_log = False
-wandb_project = 'autoencoder'
-wandb_run_name = 'ae'
+wandb_log = False  # project and run name: $WANDB_PROJECT and $WANDB_NAME, else the run's kind and out_dir
 # data
 dataset = 'mnist'  # data/<dataset>/ (or a path), written by data/<dataset>/prepare.py
 hflip = False  # random horizontal flips

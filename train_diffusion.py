@@ -20,11 +20,9 @@ images (extra input channels, or a ControlNet beside a frozen init_base), post-h
 (Karras et al. 2024), and representation terms on a block's tokens: REPA (a frozen DINOv2), SRA (the
 EMA) and the dispersive loss (over each micro-batch: the one term that changes with the world size).
 
-A run survives being killed at any moment: checkpoints are written atomically, and the default
-init_from='auto' resumes from out_dir when it holds one, so re-running the same command (by hand, by
-a scheduler, or by torchrun --max-restarts) continues bit-exactly. SIGTERM or SIGUSR1 (SLURM's
-warning) and max_minutes make it finish the step, save and exit 0. An update whose gradient norm is
-not finite is skipped. (bookkeeping.py holds all that.)
+A run survives being killed at any moment: re-running the same command resumes it bit-exactly;
+SIGTERM, SIGUSR1 and max_minutes make it save and exit 0; a non-finite update is skipped
+(bookkeeping.py holds all that).
 """
 import copy
 import math
@@ -42,8 +40,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import common
 import dataformat
 from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES, Diffusion, bcast, phema_gamma, randn
-from model import ARCHS, AEConfig, Autoencoder, Projectors, compile_for_training, create_model
-from pretrained import dinov2, dit, or_exit, released_family
+from model import ARCHS, Projectors, compile_for_training, create_model
+from pretrained import base_convention, dinov2, latent_decoder, load_base, or_exit
 
 # -----------------------------------------------------------------------------
 # defaults, overridden by config/*.py and --key=value
@@ -59,9 +57,7 @@ eval_interval = 500  # steps between val-loss evaluations (best.pt: the lowest E
 eval_images = 512  # val images in each evaluation, at fixed timesteps and noise
 sample_interval = 1000  # steps between EMA sample grids (a grid is also made at the end)
 ckpt_interval = 1000  # steps between checkpoints (one is also written at the end)
-wandb_log = False
-wandb_project = 'diffusion'
-wandb_run_name = 'dit'
+wandb_log = False  # project and run name: $WANDB_PROJECT and $WANDB_NAME, else the run's kind and out_dir
 # data
 dataset = 'mnist'  # data/<dataset>/ (or a path): images from its prepare.py, or latents
 hflip = False  # random horizontal flips (of latents: the latents of the mirror images, if encoded)
@@ -154,6 +150,12 @@ seed = 0
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(bk.__file__), 'configurator.py')).read())  # (the kit's; it also sets overridden)
 config = {k: globals()[k] for k in config_keys}
+terms = [k for k in ('repa', 'sra', 'dispersive') if config[f'{k}_weight']]  # (the representation terms on)
+plain_dit = dict(norm='layernorm', mlp='gelu', qk_norm=False, rope=False, learn_sigma=False)
+dit_options = {**{k: config[k] for k in plain_dit}, 'convention': base_convention(init_base)}  # (model.DiTConfig)
+dit_only = ([f'{k}={config[k]!r}' for k, v in plain_dit.items() if config[k] != v] + [f'{k}_weight' for k in terms]
+            + ["control='controlnet'"] * (control == 'controlnet')
+            + ['a SiT init_base'] * (dit_options['convention'] == 'sit'))
 common.check_config(config, choices=[
     ('init_from', ('auto', 'scratch', 'resume')), ('arch', ARCHS), ('schedule', SCHEDULES),
     ('prediction_type', PREDICTIONS), ('timestep_sampling', ('uniform', 'logit_normal', 'mode')),
@@ -164,7 +166,10 @@ common.check_config(config, choices=[
     counts=['batch_size', 'grad_accum', 'max_steps', 'log_interval', 'eval_interval', 'eval_images',
             'sample_interval', 'ckpt_interval', 'sample_steps', 'num_timesteps', 'ema_update_every',
             'max_nonfinite', 'phema_interval'],
-    rules=[('class_dropout', 0 <= class_dropout < 1, 'in [0, 1)'),
+    rules=[('arch', arch.startswith('DiT') or not dit_only,
+            f"a DiT preset: {', '.join(dit_only)} {'are DiT options' if dit_only[1:] else 'is a DiT option'}"),
+           ('init_base', init_base or control != 'controlnet', "a base run's out_dir: a ControlNet trains beside it"),
+           ('class_dropout', 0 <= class_dropout < 1, 'in [0, 1)'),
            ('min_snr_gamma', min_snr_gamma > 0,
             "positive (loss_weighting='uniform' is the unweighted loss)"),
            ('mode_scale', -1 <= mode_scale <= 2 / (math.pi - 2),
@@ -195,28 +200,6 @@ common.check_applied(overridden, config, {  # (every key is applied or refused)
     **{k: not config[f"{k.split('_')[0]}_weight"] and f"{k.split('_')[0]}_weight=0"
        for k in ('repa_depth', 'repa_encoder', 'sra_depth', 'sra_teacher_depth', 'sra_max_gap',
                  'dispersive_tau', 'dispersive_depth')}})
-# a released base file: SiT's weights read time their own way (model.DiTConfig.convention)
-released = init_base if os.path.isfile(init_base) else ''
-try:
-    convention = 'sit' if released and released_family(released) == 'SiT' else 'kit'
-except ValueError:
-    raise SystemExit(f"error: init_base={init_base} is a file, so a released DiT or SiT "
-                     f"checkpoint, but its name starts with neither; name it as released "
-                     f"(DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt)")
-dit_options = dict(norm=norm, mlp=mlp, qk_norm=qk_norm, rope=rope, learn_sigma=learn_sigma,
-                   convention=convention)
-plain_dit = dict(norm='layernorm', mlp='gelu', qk_norm=False, rope=False, learn_sigma=False,
-                 convention='kit')
-if not arch.startswith('DiT') and (control == 'controlnet' or dit_options != plain_dit):
-    raise SystemExit(f"error: norm, mlp, qk_norm, rope, learn_sigma, control='controlnet' and a "
-                     f"released init_base are DiT options, but arch='{arch}'")
-terms = [k for k in ('repa', 'sra', 'dispersive') if config[f'{k}_weight']]  # (representation terms)
-if terms and not arch.startswith('DiT'):
-    raise SystemExit(f"error: {', '.join(f'{k}_weight' for k in terms)}: the representation terms "
-                     f"read a DiT's block tokens, but arch='{arch}'")
-if control == 'controlnet' and not init_base:
-    raise SystemExit("error: control='controlnet' trains beside a frozen base model; pass "
-                     "init_base=<its out_dir>")
 try:
     phema_sigmas = [float(v) for v in phema_stds.split(',')] if phema_stds else []
     phema_gammas = [phema_gamma(v) for v in phema_sigmas]
@@ -231,7 +214,9 @@ if 'RANK' in os.environ:
     dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
 # the run: out_dir and its lock, resume, sums, the log, checkpoints (bookkeeping.Run)
 run = bk.start_run(config, 'diffusion', device,
-                   inputs=[('dataset', dataformat.data_path(dataset)), ('init_base', init_base)])
+                   inputs=[('dataset', dataformat.data_path(dataset)), ('init_base', init_base)],
+                   fixed=['init_base', 'phema_stds', 'schedule', 'prediction_type', 'num_timesteps', 'sigma_data',
+                          'class_cond', 'control'])  # (what the run is: a resume keeps it)
 micro_batch = run.micro_batch  # images per micro-step
 # bf16 autocast around the forward passes (float32: none)
 ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != 'float32' else nullcontext()
@@ -250,13 +235,7 @@ if latent:
 controls = dataformat.load_controls(dataset, data_dir, meta, data, f"control='{control}'") if control else {}
 C_ctrl = controls['train'].shape[-1] if control else 0
 
-def class_weights(labels):
-    """Per-image sampling weights count(class)^-class_balance, normalised: class k is drawn with
-    probability proportional to count_k^(1 - class_balance)."""
-    counts = np.bincount(labels)
-    per_image = counts[labels].astype(np.float64) ** -class_balance
-    return torch.from_numpy(per_image / per_image.sum())
-sample_weights = class_weights(data['train'][1]) if class_balance else None
+sample_weights = torch.from_numpy(dataformat.class_weights(data['train'][1], class_balance)) if class_balance else None
 
 def load_batch(split, idx, flip=None):
     """Images idx of a split as floats in [-1, 1] (latents: normalised per channel), NCHW, on the
@@ -309,30 +288,8 @@ try:
 except ValueError as e:
     raise SystemExit(f"error: {arch} on {dataset}: {e}")
 model_config = model.config
-# fine-tuning: a new run starts from a base model's EMA weights
-if init_base and run.init_from == 'scratch':
-    base_path = released or os.path.join(init_base, 'ckpt.pt')
-    if released:
-        base = or_exit(dit, released)
-        base = {'model_args': asdict(base.config), 'ema': base.state_dict(),
-                'config': {**base.objective, 'sigma_data': sigma_data}}
-    else:
-        base = common.load_checkpoint(base_path, "pass the out_dir of a train_diffusion.py run",
-                                  device, ['diffusion'])
-    base_args, weights = base['model_args'], base['ema']
-    diff = {k: (v, base_args.get(k)) for k, v in asdict(model_config).items()
-            if k not in ('control', 'control_channels') and base_args.get(k, v) != v}
-    diff.update({k: (config[k], base['config'][k])
-                 for k in ('schedule', 'prediction_type', 'num_timesteps', 'sigma_data')
-                 if config[k] != base['config'][k]})
-    if diff or base_args.get('control', '') not in ('', control):
-        raise SystemExit(f"error: init_base {base_path} is another model (this run vs the base: "
-                         f"{diff or 'control'}); train with the base's config")
-    try:  # (new control weights start where they change nothing: model.Denoiser.load_base)
-        model.load_base(weights, base_args.get('control', ''))
-    except ValueError as e:
-        raise SystemExit(f"error: init_base {base_path} does not fit {arch}: {e}")
-    del base, weights
+if init_base and run.init_from == 'scratch':  # fine-tuning: from a base model's EMA weights
+    load_base(model, init_base, config, device)
 ema = copy.deepcopy(model).requires_grad_(False).eval()
 if control == 'controlnet':  # the base model stays frozen
     for name, p in model.named_parameters():
@@ -376,17 +333,17 @@ optimizer = common.adamw(all_params, lr, (beta1, beta2), weight_decay)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 ckpt = run.resume(model=model, ema=ema, projector=projectors, optimizer=optimizer, scaler=scaler,
                   model_args=asdict(model_config))
-if ckpt and ckpt['config'].get('init_base', '') != init_base:  # (init_base only starts a run)
-    raise SystemExit(f"error: init_base='{init_base}' starts a new run, but {run.ckpt_path} (step "
-                     f"{ckpt['step']}) is resumed; to fine-tune from it, pass another --out_dir")
-if ckpt and ckpt['config'].get('phema_stds', '') != phema_stds:
-    raise SystemExit(f"error: {run.ckpt_path} tracks post-hoc EMAs phema_stds="
-                     f"'{ckpt['config'].get('phema_stds', '')}'; resume with that value")
 best_val_loss = ckpt.get('best_val_loss', math.inf)  # best.pt's (the EMA's val loss)
 # the power-function EMAs (rank 0's), of the trained weights
 phema = ((ckpt.get('phema') or [[p.detach().clone() for p in params] for _ in phema_gammas])
          if run.master else [])
 del ckpt
+trained_names = [name for name, p in model.named_parameters() if p.requires_grad]
+
+def phema_snapshot():
+    """The power-function EMAs of the trained weights by name, as sample.py --ema_std reads them."""
+    return dict(sigma_rel=phema_sigmas, gamma=phema_gammas,
+                ema=[dict(zip(trained_names, (w.cpu() for w in tracked))) for tracked in phema])
 raw_model = model
 if compile:  # (model.compile_for_training says what runs compiled, and why)
     model = compile_for_training(model)
@@ -427,24 +384,6 @@ def loss_weight(alpha, sigma, A, B):
            'edm': snr + sigma_data ** -2}[loss_weighting]
     return lam * (sigma / (alpha * B - sigma * A)) ** 2
 
-def variance_loss(x0, xt, t, x0_pred, v):
-    """DiT's variance term, per image: the KL from the posterior q(x_s | x_t, x0), s = t - 1, to
-    the model's Gaussian of the same form around x0_pred (no gradient: only v learns here) with
-    variance exp(f log beta_t + (1 - f) log beta~_t), f = (v + 1) / 2, in bits per dimension
-    (Nichol & Dhariwal 2021, eqs. 10-16). At t = 0 the term (a decoder likelihood) is left out."""
-    t1 = t.clamp(min=1)  # t = 0's finite stand-in, masked out below
-    (alpha, sigma), (alpha_s, sigma_s) = diffusion.alpha_sigma(t1), diffusion.alpha_sigma(t1 - 1)
-    beta = 1 - (alpha / alpha_s) ** 2
-    log_var_q = (beta * sigma_s ** 2 / sigma ** 2).log()
-    # the posterior mean is c1 x0 + c2 x_t: the two means differ by c1 (x0 - x0_pred)
-    c1 = alpha_s * beta / sigma ** 2
-    f = (v + 1) / 2
-    log_var_p = f * bcast(beta.log(), v) + (1 - f) * bcast(log_var_q, v)
-    log_var_q = bcast(log_var_q, v)
-    kl = 0.5 * (log_var_p - log_var_q - 1 + (log_var_q - log_var_p).exp()
-                + (bcast(c1, v) * (x0 - x0_pred)) ** 2 * (-log_var_p).exp())
-    return kl.mean(dim=(1, 2, 3)) / math.log(2) * (t > 0)
-
 def diffusion_loss(net, x0, y, u, eps, ctrl=None, regularize=False, gap=None, images=None):
     """Per-image loss || F_theta(x_t) - F ||^2 at noise levels u (ctrl: the control images),
     weighted, plus cosine_loss (1 - cos(F_theta, F)); the unweighted MSE; and with regularize (the
@@ -465,7 +404,7 @@ def diffusion_loss(net, x0, y, u, eps, ctrl=None, regularize=False, gap=None, im
     mse = (pred - target).pow(2).mean(dim=(1, 2, 3))
     loss = loss_weight(alpha, sigma, A, B).float() * mse
     if learn_sigma:
-        loss = loss + variance_loss(x0, xt, t, diffusion.x0_eps(pred.detach(), xt, t)[0], v)
+        loss = loss + diffusion.variance_kl(x0, xt, t, diffusion.x0_eps(pred.detach(), xt, t)[0], v)
     if cosine_loss:  # LightningDiT's velocity direction term, over each whole image
         loss = loss + cosine_loss * (1 - F.cosine_similarity(pred.flatten(1), target.flatten(1)))
     return loss, mse, representation_terms(dict(zip(terms, tokens)), x0, u, eps, y, ctrl, gap, images) if features else {}
@@ -518,36 +457,20 @@ def estimate_val_loss(net, suffix=''):
         dist.all_reduce(total)
     return dict(zip(['val_loss' + suffix, 'val_loss_unweighted' + suffix], (total / n).tolist()))
 
-def save_phema(step):
-    """The power-function EMAs at this step to out_dir/phema/phema-<step>.pt, atomically: the
-    trained weights only (sample.py takes the others from ckpt.pt and combines the snapshots into
-    the EMA it is asked for)."""
-    path = run.path(f'phema/phema-{step:07d}.pt')
-    # the names of the trained weights, in the order of params
-    names = [name for name, p in raw_model.named_parameters() if p.requires_grad]
-    snapshot = {'step': step, 'run_id': run.run_id, 'sigma_rel': phema_sigmas, 'gamma': phema_gammas,
-                'ema': [dict(zip(names, (w.cpu() for w in tracked))) for tracked in phema]}
-    common.write_file(path, lambda f: torch.save(snapshot, f))
-
 # -----------------------------------------------------------------------------
-# the sample grids: fixed noise and labels, the same picture of progress at every sample_interval
-grid_z = torch.randn((64, C, H, W), generator=run.rng(0, 3, device), device=device)
-grid_y = torch.arange(64, device=device) % num_classes if num_classes else \
-    torch.full((64,), null_label, device=device)
+# the sample grids: fixed noise and labels, the same picture of progress at every sample_interval;
+# 64 images on a GPU, the first 16 on a CPU (where 64 of sample_steps guided steps take minutes)
+n_grid = 64 if device_type == 'cuda' else 16
+grid_z = torch.randn((64, C, H, W), generator=run.rng(0, 3, device), device=device)[:n_grid]
+grid_y = torch.arange(n_grid, device=device) % num_classes if num_classes else \
+    torch.full((n_grid,), null_label, device=device)
 grid_ctrl = None
-# a control model's grid follows the first 64 val images' controls (and labels)
-if control:
-    _, val_y, grid_ctrl = load_batch('val', np.arange(64) % len(data['val'][0]))
+if control:  # a control model's grid follows the first val images' controls (and labels)
+    _, val_y, grid_ctrl = load_batch('val', np.arange(n_grid) % len(data['val'][0]))
     grid_y = val_y if num_classes else grid_y
 # the grids' latents are decoded by the autoencoder that encoded the dataset
 if latent and (run.master or fid_interval):  # (with FID every rank decodes its share)
-    ae_path = os.path.join(data_dir, latent['autoencoder'])
-    ae_ckpt = common.load_checkpoint(ae_path, "re-encode the dataset with data/prepare_latents.py", device,
-                                 ['latent decoder'])
-    ae_config = AEConfig(**ae_ckpt['model_args'])
-    with torch.random.fork_rng(devices=[]):  # (its init draws nothing from the RNG run.resume restored)
-        autoencoder = Autoencoder(ae_config).to(device).eval().requires_grad_(False)
-    common.load_state(autoencoder, ae_ckpt['weights'], ae_path, 'weights')
+    autoencoder = latent_decoder(data_dir, latent, device)
 
 def to_pixels(x):
     """Samples as images in [-1, 1]: latents are un-normalised and decoded."""
@@ -566,13 +489,15 @@ def noise_level_losses(averages):
     bins = zip(averages.get('bin_mse', ()), averages.get('bin_count', ()))
     return {f'loss_u{i}': total / n if n else None for i, (total, n) in enumerate(bins)}
 
+def generate(z, y, ctrl, generator):
+    """The EMA's samples of noise z, labels y and control images ctrl (or None) with the grid's
+    sampler settings, as images in [-1, 1] (pixels: x0 clipped to [-1, 1] on the way)."""
+    with ctx:
+        return to_pixels(diffusion.sample(ema, z, y, sampler, sample_steps, cfg_scale=cfg_scale, shift=shift,
+                                          clip_x0=not latent, generator=generator, control=ctrl))
+
 def sample_grid():
-    """The EMA's samples of the grid's noise and labels, as images in [-1, 1]."""
-    with ctx:  # pixels: x0 clipped to [-1, 1] on the way
-        x = diffusion.sample(ema, grid_z, grid_y, sampler, sample_steps, cfg_scale=cfg_scale,
-                             shift=shift, clip_x0=not latent, generator=run.rng(0, 4, device),
-                             control=grid_ctrl)
-        return to_pixels(x)
+    return generate(grid_z, grid_y, grid_ctrl, run.rng(0, 4, device))  # (the same noise every time)
 
 # FID during training (evaluate.py's): the network on every rank, the reference's statistics on rank 0
 if fid_interval:
@@ -587,18 +512,15 @@ def fid():
     others). Sample i's noise, fresh noise included, comes from a generator seeded by (seed, i), so
     the images do not depend on the world size; its label is i % classes, or with control val image
     i's control and label (cycling)."""
-    def generate(lo, n):
+    def images(lo, n):
         idx = np.arange(lo, lo + n)
         gens = [run.rng(i, 5, device) for i in idx]
         y, ctrl = torch.from_numpy(idx % max(num_classes, 1)).to(device), None
         if control:
             _, y, ctrl = load_batch('val', idx % len(data['val'][0]))
         y = y if num_classes else torch.full((n,), null_label, device=device)
-        with ctx:
-            return to_pixels(diffusion.sample(ema, randn((n, C, H, W), gens, device), y, sampler, sample_steps,
-                                              cfg_scale=cfg_scale, shift=shift, clip_x0=not latent, generator=gens,
-                                              control=ctrl))
-    return evaluate.training_fid(generate, fid_images, micro_batch, inception, fid_stats, run)
+        return generate(randn((n, C, H, W), gens, device), y, ctrl, gens)
+    return evaluate.training_fid(images, fid_images, micro_batch, inception, fid_stats, run)
 
 def get_lr(step):
     """The learning rate of a step: a linear warm-up over warmup_steps, then constant, or a cosine
@@ -669,7 +591,7 @@ for step in range(run.step, max_steps):
                  best_val_loss=best_val_loss)
     checkpoint = run.due(ckpt_interval) or run.stop
     if run.master and phema and (run.due(phema_interval) or checkpoint):
-        save_phema(run.step)
+        run.snapshot(f'phema/phema-{run.step:07d}.pt', **phema_snapshot())
     if checkpoint:
         run.save(model=raw_model, ema=ema, optimizer=optimizer, scaler=scaler, projector=projectors,
                  model_args=asdict(model_config), phema=phema, best_val_loss=best_val_loss)

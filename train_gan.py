@@ -54,9 +54,7 @@ fid_images = 10000  # images per FID, shared by the ranks
 fid_ref = ''  # an ADM reference batch .npz or a prepared dataset ('' = this run's dataset)
 fid_inception = ''  # the FID Inception weights, a local file (docs/guide.md, 'Evaluation protocol')
 ckpt_interval = 1000  # steps between checkpoints (one is also written at the end)
-wandb_log = False
-wandb_project = 'gan'
-wandb_run_name = 'gan'
+wandb_log = False  # project and run name: $WANDB_PROJECT and $WANDB_NAME, else the run's kind and out_dir
 # data
 dataset = 'mnist'  # reads data/<dataset>/ (or a path), written by data/<dataset>/prepare.py
 class_cond = True  # condition both networks on the labels (False: unconditional)
@@ -113,7 +111,7 @@ if 'RANK' in os.environ:
     device = f"cuda:{os.environ['LOCAL_RANK']}" if device_type == 'cuda' else device
     dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
 # the run: out_dir and its lock, resume, sums, the log, checkpoints (bookkeeping.Run)
-run = bk.start_run(config, 'gan', device, inputs=[('dataset', dataformat.data_path(dataset))])
+run = bk.start_run(config, 'gan', device, inputs=[('dataset', dataformat.data_path(dataset))], fixed=['loss'])
 # bf16 autocast around the forward passes (float32: none)
 ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != 'float32' else nullcontext()
 

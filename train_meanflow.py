@@ -49,9 +49,7 @@ fid_interval = 0  # steps between FIDs of the EMA's samples (evaluate.py's), log
 fid_images = 10000  # images per FID, shared by the ranks: the same noise and labels every time
 fid_ref = ''  # an ADM reference batch .npz or a prepared dataset ('' = this run's dataset)
 fid_inception = ''  # the FID Inception weights, a local file (docs/guide.md, 'Evaluation protocol')
-wandb_log = False
-wandb_project = 'meanflow'
-wandb_run_name = 'meanflow'
+wandb_log = False  # project and run name: $WANDB_PROJECT and $WANDB_NAME, else the run's kind and out_dir
 # data and model (a base run's must be the same)
 dataset = 'mnist'  # data/<dataset>/ (or a path): images from its prepare.py
 hflip = False  # random horizontal flips
@@ -115,7 +113,8 @@ if 'RANK' in os.environ:
     dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
 # the run: out_dir and its lock, resume, sums, the log, checkpoints (bookkeeping.Run)
 run = bk.start_run(config, 'meanflow', device,
-                   inputs=[('dataset', dataformat.data_path(dataset)), ('init_base', init_base)])
+                   inputs=[('dataset', dataformat.data_path(dataset)), ('init_base', init_base)],
+                   fixed=['init_base', 'cfg_scale', 'cfg_kappa'])  # (its time axis and target: a resume keeps them)
 # bf16 autocast around the forward passes (float32: none)
 ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != 'float32' else nullcontext()
 

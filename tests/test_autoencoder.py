@@ -254,8 +254,8 @@ def test_nonfinite_updates_are_skipped_and_max_nonfinite_in_a_row_stop_the_run(m
 def test_wandb_offline_run(mnist, tmp_path):
     pytest.importorskip('wandb')
     run('train_ae.py', *TINY, f'--out_dir={tmp_path}', '--max_steps=2', '--disc_weight=0', '--wandb_log=True',
-        '--wandb_project=kit-test-ae', '--wandb_run_name=tiny-ae',
-        env={'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true'})
+        env={'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true',
+             'WANDB_PROJECT': 'kit-test-ae', 'WANDB_NAME': 'tiny-ae'})
     runs = glob.glob(str(tmp_path / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
     assert len(runs) == 1 and load(tmp_path / 'ckpt.pt')['wandb_id'] in runs[0]
     records = open(runs[0], 'rb').read()  # protobuf records: names appear as their UTF-8 bytes

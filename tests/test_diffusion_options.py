@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import MNIST, run, script_functions, shared
+import dataformat
 from diffusion import phema_gamma, phema_weights
 from test_train_diffusion import TINY, load_ckpt
 
@@ -61,15 +62,14 @@ def test_posthoc_ema_has_a_snapshot_at_every_checkpoint(mnist, tmp_path):
 
 @pytest.mark.parametrize('class_balance', [0.0, 0.5, 1.0])
 def test_class_balanced_sampling_hits_its_target_frequencies(class_balance):
-    """On classes of 2000, 800, 300, 100 and 40 images, class k is drawn with probability proportional to
-    count_k^(1 - class_balance): the data's frequencies at 0, uniform at 1 (51,200 draws: within 5 standard errors)."""
+    """dataformat.class_weights and train_diffusion.py's draws: on classes of 2000, 800, 300, 100 and 40 images,
+    class k is drawn with probability proportional to count_k^(1 - class_balance): the data's frequencies at 0, uniform at 1 (51,200 draws: within 5 standard
+    errors)."""
     counts = np.array([2000, 800, 300, 100, 40])
     y = np.repeat(np.arange(5), counts)
-    (class_weights,) = script_functions('train_diffusion.py', 'class_weights', np=np, torch=torch,
-                                        class_balance=class_balance)
+    weights = torch.from_numpy(dataformat.class_weights(y, class_balance)) if class_balance else None
     (draw_indices,) = script_functions('train_diffusion.py', 'draw_indices', torch=torch, class_balance=class_balance,
-                                       batch_size=512, data={'train': (y, y)},
-                                       sample_weights=class_weights(y) if class_balance else None)
+                                       batch_size=512, data={'train': (y, y)}, sample_weights=weights)
     g = torch.Generator().manual_seed(0)
     drawn = y[torch.cat([draw_indices(g) for _ in range(100)]).numpy()]
     freq = np.bincount(drawn, minlength=5) / len(drawn)

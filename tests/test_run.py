@@ -77,10 +77,10 @@ def test_resume_restores_each_object_by_name_the_counters_and_the_rngs(tmp_path)
     assert torch.equal(torch.rand(3), drawn)
 
 
-def test_resume_refuses_a_run_of_another_shape_kind_or_parts(tmp_path):
+def test_resume_refuses_a_run_of_another_shape_kind_parts_or_fixed_key(tmp_path):
     model = net()
     optimizer = common.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
-    run = bk.Run(config(tmp_path, max_steps=2), 'test', 'cpu')
+    run = bk.Run(config(tmp_path, max_steps=2, schedule='flow'), 'test', 'cpu', fixed=['schedule'])
     run.resume(model=model, optimizer=optimizer, model_args={'width': 2})
     train(run, model, optimizer, 2)
     cases = [  # (what this run names, the one line)
@@ -95,6 +95,12 @@ def test_resume_refuses_a_run_of_another_shape_kind_or_parts(tmp_path):
             bk.Run(config(tmp_path), 'test', 'cpu').resume(**named)
     with pytest.raises(SystemExit, match=r"is a test checkpoint, which \S+ writes; this needs a gan checkpoint \(train_gan.py\)"):
         bk.Run(config(tmp_path), 'gan', 'cpu').resume(model=net())
+    with pytest.raises(SystemExit, match=re.escape("schedule='edm', but " + str(tmp_path / 'ckpt.pt') + " (step 2) is a "
+                                                   "run of schedule='flow', which a resume keeps; pass that value")):
+        bk.Run(config(tmp_path, schedule='edm'), 'test', 'cpu', fixed=['schedule']).resume(model=net())
+    changed = bk.Run(config(tmp_path, schedule='edm'), 'test', 'cpu')  # (a key not fixed: said, then taken)
+    changed.resume(model=net(), optimizer=optimizer, model_args={'width': 2})
+    assert changed.step == 2
 
 
 def test_sums_are_averaged_over_the_log_window_without_the_skipped_updates(tmp_path):

@@ -158,8 +158,8 @@ def test_sampling_is_the_same_on_two_ranks(mnist, tmp_path):
 def test_wandb_offline_run_and_no_import_when_off(mnist, tmp_path, monkeypatch):
     pytest.importorskip('wandb')
     run('train_diffusion.py', *TINY, f'--out_dir={tmp_path / "w"}', '--max_steps=3', '--wandb_log=True',
-        '--wandb_project=kit-test', '--wandb_run_name=tiny',
-        env={'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true'})
+        env={'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true',
+             'WANDB_PROJECT': 'kit-test', 'WANDB_NAME': 'tiny'})
     runs = glob.glob(str(tmp_path / 'w' / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
     assert len(runs) == 1, os.listdir(tmp_path / 'w')
     assert load_ckpt(tmp_path / 'w')['wandb_id'] in runs[0]  # saved, so a resume continues the same run
