@@ -11,6 +11,7 @@ line that names the value and the fix (a SystemExit, so no traceback reaches the
 import contextlib
 import csv
 import errno
+import glob
 import hashlib
 import os
 import random
@@ -134,6 +135,10 @@ class Run:
         elif init_from == 'resume' and not exists:
             raise SystemExit(f"error: init_from='resume' but {self.ckpt_path} does not exist; use "
                              f"--init_from=scratch")
+        others = history_files(out_dir) if init_from == 'scratch' else []
+        if others:  # (a new run would write over them, or sum them into its own)
+            raise SystemExit(f"error: {others[0]} is of a run whose ckpt.pt {out_dir} does not hold; "
+                             f"move it away, or start this run in another --out_dir")
         if self.master:
             check_writable(out_dir)  # better to find out now than at the first checkpoint
             lock_out_dir(out_dir)
@@ -163,7 +168,7 @@ class Run:
     def snapshot(self, name, **state):
         """out_dir/name (rank 0's call), written whole: state with the step and the run's id, by
         which its reader (sample.py, of the phema/ snapshots) keeps to this run's history."""
-        state = {'step': self.step, 'run_id': self.run_id, **state}
+        state = {'step': self.step, 'run_id': self.run_id, 'after': self.saved_step or 0, **state}
         write_file(self.path(name), lambda f: torch.save(state, f))
 
     def last_good(self):
@@ -258,6 +263,16 @@ class Run:
             raise SystemExit(f"error: {self.out_dir} keeps {os.path.basename(max(newer))}, newer "
                              f"than ckpt.pt (step {ckpt['step']}): another history of this run; "
                              f"move the newer copies away to go on from ckpt.pt")
+        for path in history_files(self.out_dir):
+            try:  # (mmap: what the file says of itself, no weight read)
+                meta = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+            except Exception:
+                raise SystemExit(f"error: cannot read {path}; move it away to go on from ckpt.pt")
+            run_id, after = (meta.get(k) if isinstance(meta, dict) else None for k in ('run_id', 'after'))
+            if run_id not in (None, ckpt.get('run_id')) or (after or 0) > ckpt['step']:
+                raise SystemExit(f"error: {path} (step {meta.get('step')}) is of another history than "
+                                 f"ckpt.pt (step {ckpt['step']}), which would write over it or mix "
+                                 f"with it; move it away to go on from ckpt.pt")
         self.saved_step = ckpt['step']
         return ckpt
 
@@ -282,7 +297,7 @@ class Run:
             state = {k: v.state_dict() if hasattr(v, 'state_dict') else v
                      for k, v in named.items()}
             state.update(inputs={what: fp for what, (_, fp) in self.inputs.items()},
-                         run_id=self.run_id)
+                         run_id=self.run_id, after=self.saved_step or 0)
             state.update(step=self.step, images_seen=self.images_seen, config=self.config,
                          wandb_id=self.wandb_id, rng=states, nonfinite_streak=streak, kind=self.kind,
                          script=os.path.basename(sys.argv[0]), format=FORMAT)
@@ -721,6 +736,16 @@ def fingerprint(path):
 
 
 KEPT = re.compile(r'ckpt_(\d{7})\.pt')  # keep_last's copies: ckpt_<step, 7 digits>.pt
+
+
+def history_files(out_dir):
+    """What a run writes beside ckpt.pt for its readers (sample.py --ckpt=best, --ema_std): best.pt
+    and phema/phema-<step>.pt, each of one history of one run, as run.save and run.snapshot mark it
+    (run_id, and after: the step of the ckpt.pt it follows)."""
+    folder = glob.escape(out_dir)
+    found = [*glob.glob(os.path.join(folder, 'best.pt')),
+             *glob.glob(os.path.join(folder, 'phema', 'phema-*.pt'))]
+    return sorted(path for path in found if os.path.isfile(path) and not os.path.islink(path))
 
 
 # the temporary files of a run's writes (open_new's path + '.tmp'), left behind by a killed run

@@ -453,6 +453,7 @@ BAD_INPUT = [  # (case, args or setup(tmp, out) -> args, what the one line says)
     ('class balance out of range', ['--class_balance=2'], "class_balance=2.0 must be in [0, 1]"),
     ('post-hoc EMA too long', ['--phema_stds=0.05,0.5'], "phema_stds='0.05,0.5' must be comma-separated sigma_rel values in (0, 0.28)"),
     ('post-hoc EMAs changed', ['--phema_stds=0.1'], "is a run of phema_stds='', which a resume keeps; pass that value, or another out_dir"),
+    ('what the run is, changed on resume', ['--schedule=flow'], "schedule='flow', but "),
     ('image size vs UNet depth', ['--arch=UNet-B'], "image_size 28 is not divisible by 2^3, the UNet's 3 downsamplings"),
     ('CUDA without a GPU', ['--device=cuda'], "CUDA is not available here; pass --device=cpu"),
     ('batch vs micro-steps', ['--grad_accum=3'], "batch_size=16 is not divisible by world_size x grad_accum = 1 x 3"),

@@ -210,6 +210,32 @@ def test_init_from_never_mixes_histories(tmp_path):
         bk.Run(config(tmp_path / 'd'), 'test', 'cpu', inputs=[('dataset', str(tmp_path / 'd'))])
 
 
+def test_best_pt_and_snapshots_belong_to_the_history_they_are_resumed_with(tmp_path):
+    """best.pt and phema snapshots (run.save and run.snapshot beside ckpt.pt) written after the checkpoint a run
+    resumes from (a crash) are its own history; written after a later checkpoint (ckpt.pt put back to an older copy)
+    or by another run, the resume (or the new run) stops in one line rather than write over them or mix them in."""
+    model = net()
+    optimizer = common.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
+    run = bk.Run(config(tmp_path, ckpt_interval=3, keep_last=3), 'test', 'cpu')
+    run.resume(model=model)
+    train(run, model, optimizer, 4)  # ckpt.pt at 3, then step 4's best.pt and snapshot: a crash
+    run.save(run.path('best.pt'), model=model)
+    run.snapshot('phema/phema-0000004.pt', ema=[])
+    resumed = bk.Run(config(tmp_path, ckpt_interval=3, keep_last=3), 'test', 'cpu')
+    assert resumed.resume(model=model)['step'] == 3
+    train(resumed, model, optimizer, 4)  # ckpt.pt at 6, best.pt at 7, after it
+    resumed.save(resumed.path('best.pt'), model=model)
+    os.replace(tmp_path / 'ckpt_0000003.pt', tmp_path / 'ckpt.pt')  # put back: another history from step 3
+    for name in ('ckpt_0000006.pt', 'phema/phema-0000004.pt'):
+        os.remove(tmp_path / name)
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'best.pt'} (step 7) is of another history than "
+                                                   "ckpt.pt (step 3)")):
+        bk.Run(config(tmp_path), 'test', 'cpu').resume(model=model)
+    os.remove(tmp_path / 'ckpt.pt')
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'best.pt'} is of a run whose ckpt.pt")):
+        bk.Run(config(tmp_path), 'test', 'cpu')
+
+
 def test_a_resumed_run_logs_on_from_its_checkpoint_and_notices_a_changed_input(tmp_path):
     data = tmp_path / 'data.npy'
     data.write_bytes(b'images')
