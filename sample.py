@@ -358,6 +358,12 @@ for lo in range(0, num_samples, world_size * batch_size):
                                  cfg_channels, guide_model)
         if decoder:
             x = autoencoder.decode(x * latent_std + latent_mean)
+    diverged = (~x.isfinite()).any().float()  # (as images they would be black, and pass)
+    if ddp:
+        dist.all_reduce(diverged, op=dist.ReduceOp.MAX)
+    if diverged:
+        raise SystemExit(f"error: {ckpt_path}'s samples are not finite (from image {lo} on): its weights "
+                         f"diverged; sample an earlier checkpoint (--ckpt=best, or a kept ckpt_<step>)")
     x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     x = x.permute(0, 2, 3, 1).contiguous()  # NHWC, the .npz layout
     if ddp:

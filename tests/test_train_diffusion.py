@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from common import checksum
 from conftest import FROZEN, REPO, assert_same_steps, run, shared
 
 TINY = ['--arch=DiT-N/4', '--batch_size=16', '--log_interval=2', '--eval_interval=3', '--eval_images=32',
@@ -117,6 +118,21 @@ def test_two_ranks_match_one(mnist, fid_args, tmp_path):
     run('train_diffusion.py', *common, '--batch_size=8', f'--out_dir={tmp_path / "half"}', env=one_thread)
     with pytest.raises(AssertionError):
         assert_same_steps(tmp_path / 'half', tmp_path / 'ddp')
+
+
+def test_sampling_diverged_weights_stops_with_one_line(mnist, tmp_path):
+    """EMA weights that blew up (finite, 1e30 times their size) give non-finite samples: sample.py stops in one line
+    naming the checkpoint, and writes no image (black ones would pass for samples)."""
+    out = tmp_path / 'run'
+    run('train_diffusion.py', *TINY, f'--out_dir={out}', '--max_steps=1')
+    ckpt = load_ckpt(out)
+    ckpt['ema'] = {k: v * 1e30 if v.is_floating_point() else v for k, v in ckpt['ema'].items()}
+    ckpt['checksum'] = checksum({k: v for k, v in ckpt.items() if k != 'checksum'})
+    torch.save(ckpt, out / 'ckpt.pt')
+    p = run('sample.py', f'--out_dir={out}', '--num_samples=4', '--steps=2', check=False)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: {out / 'ckpt.pt'}'s samples are not finite"), p.stderr
+    assert not os.path.exists(out / 'samples.png')
 
 
 @pytest.mark.slow
