@@ -14,13 +14,14 @@ from conftest import REPO, run
 from model import AEConfig, Autoencoder, compile_for_training, create_model
 
 # the smallest run of each train script: three steps, the first of which compiles; the autoencoder's adaptive
-# weight and the GAN's penalties are on in them
+# weight and the GAN's penalties are on in them; the end's evaluation and grid as small as they go (eager)
 STEPS = ['--compile=True', '--max_steps=3', '--log_interval=1', '--ckpt_interval=1000', '--init_from=scratch']
 COMPILED_RUNS = {
-    'train_diffusion.py': ['config/mnist_dit.py', '--batch_size=4', '--eval_interval=1000',
-                           '--sample_interval=1000', '--sra_weight=0.5', '--dispersive_weight=0.5'],  # (block tokens out)
-    'train_ae.py': ['config/mnist_ae.py', '--batch_size=4', '--eval_interval=1000', '--disc_start=0',
-                    '--adv_start=0', '--cls_weight=0.1'],  # (and the class head, after the graph break)
+    'train_diffusion.py': ['config/mnist_dit.py', '--batch_size=4', '--eval_interval=1000', '--eval_images=8',
+                           '--sample_interval=1000', '--sample_steps=2', '--sra_weight=0.5',
+                           '--dispersive_weight=0.5'],  # (block tokens out)
+    'train_ae.py': ['config/mnist_ae.py', '--batch_size=4', '--eval_interval=1000', '--eval_images=8',
+                    '--disc_start=0', '--adv_start=0', '--cls_weight=0.1'],  # (and the class head, after the graph break)
     'train_gan.py': ['config/mnist_gan.py', '--batch_size=4', '--sample_interval=1000', '--reg_interval=2'],
     # with activation checkpointing: the DiT compiled block by block (model.compile_for_training)
     'distill_consistency.py': ['config/mnist_cd.py', '--batch_size=4', '--sample_interval=1000',
