@@ -135,8 +135,10 @@ class Run:
         elif init_from == 'resume' and not exists:
             raise SystemExit(f"error: init_from='resume' but {self.ckpt_path} does not exist; use "
                              f"--init_from=scratch")
-        others = history_files(out_dir) if init_from == 'scratch' else []
-        if others:  # (a new run would write over them, or sum them into its own)
+        # a new run would write over them or sum them into its own; but those written before their
+        # run's first checkpoint (after 0: it was killed) are what the same command writes again
+        others = [path for path, meta in history(out_dir) if meta['after']] if init_from == 'scratch' else []
+        if others:
             raise SystemExit(f"error: {others[0]} is of a run whose ckpt.pt {out_dir} does not hold; "
                              f"move it away, or start this run in another --out_dir")
         if self.master:
@@ -263,14 +265,9 @@ class Run:
             raise SystemExit(f"error: {self.out_dir} keeps {os.path.basename(max(newer))}, newer "
                              f"than ckpt.pt (step {ckpt['step']}): another history of this run; "
                              f"move the newer copies away to go on from ckpt.pt")
-        for path in history_files(self.out_dir):
-            try:  # (mmap: what the file says of itself, no weight read)
-                meta = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-            except Exception:
-                raise SystemExit(f"error: cannot read {path}; move it away to go on from ckpt.pt")
-            run_id, after = (meta.get(k) if isinstance(meta, dict) else None for k in ('run_id', 'after'))
-            if run_id not in (None, ckpt.get('run_id')) or (after or 0) > ckpt['step']:
-                raise SystemExit(f"error: {path} (step {meta.get('step')}) is of another history than "
+        for path, meta in history(self.out_dir):
+            if meta['run_id'] not in (None, ckpt.get('run_id')) or (meta['after'] or 0) > ckpt['step']:
+                raise SystemExit(f"error: {path} (step {meta['step']}) is of another history than "
                                  f"ckpt.pt (step {ckpt['step']}), which would write over it or mix "
                                  f"with it; move it away to go on from ckpt.pt")
         self.saved_step = ckpt['step']
@@ -738,14 +735,22 @@ def fingerprint(path):
 KEPT = re.compile(r'ckpt_(\d{7})\.pt')  # keep_last's copies: ckpt_<step, 7 digits>.pt
 
 
-def history_files(out_dir):
+def history(out_dir):
     """What a run writes beside ckpt.pt for its readers (sample.py --ckpt=best, --ema_std): best.pt
-    and phema/phema-<step>.pt, each of one history of one run, as run.save and run.snapshot mark it
-    (run_id, and after: the step of the ckpt.pt it follows)."""
+    and phema/phema-<step>.pt, as (path, {step, run_id, after}): each marks its run and the step of
+    the ckpt.pt it follows (after; 0 before the first), as run.save and run.snapshot write them."""
     folder = glob.escape(out_dir)
     found = [*glob.glob(os.path.join(folder, 'best.pt')),
              *glob.glob(os.path.join(folder, 'phema', 'phema-*.pt'))]
-    return sorted(path for path in found if os.path.isfile(path) and not os.path.islink(path))
+    marked = []
+    for path in sorted(p for p in found if os.path.isfile(p) and not os.path.islink(p)):
+        try:  # (mmap: what the file says of itself, no weight read)
+            meta = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except Exception:
+            raise SystemExit(f"error: cannot read {path}, which a run reads beside ckpt.pt; move it away")
+        meta = meta if isinstance(meta, dict) else {}
+        marked.append((path, {k: meta.get(k) for k in ('step', 'run_id', 'after')}))
+    return marked
 
 
 # the temporary files of a run's writes (open_new's path + '.tmp'), left behind by a killed run

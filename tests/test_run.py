@@ -234,6 +234,11 @@ def test_best_pt_and_snapshots_belong_to_the_history_they_are_resumed_with(tmp_p
     os.remove(tmp_path / 'ckpt.pt')
     with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'best.pt'} is of a run whose ckpt.pt")):
         bk.Run(config(tmp_path), 'test', 'cpu')
+    killed = bk.Run(config(tmp_path / 'k', ckpt_interval=100), 'test', 'cpu')  # killed before its first checkpoint
+    killed.resume(model=model)
+    train(killed, model, optimizer, 2)
+    killed.save(killed.path('best.pt'), model=model)
+    assert bk.Run(config(tmp_path / 'k'), 'test', 'cpu').init_from == 'scratch'  # the same command starts it again
 
 
 def test_a_resumed_run_logs_on_from_its_checkpoint_and_notices_a_changed_input(tmp_path):
