@@ -97,7 +97,7 @@ class Run:
                   f"per micro-step, {grad_accum} micro-step(s), {batch_size} per optimizer step")
         # the counters a checkpoint carries, and what the log has summed since its last line
         self.step, self.images_seen, self.wandb_id, self.saved_step = 0, 0, None, None
-        self.last = self.log_step = False
+        self.last = self.log_step = self.unsaved = False
         self.stop, self.averages = None, {}
         self._step_sums, self._sums = {}, {}
         self._steps, self._step_time, self._mark = 0, 0.0, time.time()
@@ -276,7 +276,9 @@ class Run:
     def save(self, path=None, **named):
         """Writes the named objects' state dicts and plain values, with the step, images seen,
         config, wandb id and every rank's RNG state, to path (ckpt.pt by default; keep_last keeps
-        copies). Collective: every rank calls it. Weights that are not finite are never saved."""
+        copies). Collective: every rank calls it. Never saved: weights that are not finite, and
+        weights whose last step's loss was not finite on some rank (they may have diverged; the
+        next save after a finite loss is made, and the run's last one stops the run instead)."""
         path = path or self.ckpt_path
         weights = [p for v in named.values() if isinstance(v, torch.nn.Module)
                    for p in v.parameters()]
@@ -284,7 +286,19 @@ class Run:
         if weights and not torch.stack([w.isfinite().all() for w in weights]).all():
             raise SystemExit(f"error: the weights are not finite at step {self.step}, "
                              f"so they are not saved; {self.last_good()}: {FIX}")
-        streak = int(self._skips.streak.item())  # (the same on every rank)
+        unsound = self._skips.unsound.clone()
+        if self.ddp:
+            dist.all_reduce(unsound, op=dist.ReduceOp.MAX)
+        streak, unsound = (int(v) for v in torch.stack([self._skips.streak, unsound]).tolist())
+        if unsound:
+            why = (f"the loss was not finite in the last {unsound} step(s) to step {self.step}, "
+                   f"so the weights they started from are not saved")
+            if self.last or self.stop:
+                raise SystemExit(f"error: {why}; {self.last_good()}: {FIX}")
+            if self.master:
+                print(f"{why} (as {os.path.basename(path)}); {self.last_good()}")
+            self.unsaved = self.unsaved or path == self.ckpt_path  # (finish() stops on it)
+            return
         states = [None] * self.world_size
         if self.ddp:
             dist.all_gather_object(states, rng_state(self.device_type))
@@ -302,7 +316,7 @@ class Run:
             with self._writing:
                 self._write(path, state)
         if path == self.ckpt_path:
-            self.saved_step = self.step
+            self.saved_step, self.unsaved = self.step, False
         if self.log_step:
             self._mark = time.time()
 
@@ -362,8 +376,10 @@ class Run:
             s, n = self._sums.get(name, (0, 0))
             kept = torch.where(bad, 0, torch.full_like(total, count))  # (per element of total)
             self._sums[name] = (s + torch.where(bad, 0, total), n + kept)
+        self._skips.add(bad, torch.stack([~total.isfinite().all() for total, _ in
+                                          self._step_sums.values()]).any()
+                        if self._step_sums else False)
         self._step_sums = {}
-        self._skips.add(bad)
         self._steps += 1
         self.step += 1
         self.images_seen += self.config['batch_size']  # (true when a resumed run changes it)
@@ -430,7 +446,11 @@ class Run:
 
     def finish(self):
         """After the loop: says why it stopped early, closes wandb, and takes the process group
-        down once every rank is done with it."""
+        down once every rank is done with it. A loop that ended after a save that was refused
+        (the weights' loss not finite) and before one that was made ends the run with an error."""
+        if self.unsaved:
+            raise SystemExit(f"error: the run ends at step {self.step} without its checkpoint (its "
+                             f"loss was not finite); {self.last_good()}: {FIX}")
         if self.master and self.stop and not self.last:
             print(f"stopped at step {self.step} of {self.config['max_steps']} ({self.stop}); the "
                   f"same command continues the run")
@@ -543,12 +563,17 @@ class SkipCounter:
     until read)."""
 
     def __init__(self, device):
-        self.skipped, self.streak, self.worst = (torch.zeros((), device=device) for _ in range(3))
+        self.skipped, self.streak, self.worst, self.unsound = (torch.zeros((), device=device)
+                                                               for _ in range(4))
 
-    def add(self, bad):
+    def add(self, bad, unsound):
+        """bad: the update was skipped; unsound: a value the step added (its loss) was not
+        finite. Each streak counts the steps in a row (float16's scaler skips updates of a finite
+        loss: streak without unsound)."""
         self.skipped += bad
         self.streak = (self.streak + 1) * bad
         self.worst = torch.maximum(self.worst, self.streak)
+        self.unsound = (self.unsound + 1) * unsound
 
     def counts(self):
         """The skipped updates and the longest run of them since the last read, as one tensor."""

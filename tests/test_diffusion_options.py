@@ -137,26 +137,27 @@ def test_unet_takes_a_control_image_by_concat(control_data, tmp_path):
 
 @shared(130)
 def control_runs(out, quickstart, control_data):
-    """From the quickstart's DiT, 200 steps of concat and of ControlNet training on the 4x-downsampled digits, and 200
+    """From the quickstart's DiT, 200 steps of concat and of ControlNet training on the 4x-downsampled digits, and 100
     samples of each and of the base model (of the val images' labels, 25 steps)."""
-    labels = np.load(control_data / 'val_y.npy')[:200]
+    labels = np.load(control_data / 'val_y.npy')[:100]
     (out / 'base').mkdir()
     shutil.copy(quickstart / 'ckpt.pt', out / 'base' / 'ckpt.pt')
-    run('sample.py', f'--out_dir={out / "base"}', '--num_samples=200', '--steps=25', '--save_npz=True',
+    run('sample.py', f'--out_dir={out / "base"}', '--num_samples=100', '--steps=25', '--save_npz=True',
         f'--class_labels={",".join(map(str, labels))}')
     for control in ('concat', 'controlnet'):
         run('train_diffusion.py', 'config/mnist_dit.py', f'--dataset={control_data}', f'--init_base={quickstart}',
             f'--control={control}', '--max_steps=200', '--warmup_steps=50', '--eval_interval=200',
             f'--out_dir={out / control}')
-        run('sample.py', f'--out_dir={out / control}', '--num_samples=200', '--steps=25', '--save_npz=True')
+        run('sample.py', f'--out_dir={out / control}', '--num_samples=100', '--steps=25', '--save_npz=True')
 
 
 @pytest.mark.slow
 def test_control_models_follow_their_control(control_runs, quickstart, control_data, mnist_classifier):
     """From the quickstart's DiT, 200 steps of concat and of ControlNet training on 4x-downsampled digits: samples drawn
     under a val digit's control must match it (4x4 block means) at least 10x better than the base model's samples of
-    the same labels, still show their label, and ControlNet must leave the base weights as they were."""
-    controls, labels = np.load(control_data / 'val_control.npy')[:200], np.load(control_data / 'val_y.npy')[:200]
+    the same labels (measured on 200: 27x and 41x), still show their label (95.5% and 96.0%), and ControlNet must
+    leave the base weights as they were."""
+    controls, labels = np.load(control_data / 'val_control.npy')[:100], np.load(control_data / 'val_y.npy')[:100]
     base_error = downsampled_error(np.load(control_runs / 'base' / 'samples.npz')['arr_0'], controls)
     for control in ('concat', 'controlnet'):
         samples = np.load(control_runs / control / 'samples.npz')

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import bookkeeping as bk
 import warm
 import conftest
 from conftest import MNIST, REPO, run
@@ -313,31 +314,42 @@ def faulty_run(out, faults, *args):
 
 def test_a_nonfinite_update_is_skipped_and_counted(mnist, tmp_path):
     """A NaN in the network's output at one step: that update is skipped (weights, EMA and AdamW's moments and step
-    count stay as they were), the log counts it, and training goes on."""
+    count stay as they were), the log counts it, and training goes on. That step's checkpoint is not written (the
+    weights that gave the NaN could have diverged): the next one is; and a run whose loss is still not finite at its
+    end stops with an error, its last good checkpoint intact."""
     p = faulty_run(tmp_path, {'FAULT_NAN_STEPS': '4'}, '--max_steps=6', '--ckpt_interval=1', '--keep_last=3')
     assert p.returncode == 0 and '1 non-finite update(s) skipped' in p.stdout, p.stderr[-2000:]
+    assert (f"the loss was not finite in the last 1 step(s) to step 5, so the weights they started from are not saved "
+            f"(as ckpt.pt); {tmp_path / 'ckpt.pt'} (step 4) is intact") in p.stdout
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith('ckpt')) == [  # keep_last=3 rolling copies
-        'ckpt.pt', 'ckpt_0000004.pt', 'ckpt_0000005.pt', 'ckpt_0000006.pt']
-    before, after = load(tmp_path / 'ckpt_0000004.pt'), load(tmp_path / 'ckpt_0000005.pt')
-    for key in ('model', 'ema'):
-        assert all(torch.equal(w, after[key][name]) for name, w in before[key].items()), key
-    for sa, sb in zip(before['optimizer']['state'].values(), after['optimizer']['state'].values()):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    later = load(tmp_path / 'ckpt_0000006.pt')  # the next step updates again
-    assert not torch.equal(later['model']['linear_final.weight'], after['model']['linear_final.weight'])
+        'ckpt.pt', 'ckpt_0000003.pt', 'ckpt_0000004.pt', 'ckpt_0000006.pt']
+    before, after = load(tmp_path / 'ckpt_0000004.pt'), load(tmp_path / 'ckpt_0000006.pt')
+    # step 6 is the one update after step 4's: AdamW counted one step, and the EMA (decay 6 / 15 at step 6) one lerp
+    assert all(s['step'] == 5 and all(v.isfinite().all() for v in s.values())
+               for s in after['optimizer']['state'].values())
+    assert all(s['step'] == 4 for s in before['optimizer']['state'].values())
+    for name, w in before['ema'].items():
+        assert torch.allclose(after['ema'][name], torch.lerp(w, after['model'][name], 1 - 6 / 15), rtol=1e-5, atol=1e-7)
     rows = {r['step']: r for r in csv.DictReader(open(tmp_path / 'metrics.csv')) if r['loss']}
     assert [rows[s]['skipped'] for s in '456'] == ['0', '1', '0'] and rows['5']['loss'] == 'nan'
     assert np.isfinite(float(rows['6']['loss']))
+    p = faulty_run(tmp_path / 'end', {'FAULT_NAN_STEPS': '4,5'}, '--max_steps=6', '--ckpt_interval=1')
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+        f"error: the loss was not finite in the last 2 step(s) to step 6, so the weights they started from are not "
+        f"saved; {tmp_path / 'end' / 'ckpt.pt'} (step 4) is intact: {bk.FIX}")
+    assert load(tmp_path / 'end' / 'ckpt.pt')['step'] == 4
 
 
 def test_nonfinite_updates_in_a_row_stop_the_run(mnist, tmp_path):
+    """NaN losses from step 5 on: the checkpoints due at steps 5 and 6 are not written, and the third skipped update in
+    a row (max_nonfinite=3) stops the run, naming step 4's checkpoint, the last whose weights gave a finite loss."""
     p = faulty_run(tmp_path, {'FAULT_NAN_STEPS': '4,5,6,7,8,9'}, '--ckpt_interval=1', '--max_nonfinite=3')
     assert p.returncode != 0
     assert p.stderr.strip().splitlines()[-1] == (
         f"error: 3 updates in a row had a non-finite gradient norm and were skipped (max_nonfinite=3) by step 7; "
-        f"{tmp_path / 'ckpt.pt'} (step 6) is intact: resume it with a lower lr, grad_clip or dtype='float32'")
+        f"{tmp_path / 'ckpt.pt'} (step 4) is intact: resume it with a lower lr, grad_clip or dtype='float32'")
     ckpt = load(tmp_path / 'ckpt.pt')
-    assert ckpt['step'] == 6 and all(w.isfinite().all() for w in ckpt['model'].values())
+    assert ckpt['step'] == 4 and all(w.isfinite().all() for w in ckpt['model'].values())
 
 
 def test_nonfinite_weights_are_never_saved(mnist, tmp_path):

@@ -141,6 +141,30 @@ def test_max_nonfinite_skipped_updates_in_a_row_stop_the_run_naming_the_last_goo
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 5
 
 
+def test_weights_whose_loss_was_not_finite_are_not_saved_and_the_run_cannot_end_on_them(tmp_path, capsys):
+    """A save after a step whose loss was not finite (an update skipped: the weights could have diverged) writes
+    nothing and says so; the next one after a finite loss is written. A float16 overflow (an update skipped, its loss
+    finite) saves as usual. A loop that ends after a refused save stops the run with an error."""
+    model = net()
+    optimizer = common.adamw(model.parameters(), 1e-2, (0.9, 0.99), 0.0)
+    run = bk.Run(config(tmp_path, ckpt_interval=2, max_nonfinite=10), 'test', 'cpu')
+    run.resume(model=model)
+    train(run, model, optimizer, 2)
+    train(run, model, optimizer, 2, bad=(4,))  # step 4's save refused
+    assert f"the loss was not finite in the last 1 step(s) to step 4, so the weights they started from are not " \
+           f"saved (as ckpt.pt); {tmp_path / 'ckpt.pt'} (step 2) is intact" in capsys.readouterr().out
+    assert run.unsaved and torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 2
+    run.add(loss=torch.tensor(1.0))  # a float16 overflow: skipped, its loss finite
+    run.end_step(torch.tensor(True), flops_per_image=0)
+    run.save(model=model)
+    assert not run.unsaved and torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 5
+    train(run, model, optimizer, 1, bad=(6,))
+    run.save(model=model)
+    with pytest.raises(SystemExit, match=re.escape(f"error: the run ends at step 6 without its checkpoint (its loss was "
+                                                   f"not finite); {tmp_path / 'ckpt.pt'} (step 5) is intact: {bk.FIX}")):
+        run.finish()
+
+
 def test_due_and_the_log_steps(tmp_path):
     run = bk.Run(config(tmp_path, max_steps=7, log_interval=3, ckpt_interval=5), 'test', 'cpu')
     run.resume()
