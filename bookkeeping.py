@@ -526,17 +526,24 @@ class Metrics:
 
 
 class StopSignals:
-    """SIGTERM (a scheduler, torchrun), SIGUSR1 (SLURM's --signal warning), SIGHUP (a closed terminal
-    or a dropped ssh) and Ctrl-C (SIGINT) ask the loop to finish its step, save and exit 0; a second
-    Ctrl-C exits at once. vote() says, at
-    every step, whether to stop now: the same answer on every rank (a vote on the host, over a gloo
-    group, that does not wait for the GPU)."""
+    """SIGTERM (a scheduler, torchrun, or under torchrun its end), SIGUSR1 (SLURM's --signal warning),
+    SIGHUP (a closed terminal or a dropped ssh) and Ctrl-C (SIGINT) ask the loop to finish its step,
+    save and exit 0; a second Ctrl-C exits at once. vote() says, at every step, whether to stop now:
+    the same answer on every rank (a vote on the host, over a gloo group, that does not wait for
+    the GPU)."""
 
     def __init__(self, max_minutes, t_start, ddp):
         self.max_minutes, self.t_start, self.signum = max_minutes, t_start, 0
         self.group = dist.new_group(backend='gloo') if ddp else None
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, self.request)
+        if 'TORCHELASTIC_RUN_ID' in os.environ and sys.platform == 'linux':
+            # a worker outlives no torchrun: its end (even by SIGKILL) sends this process SIGTERM
+            parent = os.getppid()
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # (it ended before that)
+                self.signum = signal.SIGTERM
 
     def request(self, signum, frame):
         if signum == signal.SIGINT and self.signum == signal.SIGINT:

@@ -285,6 +285,32 @@ def test_torchrun_restarts_a_killed_worker_and_sigterm_stops_the_group(mnist, tm
     assert len(load(out / 'ckpt.pt')['rng']) == 2
 
 
+def ended(pid):
+    """Whether the process is gone or a zombie (ended, not yet reaped by whoever adopted it)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+def test_workers_do_not_outlive_torchrun(mnist, tmp_path):
+    """torchrun killed outright (SIGKILL: the OOM killer, a lost session) cannot pass a signal on; its workers get
+    SIGTERM from the kernel as it ends (the parent-death signal), so they finish the step, save and exit at once
+    rather than training on without a launcher."""
+    out = tmp_path / 'run'
+    p = launch(out, '--max_steps=100000', '--eval_interval=100000', '--sample_interval=100000', torchrun=True,
+               restarts=0)
+    read_until(p, r'saved .* at step 3$')
+    workers = children(p.pid)
+    os.kill(p.pid, signal.SIGKILL)
+    rest = p.communicate(timeout=60)[0]  # (the workers hold the pipe: it ends when they do)
+    stop = re.search(r'stopped at step (\d+) of 100000 \(SIGTERM\)', rest)
+    assert stop and load(out / 'ckpt.pt')['step'] == int(stop[1]), rest[-3000:]
+    assert len(workers) == 2 and all(ended(pid) for pid in workers)
+
+
 @pytest.mark.slow
 def test_a_frozen_rank_ends_the_job_in_bounded_time_naming_it(mnist, tmp_path):
     """A rank that stops answering without dying (SIGSTOP: what a hung machine looks like to its peers) would keep
