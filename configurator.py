@@ -7,10 +7,12 @@ executes config/mnist_dit.py in the script's globals (plain Python: it runs with
 config files you trust), then applies each --key=value, parsed with ast.literal_eval (a string default takes the
 text as it is). Every value must keep its default's type (an int is accepted for a float) and a float stays finite
 (unless its default is not); an unknown key, in a file or on the command line, stops the run and names the nearest
-valid keys. A config file is read in its own encoding (a coding cookie, else UTF-8).
+valid keys. A config file is read in its own encoding (a coding cookie, else UTF-8). --help (or -h) prints the
+script's defaults block, each key with its default and comment, and exits.
 """
 import builtins
 import math
+import os
 import sys
 import traceback
 from ast import literal_eval
@@ -22,6 +24,13 @@ def _unknown(key):
                       f"valid keys: {', '.join(sorted(config_keys))}"))
 
 _defaults = {k: globals()[k] for k in config_keys}
+if {'--help', '-h'} & set(sys.argv[1:]):  # the script's defaults block (between its first two '# ---' lines) as written
+    with open(sys.argv[0], encoding='utf-8') as _f:
+        _lines = _f.read().splitlines()
+    _marks = [_i for _i, _line in enumerate(_lines) if _line.startswith('# ---')][:2]
+    print(f"usage: python {os.path.basename(sys.argv[0])} [config/<file>.py ...] [--key=value ...]; the keys and their defaults:")
+    print('\n'.join(_lines[_marks[0] + 1:_marks[1]]))
+    raise SystemExit(0)
 _cli = set()  # the keys of --key=value arguments
 for _arg in sys.argv[1:]:
     if not _arg.startswith('--'):
@@ -35,7 +44,8 @@ for _arg in sys.argv[1:]:
         try:
             exec(builtins.compile(_src, _arg, 'exec'))  # (a script may have a key named compile)
         except Exception as e:  # the file's own error, located, without a traceback through this file
-            _line = e.lineno if isinstance(e, SyntaxError) else traceback.extract_tb(e.__traceback__)[-1].lineno
+            _line = e.lineno if isinstance(e, SyntaxError) else next(  # (its innermost line in the file)
+                (_f.lineno for _f in reversed(traceback.extract_tb(e.__traceback__)) if _f.filename == _arg), None)
             _what = f"{type(e).__name__}: {e.msg if isinstance(e, SyntaxError) else e}"
             raise SystemExit(f"error: {_arg}{f', line {_line}' if _line else ''}: {_what}; a config file is "
                              f"Python assignments like batch_size = 64")

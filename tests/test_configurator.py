@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run
 
 
 def configure(argv, **defaults):
@@ -65,6 +65,22 @@ def test_config_files_in_any_encoding_or_broken_give_one_line(tmp_path):
             configure([str(tmp_path / 'bad.py')], **defaults)
     with pytest.raises(SystemExit, match=r"cannot read config file .* \(Is a directory\)"):
         configure([str(tmp_path)], **defaults)
+    (tmp_path / 'raises.py').write_text("import json\nlr = 1e-3\nbatch = json.loads('{')\n")  # (raised in json)
+    with pytest.raises(SystemExit, match=re.escape(f"error: {tmp_path / 'raises.py'}, line 3: JSONDecodeError")):
+        configure([str(tmp_path / 'raises.py')], **defaults)
+
+
+@pytest.mark.parametrize('script', ['train_diffusion.py', 'train_ae.py', 'train_gan.py', 'distill_consistency.py',
+                                    'train_meanflow.py', 'sample.py', 'evaluate.py'])
+def test_help_prints_each_key_with_its_default_and_comment(script):
+    """--help (or -h) prints the script's defaults block as written (grouped, commented), and nothing runs."""
+    p = run(script, '--help')
+    block = open(os.path.join(REPO, script)).read().split('# ---')[1].split('\n', 1)[1].rsplit('\n', 1)[0]
+    assert p.stdout.startswith(f"usage: python {script} ") and block.strip() in p.stdout
+    keys = (set(script_defaults(script)) if script != 'evaluate.py' else  # (its command's keys, listed in the command)
+            set(re.search(r"config_keys = (\[.*?\])", open(os.path.join(REPO, script)).read())[1][2:-2].split("', '")))
+    assert keys and keys <= set(re.findall(r'^(\w+) = ', p.stdout, re.M))
+    assert run(script, '-h').stdout == p.stdout
 
 
 def script_defaults(script):
