@@ -93,11 +93,13 @@ class Run:
         self.out_dir, self.ckpt_path = config['out_dir'], os.path.join(config['out_dir'], 'ckpt.pt')
         self.init_from = self._resolve(config['init_from'], inputs)
         if self.master:
-            print(f"{self.world_size} rank(s) on {self.device_type}, {self.micro_batch} images "
+            n = torch.get_num_threads()
+            threads = f" ({n} thread{'s' * (n > 1)} each)" if self.device_type == 'cpu' else ''
+            print(f"{self.world_size} rank(s) on {self.device_type}{threads}, {self.micro_batch} images "
                   f"per micro-step, {grad_accum} micro-step(s), {batch_size} per optimizer step")
         # the counters a checkpoint carries, and what the log has summed since its last line
         self.step, self.images_seen, self.wandb_id, self.saved_step = 0, 0, None, None
-        self.last = self.log_step = self.unsaved = False
+        self.last = self.log_step = self.unsaved = self._told = False
         self.stop, self.averages = None, {}
         self._step_sums, self._sums = {}, {}
         self._steps, self._step_time, self._mark = 0, 0.0, time.time()
@@ -393,6 +395,11 @@ class Run:
         now = time.time()
         self._step_time, self._mark = self._step_time + now - self._mark, now
         self.averages = self._sync(flops_per_image) if self.log_step else {}
+        if self.master and not self._told and not self.log_step:  # (something on the screen at once)
+            print(f"step {self.step}/{self.config['max_steps']} took {self._step_time:.1f} s (the first of this "
+                  f"process, any compiling included); a log line every {self.config['log_interval']} steps",
+                  flush=True)
+        self._told = True
 
     def _sync(self, flops_per_image):
         """The log step's averages: one all-reduce of the sums and one read of them and the skip

@@ -165,9 +165,10 @@ def test_weights_whose_loss_was_not_finite_are_not_saved_and_the_run_cannot_end_
         run.finish()
 
 
-def test_due_and_the_log_steps(tmp_path):
+def test_due_and_the_log_steps(tmp_path, capsys):
     run = bk.Run(config(tmp_path, max_steps=7, log_interval=3, ckpt_interval=5), 'test', 'cpu')
     run.resume()
+    assert f"1 rank(s) on cpu ({torch.get_num_threads()} thread" in capsys.readouterr().out
     due, logged = [], []
     for _ in range(7):
         run.end_step(torch.tensor(False), flops_per_image=0)
@@ -176,6 +177,10 @@ def test_due_and_the_log_steps(tmp_path):
     # every 4th step and the last; a log line every 3rd, at a checkpoint's step (5) and the last
     assert due == [False, False, False, True, False, False, True] and run.last
     assert logged == [False, False, True, False, True, True, True]
+    # something on the screen at once: the first step of a process says its time, once (here no log step)
+    first = [line for line in capsys.readouterr().out.splitlines() if line.startswith('step ')]
+    assert len(first) == 1 and re.match(r"step 1/7 took \d+\.\d s \(the first of this process, any compiling "
+                                        r"included\); a log line every 3 steps$", first[0]), first
 
 
 @pytest.mark.parametrize('how', ['SIGTERM', 'SIGUSR1', 'SIGHUP', 'SIGINT', 'max_minutes'])
