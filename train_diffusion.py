@@ -577,12 +577,10 @@ for step in range(run.step, max_steps):
         for gamma, tracked in zip(phema_gammas, phema):
             torch._foreach_lerp_(tracked, params, 1 - (1 - 1 / (step + 1)) ** (gamma + 1))
     run.end_step(bad, flops_per_image)
-    # evaluations, grids, the log line and checkpoints, each when due
+    # evaluations, the log line, checkpoints and grids, each when due
     val = {**estimate_val_loss(raw_model), **estimate_val_loss(ema, '_ema')} if run.due(eval_interval) else {}
     if fid_interval and run.due(fid_interval):
         val['fid'] = fid()
-    if run.master and run.due(sample_interval):
-        common.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'))
     if run.log_step or val:
         run.log(lr=lr_now, grad_norm=grad_norm, **val, quiet=noise_level_losses(run.averages))
     if 'val_loss_ema' in val and val['val_loss_ema'] < best_val_loss:  # the weights to sample: sample.py --ckpt=best
@@ -595,6 +593,8 @@ for step in range(run.step, max_steps):
     if checkpoint:
         run.save(model=raw_model, ema=ema, optimizer=optimizer, scaler=scaler, projector=projectors,
                  model_args=asdict(model_config), phema=phema, best_val_loss=best_val_loss)
+    if run.master and run.due(sample_interval) and not run.stop:  # (after the checkpoint: a grid can take long)
+        common.save_grid(sample_grid(), run.path(f'samples_{run.step:07d}.png'))
     if run.stop:
         break
 run.finish()
