@@ -10,6 +10,7 @@ line that names the value and the fix (a SystemExit, so no traceback reaches the
 import atexit
 import contextlib
 import fcntl
+import hashlib
 import os
 import pickle
 import re
@@ -152,6 +153,17 @@ KINDS = {'diffusion': 'train_diffusion.py', 'consistency': 'distill_consistency.
 
 
 FORMAT = 1
+
+
+def images_hash(images):
+    """The images' identity: sha256 of their shape and bytes (read in chunks: a memory-mapped array
+    stays on disk), 16 hex digits. sample.py records it in samples.json; the reference's cache is
+    named by it."""
+    digest = hashlib.sha256(str(images.shape).encode())
+    rows = max(1, (64 << 20) // max(1, images[:1].nbytes))
+    for lo in range(0, len(images), rows):
+        digest.update(images[lo:lo + rows].tobytes())
+    return digest.hexdigest()[:16]
 
 
 def checksum(state):

@@ -207,8 +207,8 @@ def load_network(path, key, device):
 def reference(ref, size, net, weights, batch_size, device, ref_images):
     """The reference's {'pool': features for precision and recall, 'mu', 'sigma', 'mu_s', 'sigma_s'}:
     from an ADM reference batch (its statistics when it holds them), or from a prepared dataset's train
-    images, cached beside them by the weights file's hash. Its images must be size x size (first, before
-    any network runs)."""
+    images, cached beside them by the hashes of the weights file and of those images (a dataset prepared
+    again is another cache). Its images must be size x size (first, before any network runs)."""
     fix = "pass an ADM reference batch (.npz) or a prepared dataset (data/<name>)"
     if ref.endswith('.npz'):
         npz = read_npz(ref, 'the reference', fix)
@@ -220,8 +220,8 @@ def reference(ref, size, net, weights, batch_size, device, ref_images):
         dataset = os.path.abspath(ref) if os.path.isdir(ref) else ref  # (a path, or a name under data/)
         data_dir, meta, data = dataformat.load_dataset(dataset, splits=('train',), script='evaluate.py')
         images = data['train'][0][:ref_images]
-        cache = os.path.join(data_dir, f'fid_ref_{len(images)}_{weights}.npz')
         check_images(images, f"{data_dir}/train_x.npy", fix)
+        cache = os.path.join(data_dir, f'fid_ref_{len(images)}_{weights}_{common.images_hash(images)}.npz')
     if images.shape[1:3] != (size, size):
         raise SystemExit(f"error: the samples are {size} x {size}, the reference {ref} "
                          f"{images.shape[1]} x {images.shape[2]}; FID compares images of one resolution: pass a "
@@ -285,8 +285,19 @@ if __name__ == '__main__':  # the command; the functions above serve FID during 
     if images.shape[1] != images.shape[2]:
         raise SystemExit(f"error: the samples are {images.shape[1]} x {images.shape[2]}; {fix}")
     ref_stats = reference(ref, images.shape[1], net, weights, batch_size, device, ref_images)
-    protocol_path = os.path.join(os.path.dirname(samples), 'samples.json')
-    protocol = protocol_of(json.load(open(protocol_path))) if os.path.exists(protocol_path) else {}
+    protocol_path, protocol = os.path.join(os.path.dirname(samples), 'samples.json'), {}
+    if os.path.exists(protocol_path):  # the settings sample.py wrote beside these images, and only these
+        try:
+            with open(protocol_path) as f:
+                record = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read {protocol_path} ({getattr(e, 'strerror', None) or e}); move it "
+                             f"away (the numbers are then reported without sampling settings) or write it again "
+                             f"with sample.py")
+        if isinstance(record, dict) and record.get('images_sha256') == common.images_hash(images):
+            protocol = protocol_of(record)
+        else:
+            print(f"{protocol_path} describes other images than {samples} (its images_sha256 differs): not used")
     pool, spatial, logits = inception_features(net, images, batch_size, device)
     mu, sigma = statistics(pool)
     mu_s, sigma_s = statistics(spatial)
@@ -300,8 +311,10 @@ if __name__ == '__main__':  # the command; the functions above serve FID during 
     if protocol:
         print(f"protocol ({protocol_path}): " + ", ".join(f"{k} {v}" for k, v in protocol.items()))
     else:
-        print(f"no samples.json beside {samples}: report the sampling settings with these numbers")
+        print(f"no samples.json of these images beside {samples}: report the sampling settings with these numbers")
     line = dict(result, samples=os.path.abspath(samples), ref=os.path.abspath(ref), inception=weights,
                 protocol=protocol)
-    with open(os.path.join(os.path.dirname(samples) or '.', 'evaluations.jsonl'), 'a') as f:
-        f.write(json.dumps(line) + '\n')
+    log = os.path.join(os.path.dirname(samples) or '.', 'evaluations.jsonl')  # (one line more, written whole)
+    earlier = open(log).read() if os.path.isfile(log) else ''
+    common.write_file(log, lambda f: f.write(earlier + ('\n' if earlier and not earlier.endswith('\n') else '')
+                                             + json.dumps(line) + '\n'), 'w')

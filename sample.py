@@ -403,6 +403,7 @@ if rank == 0:
             if consistency else {'meanflow_steps': steps, **meanflow} if meanflow else {k: getattr(diffusion, k) for k in
                                  ('schedule', 'prediction_type', 'num_timesteps', 'sigma_data')},
             decoder=decoder, labels=counts if num_classes else 'unconditional',
+            images_sha256=common.images_hash(images),  # (evaluate.py reports these settings with these images only)
             world_size=world_size, batch_size=batch_size, torch=torch.__version__, argv=sys.argv)
         common.write_file(os.path.join(out_dir, 'samples.json'),
                       lambda f: f.write(json.dumps(record, indent=2) + '\n'), 'w')

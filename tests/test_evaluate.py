@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 from conftest import MNIST, run
 from evaluate import frechet_distance, inception_features, inception_score, precision_recall, statistics
 from model import InceptionV3, resize_bilinear_tf1
@@ -93,7 +94,8 @@ def test_the_command_reports_the_five_numbers_with_the_protocol(mnist, weights, 
     """16 real training digits as a prepared dataset: their own images score FID and sFID 0, precision and recall 1
     against it, and its statistics are cached beside it under the weights' hash, then read from there. 8 val
     digits with sample.py's samples.json beside them: five finite numbers, printed with the protocol and appended to
-    evaluations.jsonl as one JSON line."""
+    evaluations.jsonl as one JSON line. A samples.json of other images is not reported with them, a dataset
+    prepared again is another cache, and a samples.json that cannot be read is one line."""
     data, out = tmp_path / 'data', tmp_path / 'out'
     data.mkdir(), out.mkdir()
     train = np.load(os.path.join(MNIST, 'train_x.npy'))[:16]
@@ -106,9 +108,11 @@ def test_the_command_reports_the_five_numbers_with_the_protocol(mnist, weights, 
     assert 'cached the reference statistics of 16 images' in p.stdout and len(list(data.glob('fid_ref_16_*.npz'))) == 1
     own = json.loads((out / 'evaluations.jsonl').read_text())
     assert abs(own['fid']) < 1e-3 and abs(own['sfid']) < 1e-3 and own['precision'] == own['recall'] == 1
-    np.savez(out / 'samples.npz', arr_0=np.load(os.path.join(MNIST, 'val_x.npy'))[:8])
-    (out / 'samples.json').write_text(json.dumps({'config': {'sampler': 'ddim', 'steps': 25, 'cfg_scale': 4.0},
-                                                  'checkpoint': {'path': '/runs/ckpt.pt', 'step': 6000}}))
+    val = np.load(os.path.join(MNIST, 'val_x.npy'))[:8]
+    np.savez(out / 'samples.npz', arr_0=val)
+    record = {'config': {'sampler': 'ddim', 'steps': 25, 'cfg_scale': 4.0}, 'images_sha256': common.images_hash(val),
+              'checkpoint': {'path': '/runs/ckpt.pt', 'step': 6000}}
+    (out / 'samples.json').write_text(json.dumps(record))
     p = run('evaluate.py', f'--samples={out / "samples.npz"}', *args)
     assert 'cached' not in p.stdout and 'protocol (' in p.stdout and 'sampler ddim, steps 25' in p.stdout
     line = json.loads((out / 'evaluations.jsonl').read_text().splitlines()[-1])
@@ -124,6 +128,20 @@ def test_the_command_reports_the_five_numbers_with_the_protocol(mnist, weights, 
     assert abs(adm['fid']) < 1e-3 and abs(adm['sfid']) < 1e-3
     assert (adm['precision'], adm['recall'], adm['inception_score']) == (line['precision'], line['recall'],
                                                                          line['inception_score'])
+    # a samples.json of other images (another call's, or copied) is not reported with these numbers; a dataset
+    # prepared again (other images) is another cache
+    (out / 'samples.json').write_text(json.dumps(dict(record, images_sha256=common.images_hash(val[::-1]))))
+    np.save(data / 'train_x.npy', train[::-1])
+    p = run('evaluate.py', f'--samples={out / "samples.npz"}', *args)
+    assert f"{out / 'samples.json'} describes other images than {out / 'samples.npz'}" in p.stdout
+    assert 'protocol (' not in p.stdout and json.loads((out / 'evaluations.jsonl').read_text().splitlines()[-1])[
+        'protocol'] == {}
+    assert 'cached the reference statistics of 16 images' in p.stdout and len(list(data.glob('fid_ref_16_*.npz'))) == 2
+    (out / 'samples.json').write_text('{"config": ')
+    p = run('evaluate.py', f'--samples={out / "samples.npz"}', *args, check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith(
+        f"error: cannot read {out / 'samples.json'} (")
+    assert len((out / 'evaluations.jsonl').read_text().splitlines()) == 4
 
 
 def test_bad_input_stops_with_one_clear_line(mnist, weights, tmp_path):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 from conftest import MNIST, run
 import pretrained
 from diffusion import Diffusion
@@ -364,6 +365,7 @@ def test_sample_py_on_released_dit_and_sit_files_writes_every_setting(tmp_path):
     assert record['labels'] == 'each of 10 classes 2 times' and record['config']['cfg_channels'] == 3
     assert record['decoder']['scaling_factor'] == 0.25 and record['world_size'] == 1
     npz = np.load(out / 'samples.npz')
+    assert record['images_sha256'] == common.images_hash(npz['arr_0'])  # (what evaluate.py checks)
     assert npz['arr_0'].shape == (20, 32, 32, 3) and np.array_equal(npz['arr_1'], np.arange(20) % 10)
 
     sit_path = tmp_path / 'SiT-N-2-8.pt'
