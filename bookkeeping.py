@@ -13,6 +13,7 @@ import csv
 import errno
 import glob
 import hashlib
+import json
 import os
 import random
 import re
@@ -111,7 +112,12 @@ class Run:
                            if self.ddp else None)
         # what identifies this run, and each input it reads (checked again on resume)
         self.run_id = os.urandom(8).hex()
-        self.inputs = {what: (path, fingerprint(path)) for what, path in inputs if path}
+        # every path the config names is an input too (a teacher, an encoder's or Inception's weights)
+        named = {os.path.realpath(path) for _, path in inputs if path}
+        inputs = [*inputs, *((k, v) for k, v in config.items() if k != 'out_dir' and isinstance(v, str)
+                             and v and os.path.exists(v) and os.path.realpath(v) not in named)]
+        self._hashes = InputHashes(os.path.join(self.out_dir, 'input_hashes.json'))
+        self.inputs = {what: (path, self._hashes.fingerprint(path)) for what, path in inputs if path}
         self.peak_tflops = (config.get('peak_tflops', 0)
                             or device_peak_tflops(self.device_type, config['dtype']))
 
@@ -218,7 +224,7 @@ class Run:
             self.step, self.images_seen = ckpt['step'], ckpt['images_seen']
             self._skips.streak.fill_(ckpt.get('nonfinite_streak', 0))
             self.wandb_id, self.run_id = ckpt.get('wandb_id'), ckpt.get('run_id', self.run_id)
-            self._check_inputs(ckpt.get('inputs', {}))
+            self._check_inputs(ckpt.get('input_sha256', {}))  # (a checkpoint of before: not checked)
             for key in self.fixed:  # (what the run is: a value to start another run with)
                 if ckpt['config'].get(key, self.config[key]) != self.config[key]:
                     raise SystemExit(f"error: {key}={self.config[key]!r}, but {self.ckpt_path} (step "
@@ -249,7 +255,8 @@ class Run:
 
     def _check_inputs(self, saved):
         """Stops when an input the run reads changed since the checkpoint (a teacher trained further, a
-        dataset prepared or encoded again); init_base counts only at a run's start."""
+        dataset prepared or encoded again, any byte of a weights file); init_base counts only at a
+        run's start."""
         for what, (path, now) in self.inputs.items():
             if what != 'init_base' and saved.get(what, now) != now:
                 raise SystemExit(f"error: the {what} {path} changed since {self.ckpt_path} was written "
@@ -309,7 +316,7 @@ class Run:
         if self.master:
             state = {k: v.state_dict() if hasattr(v, 'state_dict') else v
                      for k, v in named.items()}
-            state.update(inputs={what: fp for what, (_, fp) in self.inputs.items()},
+            state.update(input_sha256={what: fp for what, (_, fp) in self.inputs.items()},
                          run_id=self.run_id, after=self.saved_step or 0)
             state.update(step=self.step, images_seen=self.images_seen, config=self.config,
                          wandb_id=self.wandb_id, rng=states, nonfinite_streak=streak, kind=self.kind,
@@ -317,6 +324,7 @@ class Run:
             state['checksum'] = checksum(state)
             with self._writing:
                 self._write(path, state)
+            self._hashes.save()
         if path == self.ckpt_path:
             self.saved_step, self.unsaved = self.step, False
         if self.log_step:
@@ -748,27 +756,50 @@ def check_same(what, saved, current, path):
                          f"resume with the config it was trained with, or choose another out_dir")
 
 
-def fingerprint(path):
-    """What identifies an input a run reads, cheaply, and changes when it is written again: for a
-    run's folder its ckpt.pt, for a prepared dataset its arrays and its latents' decoder, else the
-    file itself; each file by its size and a hash of its first and last MiB (None: nothing there)."""
-    if os.path.isfile(os.path.join(path, 'ckpt.pt')):
-        files = [os.path.join(path, 'ckpt.pt')]
-    elif os.path.isdir(path):
-        files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                       if re.fullmatch(r'(train|val)_(x|y|x_flip)\.npy|autoencoder\.pt', n))
-    else:
-        files = [path] if os.path.isfile(path) else []
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for name in files:
-        size = os.path.getsize(name)
-        with open(name, 'rb') as f:
-            head = f.read(2**20)
-            f.seek(max(0, size - 2**20))
-            digest.update(f"{os.path.basename(name)} {size}".encode() + head + f.read())
-    return digest.hexdigest()[:16]
+class InputHashes:
+    """What identifies an input a run reads: the sha256 of its whole content (for a run's folder its
+    ckpt.pt; for a prepared dataset each of its arrays, meta.json and its latents' decoder; else the
+    file), None where nothing is there. Each file's hash is kept by its path, size, mtime and inode
+    in out_dir/input_hashes.json (written with the checkpoints), so a resume reads an unchanged
+    input's bytes again only when the file changed."""
+
+    def __init__(self, path):
+        self.path, self.known, self.dirty = path, {}, False
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                self.known = dict(json.load(f))
+
+    def fingerprint(self, path):
+        if os.path.isfile(os.path.join(path, 'ckpt.pt')):
+            files = [os.path.join(path, 'ckpt.pt')]
+        elif os.path.isdir(path):
+            files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                           if re.fullmatch(r'.*\.npy|meta\.json|autoencoder\.pt', n))
+        else:
+            files = [path] if os.path.isfile(path) else []
+        if not files:
+            return None
+        return hashlib.sha256(' '.join(f"{os.path.basename(name)}:{self.file_hash(name)}"
+                                       for name in files).encode()).hexdigest()[:16]
+
+    def file_hash(self, name):
+        st = os.stat(name)
+        key, stamp = os.path.realpath(name), [st.st_size, st.st_mtime_ns, st.st_ino]
+        if self.known.get(key, [None])[:3] != stamp:
+            if st.st_size > 2**30:
+                print(f"hashing {name} ({st.st_size / 2**30:.1f} GiB), once: a resume reads it again "
+                      f"only if it changed", flush=True)
+            digest = hashlib.sha256()
+            with open(name, 'rb') as f:
+                for chunk in iter(lambda: f.read(1 << 24), b''):
+                    digest.update(chunk)
+            self.known[key], self.dirty = [*stamp, digest.hexdigest()], True
+        return self.known[key][3]
+
+    def save(self):
+        if self.dirty:
+            write_file(self.path, lambda f: f.write(json.dumps(self.known, indent=0)), 'w')
+            self.dirty = False
 
 
 KEPT = re.compile(r'ckpt_(\d{7})\.pt')  # keep_last's copies: ckpt_<step, 7 digits>.pt
@@ -793,7 +824,7 @@ def history(out_dir):
 
 
 # the temporary files of a run's writes (open_new's path + '.tmp'), left behind by a killed run
-STALE = re.compile(r'((ckpt|best)\.pt|ckpt_\d{7}\.pt|metrics\.csv|(samples|recon)_\d{7}\.png)\.tmp')
+STALE = re.compile(r'(input_hashes\.json|(ckpt|best)\.pt|ckpt_\d{7}\.pt|metrics\.csv|(samples|recon)_\d{7}\.png)\.tmp')
 
 
 def kept_checkpoints(out_dir):

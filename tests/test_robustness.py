@@ -908,8 +908,8 @@ def test_bench_removes_only_the_folders_it_made(tmp_path):
 # 10. a resumed run notices that an input it reads changed
 @pytest.mark.slow
 def test_a_changed_input_or_another_runs_snapshots_are_refused(mnist, tmp_path):
-    """A dataset prepared again under a run, a teacher trained further under its student: the resume stops in one
-    line naming the input. init_base given to a run that resumes is refused rather than recorded and never applied,
+    """A dataset prepared again under a run (one bit of one pixel), a teacher trained further under its student: the
+    resume stops in one line naming the input. init_base given to a run that resumes is refused rather than recorded and never applied,
     and sample.py sums no post-hoc EMA snapshot of another run into this one's."""
     data = tmp_path / 'digits'
     shutil.copytree(MNIST, data, ignore=shutil.ignore_patterns('*.whl', '*.gz', 'raw', 'run.lock'))
@@ -922,8 +922,9 @@ def test_a_changed_input_or_another_runs_snapshots_are_refused(mnist, tmp_path):
             f'--init_base={a}', check=False)
     assert_one_line(p, f"error: init_base='{a}', but {b / 'ckpt.pt'} (step 2) is a run of init_base='', which a "
                        f"resume keeps; pass that value, or another out_dir")
-    y = np.load(data / 'train_y.npy')
-    np.save(data / 'train_y.npy', (y + 1) % 10)  # prepared again, other labels
+    x = np.load(data / 'train_x.npy')
+    x[len(x) // 2, 14, 14] ^= 1  # one bit of one pixel in the middle of the file, its size and shape the same
+    np.save(data / 'train_x.npy', x)
     p = run('train_diffusion.py', *args, '--max_steps=3', f'--dataset={data}', f'--out_dir={a}', check=False)
     assert_one_line(p, f"error: the dataset {data} changed since {a / 'ckpt.pt'} was written")
     shutil.copy(b / 'phema' / 'phema-0000002.pt', a / 'phema' / 'phema-0000002.pt')

@@ -3,6 +3,8 @@ window, skipped updates, due and stop, save and the checkpoint's history checks,
 What the train scripts do around their loops is these calls; the scripts' own tests run them end to end."""
 import csv
 import fcntl
+import hashlib
+import json
 import os
 import re
 import signal
@@ -163,6 +165,34 @@ def test_weights_whose_loss_was_not_finite_are_not_saved_and_the_run_cannot_end_
     with pytest.raises(SystemExit, match=re.escape(f"error: the run ends at step 6 without its checkpoint (its loss was "
                                                    f"not finite); {tmp_path / 'ckpt.pt'} (step 5) is intact: {bk.FIX}")):
         run.finish()
+
+
+def test_every_path_the_config_names_is_an_input_identified_by_its_whole_content(tmp_path):
+    """A key whose value names a file is an input: its sha256 goes into the checkpoint, kept by size, mtime and inode
+    in input_hashes.json (an unchanged file is not read again), and one byte changed anywhere in it stops the resume
+    in one line naming the key."""
+    weights = tmp_path / 'encoder.pth'
+    weights.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    out = tmp_path / 'out'
+    run = bk.Run(config(out, encoder=str(weights)), 'test', 'cpu')
+    run.resume()
+    run.save()
+    assert set(torch.load(out / 'ckpt.pt', weights_only=True)['input_sha256']) == {'encoder'}
+    known = json.load(open(out / 'input_hashes.json'))
+    assert list(known) == [str(weights)] and known[str(weights)][3] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    known[str(weights)][3] = 'f' * 64  # (what the kept hash says is what a resume takes, while the file is the same)
+    (out / 'input_hashes.json').write_text(json.dumps(known))
+    with pytest.raises(SystemExit, match="the encoder .* changed since"):
+        bk.Run(config(out, encoder=str(weights)), 'test', 'cpu').resume()
+    (out / 'input_hashes.json').unlink()
+    bk.Run(config(out, encoder=str(weights)), 'test', 'cpu').resume()  # read again: the same bytes
+    run.save()  # (the hashes kept again)
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit in the middle: the same size
+    weights.write_bytes(data)
+    with pytest.raises(SystemExit, match=re.escape(f"error: the encoder {weights} changed since {out / 'ckpt.pt'} "
+                                                   f"was written")):
+        bk.Run(config(out, encoder=str(weights)), 'test', 'cpu').resume()
 
 
 def test_due_and_the_log_steps(tmp_path, capsys):
