@@ -113,9 +113,10 @@ class Run:
         # what identifies this run, and each input it reads (checked again on resume)
         self.run_id = os.urandom(8).hex()
         # every path the config names is an input too (a teacher, an encoder's or Inception's weights)
-        named = {os.path.realpath(path) for _, path in inputs if path}
-        inputs = [*inputs, *((k, v) for k, v in config.items() if k != 'out_dir' and isinstance(v, str)
-                             and v and os.path.exists(v) and os.path.realpath(v) not in named)]
+        named = {os.path.realpath(path) for _, path in inputs if path} | {what for what, _ in inputs}
+        inputs = [*inputs, *((k, v) for k, v in config.items() if k != 'out_dir' and k not in named
+                             and isinstance(v, str) and v and os.path.exists(v)
+                             and os.path.realpath(v) not in named)]
         self._hashes = InputHashes(os.path.join(self.out_dir, 'input_hashes.json'))
         self.inputs = {what: (path, self._hashes.fingerprint(path)) for what, path in inputs if path}
         self.peak_tflops = (config.get('peak_tflops', 0)
