@@ -10,6 +10,7 @@ line that names the value and the fix (a SystemExit, so no traceback reaches the
 """
 import contextlib
 import csv
+import ctypes
 import errno
 import glob
 import hashlib
@@ -405,9 +406,9 @@ class Run:
         self._step_time, self._mark = self._step_time + now - self._mark, now
         self.averages = self._sync(flops_per_image) if self.log_step else {}
         if self.master and not self._told and not self.log_step:  # (something on the screen at once)
-            print(f"step {self.step}/{self.config['max_steps']} took {self._step_time:.1f} s (the first of this "
-                  f"process, any compiling included); a log line every {self.config['log_interval']} steps",
-                  flush=True)
+            print(f"step {self.step}/{self.config['max_steps']} took {self._step_time:.1f} s (the "
+                  f"first of this process, any compiling included); a log line every "
+                  f"{self.config['log_interval']} steps", flush=True)
         self._told = True
 
     def _sync(self, flops_per_image):
@@ -556,7 +557,6 @@ class StopSignals:
         if 'TORCHELASTIC_RUN_ID' in os.environ and sys.platform == 'linux':
             # a worker outlives no torchrun: its end (even by SIGKILL) sends this process SIGTERM
             parent = os.getppid()
-            import ctypes
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
             if os.getppid() != parent:  # (it ended before that)
                 self.signum = signal.SIGTERM
@@ -766,9 +766,9 @@ class InputHashes:
 
     def __init__(self, path):
         self.path, self.known, self.dirty = path, {}, False
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, TypeError):  # (unreadable: hashed again)
             with open(path) as f:
-                self.known = dict(json.load(f))
+                self.known = {k: v for k, v in json.load(f).items() if isinstance(v, list) and len(v) == 4}
 
     def fingerprint(self, path):
         if os.path.isfile(os.path.join(path, 'ckpt.pt')):
