@@ -33,6 +33,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import common  # (first: from here on a Ctrl-C is one line, not a traceback)
 import numpy as np
@@ -333,7 +334,7 @@ print(f"rank {rank}: sampling {num_samples} images from {ckpt_path} ({weights}),
 
 # a round from index lo: rank r samples lo + r*n ... lo + r*n + n-1, n <= batch_size the same on
 # every rank (the last round is smaller); all_gather puts them in order on rank 0
-rounds = []
+rounds, t_start = [], time.time()
 for lo in range(0, num_samples, world_size * batch_size):
     n = min(batch_size, math.ceil((num_samples - lo) / world_size))
     idx = np.arange(lo + rank * n, lo + (rank + 1) * n)
@@ -371,8 +372,10 @@ for lo in range(0, num_samples, world_size * batch_size):
         dist.all_gather(parts, x)
         x = torch.cat(parts)
     rounds.append(x.cpu())
-    if rank == 0:
-        print(f"{min(lo + world_size * n, num_samples)}/{num_samples}")
+    if rank == 0:  # (progress, its rate and the time left)
+        done, seconds = min(lo + world_size * n, num_samples), time.time() - t_start
+        print(f"{done}/{num_samples} | {done / seconds:.1f} img/s | eta "
+              f"{(num_samples - done) * seconds / done / 60:.1f} min", flush=True)
 
 if rank == 0:
     images = torch.cat(rounds)[:num_samples].numpy()

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -358,6 +359,7 @@ def test_sample_py_on_released_dit_and_sit_files_writes_every_setting(tmp_path):
     p = run('sample.py', f'--pretrained={dit_path}', f'--vae={vae}', f'--out_dir={out}', '--num_samples=20',
             '--sampler=ddpm', '--steps=3', '--cfg_scale=1.5', '--cfg_channels=3', '--save_npz=True', '--device=cpu')
     assert "note: DiT's FID-50K 2.27" in p.stdout and 'steps=3' in p.stdout.split('differs in')[1].splitlines()[0]
+    assert re.search(r'^20/20 \| \d+\.\d img/s \| eta 0\.0 min$', p.stdout, re.M), p.stdout  # (progress, rate, time left)
     record = json.loads((out / 'samples.json').read_text())
     assert record['checkpoint']['sha256'] == hashlib.sha256(dit_path.read_bytes()).hexdigest()
     assert record['diffusion'] == {'schedule': 'linear', 'prediction_type': 'eps', 'num_timesteps': 1000,
