@@ -119,7 +119,11 @@ class Run:
                              and isinstance(v, str) and v and os.path.exists(v)
                              and os.path.realpath(v) not in named)]
         self._hashes = InputHashes(os.path.join(self.out_dir, 'input_hashes.json'))
-        self.inputs = {what: (path, self._hashes.fingerprint(path)) for what, path in inputs if path}
+        found = [{what: (path, self._hashes.fingerprint(path)) for what, path in inputs if path}
+                 if self.master else None]
+        if self.ddp:  # (rank 0 reads them, once for all: every rank then checks the same)
+            dist.broadcast_object_list(found, src=0, group=self._stopper.group)
+        self.inputs = found[0]
         self.peak_tflops = (config.get('peak_tflops', 0)
                             or device_peak_tflops(self.device_type, config['dtype']))
 
