@@ -311,6 +311,16 @@ def own_folder(path):
     return path
 
 
+def replace_folder(new, path):
+    """The folder new in place of the folder path (made if absent), swapped in whole: never the old
+    one's files mixed with the new. A link or a file at path is one line, and left as it is."""
+    own_folder(path)  # (checks what is there)
+    old = f'{path}.old-{os.getpid()}'
+    os.rename(path, old)
+    os.rename(new, path)
+    shutil.rmtree(old)
+
+
 def make_folder(path, marker):
     """A new folder at path with the empty file marker in it: what remove_made may remove later."""
     os.makedirs(path)

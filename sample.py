@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -382,10 +383,14 @@ if rank == 0:
     ncol = min(num_classes, 16) if num_classes and class_labels == 'all' else \
         math.ceil(math.sqrt(min(num_samples, 256)))
     write_png(images[:256], os.path.join(out_dir, 'samples.png'), ncol)
-    if save_png:
-        common.own_folder(os.path.join(out_dir, 'samples'))
-        for i in range(len(images)):
-            write_png(images[i:i + 1], os.path.join(out_dir, 'samples', f'{i:06d}.png'))
+    if save_png:  # (a folder of this call's images only, made beside and swapped in whole)
+        folder = common.own_folder(os.path.join(out_dir, f'samples.tmp-{os.getpid()}'))
+        try:
+            for i in range(len(images)):
+                write_png(images[i:i + 1], os.path.join(folder, f'{i:06d}.png'))
+            common.replace_folder(folder, os.path.join(out_dir, 'samples'))
+        finally:  # (a write that failed or was stopped leaves nothing behind)
+            shutil.rmtree(folder, ignore_errors=True)
     if save_npz:
         arrays = {'arr_0': images, **({'arr_1': labels.astype(np.int64)} if num_classes else {})}
         common.write_file(os.path.join(out_dir, 'samples.npz'), lambda f: np.savez(f, **arrays))

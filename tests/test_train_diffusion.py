@@ -143,6 +143,9 @@ def test_sampling_is_the_same_on_two_ranks(mnist, tmp_path):
         '--class_labels=3,7', '--save_png=True')
     one = dict(np.load(out / 'samples.npz'))
     assert (one['arr_1'] == [3, 7] * 5).all() and len(glob.glob(str(out / 'samples' / '*.png'))) == 10
+    run('sample.py', f'--out_dir={out}', '--num_samples=3', '--steps=1', '--save_png=True')  # a smaller call after
+    assert sorted(os.listdir(out / 'samples')) == ['000000.png', '000001.png', '000002.png']  # its images only
+    assert not glob.glob(str(out / 'samples.*-*'))
     run('torchrun', '--standalone', '--nproc_per_node=2', 'sample.py', f'--out_dir={out}', '--num_samples=10',
         '--steps=3', '--batch_size=3', '--save_npz=True', '--class_labels=3,7')
     two = dict(np.load(out / 'samples.npz'))
