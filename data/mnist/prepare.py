@@ -207,7 +207,8 @@ else:
 
 if args.pad32:
     train_x, val_x = [np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0))) for x in (train_x, val_x)]
-meta = {"image_size": train_x.shape[1], "channels": 1, "num_classes": 10, "class_names": [str(c) for c in range(10)],
+meta = {"prepared_by": "data/mnist/prepare.py",
+        "image_size": train_x.shape[1], "channels": 1, "num_classes": 10, "class_names": [str(c) for c in range(10)],
         "source": description, "num_train": len(train_x), "num_val": len(val_x)}
 arrays = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
 save_dataset(args.out_dir, arrays, meta)
