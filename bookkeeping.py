@@ -795,9 +795,13 @@ class InputHashes:
                 print(f"hashing {name} ({st.st_size / 2**30:.1f} GiB), once: a resume reads it again "
                       f"only if it changed", flush=True)
             digest = hashlib.sha256()
-            with open(name, 'rb') as f:
-                for chunk in iter(lambda: f.read(1 << 24), b''):
-                    digest.update(chunk)
+            try:
+                with open(name, 'rb') as f:
+                    for chunk in iter(lambda: f.read(1 << 24), b''):
+                        digest.update(chunk)
+            except OSError as e:
+                raise SystemExit(f"error: cannot read {name} ({e.strerror}), an input of this run; "
+                                 f"make it readable, or pass another path")
             self.known[key], self.dirty = [*stamp, digest.hexdigest()], True
         return self.known[key][3]
 
